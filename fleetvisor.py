@@ -1,0 +1,5 @@
+"""Composition root (work in progress)."""
+
+
+def main() -> None:
+    raise SystemExit("fleetvisor: not wired yet")

@@ -1,0 +1,165 @@
+"""The one async interface every hypervisor engine implements.
+
+The agent talks only to :class:`Driver`. An engine maps its own failures to :class:`HvError`
+subclasses at this boundary, so the agent can turn them into reply codes without knowing the engine.
+Engines report asynchronous happenings (a guest powered itself off, QEMU died) through the
+``events`` callback given to :meth:`Driver.open`.
+
+Lifecycle, per VM::
+
+    define -> (start) -> running <-> paused
+                  running -> shutdown (graceful) | destroy (hard) -> stopped
+                  stopped -> undefine -> gone
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+import msgspec
+
+from protocols.messages import Capabilities, VmEventKind, VmPowerState, VmStatus
+from protocols.vmspec import VmSpec
+
+__all__ = [
+    "Capabilities",
+    "Driver",
+    "DriverEvent",
+    "EngineError",
+    "HvError",
+    "InsufficientResources",
+    "InvalidState",
+    "UnknownVm",
+    "VmExists",
+    "VmStats",
+]
+
+
+class HvError(Exception):
+    """Base of engine errors. ``code`` is the reply code the agent sends back."""
+
+    code = "engine_error"
+
+
+class UnknownVm(HvError):
+    code = "unknown_vm"
+
+
+class VmExists(HvError):
+    code = "vm_exists"
+
+
+class InvalidState(HvError):
+    code = "invalid_state"
+
+
+class InsufficientResources(HvError):
+    code = "insufficient_resources"
+
+
+class EngineError(HvError):
+    code = "engine_error"
+
+
+class VmStats(msgspec.Struct, frozen=True, kw_only=True):
+    """One sample of a VM's resource use."""
+
+    name: str
+    state: VmPowerState
+    cpu_util: float
+    dirty_mib_s: float
+    memory_mib: int
+
+
+class DriverEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """Something the engine noticed on its own (not the direct result of a call)."""
+
+    vm: str
+    event: VmEventKind
+    state: VmPowerState
+    reason: str = ""
+
+
+EventSink = Callable[[DriverEvent], None]
+
+
+class Driver(abc.ABC):
+    """A hypervisor engine on one host. Use as an async context manager: ``async with driver:``."""
+
+    #: Engine name as it appears in capabilities and the CLI (``sim``, ``qemu``).
+    name: str
+
+    def __init__(self) -> None:
+        self._event_sink: EventSink | None = None
+
+    def set_event_sink(self, sink: EventSink) -> None:
+        """Where the engine reports events it notices on its own."""
+        self._event_sink = sink
+
+    def emit(self, event: DriverEvent) -> None:
+        if self._event_sink is not None:
+            self._event_sink(event)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Start the engine and re-attach to VMs that outlived a previous agent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Detach from the engine. VMs keep running: closing is not stopping."""
+
+    @abc.abstractmethod
+    async def capabilities(self) -> Capabilities:
+        """The host inventory: arch, cores, memory, CPU features, accel, engine."""
+
+    @abc.abstractmethod
+    async def define(self, spec: VmSpec) -> VmStatus:
+        """Create a VM in state ``defined``. Raises VmExists, InsufficientResources."""
+
+    @abc.abstractmethod
+    async def start(self, name: str) -> VmStatus:
+        """Power a defined or stopped VM on. Raises UnknownVm, InvalidState."""
+
+    @abc.abstractmethod
+    async def shutdown(self, name: str, timeout_s: float) -> VmStatus:
+        """Graceful power-off; hard power-off after ``timeout_s``. Raises UnknownVm, InvalidState."""
+
+    @abc.abstractmethod
+    async def destroy(self, name: str) -> VmStatus:
+        """Immediate power-off. Raises UnknownVm."""
+
+    @abc.abstractmethod
+    async def pause(self, name: str) -> VmStatus:
+        """Freeze the vCPUs. Raises UnknownVm, InvalidState."""
+
+    @abc.abstractmethod
+    async def resume(self, name: str) -> VmStatus:
+        """Unfreeze the vCPUs. Raises UnknownVm, InvalidState."""
+
+    @abc.abstractmethod
+    async def reboot(self, name: str) -> VmStatus:
+        """Reset the guest. Raises UnknownVm, InvalidState."""
+
+    @abc.abstractmethod
+    async def undefine(self, name: str) -> None:
+        """Forget a stopped VM and its runtime files. Raises UnknownVm, InvalidState."""
+
+    @abc.abstractmethod
+    async def list(self) -> list[VmStatus]:
+        """Every VM this engine knows, in any state."""
+
+    @abc.abstractmethod
+    async def stats(self) -> list[VmStats]:
+        """A resource sample of every VM that is running or paused."""

@@ -1,0 +1,27 @@
+"""Choose a hypervisor engine by name. Engines are imported lazily so one never loads another."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from hv.driver import Driver
+
+ENGINES = ("sim",)
+
+
+class UnknownEngine(ValueError):
+    pass
+
+
+def create_driver(name: str, *, host_id: str, state_dir: pathlib.Path | None, **options: Any) -> Driver:
+    """Build the engine called ``name`` for host ``host_id``.
+
+    Raises:
+        UnknownEngine: no engine has that name.
+    """
+    if name == "sim":
+        from hv.sim.engine import SimDriver
+
+        return SimDriver(host_id=host_id, state_dir=state_dir, **options)
+    raise UnknownEngine(f"unknown hypervisor engine {name!r}; choose one of: {', '.join(ENGINES)}")

@@ -1,0 +1,79 @@
+"""The VM spec: what an operator asks for, and what travels to the agent that runs it.
+
+It is the single definition used by the REST API (JSON), the CLI (YAML or JSON files) and the bus
+(MessagePack). Constraints live on the fields, so every entry point rejects the same bad input with
+the same message. Schema evolution follows the wire rules: new fields get a default, nothing is
+retyped or reordered.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+
+#: VM names end up in file names, topics and QEMU arguments, so they are deliberately narrow.
+VM_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+VM_NAME_RE = re.compile(VM_NAME_PATTERN)
+HOST_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"
+HOST_ID_RE = re.compile(HOST_ID_PATTERN)
+
+VmName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=VM_NAME_PATTERN,
+        description="lower-case letters, digits and '-', 1-63 characters, not starting or ending with '-'",
+    ),
+]
+HostId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=HOST_ID_PATTERN,
+        description="letters, digits, '.', '_' and '-', 1-64 characters",
+    ),
+]
+Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,63}$")]
+
+Arch = Literal["x86_64", "i386", "aarch64", "ppc64le", "s390x", "riscv64"]
+
+
+class VmWorkload(msgspec.Struct, frozen=True, kw_only=True):
+    """What the sim engine should pretend the guest does; real engines ignore it."""
+
+    cpu_util: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+    dirty_mib_s: Annotated[float, msgspec.Meta(ge=0.0, le=100_000.0)] = 4.0
+    boot_s: Annotated[float, msgspec.Meta(ge=0.0, le=600.0)] = 0.0
+
+
+class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A virtual machine as the operator defines it.
+
+    Unknown fields are ignored on the wire, so an older agent still runs a spec from a newer
+    controller; operator input goes through :class:`VmSpecInput`, which refuses them.
+    """
+
+    name: VmName
+    vcpus: Annotated[int, msgspec.Meta(ge=1, le=512)] = 1
+    memory_mib: Annotated[int, msgspec.Meta(ge=16, le=16 * 1024 * 1024)] = 512
+    disk_gib: Annotated[int, msgspec.Meta(ge=0, le=1024 * 1024)] = 0
+    arch: Arch = "x86_64"
+    labels: dict[Label, Annotated[str, msgspec.Meta(max_length=256)]] = {}
+    workload: VmWorkload = VmWorkload()
+
+
+class VmSpecInput(VmSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A VM spec typed by a person (API body, CLI file): a misspelt field is an error, not ignored."""
+
+    def to_spec(self) -> VmSpec:
+        return msgspec.convert(msgspec.to_builtins(self), VmSpec)
+
+
+def vm_name_problem(name: str) -> str | None:
+    """Return why ``name`` is not a valid VM name, or None when it is."""
+    if VM_NAME_RE.fullmatch(name):
+        return None
+    return (
+        f"vm name {name!r} is invalid: use 1-63 lower-case letters, digits and '-', "
+        "starting and ending with a letter or digit"
+    )

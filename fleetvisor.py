@@ -1,5 +1,268 @@
-"""Composition root (work in progress)."""
+"""The ``fleetvisor`` command: the composition root, and the only module that imports across layers.
+
+``controller`` and ``agent`` start the daemons; ``demo`` runs a whole fleet in one process on the
+embedded broker and the sim engine; ``vm``, ``host``, ``op`` and ``events`` are the operator's
+commands, which talk to a controller over its REST API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import pathlib
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+from agent.daemon import Agent, AgentSettings, default_state_dir
+from controller import cli as operator_cli
+from controller.daemon import Controller, ControllerSettings, default_db_path
+from controller.embedded_broker import EmbeddedBroker
+from controller.fleet import ApiError
+from hv.engines import ENGINES, UnknownEngine, create_driver
+from protocols.bus import BrokerAddress, BusError
+from protocols.vmspec import HOST_ID_RE, VmSpec, VmWorkload
+
+log = logging.getLogger("fleetvisor")
 
 
-def main() -> None:
-    raise SystemExit("fleetvisor: not wired yet")
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("amqtt", "transitions", "httpx", "uvicorn", "uvicorn.error"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run a daemon on uvloop; SIGTERM and SIGINT set the stop event instead of raising."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    try:
+        import uvloop
+
+        return uvloop.run(runner())
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms working
+        return asyncio.run(runner())
+
+
+# -- controller -----------------------------------------------------------------------------------
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    settings = ControllerSettings(
+        broker_url=args.broker,
+        embedded_broker=args.embedded_broker,
+        embedded_broker_port=args.broker_port,
+        db_path=pathlib.Path(args.db),
+        api_host=args.listen,
+        api_port=args.port,
+    )
+
+    async def main(stop: asyncio.Event) -> int:
+        async with Controller(settings) as controller:
+            print(f"controller: API {controller.api_url}/api/v1, store {settings.db_path}", flush=True)
+            await stop.wait()
+        return 0
+
+    return _run(main)
+
+
+# -- agent ----------------------------------------------------------------------------------------
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    if not HOST_ID_RE.fullmatch(args.host_id):
+        print(
+            f"fleetvisor agent: host id {args.host_id!r} is invalid; use letters, digits, '.', '_' and '-'",
+            file=sys.stderr,
+        )
+        return 2
+    state_dir = pathlib.Path(args.state_dir) if args.state_dir else default_state_dir(args.host_id)
+    options: dict[str, object] = {}
+    if args.hv == "sim":
+        options = {"cores": args.cores, "memory_mib": args.memory_mib}
+    try:
+        driver = create_driver(args.hv, host_id=args.host_id, state_dir=state_dir, **options)
+    except UnknownEngine as exc:
+        print(f"fleetvisor agent: {exc}", file=sys.stderr)
+        return 2
+    settings = AgentSettings(
+        host_id=args.host_id,
+        broker_url=args.broker,
+        state_dir=state_dir,
+        telemetry_interval_s=args.telemetry_interval,
+        address=args.address,
+    )
+
+    async def main(stop: asyncio.Event) -> int:
+        async with Agent(settings, driver):
+            await stop.wait()
+        return 0
+
+    return _run(main)
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+DEMO_SIZES = [(1, 512), (2, 1024), (2, 2048), (4, 4096)]
+
+
+async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    state_root = pathlib.Path(args.state_dir) if args.state_dir else pathlib.Path(tempfile.mkdtemp(prefix="fleetvisor-demo-"))
+    t0 = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"demo [{time.monotonic() - t0:5.1f}s] {text}", flush=True)
+
+    async with contextlib.AsyncExitStack() as stack:
+        broker = await stack.enter_async_context(EmbeddedBroker("127.0.0.1", args.broker_port))
+        say(f"embedded MQTT broker (amqtt) on {broker.url}")
+        controller = await stack.enter_async_context(
+            Controller(
+                ControllerSettings(
+                    broker_url=broker.url,
+                    db_path=state_root / "controller.sqlite",
+                    api_port=args.port,
+                )
+            )
+        )
+        assert controller.service is not None
+        service = controller.service
+        say(f"controller up, store {state_root / 'controller.sqlite'}, API {controller.api_url}/api/v1")
+        for i in range(1, args.hosts + 1):
+            host_id = f"host-{i}"
+            driver = create_driver(args.hv, host_id=host_id, state_dir=state_root / host_id)
+            await stack.enter_async_context(
+                Agent(AgentSettings(host_id=host_id, broker_url=broker.url, state_dir=state_root / host_id), driver)
+            )
+        deadline = time.monotonic() + 15
+        while service.online_host_count() < args.hosts and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        say(f"{service.online_host_count()} {args.hv} agents joined: " + ", ".join(h.host_id for h in service.store.hosts()))
+        ops = []
+        for i in range(args.vms):
+            vcpus, memory = DEMO_SIZES[i % len(DEMO_SIZES)]
+            spec = VmSpec(
+                name=f"vm-{i + 1:02d}",
+                vcpus=vcpus,
+                memory_mib=memory,
+                workload=VmWorkload(cpu_util=0.1 + 0.07 * (i % 10), dirty_mib_s=2.0 + i),
+            )
+            try:
+                record, op = service.create_vm(spec)
+            except ApiError as exc:
+                say(f"create {spec.name} refused: {exc.message}")
+                continue
+            ops.append(op.op_id)
+            say(f"create {spec.name} ({vcpus} vCPU, {memory} MiB) -> {record.host_id}")
+        results = await asyncio.gather(*(service.wait_operation(op_id, 30) for op_id in ops))
+        failed = [op for op in results if op.state != "succeeded"]
+        say(f"{len(results) - len(failed)} of {len(results)} creates succeeded" + (f"; failed: {[f.error for f in failed]}" if failed else ""))
+        print(
+            "\nLook around while the demo runs:\n"
+            f"  fleetvisor host list --url {controller.api_url}\n"
+            f"  fleetvisor vm list --url {controller.api_url}\n"
+            f"  fleetvisor events --follow --url {controller.api_url}\n"
+            f"  curl -N {controller.api_url}/api/v1/events/stream\n"
+            f"  {controller.api_url}/api/v1/docs (OpenAPI: {controller.api_url}/api/v1/openapi.json)\n",
+            flush=True,
+        )
+        if args.for_seconds is not None:
+            say(f"running for {args.for_seconds:g}s (Ctrl-C stops sooner)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.for_seconds)
+        else:
+            say("running until Ctrl-C")
+            await stop.wait()
+        hosts, running = service.online_host_count(), service.running_vm_count()
+        say(f"telemetry: {service.telemetry_count} samples ingested; shutting down")
+    print(f"demo: {hosts} hosts, {running} VMs running ({args.hv})", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _run(lambda stop: run_demo(args, stop))
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def _broker_url(value: str) -> str:
+    try:
+        BrokerAddress.parse(value)
+    except BusError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetvisor", description="Fleet manager for virtual machines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("controller", help="run the controller (store, scheduler, API)")
+    p.add_argument("--broker", type=_broker_url, default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
+    p.add_argument("--embedded-broker", action="store_true", help="run an embedded MQTT broker (amqtt) in-process")
+    p.add_argument("--broker-port", type=int, default=1883, help="port of the embedded broker (default 1883)")
+    p.add_argument("--db", default=str(default_db_path()), help="SQLite state store (default %(default)s)")
+    p.add_argument("--listen", default="127.0.0.1", help="API address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    p.set_defaults(func=cmd_controller)
+
+    p = sub.add_parser("agent", help="run a host agent")
+    p.add_argument("--host-id", required=True, help="this host's id (unique in the fleet)")
+    p.add_argument("--broker", type=_broker_url, default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
+    p.add_argument("--hv", choices=ENGINES, default="sim", help="hypervisor engine (default sim)")
+    p.add_argument("--state-dir", help="where the agent keeps its state (default ~/.local/state/fleetvisor/agent/ID)")
+    p.add_argument("--telemetry-interval", type=float, default=1.0, metavar="S", help="seconds between samples")
+    p.add_argument("--address", default="127.0.0.1", help="address other hosts reach this one on")
+    p.add_argument("--cores", type=int, default=16, help="sim engine: cores of the simulated host")
+    p.add_argument("--memory-mib", type=int, default=65536, help="sim engine: memory of the simulated host")
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("demo", help="run a whole fleet in one process: broker, controller, sim agents, VMs")
+    p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    p.add_argument("--broker-port", type=int, default=0, help="embedded broker port (default: a free one)")
+    p.add_argument("--hosts", type=int, default=4)
+    p.add_argument("--vms", type=int, default=12)
+    p.add_argument("--hv", choices=ENGINES, default="sim")
+    p.add_argument("--for", dest="for_seconds", type=float, default=None, metavar="SECONDS", help="exit after this long")
+    p.add_argument("--state-dir", help="keep the demo's state here (default: a new temporary directory)")
+    p.set_defaults(func=cmd_demo)
+
+    operator_cli.add_operator_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command == "demo" and not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # the demo narrates; logs only for trouble
+    if args.command in operator_cli.OPERATOR_COMMANDS:
+        logging.getLogger().setLevel(logging.WARNING)
+        return operator_cli.run_operator_command(args)
+    try:
+        return int(args.func(args))
+    except (OSError, BusError) as exc:
+        print(f"fleetvisor {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

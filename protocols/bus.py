@@ -36,6 +36,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
+#: aiomqtt's own logger. It warns about every burst of concurrent QoS 1 publishes, which is normal
+#: here (the offline buffer flushes that way), so it speaks only of errors unless lowered.
+_client_log = logging.getLogger(f"{__name__}.client")
+_client_log.setLevel(logging.ERROR)
 
 Handler = Callable[[str, bytes], None]
 ConnectCallback = Callable[[bool], Awaitable[None]]
@@ -281,6 +285,7 @@ class Bus:
             will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
         common = {
             "identifier": s.client_id,
+            "logger": _client_log,
             "username": s.username,
             "password": s.password,
             "will": will,

@@ -1,0 +1,263 @@
+"""The REST API under ``/api/v1``, with its OpenAPI document at ``/api/v1/openapi.json``.
+
+Bodies are decoded with msgspec straight into the same :class:`protocols.vmspec.VmSpecInput` the CLI
+uses, so every entry point refuses bad input with the same message; responses are msgspec Structs
+from :mod:`controller.views`. FastAPI only routes and assembles the OpenAPI document, into which
+the msgspec schemas are merged.
+
+Every error is JSON ``{"error": {"code", "message", "detail"}}`` where the message names the thing,
+the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from controller import views
+from controller.fleet import ApiError, FleetService
+from controller.store import EventRecord, Usage
+from protocols.vmspec import VmSpecInput
+
+PREFIX = "/api/v1"
+MAX_BODY_BYTES = 256 * 1024
+
+#: Every type the API document describes, by the short name routes refer to.
+_SCHEMA_TYPES: dict[str, Any] = {
+    "host": views.HostView,
+    "vm": views.VmView,
+    "operation": views.OperationView,
+    "created": views.CreateVmResponse,
+    "error": views.ErrorBody,
+    "stop": views.StopRequest,
+    "spec": VmSpecInput,
+    "hosts": list[views.HostView],
+    "vms": list[views.VmView],
+    "events": list[EventRecord],
+}
+_schemas, _components = msgspec.json.schema_components(
+    tuple(_SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"
+)
+_SCHEMA: dict[str, dict[str, Any]] = dict(zip(_SCHEMA_TYPES, _schemas, strict=True))
+
+_encoder = msgspec.json.Encoder()
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(_encoder.encode(content), status_code=status, media_type="application/json")
+
+
+def _error(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> Response:
+    body = views.ErrorBody(error=views.ErrorDetail(code=code, message=message, detail=detail or {}))
+    return _json(body, status)
+
+
+def _responses(ok_status: int, schema: str, *errors: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {
+        ok_status: {"description": "OK", "content": {"application/json": {"schema": _SCHEMA[schema]}}}
+    }
+    for status in errors:
+        out[status] = {"description": "error", "content": {"application/json": {"schema": _SCHEMA["error"]}}}
+    return out
+
+
+def _body(schema: str, required: bool = True) -> dict[str, Any]:
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": _SCHEMA[schema]}}}}
+
+
+async def _read_body(request: Request, type_: type[Any], what: str, required: bool = True) -> Any:
+    """Decode a JSON body into ``type_``; an ApiError with the msgspec path on anything wrong."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, "body_too_large", f"{what}: the body is {len(raw)} bytes, over the {MAX_BODY_BYTES} byte limit")
+    if not raw.strip():
+        if not required:
+            return msgspec.json.decode(b"{}", type=type_)
+        raise ApiError(400, "invalid_body", f"{what}: the request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "invalid_body", f"{what}: {exc}; fix that field and retry") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid_json", f"{what}: the body is not valid JSON ({exc})") from None
+
+
+def create_app(service: FleetService) -> FastAPI:
+    app = FastAPI(
+        title="Fleetvisor",
+        version="1",
+        description="Fleet manager for virtual machines.",
+        openapi_url=f"{PREFIX}/openapi.json",
+        docs_url=f"{PREFIX}/docs",
+        redoc_url=None,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return _error(exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()
+        )
+        return _error(400, "invalid_request", f"invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(404, "not_found", f"no such endpoint {request.url.path}; see {PREFIX}/openapi.json")
+        if exc.status_code == 405:
+            return _error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    wait_param = Query(0.0, ge=0.0, le=600.0, description="seconds to wait for the operation to end")
+
+    @app.get(f"{PREFIX}/health", summary="Controller health")
+    async def health() -> Response:
+        return _json(
+            {
+                "status": "ok",
+                "bus_connected": service.bus.connected.is_set(),
+                "hosts_online": service.online_host_count(),
+                "vms_running": service.running_vm_count(),
+                "telemetry_messages": service.telemetry_count,
+                "bad_messages": service.decoder.stats.rejected,
+            }
+        )
+
+    @app.get(f"{PREFIX}/hosts", summary="List hosts", responses=_responses(200, "hosts"))
+    async def list_hosts() -> Response:
+        usage = service.store.usage()
+        return _json([views.host_view(service, h, usage.get(h.host_id, _ZERO)) for h in service.store.hosts()])
+
+    @app.get(f"{PREFIX}/hosts/{{host_id}}", summary="Show a host", responses=_responses(200, "host", 404))
+    async def show_host(host_id: str) -> Response:
+        host = service.require_host(host_id)
+        return _json(views.host_view(service, host, service.store.usage().get(host_id, _ZERO)))
+
+    @app.get(f"{PREFIX}/vms", summary="List VMs", responses=_responses(200, "vms"))
+    async def list_vms(host: str | None = Query(None, description="only VMs on this host")) -> Response:
+        online = {h.host_id: h.online for h in service.store.hosts()}
+        return _json([views.vm_view(service, vm, online) for vm in service.store.vms(host)])
+
+    @app.post(
+        f"{PREFIX}/vms",
+        summary="Create a VM (placed by the scheduler, then started)",
+        status_code=202,
+        responses=_responses(202, "created", 400, 409, 413),
+        openapi_extra=_body("spec"),
+    )
+    async def create_vm(request: Request, wait: float = wait_param, start: bool = Query(True)) -> Response:
+        spec_input: VmSpecInput = await _read_body(request, VmSpecInput, "vm spec")
+        record, op = service.create_vm(spec_input.to_spec(), start=start)
+        if wait:
+            op = await service.wait_operation(op.op_id, wait)
+            record = service.store.vm(record.name) or record
+        status = 202 if op.state == "running" else 200
+        return _json(views.CreateVmResponse(vm=views.vm_view(service, record), operation=views.operation_view(op)), status)
+
+    @app.get(f"{PREFIX}/vms/{{name}}", summary="Show a VM", responses=_responses(200, "vm", 404))
+    async def show_vm(name: str) -> Response:
+        return _json(views.vm_view(service, service.require_vm(name)))
+
+    async def _op_response(op_id: str, wait: float) -> Response:
+        op = await service.wait_operation(op_id, wait) if wait else service.require_operation(op_id)
+        return _json(views.operation_view(op), 202 if op.state == "running" else 200)
+
+    @app.post(f"{PREFIX}/vms/{{name}}/start", summary="Start a VM", status_code=202, responses=_responses(202, "operation", 404, 409))
+    async def start_vm(name: str, wait: float = wait_param) -> Response:
+        return await _op_response(service.start_vm(name).op_id, wait)
+
+    @app.post(
+        f"{PREFIX}/vms/{{name}}/stop",
+        summary="Stop a VM (graceful, or forced with force=true)",
+        status_code=202,
+        responses=_responses(202, "operation", 400, 404, 409),
+        openapi_extra=_body("stop", required=False),
+    )
+    async def stop_vm(request: Request, name: str, wait: float = wait_param) -> Response:
+        body: views.StopRequest = await _read_body(request, views.StopRequest, "stop request", required=False)
+        return await _op_response(service.stop_vm(name, force=body.force, timeout_s=body.timeout_s).op_id, wait)
+
+    @app.delete(f"{PREFIX}/vms/{{name}}", summary="Delete a VM", status_code=202, responses=_responses(202, "operation", 404, 409))
+    async def delete_vm(name: str, wait: float = wait_param) -> Response:
+        return await _op_response(service.delete_vm(name).op_id, wait)
+
+    @app.get(f"{PREFIX}/operations/{{op_id}}", summary="Show an operation", responses=_responses(200, "operation", 404))
+    async def show_operation(op_id: str, wait: float = wait_param) -> Response:
+        return await _op_response(op_id, wait)
+
+    @app.get(f"{PREFIX}/events", summary="Past events, oldest first", responses=_responses(200, "events"))
+    async def list_events(
+        since: int = Query(0, ge=0, description="only events after this sequence number"),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> Response:
+        return _json(service.store.events_since(since, limit))
+
+    @app.get(
+        f"{PREFIX}/events/stream",
+        summary="Live event stream (Server-Sent Events); resumes after Last-Event-ID",
+        response_class=StreamingResponse,
+    )
+    async def stream_events(request: Request, since: int | None = Query(None, ge=0)) -> StreamingResponse:
+        header = request.headers.get("last-event-id")
+        start = since
+        if start is None and header is not None:
+            if not header.isdigit():
+                raise ApiError(400, "invalid_request", f"Last-Event-ID {header!r} is not an event sequence number")
+            start = int(header)
+        return StreamingResponse(
+            _sse(service, request.is_disconnected, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    def _openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(_components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = _openapi  # type: ignore[method-assign]
+    return app
+
+
+_ZERO = Usage()
+
+
+async def _sse(service: FleetService, disconnected: Callable[[], Any], since: int | None) -> AsyncIterator[bytes]:
+    sub = service.events.subscribe()
+    try:
+        if since is not None:
+            for event in service.store.events_since(since, limit=10_000):
+                yield _sse_frame(event)
+        yield b": connected\n\n"
+        while True:
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), 15.0)
+            except TimeoutError:
+                if await disconnected():
+                    return
+                yield b": keep-alive\n\n"
+                continue
+            if since is not None and event.seq <= since:
+                continue
+            yield _sse_frame(event)
+    finally:
+        sub.close()
+
+
+def _sse_frame(event: EventRecord) -> bytes:
+    data = json.dumps(msgspec.to_builtins(event), separators=(",", ":"))
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()

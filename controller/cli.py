@@ -1,0 +1,378 @@
+"""The operator's side of the ``fleetvisor`` CLI: ``vm ...`` and ``host ...``, over the REST API.
+
+It finds the controller with ``--url``, then ``FLEETVISOR_URL``, then ``http://127.0.0.1:8080``.
+Output is a table for people and ``--json`` for scripts. Errors come from the controller already
+phrased for people; the CLI prints them as they are and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+import msgspec
+
+from protocols.vmspec import VmSpecInput
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ApiClient:
+    """A thin synchronous client of ``/api/v1``."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=f"{self.base_url}/api/v1", timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise CliError(
+                f"cannot reach the controller at {self.base_url} ({exc}); start it with `fleetvisor controller` "
+                "or `fleetvisor demo`, or point --url / FLEETVISOR_URL at it",
+                EXIT_UNREACHABLE,
+            ) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+            raise CliError(message or f"{method} {path}: HTTP {response.status_code}")
+        return body
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _gib(mib: int) -> str:
+    return f"{mib / 1024:.1f}G" if mib >= 1024 else f"{mib}M"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _print(args: argparse.Namespace, data: Any, render: Callable[[Any], str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(render(data))
+
+
+# -- hosts ----------------------------------------------------------------------------------------
+
+
+def _render_hosts(hosts: list[dict[str, Any]]) -> str:
+    rows = []
+    for h in hosts:
+        caps = h["capabilities"]
+        load = h.get("load") or {}
+        rows.append(
+            [
+                h["host_id"],
+                "online" if h["online"] else "offline",
+                f"{caps['engine']}/{caps['accel']}",
+                caps["arch"],
+                f"{h['allocated_vcpus']}/{caps['cores']}",
+                f"{_gib(h['allocated_memory_mib'])}/{_gib(caps['memory_mib'])}",
+                str(h["vms"]),
+                _pct(load.get("cpu_util")),
+                f"{load['power_w']:.0f}W" if load else "-",
+            ]
+        )
+    return _table(rows, ["host", "state", "engine", "arch", "vcpus", "memory", "vms", "cpu", "power"])
+
+
+def _render_host(h: dict[str, Any]) -> str:
+    caps = h["capabilities"]
+    load = h.get("load") or {}
+    lines = [
+        f"host:          {h['host_id']}",
+        f"state:         {'online' if h['online'] else 'offline'} ({h['state_reason']})",
+        f"address:       {h['address']}",
+        f"engine:        {caps['engine']} {caps['engine_version']} (accel {caps['accel']})",
+        f"cpu:           {caps['arch']}, {caps['cores']} cores, {caps['cpu_vendor']} {caps['cpu_model']}".rstrip(),
+        f"features:      {' '.join(caps['cpu_features']) or '-'}",
+        f"guest arches:  {' '.join(caps['guest_arches']) or caps['arch']}",
+        f"memory:        {_gib(caps['memory_mib'])}",
+        f"allocated:     {h['allocated_vcpus']} vCPUs, {_gib(h['allocated_memory_mib'])} in {h['vms']} VMs",
+        f"free:          {h['free_vcpus']} vCPUs, {_gib(h['free_memory_mib'])}",
+        f"load:          cpu {_pct(load.get('cpu_util'))}, power {load.get('power_w', '-')} W" if load else "load:          -",
+        f"agent:         {h['agent_version']}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_host_list(client: ApiClient, args: argparse.Namespace) -> int:
+    _print(args, client.request("GET", "/hosts"), _render_hosts)
+    return 0
+
+
+def cmd_host_show(client: ApiClient, args: argparse.Namespace) -> int:
+    _print(args, client.request("GET", f"/hosts/{args.host}"), _render_host)
+    return 0
+
+
+# -- VMs ------------------------------------------------------------------------------------------
+
+
+def _render_vms(vms: list[dict[str, Any]]) -> str:
+    rows = []
+    for v in vms:
+        spec = v["spec"]
+        load = v.get("load") or {}
+        host = v["host_id"] or "-"
+        if v["host_id"] and v.get("host_online") is False:
+            host += " (offline)"
+        rows.append([v["name"], v["state"], host, str(spec["vcpus"]), _gib(spec["memory_mib"]), _pct(load.get("cpu_util"))])
+    return _table(rows, ["name", "state", "host", "vcpus", "memory", "cpu"])
+
+
+def _render_vm(v: dict[str, Any]) -> str:
+    spec = v["spec"]
+    lines = [
+        f"vm:        {v['name']}",
+        f"uuid:      {v['uuid']}",
+        f"state:     {v['state']}" + (f" (operation {v['operation']})" if v.get("operation") else ""),
+        f"host:      {v['host_id'] or '-'}",
+        f"vcpus:     {spec['vcpus']}",
+        f"memory:    {_gib(spec['memory_mib'])}",
+        f"disk:      {spec['disk_gib']} GiB",
+        f"arch:      {spec['arch']}",
+    ]
+    if spec.get("labels"):
+        lines.append("labels:    " + ", ".join(f"{k}={val}" for k, val in sorted(spec["labels"].items())))
+    if v.get("load"):
+        lines.append(f"load:      cpu {_pct(v['load']['cpu_util'])}, dirtying {v['load']['dirty_mib_s']} MiB/s")
+    if v.get("error"):
+        lines.append(f"error:     {v['error']}")
+    return "\n".join(lines)
+
+
+def _load_spec_file(path: str) -> dict[str, Any]:
+    file = pathlib.Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read spec file {path!r}: {exc.strerror}") from None
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            data = msgspec.yaml.decode(raw)
+        else:
+            data = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, ImportError) as exc:
+        raise CliError(f"spec file {path!r} is not valid {'YAML' if file.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"spec file {path!r} must hold one object (a mapping of fields), not {type(data).__name__}")
+    return data
+
+
+def build_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The create body from a spec file and/or flags (flags win), validated locally first."""
+    body: dict[str, Any] = _load_spec_file(args.file) if args.file else {}
+    if args.name:
+        body["name"] = args.name
+    for flag, key in (("vcpus", "vcpus"), ("memory", "memory_mib"), ("disk", "disk_gib"), ("arch", "arch")):
+        value = getattr(args, flag)
+        if value is not None:
+            body[key] = value
+    if args.label:
+        labels = dict(body.get("labels") or {})
+        for item in args.label:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CliError(f"--label {item!r}: write it as KEY=VALUE, e.g. --label zone=a")
+            labels[key] = value
+        body["labels"] = labels
+    if "name" not in body:
+        raise CliError("vm create: give the VM a name (positional NAME or `name:` in --file)")
+    try:
+        msgspec.convert(body, VmSpecInput)
+    except msgspec.ValidationError as exc:
+        raise CliError(f"vm spec: {exc}") from None
+    return body
+
+
+def _wait_args(args: argparse.Namespace) -> dict[str, float]:
+    return {} if args.no_wait else {"wait": args.timeout}
+
+
+def _finish_op(args: argparse.Namespace, op: dict[str, Any], what: str) -> int:
+    if args.json:
+        print(json.dumps(op, indent=2, sort_keys=True))
+    elif op["state"] == "succeeded":
+        print(f"{what}: done")
+    elif op["state"] == "running":
+        print(f"{what}: in progress (operation {op['op_id']}); follow it with `fleetvisor op show {op['op_id']}`")
+    else:
+        print(f"{what}: failed: {op['error']}", file=sys.stderr)
+    return EXIT_FAILED if op["state"] == "failed" else 0
+
+
+def cmd_vm_create(client: ApiClient, args: argparse.Namespace) -> int:
+    body = build_spec(args)
+    params: dict[str, Any] = {"start": str(not args.no_start).lower(), **_wait_args(args)}
+    result = client.request("POST", "/vms", json=body, params=params)
+    op, vm = result["operation"], result["vm"]
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return EXIT_FAILED if op["state"] == "failed" else 0
+    if op["state"] == "failed":
+        print(f"vm {body['name']}: create failed: {op['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    state = "created" if op["state"] == "succeeded" else "creating"
+    print(f"vm {vm['name']}: {state} on {vm['host_id']} (state {vm['state']}, operation {op['op_id']})")
+    return 0
+
+
+def cmd_vm_list(client: ApiClient, args: argparse.Namespace) -> int:
+    params = {"host": args.host} if args.host else {}
+    _print(args, client.request("GET", "/vms", params=params), _render_vms)
+    return 0
+
+
+def cmd_vm_show(client: ApiClient, args: argparse.Namespace) -> int:
+    _print(args, client.request("GET", f"/vms/{args.name}"), _render_vm)
+    return 0
+
+
+def cmd_vm_start(client: ApiClient, args: argparse.Namespace) -> int:
+    return _finish_op(args, client.request("POST", f"/vms/{args.name}/start", params=_wait_args(args)), f"start {args.name}")
+
+
+def cmd_vm_stop(client: ApiClient, args: argparse.Namespace) -> int:
+    op = client.request("POST", f"/vms/{args.name}/stop", params=_wait_args(args), json={"force": args.force})
+    return _finish_op(args, op, f"stop {args.name}")
+
+
+def cmd_vm_delete(client: ApiClient, args: argparse.Namespace) -> int:
+    return _finish_op(args, client.request("DELETE", f"/vms/{args.name}", params=_wait_args(args)), f"delete {args.name}")
+
+
+def cmd_op_show(client: ApiClient, args: argparse.Namespace) -> int:
+    op = client.request("GET", f"/operations/{args.op_id}")
+    _print(args, op, lambda o: "\n".join(f"{k + ':':10} {v}" for k, v in o.items()))
+    return 0
+
+
+def cmd_events(client: ApiClient, args: argparse.Namespace) -> int:
+    since = args.since
+    while True:
+        events = client.request("GET", "/events", params={"since": since, "limit": 1000})
+        for e in events:
+            if args.json:
+                print(json.dumps(e, sort_keys=True))
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+                print(f"{stamp} #{e['seq']:<5} {e['type']:<20} {e['message']}")
+            since = e["seq"]
+        if not args.follow:
+            return 0
+        time.sleep(0.5)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help=f"controller URL (env FLEETVISOR_URL, default {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _waiting(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-wait", action="store_true", help="return at once; the operation goes on")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the operation (default 120)")
+
+
+def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``vm``, ``host``, ``op`` and ``events`` under the top-level parser."""
+    vm = sub.add_parser("vm", help="create, inspect and control VMs").add_subparsers(dest="action", required=True)
+
+    p = vm.add_parser("create", help="create a VM: the controller places it, then it starts")
+    p.add_argument("name", nargs="?", help="VM name (lower-case letters, digits, '-')")
+    p.add_argument("-f", "--file", help="spec file, YAML or JSON; flags override its fields")
+    p.add_argument("--vcpus", type=int)
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--disk", type=int, metavar="GIB", help="disk in GiB")
+    p.add_argument("--arch", help="guest architecture (default x86_64)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--no-start", action="store_true", help="define it but leave it stopped")
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=cmd_vm_create)
+
+    p = vm.add_parser("list", help="list VMs")
+    p.add_argument("--host", help="only VMs on this host")
+    _common(p)
+    p.set_defaults(handler=cmd_vm_list)
+
+    for name, handler, text in (
+        ("show", cmd_vm_show, "show one VM"),
+        ("start", cmd_vm_start, "start a stopped VM"),
+        ("stop", cmd_vm_stop, "stop a VM (ACPI shutdown; --force powers it off at once)"),
+        ("delete", cmd_vm_delete, "delete a VM (stops it first)"),
+    ):
+        p = vm.add_parser(name, help=text)
+        p.add_argument("name")
+        _common(p)
+        if name != "show":
+            _waiting(p)
+        if name == "stop":
+            p.add_argument("--force", action="store_true", help="power off at once instead of asking the guest")
+        p.set_defaults(handler=handler)
+
+    host = sub.add_parser("host", help="inspect hosts").add_subparsers(dest="action", required=True)
+    p = host.add_parser("list", help="list hosts with their capacity and load")
+    _common(p)
+    p.set_defaults(handler=cmd_host_list)
+    p = host.add_parser("show", help="show one host's capabilities and load")
+    p.add_argument("host")
+    _common(p)
+    p.set_defaults(handler=cmd_host_show)
+
+    op = sub.add_parser("op", help="inspect operations").add_subparsers(dest="action", required=True)
+    p = op.add_parser("show", help="show an operation")
+    p.add_argument("op_id")
+    _common(p)
+    p.set_defaults(handler=cmd_op_show)
+
+    p = sub.add_parser("events", help="print fleet events (-f to follow)")
+    p.add_argument("--since", type=int, default=0, help="start after this event sequence number")
+    p.add_argument("-f", "--follow", action="store_true")
+    _common(p)
+    p.set_defaults(handler=cmd_events)
+
+
+def run_operator_command(args: argparse.Namespace) -> int:
+    url = args.url or os.environ.get("FLEETVISOR_URL") or DEFAULT_URL
+    client = ApiClient(url)
+    try:
+        code: int = args.handler(client, args)
+        return code
+    except CliError as exc:
+        print(f"fleetvisor: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events")

@@ -1,0 +1,516 @@
+"""The fleet service: the controller's core, between the bus, the store and the API.
+
+It keeps the store true to what agents report (reconciliation), turns API requests into persistent
+operations, and drives each operation to an end by sending commands and waiting for replies.
+
+How an operation survives trouble:
+- Its row is written in the same transaction as the VM's claim, before any command leaves.
+- Commands carry the operation id and the operation's deadline. The agent applies an id once and
+  ignores commands past their deadline, so the controller may re-send freely.
+- After a controller restart every ``running`` operation is resumed by re-sending its command; a
+  reply that arrived while the controller was away is delivered by the broker (persistent session).
+- When the deadline passes without a reply the operation fails and the claim is released; should the
+  agent apply it anyway, reconciliation adopts what it reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from controller import placement
+from controller.events import EventHub
+from controller.store import HostRecord, OperationRecord, OpKind, Store, VmRecord, VmState
+from protocols import codec, topics
+from protocols.bus import Bus
+from protocols.messages import (
+    Command,
+    DefineVm,
+    HostInventory,
+    HostState,
+    HostTelemetry,
+    Reply,
+    ShutdownVm,
+    DestroyVm,
+    StartVm,
+    UndefineVm,
+    VmEvent,
+    VmPowerState,
+    VmStatus,
+)
+from protocols.vmspec import VmSpec
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A refusal the operator sees: HTTP status, a stable code, and a message with the fix."""
+
+    def __init__(self, status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail or {}
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSettings:
+    placement: placement.PlacementSettings = field(default_factory=placement.PlacementSettings)
+    #: How long an operation may take before it fails and releases what it claimed.
+    operation_timeout_s: float = 60.0
+    #: How long to wait for a reply before sending the command again (same operation id).
+    command_retry_s: float = 5.0
+    #: Telemetry older than this marks a host's load as stale in views.
+    telemetry_stale_s: float = 5.0
+
+
+_POWER_TO_VM_STATE: dict[VmPowerState, VmState] = {
+    "defined": "stopped",
+    "starting": "starting",
+    "running": "running",
+    "paused": "paused",
+    "stopping": "stopping",
+    "stopped": "stopped",
+    "crashed": "crashed",
+}
+
+
+class TelemetryCounters(msgspec.Struct, kw_only=True):
+    messages: int = 0
+    last_ts: float = 0.0
+
+
+class FleetService:
+    """Owns the store and speaks to agents through the bus."""
+
+    def __init__(self, store: Store, bus: Bus, settings: FleetSettings | None = None) -> None:
+        self.store = store
+        self.bus = bus
+        self.settings = settings or FleetSettings()
+        self.events = EventHub(store)
+        self.decoder = codec.InboundDecoder()
+        self.telemetry: dict[str, HostTelemetry] = {}
+        self.telemetry_seen: dict[str, float] = {}
+        self.telemetry_count = 0
+        self._boot_ids: dict[str, str] = {}
+        self._reply_waiters: dict[str, asyncio.Future[Reply]] = {}
+        self._early_replies: OrderedDict[str, Reply] = OrderedDict()
+        self._host_online: dict[str, asyncio.Event] = {}
+        self._op_tasks: dict[str, asyncio.Task[None]] = {}
+        self._op_done: dict[str, asyncio.Event] = {}
+        self._closing = False
+        for family, handler in (
+            ("state", self._on_state),
+            ("inventory", self._on_inventory),
+            ("telemetry", self._on_telemetry),
+            ("events", self._on_event),
+            ("reply", self._on_reply),
+        ):
+            bus.subscribe(topics.all_hosts(family), handler, qos=0 if family == "telemetry" else 1)  # type: ignore[arg-type]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def resume_operations(self) -> int:
+        """Resume every operation a previous controller left running. Returns how many."""
+        ops = self.store.running_operations()
+        for op in ops:
+            log.info("resuming operation %s (%s %s)", op.op_id, op.kind, op.vm)
+            self._start_runner(op)
+        if ops:
+            self.events.emit("controller.resumed", f"resumed {len(ops)} unfinished operation(s)")
+        return len(ops)
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = list(self._op_tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- bus handlers (quick, never await) ------------------------------------------------------
+
+    def _decode(self, topic: str, payload: bytes) -> msgspec.Struct | None:
+        return self.decoder.decode(topic, payload)
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        message = self.decoder.decode(topic, payload)
+        if isinstance(message, HostTelemetry):
+            self.telemetry[message.host_id] = message
+            self.telemetry_seen[message.host_id] = time.monotonic()
+            self.telemetry_count += 1
+
+    def _on_state(self, topic: str, payload: bytes) -> None:
+        message = self._decode(topic, payload)
+        if not isinstance(message, HostState):
+            return
+        known_boot = self._boot_ids.get(message.host_id)
+        if not message.online and known_boot is not None and message.boot_id != known_boot:
+            log.info("ignoring a stale offline state of %s from an earlier agent run", message.host_id)
+            return
+        if message.online:
+            self._boot_ids[message.host_id] = message.boot_id
+        if self.store.host(message.host_id) is None:
+            return  # the inventory (hello) creates the host; it follows the online state
+        if self.store.set_host_online(message.host_id, message.online, message.reason):
+            if message.online:
+                self.events.emit("host.online", f"host {message.host_id} is online ({message.reason})", host_id=message.host_id)
+            else:
+                self.telemetry.pop(message.host_id, None)
+                self.events.emit(
+                    "host.offline", f"host {message.host_id} is offline ({message.reason})", host_id=message.host_id
+                )
+        self._online_event(message.host_id, message.online)
+
+    def _online_event(self, host_id: str, online: bool) -> None:
+        event = self._host_online.setdefault(host_id, asyncio.Event())
+        if online:
+            event.set()
+        else:
+            event.clear()
+
+    def _on_inventory(self, topic: str, payload: bytes) -> None:
+        message = self._decode(topic, payload)
+        if isinstance(message, HostInventory):
+            self.reconcile(message)
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        message = self._decode(topic, payload)
+        if not isinstance(message, VmEvent):
+            return
+        record = self.store.vm(message.vm)
+        if record is not None and record.host_id == message.host_id and record.op_id is None:
+            new_state = _POWER_TO_VM_STATE[message.state]
+            if message.event == "undefined":
+                return
+            if record.state != new_state:
+                self.store.update_vm(message.vm, state=new_state)
+        reason = f" ({message.reason})" if message.reason else ""
+        self.events.emit(
+            f"vm.{message.event}",
+            f"vm {message.vm} {message.event} on {message.host_id}{reason}",
+            host_id=message.host_id,
+            vm=message.vm,
+            op_id=message.op_id,
+        )
+
+    def _on_reply(self, topic: str, payload: bytes) -> None:
+        message = self._decode(topic, payload)
+        if not isinstance(message, Reply):
+            return
+        waiter = self._reply_waiters.get(message.op_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
+            return
+        self._early_replies[message.op_id] = message
+        while len(self._early_replies) > 10_000:
+            self._early_replies.popitem(last=False)
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    def reconcile(self, inventory: HostInventory) -> None:
+        """Make the store agree with what a host reports it runs."""
+        host_id = inventory.host_id
+        is_new = self.store.host(host_id) is None
+        self._boot_ids[host_id] = inventory.boot_id
+        with self.store.transaction():
+            self.store.upsert_host(
+                host_id=host_id,
+                online=True,
+                boot_id=inventory.boot_id,
+                address=inventory.address,
+                agent_version=inventory.agent_version,
+                capabilities=inventory.capabilities,
+                reason=f"inventory ({inventory.reason})",
+            )
+            reported = {vm.name: vm for vm in inventory.vms}
+            for status in inventory.vms:
+                self._reconcile_reported(host_id, status)
+            for record in self.store.vms(host_id):
+                if record.name not in reported and record.op_id is None and record.state != "missing":
+                    self.store.update_vm(record.name, state="missing", error=f"host {host_id} does not report it")
+                    self.events.emit(
+                        "vm.missing",
+                        f"vm {record.name} is recorded on {host_id} but the host does not report it",
+                        host_id=host_id,
+                        vm=record.name,
+                    )
+        if is_new:
+            caps = inventory.capabilities
+            self.events.emit(
+                "host.joined",
+                f"host {host_id} joined: {caps.engine}/{caps.accel}, {caps.cores} cores, {caps.memory_mib} MiB",
+                host_id=host_id,
+            )
+        self._online_event(host_id, True)
+
+    def _reconcile_reported(self, host_id: str, status: VmStatus) -> None:
+        record = self.store.vm(status.name)
+        state = _POWER_TO_VM_STATE[status.state]
+        if record is None:
+            self.store.insert_vm(status.spec, host_id, state, None)
+            self.events.emit("vm.adopted", f"vm {status.name} found on {host_id} and adopted", host_id=host_id, vm=status.name)
+            return
+        if record.host_id is None and record.op_id is None:
+            self.store.update_vm(status.name, host_id=host_id, state=state, error="")
+            self.events.emit(
+                "vm.adopted", f"vm {status.name} found on {host_id}; record corrected", host_id=host_id, vm=status.name
+            )
+            return
+        if record.host_id != host_id:
+            self.events.emit(
+                "vm.conflict",
+                f"vm {status.name} is reported by {host_id} but recorded on {record.host_id}",
+                host_id=host_id,
+                vm=status.name,
+            )
+            return
+        if record.op_id is None and record.state != state:
+            self.store.update_vm(status.name, state=state, error="")
+            self.events.emit(
+                "vm.state", f"vm {status.name} is {state} on {host_id} (was recorded {record.state})", host_id=host_id, vm=status.name
+            )
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def require_vm(self, name: str) -> VmRecord:
+        record = self.store.vm(name)
+        if record is None:
+            raise ApiError(404, "unknown_vm", f"vm {name!r} does not exist; list VMs with `fleetvisor vm list`")
+        return record
+
+    def require_host(self, host_id: str) -> HostRecord:
+        record = self.store.host(host_id)
+        if record is None:
+            raise ApiError(404, "unknown_host", f"host {host_id!r} is not known; list hosts with `fleetvisor host list`")
+        return record
+
+    def require_operation(self, op_id: str) -> OperationRecord:
+        record = self.store.operation(op_id)
+        if record is None:
+            raise ApiError(404, "unknown_operation", f"operation {op_id!r} does not exist")
+        return record
+
+    # -- VM operations --------------------------------------------------------------------------
+
+    def create_vm(self, spec: VmSpec, start: bool = True) -> tuple[VmRecord, OperationRecord]:
+        """Place ``spec``, claim the host, record the VM and its create operation, and start it.
+
+        Raises:
+            ApiError: 409 if the name is taken or no host fits (with the explanation).
+        """
+        if self.store.vm(spec.name) is not None:
+            raise ApiError(409, "vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first")
+        # No await between placement and the insert: in one event loop this is the claim lock.
+        choice = placement.place(spec, self.store.hosts(), self.store.usage(), self.settings.placement)
+        if isinstance(choice, placement.NoValidHost):
+            raise ApiError(409, "no_valid_host", choice.reason + "; try a smaller VM or add hosts", {"rejected": choice.rejected})
+        deadline = time.time() + self.settings.operation_timeout_s
+        with self.store.transaction():
+            op = self.store.insert_operation(
+                kind="create", vm=spec.name, host_id=choice.host_id, params={"start": start}, deadline=deadline
+            )
+            record = self.store.insert_vm(spec, choice.host_id, "creating", op.op_id)
+        self.events.emit(
+            "vm.creating", f"vm {spec.name} placed on {choice.host_id}", host_id=choice.host_id, vm=spec.name, op_id=op.op_id
+        )
+        self._start_runner(op)
+        return record, op
+
+    def start_vm(self, name: str) -> OperationRecord:
+        return self._vm_operation(name, "start", {}, allowed=("stopped", "crashed", "error", "missing"), new_state="starting")
+
+    def stop_vm(self, name: str, force: bool = False, timeout_s: float = 30.0) -> OperationRecord:
+        return self._vm_operation(
+            name,
+            "stop",
+            {"force": force, "timeout_s": timeout_s},
+            allowed=("running", "paused", "starting", "crashed", "missing", "stopping"),
+            new_state="stopping",
+        )
+
+    def delete_vm(self, name: str) -> OperationRecord:
+        return self._vm_operation(name, "delete", {}, allowed=None, new_state="deleting")
+
+    def _vm_operation(
+        self, name: str, kind: OpKind, params: dict[str, Any], allowed: tuple[str, ...] | None, new_state: VmState
+    ) -> OperationRecord:
+        record = self.require_vm(name)
+        if record.op_id is not None:
+            busy = self.store.operation(record.op_id)
+            what = busy.kind if busy else "an operation"
+            raise ApiError(
+                409, "vm_busy", f"vm {name!r} is busy with {what} operation {record.op_id}; wait for it to finish and retry"
+            )
+        if allowed is not None and record.state not in allowed:
+            raise ApiError(
+                409,
+                "invalid_state",
+                f"vm {name!r} is {record.state}; {kind} needs it to be one of: {', '.join(allowed)}",
+            )
+        if kind != "delete" and record.host_id is None:
+            raise ApiError(409, "no_host", f"vm {name!r} has no host (state {record.state}); delete it and create it again")
+        deadline = time.time() + self.settings.operation_timeout_s
+        params = {**params, "from_state": record.state}
+        with self.store.transaction():
+            op = self.store.insert_operation(kind=kind, vm=name, host_id=record.host_id, params=params, deadline=deadline)
+            self.store.update_vm(name, state=new_state, op_id=op.op_id, error="")
+        self.events.emit(f"vm.{kind}", f"{kind} vm {name}", host_id=record.host_id or "", vm=name, op_id=op.op_id)
+        self._start_runner(op)
+        return op
+
+    async def wait_operation(self, op_id: str, timeout: float) -> OperationRecord:
+        """The operation after it ends, or as it stands after ``timeout`` seconds."""
+        done = self._op_done.get(op_id)
+        if done is not None:
+            try:
+                await asyncio.wait_for(done.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self.require_operation(op_id)
+
+    # -- the operation runner -------------------------------------------------------------------
+
+    def _start_runner(self, op: OperationRecord) -> None:
+        self._op_done[op.op_id] = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._run_operation(op), name=f"op:{op.kind}:{op.vm}")
+        self._op_tasks[op.op_id] = task
+
+    def _command_for(self, op: OperationRecord, record: VmRecord) -> Command:
+        common = {"op_id": op.op_id, "deadline": op.deadline}
+        if op.kind == "create":
+            return DefineVm(spec=record.spec, start=bool(op.params.get("start", True)), **common)  # type: ignore[arg-type]
+        if op.kind == "start":
+            return StartVm(vm=op.vm, **common)  # type: ignore[arg-type]
+        if op.kind == "stop":
+            if op.params.get("force"):
+                return DestroyVm(vm=op.vm, **common)  # type: ignore[arg-type]
+            return ShutdownVm(vm=op.vm, timeout_s=float(op.params.get("timeout_s", 30.0)), **common)  # type: ignore[arg-type]
+        return UndefineVm(vm=op.vm, **common)  # type: ignore[arg-type]
+
+    async def _run_operation(self, op: OperationRecord) -> None:
+        try:
+            record = self.store.vm(op.vm)
+            if record is None:
+                self._finish(op, ok=False, error=f"vm {op.vm!r} disappeared before {op.kind} could run")
+                return
+            if op.kind == "delete" and record.host_id is None:
+                self.store.delete_vm(op.vm)
+                self._finish(op, ok=True)
+                return
+            assert op.host_id is not None
+            reply = await self._exchange(op, self._command_for(op, record))
+            if reply is None:
+                self._apply_failure(op, "timeout", self._timeout_message(op))
+            elif reply.ok or self._counts_as_success(op, reply):
+                self._apply_success(op, reply)
+            else:
+                self._apply_failure(op, reply.code, reply.error)
+        except asyncio.CancelledError:
+            raise  # controller shutting down: the operation stays running and resumes next start
+        except Exception as exc:
+            log.exception("operation %s crashed", op.op_id)
+            self._apply_failure(op, "internal", f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._op_tasks.pop(op.op_id, None)
+            done = self._op_done.get(op.op_id)
+            if done is not None and not self._closing:
+                done.set()
+
+    async def _exchange(self, op: OperationRecord, command: Command) -> Reply | None:
+        """Send ``command`` until its reply arrives or the operation's deadline passes."""
+        assert op.host_id is not None
+        early = self._early_replies.pop(op.op_id, None)
+        if early is not None:
+            return early
+        topic = topics.host_topic(op.host_id, "cmd")
+        payload = codec.encode(command)
+        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._reply_waiters[op.op_id] = waiter
+        online = self._host_online.setdefault(op.host_id, asyncio.Event())
+        host = self.store.host(op.host_id)
+        if host is not None and host.online:
+            online.set()
+        try:
+            while True:
+                remaining = op.deadline - time.time()
+                if remaining <= 0:
+                    return None
+                if online.is_set():
+                    await self.bus.publish(topic, payload, qos=1, expiry_s=remaining)
+                    wait_for: asyncio.Future[Any] = waiter
+                else:
+                    # Offline host: its persistent session may still deliver; re-send when it is back.
+                    wait_for = asyncio.ensure_future(online.wait())
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter) if wait_for is waiter else _first(waiter, wait_for),
+                                           min(remaining, self.settings.command_retry_s))
+                except TimeoutError:
+                    pass
+                finally:
+                    if wait_for is not waiter and not wait_for.done():
+                        wait_for.cancel()
+                if waiter.done():
+                    return waiter.result()
+        finally:
+            self._reply_waiters.pop(op.op_id, None)
+
+    def _timeout_message(self, op: OperationRecord) -> str:
+        host = self.store.host(op.host_id or "")
+        state = "offline" if host is not None and not host.online else "online"
+        return (
+            f"host {op.host_id} ({state}) did not answer {op.kind} of vm {op.vm} within "
+            f"{self.settings.operation_timeout_s:g}s; check the agent with `fleetvisor host show {op.host_id}`"
+        )
+
+    @staticmethod
+    def _counts_as_success(op: OperationRecord, reply: Reply) -> bool:
+        # Deleting what is already gone is done; creating what already exists there is done.
+        return (op.kind == "delete" and reply.code == "unknown_vm") or (op.kind == "create" and reply.code == "vm_exists")
+
+    def _apply_success(self, op: OperationRecord, reply: Reply) -> None:
+        with self.store.transaction():
+            if op.kind == "delete":
+                self.store.delete_vm(op.vm)
+            else:
+                state: VmState = _POWER_TO_VM_STATE[reply.vm.state] if reply.vm else ("stopped" if op.kind == "stop" else "running")
+                self.store.update_vm(op.vm, state=state, op_id=None, error="")
+            self._finish(op, ok=True)
+
+    def _apply_failure(self, op: OperationRecord, code: str, error: str) -> None:
+        with self.store.transaction():
+            record = self.store.vm(op.vm)
+            if record is not None and record.op_id == op.op_id:
+                if op.kind == "create":
+                    # Release the claim: the VM did not come to exist anywhere we know of.
+                    self.store.update_vm(op.vm, state="error", host_id=None, op_id=None, error=error)
+                else:
+                    previous: VmState = "missing" if code == "unknown_vm" else op.params.get("from_state", "error")
+                    self.store.update_vm(op.vm, state=previous, op_id=None, error=error)
+            self._finish(op, ok=False, error=f"{code}: {error}" if code else error)
+
+    def _finish(self, op: OperationRecord, ok: bool, error: str = "") -> None:
+        self.store.finish_operation(op.op_id, "succeeded" if ok else "failed", error)
+        if ok:
+            self.events.emit(f"operation.succeeded", f"{op.kind} vm {op.vm}: done", host_id=op.host_id or "", vm=op.vm, op_id=op.op_id)
+        else:
+            self.events.emit(f"operation.failed", f"{op.kind} vm {op.vm} failed: {error}", host_id=op.host_id or "", vm=op.vm, op_id=op.op_id)
+
+    # -- summaries ------------------------------------------------------------------------------
+
+    def running_vm_count(self) -> int:
+        return sum(1 for vm in self.store.vms() if vm.state == "running")
+
+    def online_host_count(self) -> int:
+        return sum(1 for host in self.store.hosts() if host.online)
+
+
+async def _first(*futures: asyncio.Future[Any]) -> None:
+    await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+

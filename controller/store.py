@@ -1,0 +1,429 @@
+"""The controller's state: hosts, VMs, operations and events in one SQLite file (WAL).
+
+The store is the controller's memory across restarts. Everything that must survive one lives
+here: a VM's spec, its host (which is also its resource claim), the operation working on it, and
+the event history. Calls are synchronous and short; the controller is one process, and each
+mutating method is one transaction, so a crash leaves either the old or the new state, never half.
+
+Rows are mapped to frozen msgspec Structs (the same types the API serves).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import msgspec
+
+from protocols.messages import Capabilities
+from protocols.vmspec import VmSpec
+
+SCHEMA_VERSION = 1
+
+VmState = Literal[
+    "creating",
+    "starting",
+    "running",
+    "paused",
+    "stopping",
+    "stopped",
+    "crashed",
+    "deleting",
+    "error",
+    "missing",
+]
+OpState = Literal["running", "succeeded", "failed"]
+OpKind = Literal["create", "start", "stop", "delete"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hosts (
+    host_id TEXT PRIMARY KEY,
+    online INTEGER NOT NULL,
+    boot_id TEXT NOT NULL,
+    address TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    capabilities BLOB NOT NULL,
+    maintenance INTEGER NOT NULL DEFAULT 0,
+    state_reason TEXT NOT NULL DEFAULT '',
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL,
+    spec BLOB NOT NULL,
+    host_id TEXT,
+    state TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    disk_gib INTEGER NOT NULL,
+    op_id TEXT,
+    error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host_id);
+CREATE TABLE IF NOT EXISTS operations (
+    op_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    vm TEXT NOT NULL,
+    host_id TEXT,
+    state TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    params BLOB NOT NULL,
+    deadline REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ops_running ON operations (state);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    host_id TEXT NOT NULL DEFAULT '',
+    vm TEXT NOT NULL DEFAULT '',
+    op_id TEXT NOT NULL DEFAULT '',
+    message TEXT NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message says which file and what to do."""
+
+
+class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
+    host_id: str
+    online: bool
+    boot_id: str
+    address: str
+    agent_version: str
+    capabilities: Capabilities
+    maintenance: bool
+    state_reason: str
+    first_seen: float
+    last_seen: float
+
+
+class VmRecord(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    uuid: str
+    spec: VmSpec
+    host_id: str | None
+    state: VmState
+    op_id: str | None
+    error: str
+    created_at: float
+    updated_at: float
+
+
+class OperationRecord(msgspec.Struct, frozen=True, kw_only=True):
+    op_id: str
+    kind: OpKind
+    vm: str
+    host_id: str | None
+    state: OpState
+    error: str
+    params: dict[str, Any]
+    deadline: float
+    created_at: float
+    updated_at: float
+
+
+class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    ts: float
+    type: str
+    host_id: str
+    vm: str
+    op_id: str
+    message: str
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Resources claimed on one host by the VMs assigned to it."""
+
+    vcpus: int = 0
+    memory_mib: int = 0
+    disk_gib: int = 0
+    vms: int = 0
+
+
+_caps_decoder = msgspec.msgpack.Decoder(Capabilities)
+_spec_decoder = msgspec.msgpack.Decoder(VmSpec)
+_params_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+_encoder = msgspec.msgpack.Encoder()
+
+
+class Store:
+    """The SQLite-backed state store. One instance per controller process."""
+
+    def __init__(self, path: pathlib.Path | str) -> None:
+        self.path = str(path)
+        try:
+            if self.path != ":memory:":
+                pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot open the state store {self.path!r}: {exc}; check the path and its permissions"
+            ) from exc
+        if row is None:
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"state store {self.path!r} has schema version {row[0]}, this controller needs "
+                f"{SCHEMA_VERSION}; use a controller of the matching version"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of work (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any error)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- hosts ----------------------------------------------------------------------------------
+
+    def upsert_host(
+        self,
+        *,
+        host_id: str,
+        online: bool,
+        boot_id: str,
+        address: str,
+        agent_version: str,
+        capabilities: Capabilities,
+        reason: str,
+    ) -> None:
+        now = time.time()
+        self._db.execute(
+            """INSERT INTO hosts (host_id, online, boot_id, address, agent_version, capabilities,
+                                  state_reason, first_seen, last_seen)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (host_id) DO UPDATE SET online=excluded.online, boot_id=excluded.boot_id,
+                  address=excluded.address, agent_version=excluded.agent_version,
+                  capabilities=excluded.capabilities, state_reason=excluded.state_reason,
+                  last_seen=excluded.last_seen""",
+            (host_id, int(online), boot_id, address, agent_version, _encoder.encode(capabilities), reason, now, now),
+        )
+
+    def set_host_online(self, host_id: str, online: bool, reason: str) -> bool:
+        """Record liveness; returns True when it changed."""
+        cur = self._db.execute(
+            "UPDATE hosts SET online=?, state_reason=?, last_seen=? WHERE host_id=? AND online<>?",
+            (int(online), reason, time.time(), host_id, int(online)),
+        )
+        return cur.rowcount > 0
+
+    def host(self, host_id: str) -> HostRecord | None:
+        row = self._db.execute("SELECT * FROM hosts WHERE host_id=?", (host_id,)).fetchone()
+        return None if row is None else _host(row)
+
+    def hosts(self) -> list[HostRecord]:
+        return [_host(r) for r in self._db.execute("SELECT * FROM hosts ORDER BY host_id")]
+
+    def usage(self) -> dict[str, Usage]:
+        """Claimed resources per host: every VM with a host holds its claim, whatever its power state."""
+        rows = self._db.execute(
+            """SELECT host_id, SUM(vcpus), SUM(memory_mib), SUM(disk_gib), COUNT(*)
+               FROM vms WHERE host_id IS NOT NULL GROUP BY host_id"""
+        )
+        return {r[0]: Usage(vcpus=r[1], memory_mib=r[2], disk_gib=r[3], vms=r[4]) for r in rows}
+
+    # -- VMs ------------------------------------------------------------------------------------
+
+    def insert_vm(self, spec: VmSpec, host_id: str | None, state: VmState, op_id: str | None) -> VmRecord:
+        now = time.time()
+        record = VmRecord(
+            name=spec.name,
+            uuid=str(uuid.uuid4()),
+            spec=spec,
+            host_id=host_id,
+            state=state,
+            op_id=op_id,
+            error="",
+            created_at=now,
+            updated_at=now,
+        )
+        self._db.execute(
+            """INSERT INTO vms (name, uuid, spec, host_id, state, vcpus, memory_mib, disk_gib, op_id,
+                                created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                spec.name,
+                record.uuid,
+                _encoder.encode(spec),
+                host_id,
+                state,
+                spec.vcpus,
+                spec.memory_mib,
+                spec.disk_gib,
+                op_id,
+                now,
+                now,
+            ),
+        )
+        return record
+
+    def vm(self, name: str) -> VmRecord | None:
+        row = self._db.execute("SELECT * FROM vms WHERE name=?", (name,)).fetchone()
+        return None if row is None else _vm(row)
+
+    def vms(self, host_id: str | None = None) -> list[VmRecord]:
+        if host_id is None:
+            rows = self._db.execute("SELECT * FROM vms ORDER BY name")
+        else:
+            rows = self._db.execute("SELECT * FROM vms WHERE host_id=? ORDER BY name", (host_id,))
+        return [_vm(r) for r in rows]
+
+    _KEEP: Any = object()
+
+    def update_vm(
+        self,
+        name: str,
+        *,
+        state: VmState | None = None,
+        host_id: Any = _KEEP,
+        op_id: Any = _KEEP,
+        error: str | None = None,
+    ) -> None:
+        sets: list[str] = ["updated_at=?"]
+        args: list[Any] = [time.time()]
+        if state is not None:
+            sets.append("state=?")
+            args.append(state)
+        if host_id is not Store._KEEP:
+            sets.append("host_id=?")
+            args.append(host_id)
+        if op_id is not Store._KEEP:
+            sets.append("op_id=?")
+            args.append(op_id)
+        if error is not None:
+            sets.append("error=?")
+            args.append(error)
+        args.append(name)
+        self._db.execute(f"UPDATE vms SET {', '.join(sets)} WHERE name=?", args)  # noqa: S608 - fixed columns
+
+    def delete_vm(self, name: str) -> None:
+        self._db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    # -- operations -----------------------------------------------------------------------------
+
+    def insert_operation(
+        self, *, kind: OpKind, vm: str, host_id: str | None, params: dict[str, Any], deadline: float
+    ) -> OperationRecord:
+        now = time.time()
+        op = OperationRecord(
+            op_id=uuid.uuid4().hex,
+            kind=kind,
+            vm=vm,
+            host_id=host_id,
+            state="running",
+            error="",
+            params=params,
+            deadline=deadline,
+            created_at=now,
+            updated_at=now,
+        )
+        self._db.execute(
+            """INSERT INTO operations (op_id, kind, vm, host_id, state, params, deadline, created_at, updated_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (op.op_id, kind, vm, host_id, "running", _encoder.encode(params), deadline, now, now),
+        )
+        return op
+
+    def finish_operation(self, op_id: str, state: OpState, error: str = "") -> None:
+        self._db.execute(
+            "UPDATE operations SET state=?, error=?, updated_at=? WHERE op_id=?", (state, error, time.time(), op_id)
+        )
+
+    def operation(self, op_id: str) -> OperationRecord | None:
+        row = self._db.execute("SELECT * FROM operations WHERE op_id=?", (op_id,)).fetchone()
+        return None if row is None else _op(row)
+
+    def running_operations(self) -> list[OperationRecord]:
+        return [_op(r) for r in self._db.execute("SELECT * FROM operations WHERE state='running' ORDER BY created_at")]
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def append_event(self, type_: str, message: str, *, host_id: str = "", vm: str = "", op_id: str = "") -> EventRecord:
+        ts = time.time()
+        cur = self._db.execute(
+            "INSERT INTO events (ts, type, host_id, vm, op_id, message) VALUES (?, ?, ?, ?, ?, ?)",
+            (ts, type_, host_id, vm, op_id, message),
+        )
+        assert cur.lastrowid is not None
+        return EventRecord(seq=cur.lastrowid, ts=ts, type=type_, host_id=host_id, vm=vm, op_id=op_id, message=message)
+
+    def events_since(self, seq: int, limit: int = 1000) -> list[EventRecord]:
+        rows = self._db.execute(
+            "SELECT seq, ts, type, host_id, vm, op_id, message FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [EventRecord(seq=r[0], ts=r[1], type=r[2], host_id=r[3], vm=r[4], op_id=r[5], message=r[6]) for r in rows]
+
+    def last_event_seq(self) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
+        return int(row[0] or 0)
+
+
+def _host(row: tuple[Any, ...]) -> HostRecord:
+    return HostRecord(
+        host_id=row[0],
+        online=bool(row[1]),
+        boot_id=row[2],
+        address=row[3],
+        agent_version=row[4],
+        capabilities=_caps_decoder.decode(row[5]),
+        maintenance=bool(row[6]),
+        state_reason=row[7],
+        first_seen=row[8],
+        last_seen=row[9],
+    )
+
+
+def _vm(row: tuple[Any, ...]) -> VmRecord:
+    return VmRecord(
+        name=row[0],
+        uuid=row[1],
+        spec=_spec_decoder.decode(row[2]),
+        host_id=row[3],
+        state=row[4],
+        op_id=row[8],
+        error=row[9],
+        created_at=row[10],
+        updated_at=row[11],
+    )
+
+
+def _op(row: tuple[Any, ...]) -> OperationRecord:
+    return OperationRecord(
+        op_id=row[0],
+        kind=row[1],
+        vm=row[2],
+        host_id=row[3],
+        state=row[4],
+        error=row[5],
+        params=_params_decoder.decode(row[6]),
+        deadline=row[7],
+        created_at=row[8],
+        updated_at=row[9],
+    )

@@ -1,0 +1,161 @@
+"""What the REST API returns: msgspec Structs built from store records and live telemetry.
+
+These are the API's own contract (documented in the OpenAPI file), separate from the bus messages,
+so the wire and the API can evolve at their own pace.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from controller import placement
+from controller.fleet import FleetService
+from controller.store import HostRecord, OperationRecord, Usage, VmRecord
+from protocols.messages import Capabilities
+from protocols.vmspec import VmSpec
+
+
+class HostLoad(msgspec.Struct, frozen=True, kw_only=True):
+    cpu_util: float
+    memory_used_mib: int
+    power_w: float
+    age_s: float
+    vms_running: int
+
+
+class HostView(msgspec.Struct, frozen=True, kw_only=True):
+    host_id: str
+    online: bool
+    state_reason: str
+    maintenance: bool
+    address: str
+    agent_version: str
+    capabilities: Capabilities
+    vms: int
+    allocated_vcpus: int
+    allocated_memory_mib: int
+    free_vcpus: int
+    free_memory_mib: int
+    load: HostLoad | None
+    last_seen: float
+
+
+class VmLoad(msgspec.Struct, frozen=True, kw_only=True):
+    cpu_util: float
+    dirty_mib_s: float
+
+
+class VmView(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    uuid: str
+    state: str
+    host_id: str | None
+    host_online: bool | None
+    spec: VmSpec
+    operation: str | None
+    error: str
+    load: VmLoad | None
+    created_at: float
+    updated_at: float
+
+
+class OperationView(msgspec.Struct, frozen=True, kw_only=True):
+    op_id: str
+    kind: str
+    vm: str
+    host_id: str | None
+    state: str
+    error: str
+    params: dict[str, Any]
+    deadline: float
+    created_at: float
+    updated_at: float
+
+
+class CreateVmResponse(msgspec.Struct, frozen=True, kw_only=True):
+    vm: VmView
+    operation: OperationView
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+    detail: dict[str, Any] = {}
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    force: bool = False
+    timeout_s: float = msgspec.field(default=30.0)
+
+
+def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView:
+    free_vcpus, free_memory, _ = placement.free_capacity(host, usage, service.settings.placement)
+    sample = service.telemetry.get(host.host_id)
+    load = None
+    if sample is not None and host.online:
+        seen = service.telemetry_seen.get(host.host_id, 0.0)
+        load = HostLoad(
+            cpu_util=round(sample.cpu_util, 4),
+            memory_used_mib=sample.memory_used_mib,
+            power_w=round(sample.power_w, 1),
+            age_s=round(time.monotonic() - seen, 2),
+            vms_running=len(sample.vms),
+        )
+    return HostView(
+        host_id=host.host_id,
+        online=host.online,
+        state_reason=host.state_reason,
+        maintenance=host.maintenance,
+        address=host.address,
+        agent_version=host.agent_version,
+        capabilities=host.capabilities,
+        vms=usage.vms,
+        allocated_vcpus=usage.vcpus,
+        allocated_memory_mib=usage.memory_mib,
+        free_vcpus=free_vcpus,
+        free_memory_mib=free_memory,
+        load=load,
+        last_seen=host.last_seen,
+    )
+
+
+def vm_view(service: FleetService, vm: VmRecord, hosts_online: dict[str, bool] | None = None) -> VmView:
+    load = None
+    host_online: bool | None = None
+    if vm.host_id is not None:
+        if hosts_online is None:
+            host = service.store.host(vm.host_id)
+            host_online = host.online if host else False
+        else:
+            host_online = hosts_online.get(vm.host_id, False)
+        sample = service.telemetry.get(vm.host_id)
+        if sample is not None:
+            for v in sample.vms:
+                if v.name == vm.name:
+                    load = VmLoad(cpu_util=round(v.cpu_util, 4), dirty_mib_s=round(v.dirty_mib_s, 2))
+                    break
+    return VmView(
+        name=vm.name,
+        uuid=vm.uuid,
+        state=vm.state,
+        host_id=vm.host_id,
+        host_online=host_online,
+        spec=vm.spec,
+        operation=vm.op_id,
+        error=vm.error,
+        load=load,
+        created_at=vm.created_at,
+        updated_at=vm.updated_at,
+    )
+
+
+def operation_view(op: OperationRecord) -> OperationView:
+    return OperationView(**msgspec.structs.asdict(op))
+

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from protocols.messages import (
     HostInventory,
     HostState,
     HostTelemetry,
+    RefreshInventory,
     Reply,
     ShutdownVm,
     DestroyVm,
@@ -114,6 +116,7 @@ class FleetService:
             ("reply", self._on_reply),
         ):
             bus.subscribe(topics.all_hosts(family), handler, qos=0 if family == "telemetry" else 1)  # type: ignore[arg-type]
+        bus.on_connect(self._request_inventories)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -133,6 +136,17 @@ class FleetService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _request_inventories(self, first: bool) -> None:
+        """After every (re)connect, ask each known host for its full inventory (anti-entropy).
+
+        Retained inventories already arrive on subscribe, but they only reflect the last change the
+        agent noticed itself; this closes the gap for anything that changed while we were away.
+        """
+        deadline = time.time() + 30
+        for host in self.store.hosts():
+            command = RefreshInventory(op_id=f"refresh-{uuid.uuid4().hex}", deadline=deadline)
+            await self.bus.publish(topics.host_topic(host.host_id, "cmd"), codec.encode(command), qos=1, expiry_s=30)
 
     # -- bus handlers (quick, never await) ------------------------------------------------------
 
@@ -204,6 +218,8 @@ class FleetService:
         message = self._decode(topic, payload)
         if not isinstance(message, Reply):
             return
+        if message.op_id.startswith("refresh-"):
+            return  # the inventory it triggered is what matters
         waiter = self._reply_waiters.get(message.op_id)
         if waiter is not None and not waiter.done():
             waiter.set_result(message)

@@ -1,0 +1,156 @@
+"""End to end with real processes: a controller and agents started with the ``fleetvisor`` CLI.
+
+Every process is started by the test and stopped by PID when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "fleetvisor", *args],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Any]:
+    started: list[Proc] = []
+
+    def start(name: str, *args: str) -> Proc:
+        proc = Proc(list(args), tmp_path / f"{name}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def _wait(check: Any, timeout: float, what: str, proc_logs: list[Proc] = ()) -> Any:  # type: ignore[assignment]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except httpx.TransportError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    logs = "\n".join(f"--- {p.log_path.name}\n{p.output()[-3000:]}" for p in proc_logs)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+
+
+def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetvisor", *args, "--url", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill_9(mosquitto, procs, tmp_path):
+    """Create a VM through the CLI, then kill -9 an agent: its host is offline within 3 s (Last Will)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    controller = procs("controller", "controller", "--broker", mosquitto.url, "--db", str(tmp_path / "c.sqlite"), "--port", str(port))
+    agents = {
+        h: procs(h, "agent", "--host-id", h, "--broker", mosquitto.url, "--state-dir", str(tmp_path / h), "--memory-mib", "8192")
+        for h in ("h1", "h2")
+    }
+    everyone = [controller, *agents.values()]
+
+    def hosts() -> dict[str, bool]:
+        return {h["host_id"]: h["online"] for h in httpx.get(f"{url}/api/v1/hosts", timeout=2).json()}
+
+    _wait(lambda: hosts() == {"h1": True, "h2": True}, 20, "both hosts online", everyone)
+
+    created = _cli(url, "vm", "create", "web-1", "--vcpus", "2", "--memory", "1024", "--json")
+    assert created.returncode == 0, created.stderr
+    result = json.loads(created.stdout)
+    assert result["operation"]["state"] == "succeeded"
+    host = result["vm"]["host_id"]
+    listed = json.loads(_cli(url, "vm", "list", "--json").stdout)
+    assert [(v["name"], v["state"], v["host_id"]) for v in listed] == [("web-1", "running", host)]
+    table = _cli(url, "host", "list").stdout
+    assert "h1" in table and "online" in table
+
+    victim = agents[host].popen
+    killed_at = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(5)
+    _wait(lambda: hosts()[host] is False, 3.0, f"{host} offline within 3 s", everyone)
+    assert time.monotonic() - killed_at <= 3.0
+    shown = httpx.get(f"{url}/api/v1/hosts/{host}", timeout=2).json()
+    assert "connection lost" in shown["state_reason"]
+    vm = httpx.get(f"{url}/api/v1/vms/web-1", timeout=2).json()
+    assert vm["host_online"] is False, "the VM view says its host is unreachable"
+    events = httpx.get(f"{url}/api/v1/events", params={"limit": 1000}, timeout=2).json()
+    assert any(e["type"] == "host.offline" and e["host_id"] == host for e in events)
+
+
+def test_cli_errors_are_clear_and_exit_non_zero(tmp_path):
+    """The CLI explains an unreachable controller and invalid specs, with distinct exit codes."""
+    url = f"http://127.0.0.1:{free_port()}"
+    unreachable = _cli(url, "vm", "list")
+    assert unreachable.returncode == 3
+    assert "cannot reach the controller" in unreachable.stderr and "FLEETVISOR_URL" in unreachable.stderr
+    bad = _cli(url, "vm", "create", "ok-name", "--vcpus", "0")
+    assert bad.returncode == 1 and "vcpus" in bad.stderr
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: from-file\nvcpus: 2\nmemroy_mib: 512\n")
+    typo = _cli(url, "vm", "create", "-f", str(spec))
+    assert typo.returncode == 1 and "memroy_mib" in typo.stderr
+
+
+def test_demo_runs_on_embedded_defaults_and_prints_its_summary_line(tmp_path):
+    """`fleetvisor demo --for N` needs no outside service and ends with the summary line."""
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetvisor", "demo", "--for", "2", "--port", str(port), "--state-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "demo: 4 hosts, 12 VMs running (sim)"
+    assert "Traceback" not in done.stderr

@@ -65,6 +65,7 @@ class Controller:
         self.broker: EmbeddedBroker | None = None
         self.store: Store | None = None
         self.bus: Bus | None = None
+        self.telemetry_bus: Bus | None = None
         self.service: FleetService | None = None
         self._server: _Server | None = None
         self._server_task: asyncio.Task[None] | None = None
@@ -93,8 +94,22 @@ class Controller:
         self.bus = Bus(
             BusSettings(url=broker_url, client_id=s.client_id, username=s.username, password=s.password, **s.bus_overrides)
         )
-        self.service = FleetService(self.store, self.bus, s.fleet)
+        # Telemetry has its own connection: QoS 0 needs no session and no MQTT 5 feature, and paho
+        # decodes MQTT 5 properties on every PUBLISH, which measured 121 us of CPU per message against
+        # 46 us over 3.1.1 (bench/ingest). It also keeps replies from queuing behind telemetry bursts.
+        telemetry_overrides = {**s.bus_overrides, "protocol": "3.1.1", "persistent_session": False}
+        self.telemetry_bus = Bus(
+            BusSettings(
+                url=broker_url,
+                client_id=f"{s.client_id}-telemetry",
+                username=s.username,
+                password=s.password,
+                **telemetry_overrides,
+            )
+        )
+        self.service = FleetService(self.store, self.bus, s.fleet, telemetry_bus=self.telemetry_bus)
         self._stack.push_async_callback(self.service.close)
+        await self._stack.enter_async_context(self.telemetry_bus)
         await self._stack.enter_async_context(self.bus)
         self.service.resume_operations()
         if s.serve_api:

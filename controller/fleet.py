@@ -92,7 +92,9 @@ class TelemetryCounters(msgspec.Struct, kw_only=True):
 class FleetService:
     """Owns the store and speaks to agents through the bus."""
 
-    def __init__(self, store: Store, bus: Bus, settings: FleetSettings | None = None) -> None:
+    def __init__(
+        self, store: Store, bus: Bus, settings: FleetSettings | None = None, telemetry_bus: Bus | None = None
+    ) -> None:
         self.store = store
         self.bus = bus
         self.settings = settings or FleetSettings()
@@ -111,11 +113,11 @@ class FleetService:
         for family, handler in (
             ("state", self._on_state),
             ("inventory", self._on_inventory),
-            ("telemetry", self._on_telemetry),
             ("events", self._on_event),
             ("reply", self._on_reply),
         ):
-            bus.subscribe(topics.all_hosts(family), handler, qos=0 if family == "telemetry" else 1)  # type: ignore[arg-type]
+            bus.subscribe(topics.all_hosts(family), handler, qos=1)  # type: ignore[arg-type]
+        (telemetry_bus or bus).subscribe(topics.all_hosts("telemetry"), self._on_telemetry, qos=0)
         bus.on_connect(self._request_inventories)
 
     # -- lifecycle ------------------------------------------------------------------------------

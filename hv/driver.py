@@ -15,6 +15,7 @@ Lifecycle, per VM::
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -130,7 +131,7 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, name: str) -> VmStatus:
-        """Power a defined or stopped VM on. Raises UnknownVm, InvalidState."""
+        """Power a defined, stopped or crashed VM on. Raises UnknownVm, InvalidState."""
 
     @abc.abstractmethod
     async def shutdown(self, name: str, timeout_s: float) -> VmStatus:
@@ -138,7 +139,7 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def destroy(self, name: str) -> VmStatus:
-        """Immediate power-off. Raises UnknownVm."""
+        """Immediate power-off; a VM that is already off is left as it is. Raises UnknownVm."""
 
     @abc.abstractmethod
     async def pause(self, name: str) -> VmStatus:
@@ -157,9 +158,9 @@ class Driver(abc.ABC):
         """Forget a stopped VM and its runtime files. Raises UnknownVm, InvalidState."""
 
     @abc.abstractmethod
-    async def list(self) -> list[VmStatus]:
+    async def list(self) -> builtins.list[VmStatus]:
         """Every VM this engine knows, in any state."""
 
     @abc.abstractmethod
-    async def stats(self) -> list[VmStats]:
+    async def stats(self) -> builtins.list[VmStats]:
         """A resource sample of every VM that is running or paused."""

@@ -97,6 +97,8 @@ class BusSettings:
     username: str | None = None
     password: str | None = None
     protocol: Literal["auto", "3.1.1", "5"] = "auto"
+    #: Keep the session (subscriptions, queued QoS 1 messages) across disconnects.
+    persistent_session: bool = True
     keepalive_s: int = 5
     #: MQTT 5 only: how long the broker keeps our session (subscriptions, queued QoS 1) while we are away.
     session_expiry_s: int = 3600
@@ -296,12 +298,12 @@ class Bus:
         }
         if self._protocol_choice == "5":
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = s.session_expiry_s
+            props.SessionExpiryInterval = s.session_expiry_s if s.persistent_session else 0
             return aiomqtt.Client(
                 self.address.host,
                 self.address.port,
                 protocol=aiomqtt.ProtocolVersion.V5,
-                clean_start=False,
+                clean_start=not s.persistent_session,
                 properties=props,
                 **common,  # type: ignore[arg-type]
             )
@@ -309,7 +311,7 @@ class Bus:
             self.address.host,
             self.address.port,
             protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=False,
+            clean_session=not s.persistent_session,
             **common,  # type: ignore[arg-type]
         )
 

@@ -66,7 +66,7 @@ class VmStatus(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-class HostState(_Message, tag="host_state"):
+class HostState(_Message, tag="host_state", frozen=True, kw_only=True):
     """Retained liveness record; the agent's Last Will publishes the ``online=False`` variant."""
 
     host_id: str
@@ -76,7 +76,7 @@ class HostState(_Message, tag="host_state"):
     reason: str = ""
 
 
-class HostInventory(_Message, tag="inventory"):
+class HostInventory(_Message, tag="inventory", frozen=True, kw_only=True):
     """The hello: who the host is, what it can do, and every VM it has.
 
     Retained, and published again on every (re)connect and after every VM change, so a controller
@@ -109,7 +109,7 @@ class VmTelemetry(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     memory_mib: int
 
 
-class HostTelemetry(_Message, tag="telemetry"):
+class HostTelemetry(_Message, tag="telemetry", frozen=True, kw_only=True):
     """One sample of the host and all of its running VMs."""
 
     host_id: str
@@ -126,56 +126,56 @@ class HostTelemetry(_Message, tag="telemetry"):
 # --------------------------------------------------------------------------------------------
 
 
-class _Command(_Message):
+class _Command(_Message, frozen=True, kw_only=True):
     """Every command carries the id the agent deduplicates on, and a deadline after which it is void."""
 
     op_id: str
     deadline: float
 
 
-class DefineVm(_Command, tag="define_vm"):
+class DefineVm(_Command, tag="define_vm", frozen=True, kw_only=True):
     """Define a VM on this host, and start it when ``start`` is set."""
 
     spec: VmSpec
     start: bool = True
 
 
-class StartVm(_Command, tag="start_vm"):
+class StartVm(_Command, tag="start_vm", frozen=True, kw_only=True):
     vm: str
 
 
-class ShutdownVm(_Command, tag="shutdown_vm"):
+class ShutdownVm(_Command, tag="shutdown_vm", frozen=True, kw_only=True):
     """Ask the guest to power off; destroy it if it has not after ``timeout_s``."""
 
     vm: str
     timeout_s: float = 30.0
 
 
-class DestroyVm(_Command, tag="destroy_vm"):
+class DestroyVm(_Command, tag="destroy_vm", frozen=True, kw_only=True):
     """Power the VM off at once (the guest gets no say)."""
 
     vm: str
 
 
-class PauseVm(_Command, tag="pause_vm"):
+class PauseVm(_Command, tag="pause_vm", frozen=True, kw_only=True):
     vm: str
 
 
-class ResumeVm(_Command, tag="resume_vm"):
+class ResumeVm(_Command, tag="resume_vm", frozen=True, kw_only=True):
     vm: str
 
 
-class RebootVm(_Command, tag="reboot_vm"):
+class RebootVm(_Command, tag="reboot_vm", frozen=True, kw_only=True):
     vm: str
 
 
-class UndefineVm(_Command, tag="undefine_vm"):
+class UndefineVm(_Command, tag="undefine_vm", frozen=True, kw_only=True):
     """Destroy the VM if it runs, then forget it and its runtime files."""
 
     vm: str
 
 
-class RefreshInventory(_Command, tag="refresh_inventory"):
+class RefreshInventory(_Command, tag="refresh_inventory", frozen=True, kw_only=True):
     """Ask the agent to publish its full inventory now."""
 
 
@@ -195,7 +195,7 @@ ErrorCode = Literal[
 ]
 
 
-class Reply(_Message, tag="reply"):
+class Reply(_Message, tag="reply", frozen=True, kw_only=True):
     """The outcome of one command. Replaying the same ``op_id`` yields the same reply."""
 
     op_id: str
@@ -216,7 +216,7 @@ VmEventKind = Literal[
 ]
 
 
-class VmEvent(_Message, tag="vm_event"):
+class VmEvent(_Message, tag="vm_event", frozen=True, kw_only=True):
     """Something happened to a VM, whether or not a command asked for it (guest shutdown, crash)."""
 
     host_id: str

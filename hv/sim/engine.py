@@ -1,0 +1,715 @@
+"""The sim hypervisor engine: a deterministic, in-memory stand-in for a host and its VMs.
+
+:class:`SimDriver` implements :class:`hv.driver.Driver` without running any guest. It models a host
+(arch, cores, memory, CPU features, a linear power model in watts) and its VMs (vCPUs, memory, boot
+delay, CPU utilisation and dirty-page rate taken from ``spec.workload`` with a small deterministic
+wobble). It powers the demo, fleet-scale tests with thousands of hosts in one process, and
+trace-driven evaluation, so it is cheap: a driver owns no task, and a booting VM is one timer on the
+shared :class:`hv.sim.clock.Clock`.
+
+Like a real engine, its VMs outlive the agent: with a ``state_dir`` the VM table is written to
+``sim-vms.json`` after every change and read back by :meth:`SimDriver.open`; :meth:`SimDriver.close`
+leaves VMs as they are.
+
+Every call runs to completion without awaiting, so calls on one driver never interleave.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import importlib.metadata
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable
+from typing import Literal, NamedTuple
+
+import msgspec
+
+from hv.driver import (
+    Driver,
+    DriverEvent,
+    EngineError,
+    InsufficientResources,
+    InvalidState,
+    UnknownVm,
+    VmExists,
+    VmStats,
+)
+from hv.sim.clock import Clock, RealClock, TimerHandle
+from protocols.messages import Capabilities, VmPowerState, VmStatus
+from protocols.vmspec import HOST_ID_RE, VmSpec, VmWorkload
+
+__all__ = ["DEFAULT_X86_FEATURES", "STATE_FILE", "HostSample", "SimDriver"]
+
+#: File name of the persisted VM table inside ``state_dir``.
+STATE_FILE = "sim-vms.json"
+
+#: The CPU flags of a plain modern x86 server with hardware virtualisation (VMX, EPT, VPID).
+DEFAULT_X86_FEATURES: tuple[str, ...] = (
+    "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
+    "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "ht", "syscall", "nx", "pdpe1gb",
+    "rdtscp", "lm", "constant_tsc", "nopl", "pni", "pclmulqdq", "vmx", "ssse3", "fma", "cx16", "pcid",
+    "sse4_1", "sse4_2", "x2apic", "movbe", "popcnt", "tsc_deadline_timer", "aes", "xsave", "avx", "f16c",
+    "rdrand", "hypervisor", "lahf_lm", "abm", "fsgsbase", "bmi1", "avx2", "smep", "bmi2", "erms",
+    "invpcid", "rdseed", "adx", "smap", "clflushopt", "xsaveopt", "xsavec", "xgetbv1", "tpr_shadow",
+    "vnmi", "flexpriority", "ept", "vpid", "ept_ad", "vmx_unrestricted_guest",
+)  # fmt: skip
+
+_DEFAULT_FEATURES: dict[str, tuple[str, ...]] = {
+    "x86_64": DEFAULT_X86_FEATURES,
+    "i386": DEFAULT_X86_FEATURES,
+    "aarch64": ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "cpuid"),
+    "ppc64le": ("altivec", "vsx", "arch_3_00"),
+    "s390x": ("esan3", "zarch", "stfle", "msa", "ldisp", "eimm", "dfp", "sie"),
+    "riscv64": ("rv64imafdc", "h"),
+}
+_CPU_VENDORS = {
+    "x86_64": "GenuineIntel", "i386": "GenuineIntel", "aarch64": "ARM", "ppc64le": "IBM", "s390x": "IBM/S390"
+}  # fmt: skip
+
+#: How far the sim lets a VM's CPU use and dirty rate stray from its workload: +-10 %.
+WOBBLE = 0.10
+
+#: Lifecycle order, for messages that list states.
+_STATE_ORDER: tuple[VmPowerState, ...] = (
+    "defined", "starting", "running", "paused", "stopping", "stopped", "crashed",
+)  # fmt: skip
+_POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused"})
+_POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
+
+
+class HostSample(NamedTuple):
+    """The host's own resource use right now, as telemetry reports it."""
+
+    cpu_util: float
+    memory_used_mib: int
+    power_w: float
+
+
+class _SavedVm(msgspec.Struct, frozen=True, kw_only=True):
+    spec: VmSpec
+    state: VmPowerState
+    started_at: float | None = None
+    reason: str = ""
+    #: When a ``starting`` VM becomes ``running`` (clock time).
+    boot_done_at: float | None = None
+
+
+class _SavedTable(msgspec.Struct, frozen=True, kw_only=True):
+    """The on-disk form of a driver's VM table. ``version`` changes when the layout does."""
+
+    version: Literal[1] = 1
+    host_id: str
+    vms: builtins.list[_SavedVm] = []
+
+
+class _Vm:
+    """One VM's mutable runtime record inside a driver."""
+
+    __slots__ = ("boot_done_at", "boot_timer", "phases", "reason", "spec", "started_at", "state")
+
+    def __init__(
+        self,
+        spec: VmSpec,
+        state: VmPowerState,
+        phases: tuple[float, float, float, float, float, float],
+        started_at: float | None = None,
+        reason: str = "",
+        boot_done_at: float | None = None,
+    ) -> None:
+        self.spec = spec
+        self.state: VmPowerState = state
+        self.phases = phases
+        self.started_at = started_at
+        self.reason = reason
+        self.boot_done_at = boot_done_at
+        self.boot_timer: TimerHandle | None = None
+
+    def status(self) -> VmStatus:
+        return VmStatus(
+            name=self.spec.name,
+            state=self.state,
+            spec=self.spec,
+            started_at=self.started_at,
+            reason=self.reason,
+        )
+
+    def saved(self) -> _SavedVm:
+        return _SavedVm(
+            spec=self.spec,
+            state=self.state,
+            started_at=self.started_at,
+            reason=self.reason,
+            boot_done_at=self.boot_done_at,
+        )
+
+    def cancel_boot(self) -> None:
+        if self.boot_timer is not None:
+            self.boot_timer.cancel()
+            self.boot_timer = None
+        self.boot_done_at = None
+
+
+def _engine_version() -> str:
+    try:
+        return importlib.metadata.version("fleetvisor")
+    except importlib.metadata.PackageNotFoundError:
+        return "1"
+
+
+_ENGINE_VERSION = _engine_version()
+
+
+class SimDriver(Driver):
+    """A simulated host. Deterministic for a given ``seed``, clock and sequence of calls.
+
+    Pass a shared :class:`hv.sim.clock.VirtualClock` as ``clock`` to run many hosts in simulated
+    time; the default is the wall clock.
+
+    Raises (constructor):
+        ValueError: an invalid host id, a non-positive size, or ``power_max_w`` below ``power_idle_w``.
+    """
+
+    name = "sim"
+
+    def __init__(
+        self,
+        *,
+        host_id: str,
+        state_dir: pathlib.Path | None = None,
+        cores: int = 16,
+        memory_mib: int = 65536,
+        disk_gib: int = 1000,
+        arch: str = "x86_64",
+        cpu_features: builtins.list[str] | None = None,
+        power_idle_w: float = 100.0,
+        power_max_w: float = 250.0,
+        clock: Clock | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not HOST_ID_RE.fullmatch(host_id):
+            raise ValueError(
+                f"host id {host_id!r} is invalid: use 1-64 letters, digits, '.', '_' and '-', "
+                "starting and ending with a letter or digit"
+            )
+        for field, value in (("cores", cores), ("memory_mib", memory_mib)):
+            if value < 1:
+                raise ValueError(f"sim host {host_id!r}: {field} must be at least 1, got {value}")
+        if disk_gib < 0:
+            raise ValueError(f"sim host {host_id!r}: disk_gib must not be negative, got {disk_gib}")
+        if not 0 <= power_idle_w <= power_max_w:
+            raise ValueError(
+                f"sim host {host_id!r}: need 0 <= power_idle_w <= power_max_w, "
+                f"got idle {power_idle_w} W and max {power_max_w} W"
+            )
+        self.host_id = host_id
+        self.state_dir = state_dir
+        self.cores = cores
+        self.memory_mib = memory_mib
+        self.disk_gib = disk_gib
+        self.arch = arch
+        self.cpu_features = (
+            builtins.list(cpu_features)
+            if cpu_features is not None
+            else builtins.list(_DEFAULT_FEATURES.get(arch, ()))
+        )
+        self.power_idle_w = float(power_idle_w)
+        self.power_max_w = float(power_max_w)
+        self.clock: Clock = clock if clock is not None else RealClock()
+        self.seed = seed
+        self.guest_arches = [arch, "i386"] if arch == "x86_64" else [arch]
+        self._vms: dict[str, _Vm] = {}
+        self._open = False
+
+    @property
+    def state_file(self) -> pathlib.Path | None:
+        """Where the VM table is persisted, or None when the driver keeps it in memory only."""
+        return None if self.state_dir is None else self.state_dir / STATE_FILE
+
+    # ---------------------------------------------------------------------------------------------
+    # Driver lifetime
+    # ---------------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Re-attach to the VMs: those a previous driver left in ``state_dir`` (or, without one, those
+        this driver had before :meth:`close`). Boots that came due meanwhile finish now, with their
+        ``started`` events; the others resume waiting on the clock.
+
+        Raises:
+            EngineError: the state file cannot be read or decoded, or belongs to another host.
+        """
+        self._detach()
+        if self.state_file is not None:
+            self._vms = self._load(self.state_file)
+        self._open = True
+        finished: builtins.list[_Vm] = []
+        for vm in self._vms.values():
+            if vm.state == "starting" and vm.boot_done_at is not None:
+                if vm.boot_done_at <= self.clock.now():
+                    finished.append(vm)
+                else:
+                    vm.boot_timer = self.clock.call_at(vm.boot_done_at, _BootDone(self, vm))
+            elif vm.state == "starting":
+                finished.append(vm)
+        for vm in finished:
+            self._finish_boot(vm)
+
+    async def close(self) -> None:
+        """Detach: pending boot timers are dropped, VMs keep their state (and on disk, their file)."""
+        self._detach()
+        self._open = False
+
+    def _detach(self) -> None:
+        for vm in self._vms.values():
+            if vm.boot_timer is not None:
+                vm.boot_timer.cancel()
+                vm.boot_timer = None
+
+    async def capabilities(self) -> Capabilities:
+        return Capabilities(
+            engine="sim",
+            engine_version=_ENGINE_VERSION,
+            arch=self.arch,
+            cpu_vendor=_CPU_VENDORS.get(self.arch, ""),
+            cpu_model="Fleetvisor Sim CPU",
+            cpu_features=builtins.list(self.cpu_features),
+            accel="sim",
+            cores=self.cores,
+            memory_mib=self.memory_mib,
+            disk_gib=self.disk_gib,
+            guest_arches=builtins.list(self.guest_arches),
+            machine_types=["pc", "q35", "microvm"],
+            power_idle_w=self.power_idle_w,
+            power_max_w=self.power_max_w,
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # Lifecycle
+    # ---------------------------------------------------------------------------------------------
+
+    async def define(self, spec: VmSpec) -> VmStatus:
+        """Create a VM in state ``defined``.
+
+        Raises:
+            VmExists: a VM of that name is already defined here.
+            InsufficientResources: the host cannot run the guest's arch, or the memory of all defined
+                VMs plus this one exceeds the host's memory (vCPUs may overcommit, memory may not).
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        self._require_open()
+        existing = self._vms.get(spec.name)
+        if existing is not None:
+            raise VmExists(
+                f"vm {spec.name!r} already exists on host {self.host_id!r} (it is {existing.state}); "
+                "pick another name, or undefine the existing VM first"
+            )
+        if spec.arch not in self.guest_arches:
+            raise InsufficientResources(
+                f"vm {spec.name!r} is {spec.arch} but host {self.host_id!r} runs only "
+                f"{', '.join(self.guest_arches)} guests; place it on a {spec.arch} host"
+            )
+        committed = sum(vm.spec.memory_mib for vm in self._vms.values())
+        free = self.memory_mib - committed
+        if spec.memory_mib > free:
+            raise InsufficientResources(
+                f"vm {spec.name!r} needs {spec.memory_mib} MiB of memory but host {self.host_id!r} has "
+                f"{free} MiB free ({committed} of {self.memory_mib} MiB held by {len(self._vms)} defined "
+                "VMs); undefine VMs that are not needed or place it on another host"
+            )
+        vm = _Vm(spec, "defined", _phases(self.seed, spec.name))
+        self._vms[spec.name] = vm
+        self._save()
+        return vm.status()
+
+    async def start(self, name: str) -> VmStatus:
+        """Power a defined, stopped or crashed VM on.
+
+        With ``spec.workload.boot_s > 0`` the VM is ``starting`` for that many seconds of clock time,
+        then becomes ``running`` and a ``started`` event is emitted; otherwise it is running at once.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is already powered on (starting, running or paused).
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        self._require_state(vm, "start", _POWERED_OFF)
+        now = self.clock.now()
+        vm.started_at = now
+        vm.reason = ""
+        boot_s = vm.spec.workload.boot_s
+        if boot_s > 0:
+            vm.state = "starting"
+            vm.boot_done_at = now + boot_s
+            vm.boot_timer = self.clock.call_at(vm.boot_done_at, _BootDone(self, vm))
+        else:
+            vm.state = "running"
+        self._save()
+        return vm.status()
+
+    async def shutdown(self, name: str, timeout_s: float) -> VmStatus:
+        """Power a starting, running or paused VM off gracefully (the sim's guests always comply).
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is not powered on.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        self._require_state(vm, "shutdown", _POWERED_ON)
+        self._power_off(vm, "stopped")
+        return vm.status()
+
+    async def destroy(self, name: str) -> VmStatus:
+        """Power a VM off at once. A VM that is already off (defined or stopped) is left as it is.
+
+        A crashed VM becomes ``stopped``.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        if vm.state in ("defined", "stopped"):
+            return vm.status()
+        self._power_off(vm, "stopped")
+        return vm.status()
+
+    async def pause(self, name: str) -> VmStatus:
+        """Freeze a running VM's vCPUs: it keeps its memory but uses no CPU and dirties no pages.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is not running.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        self._require_state(vm, "pause", frozenset({"running"}))
+        vm.state = "paused"
+        self._save()
+        return vm.status()
+
+    async def resume(self, name: str) -> VmStatus:
+        """Unfreeze a paused VM.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is not paused.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        self._require_state(vm, "resume", frozenset({"paused"}))
+        vm.state = "running"
+        self._save()
+        return vm.status()
+
+    async def reboot(self, name: str) -> VmStatus:
+        """Reset a running guest: it stays running and its ``started_at`` becomes now.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is not running.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        self._require_state(vm, "reboot", frozenset({"running"}))
+        vm.started_at = self.clock.now()
+        self._save()
+        return vm.status()
+
+    async def undefine(self, name: str) -> None:
+        """Forget a VM that is powered off (defined, stopped or crashed).
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is powered on.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        self._require_state(vm, "undefine", _POWERED_OFF)
+        del self._vms[name]
+        self._save()
+
+    async def list(self) -> builtins.list[VmStatus]:
+        """Every VM on this host, sorted by name.
+
+        Raises:
+            EngineError: the driver is not open.
+        """
+        self._require_open()
+        return [self._vms[name].status() for name in sorted(self._vms)]
+
+    async def stats(self) -> builtins.list[VmStats]:
+        """A sample of every running or paused VM at the clock's current time, sorted by name.
+
+        Raises:
+            EngineError: the driver is not open.
+        """
+        self._require_open()
+        now = self.clock.now()
+        return [
+            self._sample(vm, now)
+            for name in sorted(self._vms)
+            if (vm := self._vms[name]).state in ("running", "paused")
+        ]
+
+    # ---------------------------------------------------------------------------------------------
+    # Simulation controls (not part of Driver)
+    # ---------------------------------------------------------------------------------------------
+
+    def set_workload(
+        self, name: str, cpu_util: float | None = None, dirty_mib_s: float | None = None
+    ) -> None:
+        """Change what a VM's guest pretends to do from now on (``None`` keeps the current value).
+
+        The change is stored in the VM's ``spec.workload``, so it shows in :meth:`list` and persists.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            ValueError: ``cpu_util`` is outside 0..1 or ``dirty_mib_s`` outside 0..100000 (the VM
+                spec's limits); nothing changes.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        changes: dict[str, float] = {}
+        if cpu_util is not None:
+            changes["cpu_util"] = cpu_util
+        if dirty_mib_s is not None:
+            changes["dirty_mib_s"] = dirty_mib_s
+        if not changes:
+            return
+        # Convert rather than replace, so the new workload meets the same limits as one from the bus
+        # (and the saved table stays loadable).
+        try:
+            workload = msgspec.convert({**msgspec.to_builtins(vm.spec.workload), **changes}, VmWorkload)
+        except msgspec.ValidationError as exc:
+            raise ValueError(
+                f"vm {name!r}: workload rejected: {exc}; cpu_util must be within 0..1 and "
+                "dirty_mib_s within 0..100000"
+            ) from exc
+        vm.spec = msgspec.structs.replace(vm.spec, workload=workload)
+        self._save()
+
+    def inject_crash(self, name: str, reason: str = "injected crash") -> VmStatus:
+        """Make a powered-on VM crash, as if its guest or its emulator died, and emit ``crashed``.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is not powered on.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        self._require_state(vm, "a crash", _POWERED_ON)
+        self._power_off(vm, "crashed", reason=reason)
+        self.emit(DriverEvent(vm=name, event="crashed", state="crashed", reason=reason))
+        return vm.status()
+
+    def host_sample(self) -> HostSample:
+        """The host's CPU use (0..1), memory held by powered-on VMs, and power draw, right now.
+
+        CPU use is the running VMs' ``cpu_util * vcpus`` summed over the host's cores, capped at 1;
+        power is linear between ``power_idle_w`` and ``power_max_w`` in CPU use.
+
+        Raises:
+            EngineError: the driver is not open.
+        """
+        self._require_open()
+        now = self.clock.now()
+        busy_cores = 0.0
+        memory_used = 0
+        for vm in self._vms.values():
+            if vm.state in _POWERED_ON:
+                memory_used += vm.spec.memory_mib
+            if vm.state == "running":
+                busy_cores += self._cpu_util(vm, now) * vm.spec.vcpus
+        cpu_util = min(1.0, busy_cores / self.cores)
+        power_w = self.power_idle_w + (self.power_max_w - self.power_idle_w) * cpu_util
+        return HostSample(cpu_util=cpu_util, memory_used_mib=memory_used, power_w=power_w)
+
+    # ---------------------------------------------------------------------------------------------
+    # Internals
+    # ---------------------------------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise EngineError(
+                f"sim driver for host {self.host_id!r} is not open; "
+                "use `async with driver:` or await driver.open() first"
+            )
+
+    def _get(self, name: str) -> _Vm:
+        self._require_open()
+        vm = self._vms.get(name)
+        if vm is None:
+            known = ", ".join(sorted(self._vms)[:5]) or "none"
+            raise UnknownVm(
+                f"vm {name!r} is not defined on host {self.host_id!r} (VMs here: {known}"
+                f"{', ...' if len(self._vms) > 5 else ''}); check the name or define the VM first"
+            )
+        return vm
+
+    def _require_state(self, vm: _Vm, operation: str, allowed: Iterable[VmPowerState]) -> None:
+        allowed = frozenset(allowed)
+        if vm.state in allowed:
+            return
+        ordered = [state for state in _STATE_ORDER if state in allowed]
+        wanted = ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} or {ordered[-1]}"
+        raise InvalidState(
+            f"vm {vm.spec.name!r} on host {self.host_id!r} is {vm.state}; {operation} needs it {wanted}; "
+            f"{_fix_hint(operation, vm.state)}"
+        )
+
+    def _power_off(self, vm: _Vm, state: Literal["stopped", "crashed"], reason: str = "") -> None:
+        vm.cancel_boot()
+        vm.state = state
+        vm.started_at = None
+        vm.reason = reason
+        self._save()
+
+    def _finish_boot(self, vm: _Vm) -> None:
+        vm.boot_timer = None
+        vm.boot_done_at = None
+        vm.state = "running"
+        self._save()
+        self.emit(DriverEvent(vm=vm.spec.name, event="started", state="running"))
+
+    def _sample(self, vm: _Vm, now: float) -> VmStats:
+        running = vm.state == "running"
+        return VmStats(
+            name=vm.spec.name,
+            state=vm.state,
+            cpu_util=self._cpu_util(vm, now) if running else 0.0,
+            dirty_mib_s=_wobbled(vm.spec.workload.dirty_mib_s, vm.phases[3:], now) if running else 0.0,
+            memory_mib=vm.spec.memory_mib,
+        )
+
+    @staticmethod
+    def _cpu_util(vm: _Vm, now: float) -> float:
+        return min(1.0, _wobbled(vm.spec.workload.cpu_util, vm.phases[:3], now))
+
+    # ---------------------------------------------------------------------------------------------
+    # Persistence
+    # ---------------------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        path = self.state_file
+        if path is None:
+            return
+        table = _SavedTable(host_id=self.host_id, vms=[self._vms[n].saved() for n in sorted(self._vms)])
+        data = msgspec.json.encode(table)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise EngineError(
+                f"sim host {self.host_id!r} could not save its VM table to {path}: {exc.strerror or exc}; "
+                "check that the state directory exists and is writable"
+            ) from exc
+
+    def _load(self, path: pathlib.Path) -> dict[str, _Vm]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise EngineError(
+                f"sim host {self.host_id!r} could not read its VM table {path}: {exc.strerror or exc}; "
+                "check the file's permissions"
+            ) from exc
+        try:
+            table = msgspec.json.decode(data, type=_SavedTable)
+        except msgspec.DecodeError as exc:
+            raise EngineError(
+                f"sim host {self.host_id!r} found a damaged VM table {path}: {exc}; "
+                "restore it from a backup or move it away to start with no VMs"
+            ) from exc
+        if table.host_id != self.host_id:
+            raise EngineError(
+                f"sim host {self.host_id!r}: the VM table {path} belongs to host {table.host_id!r}; "
+                "give each host its own state directory"
+            )
+        return {
+            saved.spec.name: _Vm(
+                saved.spec,
+                saved.state,
+                _phases(self.seed, saved.spec.name),
+                started_at=saved.started_at,
+                reason=saved.reason,
+                boot_done_at=saved.boot_done_at,
+            )
+            for saved in table.vms
+        }
+
+
+class _BootDone:
+    """The timer callback that ends one VM's boot; a class so a stale timer can tell it is stale."""
+
+    __slots__ = ("driver", "vm")
+
+    def __init__(self, driver: SimDriver, vm: _Vm) -> None:
+        self.driver = driver
+        self.vm = vm
+
+    def __call__(self) -> None:
+        vm = self.vm
+        # Stopping, crashing or closing cancels the timer; this check is the second line of defence, so
+        # that only a VM still booting, and still this driver's, ever finishes.
+        if vm.state != "starting" or self.driver._vms.get(vm.spec.name) is not vm:
+            return
+        self.driver._finish_boot(vm)
+
+
+def _phases(seed: int, name: str) -> tuple[float, float, float, float, float, float]:
+    """Per-VM wobble parameters from ``seed`` and the name, stable across processes (no ``hash()``).
+
+    Each metric gets (phase, period of the slow wave, period of the fast wave).
+    """
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=12).digest()
+    u = [int.from_bytes(digest[i : i + 2], "big") / 65535.0 for i in range(0, 12, 2)]
+    return (
+        u[0] * 2 * math.pi, 60.0 + u[1] * 240.0, 7.0 + u[2] * 23.0,
+        u[3] * 2 * math.pi, 60.0 + u[4] * 240.0, 7.0 + u[5] * 23.0,
+    )  # fmt: skip
+
+
+def _wobbled(base: float, phases: tuple[float, ...], now: float) -> float:
+    """``base`` varied by at most +-WOBBLE, smoothly in time: a slow and a fast sine wave."""
+    phase, slow_period, fast_period = phases
+    wave = 0.7 * math.sin(2 * math.pi * now / slow_period + phase) + 0.3 * math.sin(
+        2 * math.pi * now / fast_period + 2 * phase
+    )
+    return max(0.0, base * (1.0 + WOBBLE * wave))
+
+
+def _fix_hint(operation: str, state: VmPowerState) -> str:
+    """What the caller should do instead, for an operation refused in ``state``."""
+    if operation == "start":
+        return "resume it instead" if state == "paused" else "it is already powered on"
+    if operation == "undefine":
+        return "stop it first with shutdown or destroy"
+    if operation == "pause" and state == "paused":
+        return "it is already paused"
+    if operation == "resume" and state == "running":
+        return "it is already running"
+    if state == "starting":
+        return "wait until it has booted and is running"
+    if state == "paused":
+        return "resume it first"
+    if state == "running":
+        return "pause it first"
+    return "it is powered off; start it first"

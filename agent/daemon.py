@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
+from agent.ledger import OpLedger
 from hv.driver import Driver, DriverEvent, HvError
 from protocols import codec, topics
 from protocols.bus import Bus, BusSettings, LastWill
@@ -33,6 +34,7 @@ from protocols.messages import (
     Command,
     DefineVm,
     DestroyVm,
+    ErrorCode,
     HostInventory,
     HostState,
     HostTelemetry,
@@ -49,8 +51,6 @@ from protocols.messages import (
     VmStatus,
     VmTelemetry,
 )
-
-from agent.ledger import OpLedger
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ class Agent:
                 password=settings.password,
                 **settings.bus_overrides,
             ),
-            will=LastWill(topics.host_topic(self.host_id, "state"), codec.encode(offline), qos=1, retain=True),
+            will=LastWill(
+                topics.host_topic(self.host_id, "state"), codec.encode(offline), qos=1, retain=True
+            ),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -185,8 +187,12 @@ class Agent:
         await self._publish_inventory("hello" if first else "reconnect")
 
     async def _publish_state(self, *, online: bool, reason: str) -> None:
-        state = HostState(host_id=self.host_id, online=online, boot_id=self.boot_id, ts=time.time(), reason=reason)
-        await self.bus.publish(topics.host_topic(self.host_id, "state"), codec.encode(state), qos=1, retain=True)
+        state = HostState(
+            host_id=self.host_id, online=online, boot_id=self.boot_id, ts=time.time(), reason=reason
+        )
+        await self.bus.publish(
+            topics.host_topic(self.host_id, "state"), codec.encode(state), qos=1, retain=True
+        )
 
     async def inventory(self, reason: str = "refresh") -> HostInventory:
         assert self._caps is not None
@@ -235,7 +241,9 @@ class Agent:
             memory_used_mib=sum(s.memory_mib for s in stats),
             power_w=caps.power_idle_w + (caps.power_max_w - caps.power_idle_w) * cpu_util,
             vms=[
-                VmTelemetry(name=s.name, cpu_util=s.cpu_util, dirty_mib_s=s.dirty_mib_s, memory_mib=s.memory_mib)
+                VmTelemetry(
+                    name=s.name, cpu_util=s.cpu_util, dirty_mib_s=s.dirty_mib_s, memory_mib=s.memory_mib
+                )
                 for s in stats
             ],
         )
@@ -290,8 +298,7 @@ class Agent:
         command = self.decoder.decode(topic, payload)
         if command is None:
             return  # counted and logged by the decoder
-        assert isinstance(command, Command.__args__)  # type: ignore[attr-defined]
-        self.submit(command)  # type: ignore[arg-type]
+        self.submit(command)  # type: ignore[arg-type]  # the cmd family decodes only to Command
 
     def submit(self, command: Command) -> None:
         """Accept a command: replay its reply if already applied, else queue it on its VM's lane."""
@@ -391,17 +398,27 @@ class Agent:
                 return None, None
         raise AssertionError(f"unhandled command {command!r}")
 
-    def _finish(self, command: Command, *, ok: bool, code: str = "", error: str = "", vm: VmStatus | None = None) -> None:
+    def _finish(
+        self, command: Command, *, ok: bool, code: ErrorCode = "", error: str = "", vm: VmStatus | None = None
+    ) -> None:
         assert self.ledger is not None
         reply = Reply(
-            op_id=command.op_id, host_id=self.host_id, ok=ok, ts=time.time(), code=code, error=error, vm=vm  # type: ignore[arg-type]
+            op_id=command.op_id,
+            host_id=self.host_id,
+            ok=ok,
+            ts=time.time(),
+            code=code,
+            error=error,
+            vm=vm,
         )
         self.ledger.record(reply)
         future = self._inflight.pop(command.op_id, None)
         if future is not None and not future.done():
             future.set_result(reply)
         if not ok:
-            log.warning("agent %s: %s %s failed: %s", self.host_id, type(command).__name__, command.op_id, error)
+            log.warning(
+                "agent %s: %s %s failed: %s", self.host_id, type(command).__name__, command.op_id, error
+            )
         self._send_reply(reply)
 
     def _send_reply(self, reply: Reply) -> None:
@@ -436,4 +453,3 @@ async def run_agent(settings: AgentSettings, driver: Driver, stop: asyncio.Event
     """Run an agent until ``stop`` is set (SIGTERM sets it in the CLI)."""
     async with Agent(settings, driver):
         await stop.wait()
-

@@ -13,10 +13,10 @@ import pathlib
 import sqlite3
 import time
 
+import msgspec
+
 from protocols import codec
 from protocols.messages import Reply
-
-import msgspec
 
 _decoder = msgspec.msgpack.Decoder(Reply)
 

@@ -71,14 +71,20 @@ def _responses(ok_status: int, schema: str, *errors: int) -> dict[int | str, dic
 
 
 def _body(schema: str, required: bool = True) -> dict[str, Any]:
-    return {"requestBody": {"required": required, "content": {"application/json": {"schema": _SCHEMA[schema]}}}}
+    return {
+        "requestBody": {"required": required, "content": {"application/json": {"schema": _SCHEMA[schema]}}}
+    }
 
 
 async def _read_body(request: Request, type_: type[Any], what: str, required: bool = True) -> Any:
     """Decode a JSON body into ``type_``; an ApiError with the msgspec path on anything wrong."""
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, "body_too_large", f"{what}: the body is {len(raw)} bytes, over the {MAX_BODY_BYTES} byte limit")
+        raise ApiError(
+            413,
+            "body_too_large",
+            f"{what}: the body is {len(raw)} bytes, over the {MAX_BODY_BYTES} byte limit",
+        )
     if not raw.strip():
         if not required:
             return msgspec.json.decode(b"{}", type=type_)
@@ -108,7 +114,8 @@ def create_app(service: FleetService) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+            for err in exc.errors()
         )
         return _error(400, "invalid_request", f"invalid request: {problems}")
 
@@ -138,7 +145,9 @@ def create_app(service: FleetService) -> FastAPI:
     @app.get(f"{PREFIX}/hosts", summary="List hosts", responses=_responses(200, "hosts"))
     async def list_hosts() -> Response:
         usage = service.store.usage()
-        return _json([views.host_view(service, h, usage.get(h.host_id, _ZERO)) for h in service.store.hosts()])
+        return _json(
+            [views.host_view(service, h, usage.get(h.host_id, _ZERO)) for h in service.store.hosts()]
+        )
 
     @app.get(f"{PREFIX}/hosts/{{host_id}}", summary="Show a host", responses=_responses(200, "host", 404))
     async def show_host(host_id: str) -> Response:
@@ -164,7 +173,10 @@ def create_app(service: FleetService) -> FastAPI:
             op = await service.wait_operation(op.op_id, wait)
             record = service.store.vm(record.name) or record
         status = 202 if op.state == "running" else 200
-        return _json(views.CreateVmResponse(vm=views.vm_view(service, record), operation=views.operation_view(op)), status)
+        return _json(
+            views.CreateVmResponse(vm=views.vm_view(service, record), operation=views.operation_view(op)),
+            status,
+        )
 
     @app.get(f"{PREFIX}/vms/{{name}}", summary="Show a VM", responses=_responses(200, "vm", 404))
     async def show_vm(name: str) -> Response:
@@ -174,7 +186,12 @@ def create_app(service: FleetService) -> FastAPI:
         op = await service.wait_operation(op_id, wait) if wait else service.require_operation(op_id)
         return _json(views.operation_view(op), 202 if op.state == "running" else 200)
 
-    @app.post(f"{PREFIX}/vms/{{name}}/start", summary="Start a VM", status_code=202, responses=_responses(202, "operation", 404, 409))
+    @app.post(
+        f"{PREFIX}/vms/{{name}}/start",
+        summary="Start a VM",
+        status_code=202,
+        responses=_responses(202, "operation", 404, 409),
+    )
     async def start_vm(name: str, wait: float = wait_param) -> Response:
         return await _op_response(service.start_vm(name).op_id, wait)
 
@@ -187,13 +204,24 @@ def create_app(service: FleetService) -> FastAPI:
     )
     async def stop_vm(request: Request, name: str, wait: float = wait_param) -> Response:
         body: views.StopRequest = await _read_body(request, views.StopRequest, "stop request", required=False)
-        return await _op_response(service.stop_vm(name, force=body.force, timeout_s=body.timeout_s).op_id, wait)
+        return await _op_response(
+            service.stop_vm(name, force=body.force, timeout_s=body.timeout_s).op_id, wait
+        )
 
-    @app.delete(f"{PREFIX}/vms/{{name}}", summary="Delete a VM", status_code=202, responses=_responses(202, "operation", 404, 409))
+    @app.delete(
+        f"{PREFIX}/vms/{{name}}",
+        summary="Delete a VM",
+        status_code=202,
+        responses=_responses(202, "operation", 404, 409),
+    )
     async def delete_vm(name: str, wait: float = wait_param) -> Response:
         return await _op_response(service.delete_vm(name).op_id, wait)
 
-    @app.get(f"{PREFIX}/operations/{{op_id}}", summary="Show an operation", responses=_responses(200, "operation", 404))
+    @app.get(
+        f"{PREFIX}/operations/{{op_id}}",
+        summary="Show an operation",
+        responses=_responses(200, "operation", 404),
+    )
     async def show_operation(op_id: str, wait: float = wait_param) -> Response:
         return await _op_response(op_id, wait)
 
@@ -214,7 +242,9 @@ def create_app(service: FleetService) -> FastAPI:
         start = since
         if start is None and header is not None:
             if not header.isdigit():
-                raise ApiError(400, "invalid_request", f"Last-Event-ID {header!r} is not an event sequence number")
+                raise ApiError(
+                    400, "invalid_request", f"Last-Event-ID {header!r} is not an event sequence number"
+                )
             start = int(header)
         return StreamingResponse(
             _sse(service, request.is_disconnected, start),
@@ -224,7 +254,9 @@ def create_app(service: FleetService) -> FastAPI:
 
     def _openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(_components)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -236,7 +268,9 @@ def create_app(service: FleetService) -> FastAPI:
 _ZERO = Usage()
 
 
-async def _sse(service: FleetService, disconnected: Callable[[], Any], since: int | None) -> AsyncIterator[bytes]:
+async def _sse(
+    service: FleetService, disconnected: Callable[[], Any], since: int | None
+) -> AsyncIterator[bytes]:
     sub = service.events.subscribe()
     try:
         if since is not None:

@@ -118,7 +118,9 @@ def _render_host(h: dict[str, Any]) -> str:
         f"memory:        {_gib(caps['memory_mib'])}",
         f"allocated:     {h['allocated_vcpus']} vCPUs, {_gib(h['allocated_memory_mib'])} in {h['vms']} VMs",
         f"free:          {h['free_vcpus']} vCPUs, {_gib(h['free_memory_mib'])}",
-        f"load:          cpu {_pct(load.get('cpu_util'))}, power {load.get('power_w', '-')} W" if load else "load:          -",
+        f"load:          cpu {_pct(load.get('cpu_util'))}, power {load.get('power_w', '-')} W"
+        if load
+        else "load:          -",
         f"agent:         {h['agent_version']}",
     ]
     return "\n".join(lines)
@@ -145,7 +147,16 @@ def _render_vms(vms: list[dict[str, Any]]) -> str:
         host = v["host_id"] or "-"
         if v["host_id"] and v.get("host_online") is False:
             host += " (offline)"
-        rows.append([v["name"], v["state"], host, str(spec["vcpus"]), _gib(spec["memory_mib"]), _pct(load.get("cpu_util"))])
+        rows.append(
+            [
+                v["name"],
+                v["state"],
+                host,
+                str(spec["vcpus"]),
+                _gib(spec["memory_mib"]),
+                _pct(load.get("cpu_util")),
+            ]
+        )
     return _table(rows, ["name", "state", "host", "vcpus", "memory", "cpu"])
 
 
@@ -164,7 +175,9 @@ def _render_vm(v: dict[str, Any]) -> str:
     if spec.get("labels"):
         lines.append("labels:    " + ", ".join(f"{k}={val}" for k, val in sorted(spec["labels"].items())))
     if v.get("load"):
-        lines.append(f"load:      cpu {_pct(v['load']['cpu_util'])}, dirtying {v['load']['dirty_mib_s']} MiB/s")
+        lines.append(
+            f"load:      cpu {_pct(v['load']['cpu_util'])}, dirtying {v['load']['dirty_mib_s']} MiB/s"
+        )
     if v.get("error"):
         lines.append(f"error:     {v['error']}")
     return "\n".join(lines)
@@ -177,14 +190,15 @@ def _load_spec_file(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise CliError(f"cannot read spec file {path!r}: {exc.strerror}") from None
     try:
-        if file.suffix in (".yaml", ".yml"):
-            data = msgspec.yaml.decode(raw)
-        else:
-            data = msgspec.json.decode(raw)
+        data = msgspec.yaml.decode(raw) if file.suffix in (".yaml", ".yml") else msgspec.json.decode(raw)
     except (msgspec.DecodeError, ImportError) as exc:
-        raise CliError(f"spec file {path!r} is not valid {'YAML' if file.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
+        raise CliError(
+            f"spec file {path!r} is not valid {'YAML' if file.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
+        ) from None
     if not isinstance(data, dict):
-        raise CliError(f"spec file {path!r} must hold one object (a mapping of fields), not {type(data).__name__}")
+        raise CliError(
+            f"spec file {path!r} must hold one object (a mapping of fields), not {type(data).__name__}"
+        )
     return data
 
 
@@ -224,7 +238,9 @@ def _finish_op(args: argparse.Namespace, op: dict[str, Any], what: str) -> int:
     elif op["state"] == "succeeded":
         print(f"{what}: done")
     elif op["state"] == "running":
-        print(f"{what}: in progress (operation {op['op_id']}); follow it with `fleetvisor op show {op['op_id']}`")
+        print(
+            f"{what}: in progress (operation {op['op_id']}); follow it with `fleetvisor op show {op['op_id']}`"
+        )
     else:
         print(f"{what}: failed: {op['error']}", file=sys.stderr)
     return EXIT_FAILED if op["state"] == "failed" else 0
@@ -258,7 +274,9 @@ def cmd_vm_show(client: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_vm_start(client: ApiClient, args: argparse.Namespace) -> int:
-    return _finish_op(args, client.request("POST", f"/vms/{args.name}/start", params=_wait_args(args)), f"start {args.name}")
+    return _finish_op(
+        args, client.request("POST", f"/vms/{args.name}/start", params=_wait_args(args)), f"start {args.name}"
+    )
 
 
 def cmd_vm_stop(client: ApiClient, args: argparse.Namespace) -> int:
@@ -267,7 +285,9 @@ def cmd_vm_stop(client: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_vm_delete(client: ApiClient, args: argparse.Namespace) -> int:
-    return _finish_op(args, client.request("DELETE", f"/vms/{args.name}", params=_wait_args(args)), f"delete {args.name}")
+    return _finish_op(
+        args, client.request("DELETE", f"/vms/{args.name}", params=_wait_args(args)), f"delete {args.name}"
+    )
 
 
 def cmd_op_show(client: ApiClient, args: argparse.Namespace) -> int:
@@ -296,18 +316,24 @@ def cmd_events(client: ApiClient, args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None, help=f"controller URL (env FLEETVISOR_URL, default {DEFAULT_URL})")
+    parser.add_argument(
+        "--url", default=None, help=f"controller URL (env FLEETVISOR_URL, default {DEFAULT_URL})"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _waiting(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wait", action="store_true", help="return at once; the operation goes on")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the operation (default 120)")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the operation (default 120)"
+    )
 
 
 def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``vm``, ``host``, ``op`` and ``events`` under the top-level parser."""
-    vm = sub.add_parser("vm", help="create, inspect and control VMs").add_subparsers(dest="action", required=True)
+    vm = sub.add_parser("vm", help="create, inspect and control VMs").add_subparsers(
+        dest="action", required=True
+    )
 
     p = vm.add_parser("create", help="create a VM: the controller places it, then it starts")
     p.add_argument("name", nargs="?", help="VM name (lower-case letters, digits, '-')")
@@ -339,7 +365,9 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         if name != "show":
             _waiting(p)
         if name == "stop":
-            p.add_argument("--force", action="store_true", help="power off at once instead of asking the guest")
+            p.add_argument(
+                "--force", action="store_true", help="power off at once instead of asking the guest"
+            )
         p.set_defaults(handler=handler)
 
     host = sub.add_parser("host", help="inspect hosts").add_subparsers(dest="action", required=True)

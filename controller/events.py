@@ -37,7 +37,9 @@ class EventHub:
         self.subscriber_queue = subscriber_queue
         self._subscribers: set[Subscription] = set()
 
-    def emit(self, type_: str, message: str, *, host_id: str = "", vm: str = "", op_id: str = "") -> EventRecord:
+    def emit(
+        self, type_: str, message: str, *, host_id: str = "", vm: str = "", op_id: str = ""
+    ) -> EventRecord:
         """Store an event and hand it to every live subscriber."""
         event = self.store.append_event(type_, message, host_id=host_id, vm=vm, op_id=op_id)
         log.info("event %s: %s", type_, message)

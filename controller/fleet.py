@@ -16,12 +16,13 @@ How an operation survives trouble:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -33,13 +34,13 @@ from protocols.bus import Bus
 from protocols.messages import (
     Command,
     DefineVm,
+    DestroyVm,
     HostInventory,
     HostState,
     HostTelemetry,
     RefreshInventory,
     Reply,
     ShutdownVm,
-    DestroyVm,
     StartVm,
     UndefineVm,
     VmEvent,
@@ -148,7 +149,9 @@ class FleetService:
         deadline = time.time() + 30
         for host in self.store.hosts():
             command = RefreshInventory(op_id=f"refresh-{uuid.uuid4().hex}", deadline=deadline)
-            await self.bus.publish(topics.host_topic(host.host_id, "cmd"), codec.encode(command), qos=1, expiry_s=30)
+            await self.bus.publish(
+                topics.host_topic(host.host_id, "cmd"), codec.encode(command), qos=1, expiry_s=30
+            )
 
     # -- bus handlers (quick, never await) ------------------------------------------------------
 
@@ -176,11 +179,17 @@ class FleetService:
             return  # the inventory (hello) creates the host; it follows the online state
         if self.store.set_host_online(message.host_id, message.online, message.reason):
             if message.online:
-                self.events.emit("host.online", f"host {message.host_id} is online ({message.reason})", host_id=message.host_id)
+                self.events.emit(
+                    "host.online",
+                    f"host {message.host_id} is online ({message.reason})",
+                    host_id=message.host_id,
+                )
             else:
                 self.telemetry.pop(message.host_id, None)
                 self.events.emit(
-                    "host.offline", f"host {message.host_id} is offline ({message.reason})", host_id=message.host_id
+                    "host.offline",
+                    f"host {message.host_id} is offline ({message.reason})",
+                    host_id=message.host_id,
                 )
         self._online_event(message.host_id, message.online)
 
@@ -252,7 +261,9 @@ class FleetService:
                 self._reconcile_reported(host_id, status)
             for record in self.store.vms(host_id):
                 if record.name not in reported and record.op_id is None and record.state != "missing":
-                    self.store.update_vm(record.name, state="missing", error=f"host {host_id} does not report it")
+                    self.store.update_vm(
+                        record.name, state="missing", error=f"host {host_id} does not report it"
+                    )
                     self.events.emit(
                         "vm.missing",
                         f"vm {record.name} is recorded on {host_id} but the host does not report it",
@@ -273,12 +284,20 @@ class FleetService:
         state = _POWER_TO_VM_STATE[status.state]
         if record is None:
             self.store.insert_vm(status.spec, host_id, state, None)
-            self.events.emit("vm.adopted", f"vm {status.name} found on {host_id} and adopted", host_id=host_id, vm=status.name)
+            self.events.emit(
+                "vm.adopted",
+                f"vm {status.name} found on {host_id} and adopted",
+                host_id=host_id,
+                vm=status.name,
+            )
             return
         if record.host_id is None and record.op_id is None:
             self.store.update_vm(status.name, host_id=host_id, state=state, error="")
             self.events.emit(
-                "vm.adopted", f"vm {status.name} found on {host_id}; record corrected", host_id=host_id, vm=status.name
+                "vm.adopted",
+                f"vm {status.name} found on {host_id}; record corrected",
+                host_id=host_id,
+                vm=status.name,
             )
             return
         if record.host_id != host_id:
@@ -292,7 +311,10 @@ class FleetService:
         if record.op_id is None and record.state != state:
             self.store.update_vm(status.name, state=state, error="")
             self.events.emit(
-                "vm.state", f"vm {status.name} is {state} on {host_id} (was recorded {record.state})", host_id=host_id, vm=status.name
+                "vm.state",
+                f"vm {status.name} is {state} on {host_id} (was recorded {record.state})",
+                host_id=host_id,
+                vm=status.name,
             )
 
     # -- queries --------------------------------------------------------------------------------
@@ -300,13 +322,17 @@ class FleetService:
     def require_vm(self, name: str) -> VmRecord:
         record = self.store.vm(name)
         if record is None:
-            raise ApiError(404, "unknown_vm", f"vm {name!r} does not exist; list VMs with `fleetvisor vm list`")
+            raise ApiError(
+                404, "unknown_vm", f"vm {name!r} does not exist; list VMs with `fleetvisor vm list`"
+            )
         return record
 
     def require_host(self, host_id: str) -> HostRecord:
         record = self.store.host(host_id)
         if record is None:
-            raise ApiError(404, "unknown_host", f"host {host_id!r} is not known; list hosts with `fleetvisor host list`")
+            raise ApiError(
+                404, "unknown_host", f"host {host_id!r} is not known; list hosts with `fleetvisor host list`"
+            )
         return record
 
     def require_operation(self, op_id: str) -> OperationRecord:
@@ -324,25 +350,42 @@ class FleetService:
             ApiError: 409 if the name is taken or no host fits (with the explanation).
         """
         if self.store.vm(spec.name) is not None:
-            raise ApiError(409, "vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first")
+            raise ApiError(
+                409, "vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first"
+            )
         # No await between placement and the insert: in one event loop this is the claim lock.
         choice = placement.place(spec, self.store.hosts(), self.store.usage(), self.settings.placement)
         if isinstance(choice, placement.NoValidHost):
-            raise ApiError(409, "no_valid_host", choice.reason + "; try a smaller VM or add hosts", {"rejected": choice.rejected})
+            raise ApiError(
+                409,
+                "no_valid_host",
+                choice.reason + "; try a smaller VM or add hosts",
+                {"rejected": choice.rejected},
+            )
         deadline = time.time() + self.settings.operation_timeout_s
         with self.store.transaction():
             op = self.store.insert_operation(
-                kind="create", vm=spec.name, host_id=choice.host_id, params={"start": start}, deadline=deadline
+                kind="create",
+                vm=spec.name,
+                host_id=choice.host_id,
+                params={"start": start},
+                deadline=deadline,
             )
             record = self.store.insert_vm(spec, choice.host_id, "creating", op.op_id)
         self.events.emit(
-            "vm.creating", f"vm {spec.name} placed on {choice.host_id}", host_id=choice.host_id, vm=spec.name, op_id=op.op_id
+            "vm.creating",
+            f"vm {spec.name} placed on {choice.host_id}",
+            host_id=choice.host_id,
+            vm=spec.name,
+            op_id=op.op_id,
         )
         self._start_runner(op)
         return record, op
 
     def start_vm(self, name: str) -> OperationRecord:
-        return self._vm_operation(name, "start", {}, allowed=("stopped", "crashed", "error", "missing"), new_state="starting")
+        return self._vm_operation(
+            name, "start", {}, allowed=("stopped", "crashed", "error", "missing"), new_state="starting"
+        )
 
     def stop_vm(self, name: str, force: bool = False, timeout_s: float = 30.0) -> OperationRecord:
         return self._vm_operation(
@@ -357,14 +400,21 @@ class FleetService:
         return self._vm_operation(name, "delete", {}, allowed=None, new_state="deleting")
 
     def _vm_operation(
-        self, name: str, kind: OpKind, params: dict[str, Any], allowed: tuple[str, ...] | None, new_state: VmState
+        self,
+        name: str,
+        kind: OpKind,
+        params: dict[str, Any],
+        allowed: tuple[str, ...] | None,
+        new_state: VmState,
     ) -> OperationRecord:
         record = self.require_vm(name)
         if record.op_id is not None:
             busy = self.store.operation(record.op_id)
             what = busy.kind if busy else "an operation"
             raise ApiError(
-                409, "vm_busy", f"vm {name!r} is busy with {what} operation {record.op_id}; wait for it to finish and retry"
+                409,
+                "vm_busy",
+                f"vm {name!r} is busy with {what} operation {record.op_id}; wait for it to finish and retry",
             )
         if allowed is not None and record.state not in allowed:
             raise ApiError(
@@ -373,13 +423,21 @@ class FleetService:
                 f"vm {name!r} is {record.state}; {kind} needs it to be one of: {', '.join(allowed)}",
             )
         if kind != "delete" and record.host_id is None:
-            raise ApiError(409, "no_host", f"vm {name!r} has no host (state {record.state}); delete it and create it again")
+            raise ApiError(
+                409,
+                "no_host",
+                f"vm {name!r} has no host (state {record.state}); delete it and create it again",
+            )
         deadline = time.time() + self.settings.operation_timeout_s
         params = {**params, "from_state": record.state}
         with self.store.transaction():
-            op = self.store.insert_operation(kind=kind, vm=name, host_id=record.host_id, params=params, deadline=deadline)
+            op = self.store.insert_operation(
+                kind=kind, vm=name, host_id=record.host_id, params=params, deadline=deadline
+            )
             self.store.update_vm(name, state=new_state, op_id=op.op_id, error="")
-        self.events.emit(f"vm.{kind}", f"{kind} vm {name}", host_id=record.host_id or "", vm=name, op_id=op.op_id)
+        self.events.emit(
+            f"vm.{kind}", f"{kind} vm {name}", host_id=record.host_id or "", vm=name, op_id=op.op_id
+        )
         self._start_runner(op)
         return op
 
@@ -387,10 +445,8 @@ class FleetService:
         """The operation after it ends, or as it stands after ``timeout`` seconds."""
         done = self._op_done.get(op_id)
         if done is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout)
-            except TimeoutError:
-                pass
         return self.require_operation(op_id)
 
     # -- the operation runner -------------------------------------------------------------------
@@ -467,8 +523,10 @@ class FleetService:
                     # Offline host: its persistent session may still deliver; re-send when it is back.
                     wait_for = asyncio.ensure_future(online.wait())
                 try:
-                    await asyncio.wait_for(asyncio.shield(waiter) if wait_for is waiter else _first(waiter, wait_for),
-                                           min(remaining, self.settings.command_retry_s))
+                    await asyncio.wait_for(
+                        asyncio.shield(waiter) if wait_for is waiter else _first(waiter, wait_for),
+                        min(remaining, self.settings.command_retry_s),
+                    )
                 except TimeoutError:
                     pass
                 finally:
@@ -490,14 +548,20 @@ class FleetService:
     @staticmethod
     def _counts_as_success(op: OperationRecord, reply: Reply) -> bool:
         # Deleting what is already gone is done; creating what already exists there is done.
-        return (op.kind == "delete" and reply.code == "unknown_vm") or (op.kind == "create" and reply.code == "vm_exists")
+        return (op.kind == "delete" and reply.code == "unknown_vm") or (
+            op.kind == "create" and reply.code == "vm_exists"
+        )
 
     def _apply_success(self, op: OperationRecord, reply: Reply) -> None:
         with self.store.transaction():
             if op.kind == "delete":
                 self.store.delete_vm(op.vm)
             else:
-                state: VmState = _POWER_TO_VM_STATE[reply.vm.state] if reply.vm else ("stopped" if op.kind == "stop" else "running")
+                state: VmState = (
+                    _POWER_TO_VM_STATE[reply.vm.state]
+                    if reply.vm
+                    else ("stopped" if op.kind == "stop" else "running")
+                )
                 self.store.update_vm(op.vm, state=state, op_id=None, error="")
             self._finish(op, ok=True)
 
@@ -509,16 +573,30 @@ class FleetService:
                     # Release the claim: the VM did not come to exist anywhere we know of.
                     self.store.update_vm(op.vm, state="error", host_id=None, op_id=None, error=error)
                 else:
-                    previous: VmState = "missing" if code == "unknown_vm" else op.params.get("from_state", "error")
+                    previous: VmState = (
+                        "missing" if code == "unknown_vm" else op.params.get("from_state", "error")
+                    )
                     self.store.update_vm(op.vm, state=previous, op_id=None, error=error)
             self._finish(op, ok=False, error=f"{code}: {error}" if code else error)
 
     def _finish(self, op: OperationRecord, ok: bool, error: str = "") -> None:
         self.store.finish_operation(op.op_id, "succeeded" if ok else "failed", error)
         if ok:
-            self.events.emit(f"operation.succeeded", f"{op.kind} vm {op.vm}: done", host_id=op.host_id or "", vm=op.vm, op_id=op.op_id)
+            self.events.emit(
+                "operation.succeeded",
+                f"{op.kind} vm {op.vm}: done",
+                host_id=op.host_id or "",
+                vm=op.vm,
+                op_id=op.op_id,
+            )
         else:
-            self.events.emit(f"operation.failed", f"{op.kind} vm {op.vm} failed: {error}", host_id=op.host_id or "", vm=op.vm, op_id=op.op_id)
+            self.events.emit(
+                "operation.failed",
+                f"{op.kind} vm {op.vm} failed: {error}",
+                host_id=op.host_id or "",
+                vm=op.vm,
+                op_id=op.op_id,
+            )
 
     # -- summaries ------------------------------------------------------------------------------
 
@@ -531,4 +609,3 @@ class FleetService:
 
 async def _first(*futures: asyncio.Future[Any]) -> None:
     await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-

@@ -60,7 +60,10 @@ def free_capacity(host: HostRecord, used: Usage, settings: PlacementSettings) ->
     """(free vCPUs, free MiB, free GiB of disk) on ``host`` after its claims."""
     caps = host.capabilities
     vcpus = int(caps.cores * settings.cpu_allocation_ratio) - used.vcpus
-    memory = int((caps.memory_mib - settings.reserved_host_memory_mib) * settings.ram_allocation_ratio) - used.memory_mib
+    memory = (
+        int((caps.memory_mib - settings.reserved_host_memory_mib) * settings.ram_allocation_ratio)
+        - used.memory_mib
+    )
     disk = int(caps.disk_gib * settings.disk_allocation_ratio) - used.disk_gib
     return vcpus, memory, disk
 
@@ -95,7 +98,14 @@ def place(
             # Best fit: the least memory left over wins; vCPUs break ties.
             left_mem = memory - spec.memory_mib
             left_cpu = vcpus - spec.vcpus
-            fits.append(Candidate(host_id=host.host_id, free_memory_mib=memory, free_vcpus=vcpus, score=-(left_mem + left_cpu / 1000)))
+            fits.append(
+                Candidate(
+                    host_id=host.host_id,
+                    free_memory_mib=memory,
+                    free_vcpus=vcpus,
+                    score=-(left_mem + left_cpu / 1000),
+                )
+            )
     if fits:
         fits.sort(key=lambda c: (-c.score, c.host_id))
         return Placement(host_id=fits[0].host_id, candidates=fits[:5])
@@ -103,9 +113,14 @@ def place(
 
 
 def explain(spec: VmSpec, host_count: int, rejected: Counter[str], best_free_memory: int) -> str:
-    want = f"{spec.vcpus} vCPU, {_mib(spec.memory_mib)} RAM" + (f", {spec.disk_gib} GiB disk" if spec.disk_gib else "")
+    want = f"{spec.vcpus} vCPU, {_mib(spec.memory_mib)} RAM" + (
+        f", {spec.disk_gib} GiB disk" if spec.disk_gib else ""
+    )
     if host_count == 0:
-        return f"no host can take vm {spec.name!r} ({want}): no hosts have joined; start an agent with `fleetvisor agent`"
+        return (
+            f"no host can take vm {spec.name!r} ({want}): no hosts have joined; "
+            "start an agent with `fleetvisor agent`"
+        )
     parts = []
     for key, count in rejected.most_common():
         text = _REASONS[key].format(arch=spec.arch)

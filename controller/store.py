@@ -180,7 +180,9 @@ class Store:
                 f"cannot open the state store {self.path!r}: {exc}; check the path and its permissions"
             ) from exc
         if row is None:
-            self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
                 f"state store {self.path!r} has schema version {row[0]}, this controller needs "
@@ -223,7 +225,17 @@ class Store:
                   address=excluded.address, agent_version=excluded.agent_version,
                   capabilities=excluded.capabilities, state_reason=excluded.state_reason,
                   last_seen=excluded.last_seen""",
-            (host_id, int(online), boot_id, address, agent_version, _encoder.encode(capabilities), reason, now, now),
+            (
+                host_id,
+                int(online),
+                boot_id,
+                address,
+                agent_version,
+                _encoder.encode(capabilities),
+                reason,
+                now,
+                now,
+            ),
         )
 
     def set_host_online(self, host_id: str, online: bool, reason: str) -> bool:
@@ -320,7 +332,7 @@ class Store:
             sets.append("error=?")
             args.append(error)
         args.append(name)
-        self._db.execute(f"UPDATE vms SET {', '.join(sets)} WHERE name=?", args)  # noqa: S608 - fixed columns
+        self._db.execute(f"UPDATE vms SET {', '.join(sets)} WHERE name=?", args)
 
     def delete_vm(self, name: str) -> None:
         self._db.execute("DELETE FROM vms WHERE name=?", (name,))
@@ -352,7 +364,8 @@ class Store:
 
     def finish_operation(self, op_id: str, state: OpState, error: str = "") -> None:
         self._db.execute(
-            "UPDATE operations SET state=?, error=?, updated_at=? WHERE op_id=?", (state, error, time.time(), op_id)
+            "UPDATE operations SET state=?, error=?, updated_at=? WHERE op_id=?",
+            (state, error, time.time(), op_id),
         )
 
     def operation(self, op_id: str) -> OperationRecord | None:
@@ -360,25 +373,35 @@ class Store:
         return None if row is None else _op(row)
 
     def running_operations(self) -> list[OperationRecord]:
-        return [_op(r) for r in self._db.execute("SELECT * FROM operations WHERE state='running' ORDER BY created_at")]
+        return [
+            _op(r)
+            for r in self._db.execute("SELECT * FROM operations WHERE state='running' ORDER BY created_at")
+        ]
 
     # -- events ---------------------------------------------------------------------------------
 
-    def append_event(self, type_: str, message: str, *, host_id: str = "", vm: str = "", op_id: str = "") -> EventRecord:
+    def append_event(
+        self, type_: str, message: str, *, host_id: str = "", vm: str = "", op_id: str = ""
+    ) -> EventRecord:
         ts = time.time()
         cur = self._db.execute(
             "INSERT INTO events (ts, type, host_id, vm, op_id, message) VALUES (?, ?, ?, ?, ?, ?)",
             (ts, type_, host_id, vm, op_id, message),
         )
         assert cur.lastrowid is not None
-        return EventRecord(seq=cur.lastrowid, ts=ts, type=type_, host_id=host_id, vm=vm, op_id=op_id, message=message)
+        return EventRecord(
+            seq=cur.lastrowid, ts=ts, type=type_, host_id=host_id, vm=vm, op_id=op_id, message=message
+        )
 
     def events_since(self, seq: int, limit: int = 1000) -> list[EventRecord]:
         rows = self._db.execute(
             "SELECT seq, ts, type, host_id, vm, op_id, message FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
             (seq, limit),
         )
-        return [EventRecord(seq=r[0], ts=r[1], type=r[2], host_id=r[3], vm=r[4], op_id=r[5], message=r[6]) for r in rows]
+        return [
+            EventRecord(seq=r[0], ts=r[1], type=r[2], host_id=r[3], vm=r[4], op_id=r[5], message=r[6])
+            for r in rows
+        ]
 
     def last_event_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()

@@ -158,4 +158,3 @@ def vm_view(service: FleetService, vm: VmRecord, hosts_online: dict[str, bool] |
 
 def operation_view(op: OperationRecord) -> OperationView:
     return OperationView(**msgspec.structs.asdict(op))
-

@@ -22,7 +22,7 @@ from typing import Self
 
 import msgspec
 
-from protocols.messages import Capabilities, VmEventKind, VmPowerState, VmStatus
+from protocols.messages import Capabilities, ErrorCode, VmEventKind, VmPowerState, VmStatus
 from protocols.vmspec import VmSpec
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 class HvError(Exception):
     """Base of engine errors. ``code`` is the reply code the agent sends back."""
 
-    code = "engine_error"
+    code: ErrorCode = "engine_error"
 
 
 class UnknownVm(HvError):

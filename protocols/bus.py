@@ -66,7 +66,9 @@ class BrokerAddress:
         """
         parsed = urllib.parse.urlsplit(url if "://" in url else f"mqtt://{url}")
         if parsed.scheme not in ("mqtt", "mqtts", "tcp"):
-            raise BusError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://, e.g. mqtt://127.0.0.1:1883")
+            raise BusError(
+                f"broker url {url!r}: scheme must be mqtt:// or mqtts://, e.g. mqtt://127.0.0.1:1883"
+            )
         if not parsed.hostname:
             raise BusError(f"broker url {url!r} has no host; use e.g. mqtt://127.0.0.1:1883")
         try:
@@ -134,7 +136,7 @@ class _Pending:
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
     """Jittered exponential backoff ("equal jitter"): half fixed, half random, capped."""
-    ceiling = min(max_s, initial_s * (2 ** min(attempt, 30)))
+    ceiling = min(max_s, initial_s * (2.0 ** min(attempt, 30)))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -179,7 +181,9 @@ class Bus:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"bus:{self.settings.client_id}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"bus:{self.settings.client_id}"
+        )
         return self
 
     async def __aexit__(
@@ -246,7 +250,7 @@ class Bus:
         if client is None or not self.connected.is_set():
             self.counters.dropped_qos0_offline += 1
             return False
-        info = client._client.publish(topic, payload, 0, False)  # noqa: SLF001 - QoS 0 needs no await
+        info = client._client.publish(topic, payload, 0, False)
         if info.rc != 0:
             self.counters.dropped_qos0_offline += 1
             return False
@@ -260,13 +264,15 @@ class Bus:
         if len(self._pending) >= self.settings.max_pending:
             self._pending.popleft()
             self.counters.dropped_pending_overflow += 1
-            log.warning("bus %s: offline buffer full, dropped the oldest QoS 1 message", self.settings.client_id)
+            log.warning(
+                "bus %s: offline buffer full, dropped the oldest QoS 1 message", self.settings.client_id
+            )
         self._pending.append(item)
 
     async def _send(self, client: aiomqtt.Client, item: _Pending) -> None:
         properties = None
         if item.expiry_s is not None and self.protocol_in_use == "5":
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.MessageExpiryInterval = max(1, int(item.expiry_s))
         await client.publish(
             item.topic,
@@ -279,6 +285,12 @@ class Bus:
         self.counters.published += 1
 
     # -- the connection loop --------------------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """TLS for mqtts:// URLs: the configured context, else the system's verified default. Never plain text."""
+        if not self.address.tls:
+            return None
+        return self.settings.tls_context or ssl.create_default_context()
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -294,10 +306,10 @@ class Bus:
             "keepalive": s.keepalive_s,
             "timeout": s.timeout_s,
             "max_queued_incoming_messages": s.max_incoming,
-            "tls_context": s.tls_context if self.address.tls else None,
+            "tls_context": self._tls_context(),
         }
         if self._protocol_choice == "5":
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry_s if s.persistent_session else 0
             return aiomqtt.Client(
                 self.address.host,
@@ -329,7 +341,7 @@ class Bus:
             password=self.settings.password,
             protocol=aiomqtt.ProtocolVersion.V5,
             timeout=self.settings.timeout_s,
-            tls_context=self.settings.tls_context if self.address.tls else None,
+            tls_context=self._tls_context(),
         )
         try:
             async with probe:
@@ -342,6 +354,13 @@ class Bus:
         self._probed = True
 
     async def _run(self) -> None:
+        try:
+            await self._connection_loop()
+        finally:
+            self.connected.clear()
+            self._client = None
+
+    async def _connection_loop(self) -> None:
         attempt = 0
         while True:
             client: aiomqtt.Client | None = None
@@ -365,7 +384,9 @@ class Bus:
         self._client = None
         if was_connected:
             self.counters.disconnects += 1
-            log.warning("bus %s: lost the broker at %s (%s); reconnecting", self.settings.client_id, self.address, why)
+            log.warning(
+                "bus %s: lost the broker at %s (%s); reconnecting", self.settings.client_id, self.address, why
+            )
         elif attempt in (0, 5) or attempt % 50 == 0:
             log.warning(
                 "bus %s: cannot reach the broker at %s (%s); retrying with backoff",
@@ -418,7 +439,12 @@ class Bus:
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT topic filter matching with ``+`` and ``#``."""
+    """MQTT topic filter matching with ``+`` and ``#``.
+
+    As the MQTT spec says (4.7.2), a filter that starts with a wildcard does not match ``$`` topics.
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
     f_parts = topic_filter.split("/")
     t_parts = topic.split("/")
     for i, part in enumerate(f_parts):

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 #: Largest payload a receiver accepts. An inventory of 1,000 VMs is about 150 KiB.
 MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 
-BadReason = Literal["oversize", "truncated", "garbage", "unknown_kind", "wrong_type", "wrong_sender", "bad_topic"]
+BadReason = Literal[
+    "oversize", "truncated", "garbage", "unknown_kind", "wrong_type", "wrong_sender", "bad_topic"
+]
 
 _TYPES: Final[dict[topics.Family, Any]] = {
     "state": messages.HostState,
@@ -115,7 +117,7 @@ class InboundDecoder:
             return None
         try:
             message: msgspec.Struct = self._decoders[family].decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
             self.stats.reject(classify(exc), topic, host_id, str(exc), self.log_every_s)
             return None
         sender = getattr(message, "host_id", host_id)

@@ -180,7 +180,15 @@ class RefreshInventory(_Command, tag="refresh_inventory", frozen=True, kw_only=T
 
 
 Command = (
-    DefineVm | StartVm | ShutdownVm | DestroyVm | PauseVm | ResumeVm | RebootVm | UndefineVm | RefreshInventory
+    DefineVm
+    | StartVm
+    | ShutdownVm
+    | DestroyVm
+    | PauseVm
+    | ResumeVm
+    | RebootVm
+    | UndefineVm
+    | RefreshInventory
 )
 
 ErrorCode = Literal[

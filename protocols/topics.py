@@ -48,4 +48,4 @@ def parse(topic: str) -> tuple[str, Family] | None:
     family = parts[4]
     if family not in FAMILIES:
         return None
-    return parts[3], family  # type: ignore[return-value]
+    return parts[3], family

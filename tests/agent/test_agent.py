@@ -69,7 +69,13 @@ def _cmd(cls: type[Any], **fields: Any) -> Any:
 
 def _agent(url: str, host_id: str, state_dir: Any, **sim: Any) -> Agent:
     return Agent(
-        AgentSettings(host_id=host_id, broker_url=url, state_dir=state_dir, telemetry_interval_s=0.2, bus_overrides=FAST_BUS),
+        AgentSettings(
+            host_id=host_id,
+            broker_url=url,
+            state_dir=state_dir,
+            telemetry_interval_s=0.2,
+            bus_overrides=FAST_BUS,
+        ),
         SimDriver(host_id=host_id, state_dir=state_dir, **sim),
     )
 
@@ -130,7 +136,9 @@ async def test_command_past_its_deadline_is_refused_and_not_applied(mosquitto, t
         probe = Probe(mosquitto.url, "h1")
         async with probe.bus:
             await probe.bus.wait_connected(5)
-            late = DefineVm(op_id="late-1", deadline=time.time() - 5, spec=VmSpec(name="late", memory_mib=256))
+            late = DefineVm(
+                op_id="late-1", deadline=time.time() - 5, spec=VmSpec(name="late", memory_mib=256)
+            )
             await probe.send(late)
             reply = (await probe.reply("late-1"))[0]
             assert not reply.ok and reply.code == "expired"
@@ -159,7 +167,9 @@ async def test_garbage_commands_are_counted_and_do_not_stop_the_agent(mosquitto,
             await probe.bus.wait_connected(5)
             topic = topics.host_topic("h1", "cmd")
             await probe.bus.publish(topic, b"\xc1\xff garbage", qos=1)
-            await probe.bus.publish(topic, msgspec.msgpack.encode({"kind": "format_disk", "op_id": "x"}), qos=1)
+            await probe.bus.publish(
+                topic, msgspec.msgpack.encode({"kind": "format_disk", "op_id": "x"}), qos=1
+            )
             await probe.bus.publish(topic, msgspec.msgpack.encode({"kind": "start_vm", "op_id": 5}), qos=1)
             define = _cmd(DefineVm, spec=VmSpec(name="ok-1", memory_mib=256))
             await probe.send(define)
@@ -201,7 +211,9 @@ async def test_agent_keeps_vms_through_a_broker_restart_and_reports_again(mosqui
             await probe.reply(define.op_id)
             mosquitto.restart(down_s=0.5)
             await eventually(
-                lambda: any(i.reason == "reconnect" for i in probe.inventories), 10, "inventory after reconnect"
+                lambda: any(i.reason == "reconnect" for i in probe.inventories),
+                10,
+                "inventory after reconnect",
             )
             latest = [i for i in probe.inventories if i.reason == "reconnect"][-1]
             assert [(vm.name, vm.state) for vm in latest.vms] == [("steady", "running")]
@@ -232,7 +244,9 @@ async def test_agent_works_over_both_mqtt_versions(mosquitto, tmp_path, protocol
 
 async def test_telemetry_reports_host_and_vm_load(mosquitto, tmp_path):
     """Telemetry carries per-VM CPU and dirty rate, and host CPU and power from the power model."""
-    async with _agent(mosquitto.url, "h1", tmp_path / "h1", cores=4, power_idle_w=100, power_max_w=200) as agent:
+    async with _agent(
+        mosquitto.url, "h1", tmp_path / "h1", cores=4, power_idle_w=100, power_max_w=200
+    ) as agent:
         await eventually(lambda: agent.bus.connected.is_set(), 5, "agent connected")
         await agent.driver.define(VmSpec(name="busy", vcpus=2, memory_mib=256))
         await agent.driver.start("busy")

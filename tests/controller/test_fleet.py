@@ -15,7 +15,9 @@ from protocols.vmspec import VmSpec
 from tests.support.fleet import Fleet, eventually
 
 
-async def _create(client: httpx.AsyncClient, name: str, memory: int = 512, wait: float = 10) -> httpx.Response:
+async def _create(
+    client: httpx.AsyncClient, name: str, memory: int = 512, wait: float = 10
+) -> httpx.Response:
     return await client.post("/api/v1/vms", json={"name": name, "memory_mib": memory}, params={"wait": wait})
 
 
@@ -74,7 +76,9 @@ async def test_bad_api_input_gets_4xx_that_says_what_to_fix_and_changes_nothing(
                 r = await client.post("/api/v1/vms", json=body)
                 assert r.status_code == 400, (body, r.text)
                 assert needle in r.json()["error"]["message"], r.text
-            r = await client.post("/api/v1/vms", content=b'{"name": ', headers={"content-type": "application/json"})
+            r = await client.post(
+                "/api/v1/vms", content=b'{"name": ', headers={"content-type": "application/json"}
+            )
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
             r = await client.post("/api/v1/vms", content=b"x" * 300_000)
             assert r.status_code == 413
@@ -119,7 +123,9 @@ async def test_vm_lifecycle_stop_start_delete_releases_the_claim(mosquitto, tmp_
         assert await fleet.drivers["h1"].list() == []
 
 
-async def test_controller_restart_keeps_state_and_reconciles_with_agents_that_kept_running(mosquitto, tmp_path):
+async def test_controller_restart_keeps_state_and_reconciles_with_agents_that_kept_running(
+    mosquitto, tmp_path
+):
     """After a controller restart the store still has every VM, and changes made meanwhile are picked up."""
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         await fleet.add_agent("h1")
@@ -234,7 +240,9 @@ async def test_event_stream_delivers_live_events_and_replays_after_last_event_id
             assert [e["vm"] for e in seen if e["type"] == "operation.succeeded"] == ["sse-1"]
 
             replay: list[str] = []
-            async with client.stream("GET", "/api/v1/events/stream", headers={"Last-Event-ID": str(first_seq)}) as s:
+            async with client.stream(
+                "GET", "/api/v1/events/stream", headers={"Last-Event-ID": str(first_seq)}
+            ) as s:
                 async for line in s.aiter_lines():
                     if line.startswith("data: "):
                         replay.append(json.loads(line[6:])["type"])
@@ -248,9 +256,16 @@ async def test_openapi_document_is_served_with_the_vm_spec_schema(mosquitto, tmp
     async with Fleet(mosquitto.url, tmp_path) as fleet, httpx.AsyncClient(base_url=fleet.api_url) as client:
         doc = (await client.get("/api/v1/openapi.json")).json()
     paths = doc["paths"]
-    for path in ("/api/v1/hosts", "/api/v1/hosts/{host_id}", "/api/v1/vms", "/api/v1/vms/{name}",
-                 "/api/v1/vms/{name}/start", "/api/v1/vms/{name}/stop", "/api/v1/operations/{op_id}",
-                 "/api/v1/events/stream"):
+    for path in (
+        "/api/v1/hosts",
+        "/api/v1/hosts/{host_id}",
+        "/api/v1/vms",
+        "/api/v1/vms/{name}",
+        "/api/v1/vms/{name}/start",
+        "/api/v1/vms/{name}/stop",
+        "/api/v1/operations/{op_id}",
+        "/api/v1/events/stream",
+    ):
         assert path in paths, path
     body = paths["/api/v1/vms"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/VmSpecInput"}

@@ -14,7 +14,9 @@ from protocols.vmspec import VmSpec
 
 
 def _caps(cores: int = 8, memory_mib: int = 16384, arch: str = "x86_64") -> Capabilities:
-    return Capabilities(engine="sim", arch=arch, accel="sim", cores=cores, memory_mib=memory_mib, guest_arches=[arch])
+    return Capabilities(
+        engine="sim", arch=arch, accel="sim", cores=cores, memory_mib=memory_mib, guest_arches=[arch]
+    )
 
 
 def _host(host_id: str, *, online: bool = True, maintenance: bool = False, **caps: int) -> HostRecord:
@@ -37,7 +39,13 @@ def test_store_keeps_hosts_vms_operations_and_events_across_reopen(tmp_path):
     path = tmp_path / "c.sqlite"
     store = Store(path)
     store.upsert_host(
-        host_id="h1", online=True, boot_id="b1", address="10.0.0.1", agent_version="1", capabilities=_caps(), reason="hello"
+        host_id="h1",
+        online=True,
+        boot_id="b1",
+        address="10.0.0.1",
+        agent_version="1",
+        capabilities=_caps(),
+        reason="hello",
     )
     op = store.insert_operation(kind="create", vm="a", host_id="h1", params={"start": True}, deadline=1e12)
     store.insert_vm(VmSpec(name="a", vcpus=2, memory_mib=1024), "h1", "creating", op.op_id)

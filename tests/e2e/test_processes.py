@@ -87,13 +87,35 @@ def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill_9(mosquitto, procs, tmp_path):
+def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill_9(
+    mosquitto, procs, tmp_path
+):
     """Create a VM through the CLI, then kill -9 an agent: its host is offline within 3 s (Last Will)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    controller = procs("controller", "controller", "--broker", mosquitto.url, "--db", str(tmp_path / "c.sqlite"), "--port", str(port))
+    controller = procs(
+        "controller",
+        "controller",
+        "--broker",
+        mosquitto.url,
+        "--db",
+        str(tmp_path / "c.sqlite"),
+        "--port",
+        str(port),
+    )
     agents = {
-        h: procs(h, "agent", "--host-id", h, "--broker", mosquitto.url, "--state-dir", str(tmp_path / h), "--memory-mib", "8192")
+        h: procs(
+            h,
+            "agent",
+            "--host-id",
+            h,
+            "--broker",
+            mosquitto.url,
+            "--state-dir",
+            str(tmp_path / h),
+            "--memory-mib",
+            "8192",
+        )
         for h in ("h1", "h2")
     }
     everyone = [controller, *agents.values()]
@@ -145,7 +167,18 @@ def test_demo_runs_on_embedded_defaults_and_prints_its_summary_line(tmp_path):
     """`fleetvisor demo --for N` needs no outside service and ends with the summary line."""
     port = free_port()
     done = subprocess.run(
-        [sys.executable, "-m", "fleetvisor", "demo", "--for", "2", "--port", str(port), "--state-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "fleetvisor",
+            "demo",
+            "--for",
+            "2",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -139,19 +139,11 @@ def test_good_messages_are_counted_as_ok() -> None:
 
 _FAMILY = st.sampled_from(topics.FAMILIES)
 
-#: Exceptions protocols/codec.py lets escape today (see the two xfail tests below). Empty this
-#: tuple when codec.InboundDecoder.decode catches them, so the property tests guard the fix.
-_KNOWN_ESCAPES: tuple[type[BaseException], ...] = (UnicodeDecodeError, RecursionError)
-
-
-def _decode_tolerating_known_bugs(decoder: codec.InboundDecoder, topic: str, payload: bytes) -> bool:
-    """Decode; True when it returned normally, False when it hit a known (xfail-pinned) escape."""
-    try:
-        result = decoder.decode(topic, payload)
-    except _KNOWN_ESCAPES:
-        return False
+def _decode_once(decoder: codec.InboundDecoder, topic: str, payload: bytes) -> None:
+    """Decode, which must return a message or None (never raise), and count exactly one outcome."""
+    result = decoder.decode(topic, payload)
     assert result is None or isinstance(result, msgspec.Struct)
-    return True
+    assert decoder.stats.ok + decoder.stats.rejected == 1
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -159,8 +151,7 @@ def _decode_tolerating_known_bugs(decoder: codec.InboundDecoder, topic: str, pay
 def test_arbitrary_bytes_never_raise(family: topics.Family, payload: bytes) -> None:
     """Pins that decode() returns a message or None for any bytes, and counts every refusal."""
     decoder = codec.InboundDecoder(log_every_s=3600.0)
-    if _decode_tolerating_known_bugs(decoder, topics.host_topic(HOST, family), payload):
-        assert decoder.stats.ok + decoder.stats.rejected == 1
+    _decode_once(decoder, topics.host_topic(HOST, family), payload)
 
 
 @settings(max_examples=200, deadline=None)
@@ -178,17 +169,9 @@ def test_mutated_good_messages_never_raise(cls: type[msgspec.Struct], data: st.D
     cut = data.draw(st.integers(0, len(raw)))
     payload = bytes(raw[:cut]) + data.draw(st.binary(max_size=16))
     decoder = codec.InboundDecoder(log_every_s=3600.0)
-    if _decode_tolerating_known_bugs(decoder, samples.topic_for(message), payload):
-        assert decoder.stats.ok + decoder.stats.rejected == 1
+    _decode_once(decoder, samples.topic_for(message), payload)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="bug in protocols/codec.py: invalid UTF-8 in a string field raises UnicodeDecodeError out of "
-    "decode() "
-    "(fix: catch it there; then drop this mark and UnicodeDecodeError from _KNOWN_ESCAPES)",
-)
 def test_invalid_utf8_in_a_string_is_refused_not_raised() -> None:
     """Pins that a string field holding invalid UTF-8 is refused as garbage, not raised."""
     raw = codec.encode(samples.sample(messages.HostState))
@@ -200,13 +183,6 @@ def test_invalid_utf8_in_a_string_is_refused_not_raised() -> None:
     assert decoder.stats.by_reason == {"garbage": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="bug in protocols/codec.py: deep nesting in an ignored field raises RecursionError out of "
-    "decode() "
-    "(fix: catch it there; then drop this mark and RecursionError from _KNOWN_ESCAPES)",
-)
 def test_deeply_nested_unknown_field_is_refused_not_raised() -> None:
     """Pins that a small payload nesting 10,000 arrays in an unknown field is refused, not raised."""
     data = msgspec.to_builtins(samples.sample(messages.HostState))

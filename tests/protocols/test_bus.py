@@ -125,12 +125,6 @@ async def test_wait_connected_times_out_with_a_clear_error(unique: UniqueName) -
         assert not bus.connected.is_set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in protocols/bus.py: an mqtts:// url without settings.tls_context connects in PLAIN TEXT "
-    "(fix: in _make_client and _probe_protocol pass `s.tls_context or ssl.create_default_context()` "
-    "when self.address.tls)",
-)
 # paho leaks the socket of a failed TLS handshake (third-party; seen once the bug below is fixed).
 @pytest.mark.filterwarnings("ignore:unclosed <ssl.SSLSocket:ResourceWarning")
 async def test_mqtts_url_never_falls_back_to_plain_text(
@@ -232,12 +226,6 @@ async def test_close_does_not_publish_last_will(mosquitto: MosquittoBroker, uniq
         assert (await got.next())[1] == b"marker"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in protocols/bus.py: close() cancels the task but leaves `connected` set and `_client` "
-    "pointing at the closed client (fix: in Bus._run wrap the loop in try/finally that does "
-    "`self.connected.clear(); self._client = None`, or do that in close() after awaiting the task)",
-)
 async def test_closed_bus_reports_disconnected(mosquitto: MosquittoBroker, unique: UniqueName) -> None:
     """Pins that after close() the bus no longer claims to be connected."""
     bus = Bus(bus_settings(mosquitto.url, unique("c")))

@@ -71,12 +71,6 @@ def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
     assert topic_matches(topic_filter, topic) is expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in protocols/bus.py topic_matches: MQTT 3.1.1/5 section 4.7.2 says a filter starting with a "
-    "wildcard must not match topics starting with '$' (fix: return False when topic starts with '$' and "
-    "the filter's first level is '+' or '#')",
-)
 @pytest.mark.parametrize("topic_filter", ["#", "+/broker/uptime"])
 def test_wildcards_do_not_match_dollar_topics(topic_filter: str) -> None:
     """Pins that '#' and '+' at the first level do not route $SYS topics to a handler."""

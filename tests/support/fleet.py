@@ -99,7 +99,9 @@ class Fleet:
         self.drivers[host_id] = driver
         if wait and self.controller is not None:
             await eventually(
-                lambda: (h := self.service.store.host(host_id)) is not None and h.online, 10, f"host {host_id} online"
+                lambda: (h := self.service.store.host(host_id)) is not None and h.online,
+                10,
+                f"host {host_id} online",
             )
         return agent
 

@@ -46,6 +46,45 @@ class VmWorkload(msgspec.Struct, frozen=True, kw_only=True):
     boot_s: Annotated[float, msgspec.Meta(ge=0.0, le=600.0)] = 0.0
 
 
+#: Absolute host paths of images and kernels. Engines also confine them to their image directory.
+HostPath = Annotated[str, msgspec.Meta(pattern=r"^/[^\x00]{0,4095}$", description="absolute path on the host")]
+DiskTarget = Annotated[str, msgspec.Meta(pattern=r"^(vd|sd|hd)[a-z]{1,2}$", description="guest device name, e.g. vda")]
+MacAddress = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")]
+Machine = Literal["pc", "q35", "microvm"]
+CpuMode = Literal["default", "host-passthrough", "host-model", "custom"]
+Feature = Literal["acpi", "apic", "pae"]
+
+
+class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Direct kernel boot when ``kernel`` is set; otherwise the first disk boots."""
+
+    kernel: HostPath | None = None
+    initrd: HostPath | None = None
+    cmdline: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+
+
+class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A block device. With ``overlay`` (the default) the engine creates a qcow2 overlay on ``source``,
+    so the base image is shared and never written; without it the file is used as it is."""
+
+    target: DiskTarget
+    source: HostPath
+    format: Literal["qcow2", "raw"] = "qcow2"
+    bus: Literal["virtio", "sata"] = "virtio"
+    readonly: bool = False
+    overlay: bool = True
+
+
+class NicSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A network interface: user-mode networking by default, or a tap device / Linux bridge."""
+
+    model: Literal["virtio", "e1000"] = "virtio"
+    mode: Literal["user", "tap", "bridge"] = "user"
+    mac: MacAddress | None = None
+    #: Bridge name for mode=bridge, tap device name for mode=tap.
+    device: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
+
+
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A virtual machine as the operator defines it.
 
@@ -60,6 +99,21 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     arch: Arch = "x86_64"
     labels: dict[Label, Annotated[str, msgspec.Meta(max_length=256)]] = {}
     workload: VmWorkload = VmWorkload()
+    # -- devices (engines that model no devices, like sim, ignore them) -----------------------
+    machine: Machine = "pc"
+    cpu_mode: CpuMode = "default"
+    #: CPU model for cpu_mode=custom (a QEMU/libvirt model name such as "Skylake-Server").
+    cpu_model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}$")] = ""
+    #: Guest memory at boot when lower than ``memory_mib`` (the balloon target); None means all of it.
+    current_memory_mib: Annotated[int, msgspec.Meta(ge=16)] | None = None
+    boot: BootSpec = BootSpec()
+    disks: list[DiskSpec] = []
+    nics: list[NicSpec] = []
+    features: list[Feature] = msgspec.field(default_factory=lambda: ["acpi", "apic"])
+    #: A virtio console and a serial port whose output the engine keeps in a log file.
+    console: bool = True
+    rng: bool = True
+    balloon: bool = True
 
 
 class VmSpecInput(VmSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):

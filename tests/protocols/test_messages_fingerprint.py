@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:4f60754199b354a40819796cfa2a89f569e6e0e65f25ede99042718c3270d1cb"
+FINGERPRINT = "sha256:1d24c013a144e458ee6ee412a12b79326441b6a0eb56a6f9ae416f5b7475ba92"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

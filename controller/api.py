@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller import views
 from controller.fleet import ApiError, FleetService
 from controller.store import EventRecord, Usage
-from protocols.vmspec import VmSpecInput
+from protocols.vmspec import VmSpecInput, explain_validation_error
 
 PREFIX = "/api/v1"
 MAX_BODY_BYTES = 256 * 1024
@@ -92,7 +92,9 @@ async def _read_body(request: Request, type_: type[Any], what: str, required: bo
     try:
         return msgspec.json.decode(raw, type=type_)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, "invalid_body", f"{what}: {exc}; fix that field and retry") from None
+        raise ApiError(
+            400, "invalid_body", f"{what}: {explain_validation_error(exc)}; fix that field and retry"
+        ) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"{what}: the body is not valid JSON ({exc})") from None
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from protocols.vmspec import VmSpecInput
+from protocols.vmspec import VmSpecInput, explain_validation_error
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
@@ -224,7 +224,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     try:
         msgspec.convert(body, VmSpecInput)
     except msgspec.ValidationError as exc:
-        raise CliError(f"vm spec: {exc}") from None
+        raise CliError(f"vm spec: {explain_validation_error(exc)}") from None
     return body
 
 

@@ -123,6 +123,23 @@ class VmSpecInput(VmSpec, frozen=True, kw_only=True, forbid_unknown_fields=True)
         return msgspec.convert(msgspec.to_builtins(self), VmSpec)
 
 
+_PATTERN_HINTS = {
+    VM_NAME_PATTERN: "a VM name: 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit",
+    HOST_ID_PATTERN: "a host id: letters, digits, '.', '_' and '-', up to 64 characters",
+    r"^/[^\x00]{0,4095}$": "an absolute path on the host, e.g. /var/lib/fleetvisor/images/base.qcow2",
+    r"^(vd|sd|hd)[a-z]{1,2}$": "a guest disk name such as vda or sdb",
+    r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$": "a lower-case MAC address such as 52:54:00:12:34:56",
+}
+
+
+def explain_validation_error(error: msgspec.ValidationError) -> str:
+    """msgspec's message, with regular expressions replaced by what a person should type."""
+    text = str(error)
+    for pattern, hint in _PATTERN_HINTS.items():
+        text = text.replace(f"Expected `str` matching regex {pattern!r}", f"Expected {hint}")
+    return text
+
+
 def vm_name_problem(name: str) -> str | None:
     """Return why ``name`` is not a valid VM name, or None when it is."""
     if VM_NAME_RE.fullmatch(name):

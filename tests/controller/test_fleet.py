@@ -68,7 +68,7 @@ async def test_bad_api_input_gets_4xx_that_says_what_to_fix_and_changes_nothing(
             cases = [
                 ({"name": "a", "vcpus": "two"}, "Expected `int`, got `str` - at `$.vcpus`"),
                 ({"name": "a", "memory_mb": 512}, "unknown field `memory_mb`"),
-                ({"name": "Bad_Name"}, "$.name"),
+                ({"name": "Bad_Name"}, "Expected a VM name: 1-63 lower-case letters"),
                 ({"name": "a", "vcpus": 0}, ">= 1"),
                 ([1, 2], "Expected `object`"),
             ]
@@ -289,3 +289,32 @@ async def test_controller_and_agents_work_over_both_mqtt_versions(mosquitto, tmp
     finally:
         fleet_support.FAST_BUS.clear()
         fleet_support.FAST_BUS.update(original)
+
+
+async def test_controller_with_its_embedded_broker_serves_agents_over_mqtt_3_1_1(tmp_path):
+    """`controller --embedded-broker`: amqtt in-process, agents negotiate MQTT 3.1.1 and VMs get created."""
+    from agent.daemon import Agent, AgentSettings
+    from controller.daemon import Controller, ControllerSettings
+    from hv.sim.engine import SimDriver
+    from tests.support.fleet import FAST_BUS
+
+    settings = ControllerSettings(
+        embedded_broker=True,
+        embedded_broker_port=0,
+        db_path=tmp_path / "c.sqlite",
+        serve_api=False,
+        bus_overrides=FAST_BUS,
+    )
+    async with Controller(settings) as controller:
+        assert controller.broker is not None and controller.bus is not None and controller.service is not None
+        await controller.bus.wait_connected(10)
+        assert controller.bus.protocol_in_use == "3.1.1"
+        agent_settings = AgentSettings(
+            host_id="h1", broker_url=controller.broker.url, state_dir=tmp_path / "h1", bus_overrides=FAST_BUS
+        )
+        async with Agent(agent_settings, SimDriver(host_id="h1", state_dir=tmp_path / "h1")) as agent:
+            service = controller.service
+            await eventually(lambda: service.online_host_count() == 1, 10, "h1 online")
+            assert agent.bus.protocol_in_use == "3.1.1"
+            _, op = service.create_vm(VmSpec(name="embedded", memory_mib=256))
+            assert (await service.wait_operation(op.op_id, 10)).state == "succeeded"

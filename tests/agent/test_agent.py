@@ -56,6 +56,9 @@ class Probe:
             self.events.append(message)
 
     async def send(self, command: Any) -> None:
+        # The agent subscribes to its commands before it announces itself online; wait for that,
+        # as the controller does, or a command could reach the broker before anyone listens.
+        await eventually(lambda: any(s.online for s in self.states), 5, "the agent online")
         await self.bus.publish(topics.host_topic(self.host_id, "cmd"), codec.encode(command), qos=1)
 
     async def reply(self, op_id: str, count: int = 1, timeout: float = 5.0) -> list[Reply]:

@@ -19,12 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 from agent.daemon import Agent, AgentSettings, default_state_dir
+from controller import broker_config
 from controller import cli as operator_cli
 from controller.daemon import Controller, ControllerSettings, default_db_path
 from controller.embedded_broker import EmbeddedBroker
 from controller.fleet import ApiError
 from hv.engines import ENGINES, UnknownEngine, create_driver
-from protocols.bus import BrokerAddress, BusError
+from protocols.bus import BrokerAddress, BusError, read_secret
 from protocols.vmspec import HOST_ID_RE, VmSpec, VmWorkload
 
 log = logging.getLogger("fleetvisor")
@@ -61,8 +62,14 @@ def _run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 # -- controller -----------------------------------------------------------------------------------
 
 
+def _password(args: argparse.Namespace) -> str | None:
+    return read_secret(args.password_file) if args.password_file else None
+
+
 def cmd_controller(args: argparse.Namespace) -> int:
     settings = ControllerSettings(
+        username=args.username,
+        password=_password(args),
         broker_url=args.broker,
         embedded_broker=args.embedded_broker,
         embedded_broker_port=args.broker_port,
@@ -102,6 +109,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(
         host_id=args.host_id,
         broker_url=args.broker,
+        username=args.username,
+        password=_password(args),
         state_dir=state_dir,
         telemetry_interval_s=args.telemetry_interval,
         address=args.address,
@@ -210,6 +219,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run(lambda stop: run_demo(args, stop))
 
 
+# -- broker configuration -------------------------------------------------------------------------
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    try:
+        config = broker_config.generate(
+            hosts,
+            pathlib.Path(args.out),
+            listen=args.listen,
+            port=args.port,
+            persistence=not args.no_persistence,
+        )
+    except broker_config.BrokerConfigError as exc:
+        print(f"fleetvisor broker-config: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {config.conf}, {config.passwd}, {config.acl}")
+    print(f"start the broker:  mosquitto -c {config.conf}")
+    for user, path in config.credentials.items():
+        role = "controller" if user == broker_config.CONTROLLER_USER else "agent"
+        print(f"  {role:10} --username {user} --password-file {path}")
+    return 0
+
+
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--username", help="broker user (see `fleetvisor broker-config`)")
+    parser.add_argument("--password-file", help="file whose first line is the broker password")
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -235,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=str(default_db_path()), help="SQLite state store (default %(default)s)")
     p.add_argument("--listen", default="127.0.0.1", help="API address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    _add_credentials(p)
     p.set_defaults(func=cmd_controller)
 
     p = sub.add_parser("agent", help="run a host agent")
@@ -250,7 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1", help="address other hosts reach this one on")
     p.add_argument("--cores", type=int, default=16, help="sim engine: cores of the simulated host")
     p.add_argument("--memory-mib", type=int, default=65536, help="sim engine: memory of the simulated host")
+    _add_credentials(p)
     p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("broker-config", help="write a Mosquitto config with per-host credentials and ACLs")
+    p.add_argument("--hosts", required=True, help="comma-separated host ids, e.g. h1,h2,h3")
+    p.add_argument("--out", default="deploy/broker", help="output directory (default deploy/broker)")
+    p.add_argument("--listen", default="0.0.0.0", help="listener address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=1883, help="listener port (default 1883)")
+    p.add_argument("--no-persistence", action="store_true", help="do not persist sessions to disk")
+    p.set_defaults(func=cmd_broker_config)
 
     p = sub.add_parser("demo", help="run a whole fleet in one process: broker, controller, sim agents, VMs")
     p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")

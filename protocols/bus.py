@@ -134,6 +134,22 @@ class _Pending:
     expiry_s: float | None
 
 
+def read_secret(path: str) -> str:
+    """The first line of a secret file (a broker password).
+
+    Raises:
+        BusError: the file cannot be read or is empty.
+    """
+    try:
+        with open(path) as f:
+            secret = f.readline().strip()
+    except OSError as exc:
+        raise BusError(f"cannot read the broker password file {path!r}: {exc.strerror}") from None
+    if not secret:
+        raise BusError(f"broker password file {path!r} is empty; write the password on its first line")
+    return secret
+
+
 def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
     """Jittered exponential backoff ("equal jitter"): half fixed, half random, capped."""
     ceiling = min(max_s, initial_s * (2.0 ** min(attempt, 30)))

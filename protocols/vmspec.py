@@ -47,8 +47,12 @@ class VmWorkload(msgspec.Struct, frozen=True, kw_only=True):
 
 
 #: Absolute host paths of images and kernels. Engines also confine them to their image directory.
-HostPath = Annotated[str, msgspec.Meta(pattern=r"^/[^\x00]{0,4095}$", description="absolute path on the host")]
-DiskTarget = Annotated[str, msgspec.Meta(pattern=r"^(vd|sd|hd)[a-z]{1,2}$", description="guest device name, e.g. vda")]
+HostPath = Annotated[
+    str, msgspec.Meta(pattern=r"^/[^\x00]{0,4095}$", description="absolute path on the host")
+]
+DiskTarget = Annotated[
+    str, msgspec.Meta(pattern=r"^(vd|sd|hd)[a-z]{1,2}$", description="guest device name, e.g. vda")
+]
 MacAddress = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")]
 Machine = Literal["pc", "q35", "microvm"]
 CpuMode = Literal["default", "host-passthrough", "host-model", "custom"]

@@ -139,6 +139,7 @@ def test_good_messages_are_counted_as_ok() -> None:
 
 _FAMILY = st.sampled_from(topics.FAMILIES)
 
+
 def _decode_once(decoder: codec.InboundDecoder, topic: str, payload: bytes) -> None:
     """Decode, which must return a message or None (never raise), and count exactly one outcome."""
     result = decoder.decode(topic, payload)

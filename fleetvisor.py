@@ -76,6 +76,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         db_path=pathlib.Path(args.db),
         api_host=args.listen,
         api_port=args.port,
+        auth=args.auth,
     )
 
     async def main(stop: asyncio.Event) -> int:
@@ -273,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=str(default_db_path()), help="SQLite state store (default %(default)s)")
     p.add_argument("--listen", default="127.0.0.1", help="API address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="require API tokens; the first start writes an admin token next to the store (admin.token)",
+    )
     _add_credentials(p)
     p.set_defaults(func=cmd_controller)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller import views
+from controller import auth, views
 from controller.fleet import ApiError, FleetService
 from controller.store import EventRecord, Usage
 from protocols.vmspec import VmSpecInput, explain_validation_error
@@ -43,6 +43,10 @@ _SCHEMA_TYPES: dict[str, Any] = {
     "hosts": list[views.HostView],
     "vms": list[views.VmView],
     "events": list[EventRecord],
+    "token_request": auth.TokenRequest,
+    "new_token": auth.NewToken,
+    "tokens": list[auth.TokenInfo],
+    "audit": list[auth.AuditRecord],
 }
 _schemas, _components = msgspec.json.schema_components(
     tuple(_SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"
@@ -99,7 +103,8 @@ async def _read_body(request: Request, type_: type[Any], what: str, required: bo
         raise ApiError(400, "invalid_json", f"{what}: the body is not valid JSON ({exc})") from None
 
 
-def create_app(service: FleetService) -> FastAPI:
+def create_app(service: FleetService, authority: auth.Authority | None = None) -> FastAPI:
+    authority = authority or auth.Authority(service.store.connection, enabled=False)
     app = FastAPI(
         title="Fleetvisor",
         version="1",
@@ -128,6 +133,65 @@ def create_app(service: FleetService) -> FastAPI:
         if exc.status_code == 405:
             return _error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
         return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.middleware("http")
+    async def _authenticate(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """Every request is authenticated and authorised; every mutating one is audited."""
+        method, path = request.method, request.url.path
+        mutating = method not in ("GET", "HEAD", "OPTIONS")
+        caller: auth.Caller | None = None
+        try:
+            needed = auth.required_role(method, path)
+            if needed is not None:
+                caller = authority.authenticate(request.headers.get("authorization"))
+                authority.authorize(caller, needed, f"{method} {path}")
+        except auth.AuthError as exc:
+            if mutating:
+                authority.audit(caller, method, path, exc.status, exc.code)
+            return _error(exc.status, exc.code, exc.message)
+        request.state.caller = caller or auth.ANONYMOUS
+        response = await call_next(request)
+        if mutating:
+            authority.audit(caller, method, path, response.status_code, str(request.url.query))
+        return response
+
+    @app.post(
+        f"{PREFIX}/tokens",
+        summary="Create an API token (admin); the token is shown once",
+        status_code=201,
+        responses=_responses(201, "new_token", 400, 401, 403, 409),
+        openapi_extra=_body("token_request"),
+    )
+    async def create_token(request: Request) -> Response:
+        body: auth.TokenRequest = await _read_body(request, auth.TokenRequest, "token request")
+        try:
+            return _json(authority.create_token(body.name, body.role), 201)
+        except auth.AuthError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+
+    @app.get(
+        f"{PREFIX}/tokens", summary="List API tokens (admin)", responses=_responses(200, "tokens", 401, 403)
+    )
+    async def list_tokens() -> Response:
+        return _json(authority.tokens())
+
+    @app.delete(f"{PREFIX}/tokens/{{name}}", summary="Revoke an API token (admin)", status_code=204)
+    async def revoke_token(name: str) -> Response:
+        try:
+            authority.revoke(name)
+        except auth.AuthError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        return Response(status_code=204)
+
+    @app.get(
+        f"{PREFIX}/audit",
+        summary="The audit log of mutating requests (admin)",
+        responses=_responses(200, "audit"),
+    )
+    async def list_audit(since: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> Response:
+        return _json(authority.audit_since(since, limit))
 
     wait_param = Query(0.0, ge=0.0, le=600.0, description="seconds to wait for the operation to end")
 

@@ -35,9 +35,10 @@ class CliError(Exception):
 class ApiClient:
     """A thin synchronous client of ``/api/v1``."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=f"{self.base_url}/api/v1", timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=f"{self.base_url}/api/v1", timeout=timeout, headers=headers)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -52,6 +53,8 @@ class ApiClient:
             body = response.json()
         except ValueError:
             body = None
+        if response.status_code == 204:
+            return None
         if response.status_code >= 400:
             message = body.get("error", {}).get("message") if isinstance(body, dict) else None
             raise CliError(message or f"{method} {path}: HTTP {response.status_code}")
@@ -312,6 +315,53 @@ def cmd_events(client: ApiClient, args: argparse.Namespace) -> int:
         time.sleep(0.5)
 
 
+# -- tokens and audit ----------------------------------------------------------------------------
+
+
+def cmd_token_create(client: ApiClient, args: argparse.Namespace) -> int:
+    new = client.request("POST", "/tokens", json={"name": args.name, "role": args.role})
+    if args.json:
+        print(json.dumps(new, indent=2, sort_keys=True))
+    else:
+        print(f"token {new['name']} ({new['role']}); it is shown only this once:\n{new['token']}")
+    return 0
+
+
+def cmd_token_list(client: ApiClient, args: argparse.Namespace) -> int:
+    _print(
+        args,
+        client.request("GET", "/tokens"),
+        lambda tokens: _table(
+            [
+                [t["name"], t["role"], time.strftime("%Y-%m-%d %H:%M", time.localtime(t["created_at"]))]
+                for t in tokens
+            ],
+            ["name", "role", "created"],
+        ),
+    )
+    return 0
+
+
+def cmd_token_revoke(client: ApiClient, args: argparse.Namespace) -> int:
+    client.request("DELETE", f"/tokens/{args.name}")
+    print(f"token {args.name}: revoked")
+    return 0
+
+
+def cmd_audit(client: ApiClient, args: argparse.Namespace) -> int:
+    records = client.request("GET", "/audit", params={"since": args.since, "limit": 1000})
+    _print(
+        args,
+        records,
+        lambda rs: "\n".join(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['ts']))} #{r['seq']:<5} {r['actor']:<12} "
+            f"{r['method']:<6} {r['path']} -> {r['status']}"
+            for r in rs
+        ),
+    )
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -320,6 +370,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--url", default=None, help=f"controller URL (env FLEETVISOR_URL, default {DEFAULT_URL})"
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--token", default=None, help="API bearer token (env FLEETVISOR_TOKEN)")
 
 
 def _waiting(parser: argparse.ArgumentParser) -> None:
@@ -385,6 +436,27 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     _common(p)
     p.set_defaults(handler=cmd_op_show)
 
+    token = sub.add_parser("token", help="manage API tokens (admin)").add_subparsers(
+        dest="action", required=True
+    )
+    p = token.add_parser("create", help="create a token; it is printed once")
+    p.add_argument("name")
+    p.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer")
+    _common(p)
+    p.set_defaults(handler=cmd_token_create)
+    p = token.add_parser("list", help="list tokens (names and roles, never the secrets)")
+    _common(p)
+    p.set_defaults(handler=cmd_token_list)
+    p = token.add_parser("revoke", help="revoke a token")
+    p.add_argument("name")
+    _common(p)
+    p.set_defaults(handler=cmd_token_revoke)
+
+    p = sub.add_parser("audit", help="the audit log of mutating API requests (admin)")
+    p.add_argument("--since", type=int, default=0)
+    _common(p)
+    p.set_defaults(handler=cmd_audit)
+
     p = sub.add_parser("events", help="print fleet events (-f to follow)")
     p.add_argument("--since", type=int, default=0, help="start after this event sequence number")
     p.add_argument("-f", "--follow", action="store_true")
@@ -394,7 +466,7 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 def run_operator_command(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("FLEETVISOR_URL") or DEFAULT_URL
-    client = ApiClient(url)
+    client = ApiClient(url, token=args.token or os.environ.get("FLEETVISOR_TOKEN"))
     try:
         code: int = args.handler(client, args)
         return code
@@ -403,4 +475,4 @@ def run_operator_command(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events")
+OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audit")

@@ -21,6 +21,7 @@ from typing import Any, Self
 import uvicorn
 
 from controller.api import create_app
+from controller.auth import Authority
 from controller.embedded_broker import EmbeddedBroker
 from controller.fleet import FleetService, FleetSettings
 from controller.store import Store
@@ -43,6 +44,9 @@ class ControllerSettings:
     username: str | None = None
     password: str | None = None
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    #: Require API bearer tokens. The first start creates an admin token in ``admin_token_path``.
+    auth: bool = False
+    admin_token_path: pathlib.Path | None = None
     bus_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -66,6 +70,7 @@ class Controller:
         self.store: Store | None = None
         self.bus: Bus | None = None
         self.telemetry_bus: Bus | None = None
+        self.authority: Authority | None = None
         self.service: FleetService | None = None
         self._server: _Server | None = None
         self._server_task: asyncio.Task[None] | None = None
@@ -144,8 +149,17 @@ class Controller:
             ) from None
         if s.api_port == 0:
             self.settings = _replace_port(s, sock.getsockname()[1])
+        assert self.store is not None
+        self.authority = Authority(self.store.connection, enabled=s.auth)
+        token_path = s.admin_token_path or s.db_path.parent / "admin.token"
+        if self.authority.ensure_admin_token(token_path) is not None:
+            log.warning("API auth is on: created the first admin token in %s (mode 0600)", token_path)
         config = uvicorn.Config(
-            create_app(self.service), log_level="warning", access_log=False, lifespan="off", loop="none"
+            create_app(self.service, self.authority),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            loop="none",
         )
         self._server = _Server(config)
         self._server_task = asyncio.get_running_loop().create_task(

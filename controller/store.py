@@ -189,6 +189,11 @@ class Store:
                 f"{SCHEMA_VERSION}; use a controller of the matching version"
             )
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The underlying connection, for components that keep their own tables in this file."""
+        return self._db
+
     def close(self) -> None:
         self._db.close()
 

@@ -1,0 +1,237 @@
+"""API bearer tokens with roles, and the audit log of every mutating request.
+
+Roles are ordered: ``viewer`` may read, ``operator`` may also change VMs, ``admin`` may also manage
+tokens and read the audit log. Tokens are random strings shown once at creation; the store keeps only
+their SHA-256, so a copy of the database does not leak them, and neither do the logs: nothing here
+ever logs a token or an Authorization header.
+
+With auth off (the default for a loopback-only controller and the demo) every caller is the
+``anonymous`` admin, but mutating requests are still audited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import secrets
+import sqlite3
+import time
+from typing import Literal
+
+import msgspec
+
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
+_RANK = {role: i for i, role in enumerate(ROLES)}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Caller(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    role: Role
+
+
+class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    role: Role
+    created_at: float
+
+
+class NewToken(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    role: Role
+    #: Shown once; only its hash is kept.
+    token: str
+
+
+class TokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str = msgspec.field(name="name")
+    role: Role = "viewer"
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    ts: float
+    actor: str
+    role: str
+    method: str
+    path: str
+    status: int
+    detail: str
+
+
+ANONYMOUS = Caller(name="anonymous", role="admin")
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@")
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def has_role(caller: Caller, needed: Role) -> bool:
+    return _RANK[caller.role] >= _RANK[needed]
+
+
+class Authority:
+    """Tokens and audit records, in the controller's SQLite file."""
+
+    def __init__(self, db: sqlite3.Connection, *, enabled: bool) -> None:
+        self._db = db
+        self.enabled = enabled
+        self._db.executescript(_SCHEMA)
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def create_token(self, name: str, role: Role) -> NewToken:
+        """Create a token; the secret is returned once.
+
+        Raises:
+            AuthError: 400 for a bad name or role, 409 if the name is taken.
+        """
+        if not name or len(name) > 64 or not set(name) <= _NAME_OK:
+            raise AuthError(
+                400, "invalid_body", f"token name {name!r} is invalid: use 1-64 letters, digits, '-_.@'"
+            )
+        if role not in ROLES:
+            raise AuthError(400, "invalid_body", f"role {role!r} is unknown; use one of {', '.join(ROLES)}")
+        token = "fvt_" + secrets.token_urlsafe(32)
+        try:
+            self._db.execute(
+                "INSERT INTO api_tokens (name, role, token_sha256, created_at) VALUES (?, ?, ?, ?)",
+                (name, role, _digest(token), time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise AuthError(
+                409, "token_exists", f"a token named {name!r} exists; revoke it first or pick another name"
+            ) from None
+        return NewToken(name=name, role=role, token=token)
+
+    def revoke(self, name: str) -> None:
+        """Raises AuthError 404 when no such token exists."""
+        cur = self._db.execute("DELETE FROM api_tokens WHERE name=?", (name,))
+        if cur.rowcount == 0:
+            raise AuthError(
+                404, "unknown_token", f"no token named {name!r}; list them with `fleetvisor token list`"
+            )
+
+    def tokens(self) -> list[TokenInfo]:
+        rows = self._db.execute("SELECT name, role, created_at FROM api_tokens ORDER BY name")
+        return [TokenInfo(name=r[0], role=r[1], created_at=r[2]) for r in rows]
+
+    def ensure_admin_token(self, path: pathlib.Path) -> pathlib.Path | None:
+        """With auth on and no admin token yet, create one and write it to ``path`` (mode 0600)."""
+        if not self.enabled or any(t.role == "admin" for t in self.tokens()):
+            return None
+        new = (
+            self.create_token("admin", "admin") if not any(t.name == "admin" for t in self.tokens()) else None
+        )
+        if new is None:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new.token + "\n")
+        return path
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """The caller behind an Authorization header.
+
+        Raises:
+            AuthError: 401 when auth is on and the header is missing, malformed or unknown.
+        """
+        if not self.enabled:
+            return ANONYMOUS
+        if not authorization:
+            raise AuthError(
+                401,
+                "unauthenticated",
+                "this controller requires a token: pass --token or set FLEETVISOR_TOKEN "
+                "(an admin creates one with `fleetvisor token create NAME --role ROLE`)",
+            )
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(401, "unauthenticated", "the Authorization header must read 'Bearer <token>'")
+        row = self._db.execute(
+            "SELECT name, role FROM api_tokens WHERE token_sha256=?", (_digest(token.strip()),)
+        ).fetchone()
+        if row is None:
+            raise AuthError(
+                401, "unauthenticated", "the token is unknown or revoked; ask an admin for a new one"
+            )
+        return Caller(name=row[0], role=row[1])
+
+    @staticmethod
+    def authorize(caller: Caller, needed: Role, what: str) -> None:
+        """Raises AuthError 403 when ``caller`` lacks ``needed``."""
+        if not has_role(caller, needed):
+            raise AuthError(
+                403,
+                "forbidden",
+                f"{what} needs the {needed} role; token {caller.name!r} has {caller.role}",
+            )
+
+    # -- audit ----------------------------------------------------------------------------------
+
+    def audit(self, caller: Caller | None, method: str, path: str, status: int, detail: str = "") -> None:
+        self._db.execute(
+            "INSERT INTO audit (ts, actor, role, method, path, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                time.time(),
+                caller.name if caller else "unauthenticated",
+                caller.role if caller else "",
+                method,
+                path,
+                status,
+                detail,
+            ),
+        )
+
+    def audit_since(self, seq: int, limit: int = 1000) -> list[AuditRecord]:
+        rows = self._db.execute(
+            "SELECT seq, ts, actor, role, method, path, status, detail FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [
+            AuditRecord(
+                seq=r[0], ts=r[1], actor=r[2], role=r[3], method=r[4], path=r[5], status=r[6], detail=r[7]
+            )
+            for r in rows
+        ]
+
+
+def required_role(method: str, path: str) -> Role | None:
+    """The role a request needs; None for the open endpoints (health, OpenAPI, docs)."""
+    if path in ("/api/v1/health", "/api/v1/openapi.json") or path.startswith("/api/v1/docs"):
+        return None
+    if path.startswith(("/api/v1/tokens", "/api/v1/audit")):
+        return "admin"
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return "viewer"
+    return "operator"

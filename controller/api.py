@@ -29,6 +29,8 @@ from controller.store import EventRecord, Usage
 from protocols.vmspec import VmSpecInput, explain_validation_error
 
 PREFIX = "/api/v1"
+#: Sequence numbers are SQLite integers; anything larger is a client error, not an overflow.
+_MAX_SEQ = 2**63 - 1
 MAX_BODY_BYTES = 256 * 1024
 
 #: Every type the API document describes, by the short name routes refer to.
@@ -190,7 +192,9 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
         summary="The audit log of mutating requests (admin)",
         responses=_responses(200, "audit"),
     )
-    async def list_audit(since: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> Response:
+    async def list_audit(
+        since: int = Query(0, ge=0, le=_MAX_SEQ), limit: int = Query(100, ge=1, le=1000)
+    ) -> Response:
         return _json(authority.audit_since(since, limit))
 
     wait_param = Query(0.0, ge=0.0, le=600.0, description="seconds to wait for the operation to end")
@@ -293,7 +297,7 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
 
     @app.get(f"{PREFIX}/events", summary="Past events, oldest first", responses=_responses(200, "events"))
     async def list_events(
-        since: int = Query(0, ge=0, description="only events after this sequence number"),
+        since: int = Query(0, ge=0, le=_MAX_SEQ, description="only events after this sequence number"),
         limit: int = Query(100, ge=1, le=1000),
     ) -> Response:
         return _json(service.store.events_since(since, limit))
@@ -303,11 +307,13 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
         summary="Live event stream (Server-Sent Events); resumes after Last-Event-ID",
         response_class=StreamingResponse,
     )
-    async def stream_events(request: Request, since: int | None = Query(None, ge=0)) -> StreamingResponse:
+    async def stream_events(
+        request: Request, since: int | None = Query(None, ge=0, le=_MAX_SEQ)
+    ) -> StreamingResponse:
         header = request.headers.get("last-event-id")
         start = since
         if start is None and header is not None:
-            if not header.isdigit():
+            if not header.isdigit() or int(header) > _MAX_SEQ:
                 raise ApiError(
                     400, "invalid_request", f"Last-Event-ID {header!r} is not an event sequence number"
                 )

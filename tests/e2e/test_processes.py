@@ -11,70 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
 
 from tests.support import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Proc:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log_path = log
-        self._log = log.open("wb")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fleetvisor", *args],
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Any]:
-    started: list[Proc] = []
-
-    def start(name: str, *args: str) -> Proc:
-        proc = Proc(list(args), tmp_path / f"{name}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def _wait(check: Any, timeout: float, what: str, proc_logs: list[Proc] = ()) -> Any:  # type: ignore[assignment]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except httpx.TransportError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    logs = "\n".join(f"--- {p.log_path.name}\n{p.output()[-3000:]}" for p in proc_logs)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+from tests.support.processes import ROOT, wait_for
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -123,7 +64,7 @@ def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill
     def hosts() -> dict[str, bool]:
         return {h["host_id"]: h["online"] for h in httpx.get(f"{url}/api/v1/hosts", timeout=2).json()}
 
-    _wait(lambda: hosts() == {"h1": True, "h2": True}, 20, "both hosts online", everyone)
+    wait_for(lambda: hosts() == {"h1": True, "h2": True}, 20, "both hosts online", everyone)
 
     created = _cli(url, "vm", "create", "web-1", "--vcpus", "2", "--memory", "1024", "--json")
     assert created.returncode == 0, created.stderr
@@ -139,7 +80,7 @@ def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill
     killed_at = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(5)
-    _wait(lambda: hosts()[host] is False, 3.0, f"{host} offline within 3 s", everyone)
+    wait_for(lambda: hosts()[host] is False, 3.0, f"{host} offline within 3 s", everyone)
     assert time.monotonic() - killed_at <= 3.0
     shown = httpx.get(f"{url}/api/v1/hosts/{host}", timeout=2).json()
     assert "connection lost" in shown["state_reason"]

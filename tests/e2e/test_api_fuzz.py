@@ -1,0 +1,102 @@
+"""Schemathesis fuzzes the REST API from its served OpenAPI document, against real processes.
+
+For every operation it generates valid and invalid requests; the controller must never answer 5xx,
+and a refused request (4xx) must leave the fleet exactly as it was.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.support import free_port
+from tests.support.processes import wait_for
+
+schemathesis = pytest.importorskip("schemathesis")
+
+
+_SETTLED = ("running", "paused", "stopped", "crashed", "error", "missing")
+
+
+def _snapshot(url: str) -> tuple[object, object]:
+    """The fleet once no operation is in flight (earlier accepted requests may still be finishing)."""
+    vms = wait_for(
+        lambda: (
+            (v := httpx.get(f"{url}/api/v1/vms", timeout=5).json())
+            and all(x["state"] in _SETTLED for x in v)
+            and v
+        ),
+        15,
+        "operations to settle",
+    )
+    hosts = httpx.get(f"{url}/api/v1/hosts", timeout=5).json()
+    return (
+        sorted((v["name"], v["state"], v["host_id"]) for v in vms),
+        sorted((h["host_id"], h["allocated_memory_mib"], h["vms"]) for h in hosts),
+    )
+
+
+@pytest.mark.timeout(240)
+def test_fuzzed_requests_never_get_5xx_and_refusals_change_nothing(mosquitto, procs, tmp_path):
+    """Every documented operation, fuzzed: no 5xx, and no state change when the answer is 4xx."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    controller = procs(
+        "controller",
+        "controller",
+        "--broker",
+        mosquitto.url,
+        "--db",
+        str(tmp_path / "c.sqlite"),
+        "--port",
+        str(port),
+    )
+    agent = procs(
+        "h1", "agent", "--host-id", "h1", "--broker", mosquitto.url, "--state-dir", str(tmp_path / "h1")
+    )
+    wait_for(
+        lambda: httpx.get(f"{url}/api/v1/hosts", timeout=2).json(),
+        20,
+        "the host to join",
+        [controller, agent],
+    )
+    httpx.post(
+        f"{url}/api/v1/vms", json={"name": "keep-me", "memory_mib": 256}, params={"wait": 10}, timeout=15
+    )
+
+    schema = schemathesis.openapi.from_url(f"{url}/api/v1/openapi.json")
+    failures: list[str] = []
+    operations = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.path.endswith("/events/stream"):
+            continue  # an endless stream; covered by its own test
+        operations += 1
+
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy())
+        def check(case: object) -> None:
+            before = _snapshot(url)
+            response = case.call(base_url=url, timeout=30)  # type: ignore[attr-defined]
+            where = f"{case.method} {case.formatted_path} {case.query} {case.body!r}"  # type: ignore[attr-defined]
+            if response.status_code >= 500:
+                failures.append(f"{where} -> {response.status_code} {response.text[:300]}")
+            elif 400 <= response.status_code < 500:
+                after = _snapshot(url)
+                if after != before:
+                    failures.append(
+                        f"{where} -> {response.status_code} but the fleet changed: {before} -> {after}"
+                    )
+                body = response.json()
+                if "error" not in body or not body["error"].get("message"):
+                    failures.append(f"{where} -> {response.status_code} without an error message: {body}")
+
+        check()
+    assert operations >= 10
+    assert failures == [], "\n".join(failures[:20])

@@ -1,0 +1,61 @@
+"""Processes for end-to-end tests: ``fleetvisor`` subcommands started by a test and stopped by PID.
+
+The ``procs`` fixture (in ``tests/e2e/conftest.py``) starts them; :func:`wait_for` polls a condition
+and, when it times out, shows the end of every process's log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "fleetvisor", *args],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, proc_logs: Sequence[Proc] = ()) -> Any:
+    """Poll ``check`` (HTTP errors count as not yet) until truthy; fail with the processes' logs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except httpx.TransportError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    logs = "\n".join(f"--- {p.log_path.name}\n{p.output()[-3000:]}" for p in proc_logs)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from tests.support import free_port
 from tests.support.processes import wait_for
-
-schemathesis = pytest.importorskip("schemathesis")
-
 
 _SETTLED = ("running", "paused", "stopped", "crashed", "error", "missing")
 

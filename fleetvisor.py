@@ -23,7 +23,8 @@ from controller import broker_config
 from controller import cli as operator_cli
 from controller.daemon import Controller, ControllerSettings, default_db_path
 from controller.embedded_broker import EmbeddedBroker
-from controller.fleet import ApiError
+from controller.fleet import ApiError, FleetSettings
+from controller.ha import HaSettings
 from hv.engines import ENGINES, UnknownEngine, create_driver
 from protocols.bus import BrokerAddress, BusError, read_secret
 from protocols.vmspec import HOST_ID_RE, VmSpec, VmWorkload
@@ -77,6 +78,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         api_host=args.listen,
         api_port=args.port,
         auth=args.auth,
+        fleet=FleetSettings(ha=HaSettings(fencing=args.ha_fencing, lease_s=args.ha_lease)),
     )
 
     async def main(stop: asyncio.Event) -> int:
@@ -115,6 +117,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         state_dir=state_dir,
         telemetry_interval_s=args.telemetry_interval,
         address=args.address,
+        ha_lease_s=args.ha_lease if args.ha_lease > 0 else None,
     )
 
     async def main(stop: asyncio.Event) -> int:
@@ -279,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="require API tokens; the first start writes an admin token next to the store (admin.token)",
     )
+    p.add_argument(
+        "--ha-fencing",
+        choices=("lease", "none"),
+        default="lease",
+        help="how a failed host is fenced before its HA VMs restart (default lease; none disables HA restarts)",
+    )
+    p.add_argument(
+        "--ha-lease", type=float, default=3.0, metavar="S", help="HA lease; must match the agents'"
+    )
     _add_credentials(p)
     p.set_defaults(func=cmd_controller)
 
@@ -295,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1", help="address other hosts reach this one on")
     p.add_argument("--cores", type=int, default=16, help="sim engine: cores of the simulated host")
     p.add_argument("--memory-mib", type=int, default=65536, help="sim engine: memory of the simulated host")
+    p.add_argument(
+        "--ha-lease",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="destroy HA VMs after this long without the bus (self-fencing); 0 disables (default 3)",
+    )
     _add_credentials(p)
     p.set_defaults(func=cmd_agent)
 

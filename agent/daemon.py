@@ -71,6 +71,9 @@ class AgentSettings:
     max_queued_per_vm: int = 64
     #: Coalesce inventory updates: at most one publication per this many seconds.
     inventory_debounce_s: float = 0.1
+    #: HA lease: after this long without the bus, HA VMs are destroyed (self-fencing), because the
+    #: controller may restart them elsewhere. Must match the controller's lease. None disables it.
+    ha_lease_s: float | None = 3.0
     bus_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,12 +131,15 @@ class Agent:
         self.driver.set_event_sink(self._on_driver_event)
         await self.driver.open()
         self._caps = await self.driver.capabilities()
+        await self._fence_if_away_too_long()
         self.bus.subscribe(topics.host_topic(self.host_id, "cmd"), self._on_command, qos=1)
         self.bus.on_connect(self._announce)
         await self.bus.__aenter__()
         self._spawn(self._telemetry_loop(), "telemetry")
         self._spawn(self._inventory_loop(), "inventory")
         self._spawn(self._outbox_loop(), "outbox")
+        if self.settings.ha_lease_s is not None:
+            self._spawn(self._lease_loop(self.settings.ha_lease_s), "ha-lease")
         log.info(
             "agent %s: %s engine, %d cores, %d MiB; broker %s",
             self.host_id,
@@ -179,6 +185,51 @@ class Agent:
             raise
         except Exception:
             log.exception("agent %s: task %s crashed", self.host_id, name)
+
+    # -- HA self-fencing -------------------------------------------------------------------------
+
+    def _alive_stamp(self) -> pathlib.Path | None:
+        return self.settings.state_dir / "alive" if self.settings.state_dir else None
+
+    async def _fence_if_away_too_long(self) -> None:
+        """At start: if this agent was gone longer than the lease, its HA VMs may run elsewhere now."""
+        stamp, lease = self._alive_stamp(), self.settings.ha_lease_s
+        if stamp is None or lease is None or not stamp.exists():
+            return
+        away = time.time() - stamp.stat().st_mtime
+        if away > lease:
+            await self.self_fence(f"the agent was away {away:.0f}s, longer than the {lease:g}s HA lease")
+
+    async def self_fence(self, reason: str) -> list[str]:
+        """Destroy every running HA VM (the controller may restart it elsewhere). Returns their names."""
+        fenced = []
+        for vm in await self.driver.list():
+            if vm.spec.ha and vm.state in ("running", "paused", "starting"):
+                status = await self.driver.destroy(vm.name)
+                self._queue_event(vm.name, "stopped", status.state, f"self-fenced: {reason}", op_id="")
+                fenced.append(vm.name)
+        if fenced:
+            log.warning("agent %s: self-fenced HA VMs %s: %s", self.host_id, ", ".join(fenced), reason)
+        return fenced
+
+    async def _lease_loop(self, lease_s: float) -> None:
+        stamp = self._alive_stamp()
+        lost_since: float | None = time.monotonic()
+        fenced = False
+        last_stamp = 0.0
+        while True:
+            await asyncio.sleep(min(0.25, lease_s / 4))
+            now = time.monotonic()
+            if self.bus.connected.is_set():
+                lost_since, fenced = None, False
+                if stamp is not None and now - last_stamp >= 1.0:
+                    stamp.touch()
+                    last_stamp = now
+            else:
+                lost_since = lost_since if lost_since is not None else now
+                if not fenced and now - lost_since >= lease_s:
+                    fenced = True
+                    await self.self_fence(f"lost the bus for {now - lost_since:.1f}s (HA lease {lease_s:g}s)")
 
     # -- announcing -----------------------------------------------------------------------------
 

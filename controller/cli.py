@@ -210,7 +210,15 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = _load_spec_file(args.file) if args.file else {}
     if args.name:
         body["name"] = args.name
-    for flag, key in (("vcpus", "vcpus"), ("memory", "memory_mib"), ("disk", "disk_gib"), ("arch", "arch")):
+    if args.ha:
+        body["ha"] = True
+    for flag, key in (
+        ("vcpus", "vcpus"),
+        ("memory", "memory_mib"),
+        ("disk", "disk_gib"),
+        ("arch", "arch"),
+        ("ha_priority", "ha_priority"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             body[key] = value
@@ -395,6 +403,8 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--arch", help="guest architecture (default x86_64)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
     p.add_argument("--no-start", action="store_true", help="define it but leave it stopped")
+    p.add_argument("--ha", action="store_true", help="restart it elsewhere if its host fails (after fencing)")
+    p.add_argument("--ha-priority", type=int, help="HA restart order, 0-1000, higher first")
     _common(p)
     _waiting(p)
     p.set_defaults(handler=cmd_vm_create)

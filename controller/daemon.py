@@ -124,7 +124,7 @@ class Controller:
         self._stack.push_async_callback(self.service.close)
         await self._stack.enter_async_context(self.telemetry_bus)
         await self._stack.enter_async_context(self.bus)
-        self.service.resume_operations()
+        self.service.start()
         if s.serve_api:
             await self._serve_api()
         log.info(

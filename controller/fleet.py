@@ -28,6 +28,7 @@ import msgspec
 
 from controller import placement
 from controller.events import EventHub
+from controller.ha import HaManager, HaSettings
 from controller.store import HostRecord, OperationRecord, OpKind, Store, VmRecord, VmState
 from protocols import codec, topics
 from protocols.bus import Bus
@@ -72,6 +73,7 @@ class FleetSettings:
     command_retry_s: float = 5.0
     #: Telemetry older than this marks a host's load as stale in views.
     telemetry_stale_s: float = 5.0
+    ha: HaSettings = field(default_factory=HaSettings)
 
 
 _POWER_TO_VM_STATE: dict[VmPowerState, VmState] = {
@@ -104,6 +106,8 @@ class FleetService:
         self.telemetry: dict[str, HostTelemetry] = {}
         self.telemetry_seen: dict[str, float] = {}
         self.telemetry_count = 0
+        #: The latest inventory each host reported: what it says it runs, for views and invariant checks.
+        self.inventories: dict[str, HostInventory] = {}
         self._boot_ids: dict[str, str] = {}
         self._reply_waiters: dict[str, asyncio.Future[Reply]] = {}
         self._early_replies: OrderedDict[str, Reply] = OrderedDict()
@@ -111,6 +115,7 @@ class FleetService:
         self._op_tasks: dict[str, asyncio.Task[None]] = {}
         self._op_done: dict[str, asyncio.Event] = {}
         self._closing = False
+        self.ha = HaManager(self, self.settings.ha)
         for family, handler in (
             ("state", self._on_state),
             ("inventory", self._on_inventory),
@@ -122,6 +127,11 @@ class FleetService:
         bus.on_connect(self._request_inventories)
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start background work (HA) and resume unfinished operations. Returns how many resumed."""
+        self.ha.start()
+        return self.resume_operations()
 
     def resume_operations(self) -> int:
         """Resume every operation a previous controller left running. Returns how many."""
@@ -135,6 +145,7 @@ class FleetService:
 
     async def close(self) -> None:
         self._closing = True
+        await self.ha.close()
         tasks = list(self._op_tasks.values())
         for task in tasks:
             task.cancel()
@@ -164,6 +175,7 @@ class FleetService:
             self.telemetry[message.host_id] = message
             self.telemetry_seen[message.host_id] = time.monotonic()
             self.telemetry_count += 1
+            self.ha.heartbeat(message.host_id)
 
     def _on_state(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
@@ -177,6 +189,7 @@ class FleetService:
             self._boot_ids[message.host_id] = message.boot_id
         if self.store.host(message.host_id) is None:
             return  # the inventory (hello) creates the host; it follows the online state
+        self.ha.host_state(message.host_id, message.online, message.reason)
         if self.store.set_host_online(message.host_id, message.online, message.reason):
             if message.online:
                 self.events.emit(
@@ -244,6 +257,7 @@ class FleetService:
     def reconcile(self, inventory: HostInventory) -> None:
         """Make the store agree with what a host reports it runs."""
         host_id = inventory.host_id
+        self.inventories[host_id] = inventory
         is_new = self.store.host(host_id) is None
         self._boot_ids[host_id] = inventory.boot_id
         with self.store.transaction():
@@ -300,6 +314,11 @@ class FleetService:
                 vm=status.name,
             )
             return
+        if record.host_id != host_id:
+            moved = self.store.last_operation(status.name, "restart")
+            if moved is not None and moved.params.get("from_host") == host_id and moved.state != "failed":
+                self.ha.clean_stale_copy(host_id, status.name)  # the fenced host's copy; the VM lives on
+                return
         if record.host_id != host_id:
             self.events.emit(
                 "vm.conflict",
@@ -441,6 +460,29 @@ class FleetService:
         self._start_runner(op)
         return op
 
+    def start_restart(self, record: VmRecord, new_host: str, failed_host: str) -> OperationRecord:
+        """Move an HA VM's claim from ``failed_host`` to ``new_host`` and start it there."""
+        deadline = time.time() + self.settings.operation_timeout_s
+        with self.store.transaction():
+            op = self.store.insert_operation(
+                kind="restart",
+                vm=record.name,
+                host_id=new_host,
+                params={"from_host": failed_host, "from_state": record.state},
+                deadline=deadline,
+            )
+            self.store.update_vm(record.name, host_id=new_host, state="starting", op_id=op.op_id, error="")
+        self.events.emit(
+            "ha.restarting",
+            f"vm {record.name} (HA, priority {record.spec.ha_priority}) restarting on {new_host} "
+            f"after {failed_host} failed",
+            host_id=new_host,
+            vm=record.name,
+            op_id=op.op_id,
+        )
+        self._start_runner(op)
+        return op
+
     async def wait_operation(self, op_id: str, timeout: float) -> OperationRecord:
         """The operation after it ends, or as it stands after ``timeout`` seconds."""
         done = self._op_done.get(op_id)
@@ -458,7 +500,7 @@ class FleetService:
 
     def _command_for(self, op: OperationRecord, record: VmRecord) -> Command:
         common = {"op_id": op.op_id, "deadline": op.deadline}
-        if op.kind == "create":
+        if op.kind in ("create", "restart"):
             return DefineVm(spec=record.spec, start=bool(op.params.get("start", True)), **common)  # type: ignore[arg-type]
         if op.kind == "start":
             return StartVm(vm=op.vm, **common)  # type: ignore[arg-type]
@@ -569,7 +611,7 @@ class FleetService:
         with self.store.transaction():
             record = self.store.vm(op.vm)
             if record is not None and record.op_id == op.op_id:
-                if op.kind == "create":
+                if op.kind in ("create", "restart"):
                     # Release the claim: the VM did not come to exist anywhere we know of.
                     self.store.update_vm(op.vm, state="error", host_id=None, op_id=None, error=error)
                 else:

@@ -38,7 +38,7 @@ VmState = Literal[
     "missing",
 ]
 OpState = Literal["running", "succeeded", "failed"]
-OpKind = Literal["create", "start", "stop", "delete"]
+OpKind = Literal["create", "start", "stop", "delete", "restart"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -375,6 +375,12 @@ class Store:
 
     def operation(self, op_id: str) -> OperationRecord | None:
         row = self._db.execute("SELECT * FROM operations WHERE op_id=?", (op_id,)).fetchone()
+        return None if row is None else _op(row)
+
+    def last_operation(self, vm: str, kind: OpKind) -> OperationRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM operations WHERE vm=? AND kind=? ORDER BY created_at DESC LIMIT 1", (vm, kind)
+        ).fetchone()
         return None if row is None else _op(row)
 
     def running_operations(self) -> list[OperationRecord]:

@@ -26,6 +26,11 @@ class HostLoad(msgspec.Struct, frozen=True, kw_only=True):
     vms_running: int
 
 
+class ReportedVm(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    state: str
+
+
 class HostView(msgspec.Struct, frozen=True, kw_only=True):
     host_id: str
     online: bool
@@ -41,6 +46,10 @@ class HostView(msgspec.Struct, frozen=True, kw_only=True):
     free_memory_mib: int
     load: HostLoad | None
     last_seen: float
+    #: The health the failure detector gives the host: up, suspect, failed or offline.
+    health: str = "up"
+    #: What the host itself last reported running (the store may know better during operations).
+    reported_vms: list[ReportedVm] = []
 
 
 class VmLoad(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +117,7 @@ def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView
             age_s=round(time.monotonic() - seen, 2),
             vms_running=len(sample.vms),
         )
+    reported = service.inventories.get(host.host_id)
     return HostView(
         host_id=host.host_id,
         online=host.online,
@@ -123,6 +133,8 @@ def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView
         free_memory_mib=free_memory,
         load=load,
         last_seen=host.last_seen,
+        health=service.ha.detector.state(host.host_id),
+        reported_vms=[ReportedVm(name=vm.name, state=vm.state) for vm in reported.vms] if reported else [],
     )
 
 

@@ -118,6 +118,11 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     console: bool = True
     rng: bool = True
     balloon: bool = True
+    # -- high availability ---------------------------------------------------------------------
+    #: Restart this VM on another host when its host fails (after the host is fenced).
+    ha: bool = False
+    #: Higher restarts first when capacity is short.
+    ha_priority: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
 
 
 class VmSpecInput(VmSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:1d24c013a144e458ee6ee412a12b79326441b6a0eb56a6f9ae416f5b7475ba92"
+FINGERPRINT = "sha256:56a3e128d3c1827484f2c48ebed7e56f5ec71fb135745a1e7bd41a7a163b74d4"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -1,0 +1,188 @@
+"""Host failure detection in layers: heartbeat gaps (phi accrual) and the MQTT Last Will.
+
+A host moves ``up -> suspect -> failed``, and each move carries its reason:
+- The Last Will ("connection lost") makes a host suspect at once. It fails when it stays gone for
+  ``will_confirm_s``, which absorbs a broker hiccup that the agent survives by reconnecting.
+- A heartbeat gap (telemetry stops while the TCP session looks alive) is scored with phi accrual
+  (Hayashibara et al., as in Akka and Cassandra). The host is suspect at ``suspect_phi`` and failed at
+  ``fail_phi``. A jittery link raises the mean and spread of the intervals, so phi adapts, where a
+  fixed timeout would not.
+- An agent that stops cleanly ("agent stopped") is offline, not failed. Its VMs outlive it, so there
+  is nothing to fence or restart.
+- **Storm guard**: when more than ``storm_fraction`` of the hosts go bad within one window, the cause
+  is the broker or the network, not the hosts. Nobody is declared failed; the detector holds and
+  reports until the storm clears, then restarts every heartbeat clock (:meth:`FailureDetector.rearm`)
+  so that hosts still reconnecting are not failed for silence nobody could hear. The controller
+  does the same when its own connection to the broker comes back.
+
+The detector is pure: time is passed in, so tests run it on a fake clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+HostHealth = Literal["up", "suspect", "failed", "offline"]
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSettings:
+    suspect_phi: float = 5.0
+    fail_phi: float = 10.0
+    #: After a Last Will, how long the host must stay gone before it is failed.
+    will_confirm_s: float = 1.0
+    min_std_s: float = 0.1
+    #: Slack added to the mean interval: a GC pause or a slow sample is not a failure.
+    acceptable_pause_s: float = 0.5
+    window: int = 100
+    #: More than this share of the hosts going bad at once is a storm, not host failures.
+    storm_fraction: float = 0.5
+    #: Storm guard needs at least this many hosts to judge a share.
+    storm_min_hosts: int = 3
+
+
+class PhiAccrual:
+    """Phi accrual failure detector over one host's heartbeat intervals."""
+
+    def __init__(self, settings: DetectorSettings, first_interval_s: float = 1.0) -> None:
+        self.settings = settings
+        self.intervals: deque[float] = deque(maxlen=settings.window)
+        self.intervals.extend([first_interval_s, first_interval_s])
+        self.last: float | None = None
+
+    def heartbeat(self, now: float) -> None:
+        if self.last is not None:
+            self.intervals.append(max(0.0, now - self.last))
+        self.last = now
+
+    def phi(self, now: float) -> float:
+        """Suspicion that the host is gone: -log10 P(a heartbeat arrives later than now)."""
+        if self.last is None:
+            return 0.0
+        n = len(self.intervals)
+        mean = sum(self.intervals) / n
+        std = max(math.sqrt(sum((x - mean) ** 2 for x in self.intervals) / n), self.settings.min_std_s)
+        y = (now - self.last - mean - self.settings.acceptable_pause_s) / std
+        # Logistic approximation of the normal CDF (as Akka does): stable far into the tail.
+        e = math.exp(-y * (1.5976 + 0.070566 * y * y))
+        p_later = e / (1.0 + e) if y > 0 else 1.0 - 1.0 / (1.0 + e)
+        return -math.log10(max(p_later, 1e-300))
+
+
+@dataclass(slots=True)
+class _Host:
+    detector: PhiAccrual
+    state: HostHealth = "up"
+    since: float = 0.0
+    reason: str = ""
+    gone_at: float | None = None
+    gone_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    host_id: str
+    old: HostHealth
+    new: HostHealth
+    reason: str
+
+
+@dataclass(slots=True)
+class FailureDetector:
+    settings: DetectorSettings = field(default_factory=DetectorSettings)
+    hosts: dict[str, _Host] = field(default_factory=dict)
+    storm: bool = False
+
+    def _host(self, host_id: str) -> _Host:
+        host = self.hosts.get(host_id)
+        if host is None:
+            host = self.hosts[host_id] = _Host(PhiAccrual(self.settings))
+        return host
+
+    def heartbeat(self, host_id: str, now: float) -> None:
+        host = self._host(host_id)
+        host.detector.heartbeat(now)
+        host.gone_at = None
+
+    def connection_lost(self, host_id: str, now: float, reason: str) -> None:
+        """The Last Will arrived."""
+        host = self._host(host_id)
+        if host.gone_at is None:
+            host.gone_at, host.gone_reason = now, reason
+
+    def stopped_cleanly(self, host_id: str, now: float) -> None:
+        host = self._host(host_id)
+        host.state, host.since, host.reason = "offline", now, "agent stopped cleanly; its VMs keep running"
+        host.gone_at = None
+
+    def rearm(self, now: float) -> None:
+        """Restart every heartbeat clock at ``now``.
+
+        Used when the observer itself was cut off (the controller lost the broker) or a storm ends:
+        silence we could not have heard is no evidence against a host. Last Wills seen so far are
+        dropped too: a broker that shuts down publishes the will of every client it drops. A host
+        that is really gone says so again through its retained offline state, or by staying silent.
+        """
+        for host in self.hosts.values():
+            if host.detector.last is not None:
+                host.detector.last = now
+            host.gone_at = None
+
+    def forget(self, host_id: str) -> None:
+        self.hosts.pop(host_id, None)
+
+    def state(self, host_id: str) -> HostHealth:
+        host = self.hosts.get(host_id)
+        return host.state if host else "up"
+
+    def tick(self, now: float) -> list[Transition]:
+        """Re-evaluate every host; return the state changes, in host order."""
+        wanted: dict[str, tuple[HostHealth, str]] = {}
+        for host_id, host in self.hosts.items():
+            wanted[host_id] = self._evaluate(host, now)
+        bad = [h for h, (state, _) in wanted.items() if state in ("suspect", "failed")]
+        counted = [h for h in self.hosts.values() if h.state != "offline"]
+        self.storm = len(counted) >= self.settings.storm_min_hosts and len(
+            bad
+        ) > self.settings.storm_fraction * len(counted)
+        changes = []
+        for host_id, (state, reason) in sorted(wanted.items()):
+            host = self.hosts[host_id]
+            if state == "failed" and self.storm:
+                state, reason = (
+                    "suspect",
+                    f"{reason}; held by the storm guard ({len(bad)} of {len(counted)} hosts)",
+                )
+            if state != host.state:
+                changes.append(Transition(host_id, host.state, state, reason))
+                host.state, host.since, host.reason = state, now, reason
+        return changes
+
+    def _evaluate(self, host: _Host, now: float) -> tuple[HostHealth, str]:
+        s = self.settings
+        if host.state in ("offline", "failed"):
+            return host.state, host.reason  # only revive() (the host speaking again) brings it back
+        if host.gone_at is not None:
+            gone_for = now - host.gone_at
+            if gone_for >= s.will_confirm_s:
+                return "failed", f"{host.gone_reason} for {gone_for:.1f}s (Last Will)"
+            return "suspect", f"{host.gone_reason} (Last Will)"
+        phi = host.detector.phi(now)
+        if phi >= s.fail_phi:
+            return "failed", f"no heartbeat for {now - (host.detector.last or now):.1f}s (phi {phi:.1f})"
+        if phi >= s.suspect_phi:
+            return "suspect", f"heartbeat late by {now - (host.detector.last or now):.1f}s (phi {phi:.1f})"
+        return "up", "heartbeats arriving"
+
+    def revive(self, host_id: str, now: float) -> Transition | None:
+        """A failed or offline host speaks again (fresh heartbeat or online state)."""
+        host = self._host(host_id)
+        host.gone_at = None
+        if host.state in ("failed", "offline", "suspect"):
+            old = host.state
+            host.state, host.since, host.reason = "up", now, "heartbeats arriving again"
+            return Transition(host_id, old, "up", host.reason)
+        return None

@@ -1,0 +1,206 @@
+"""High availability: act on host failures without ever running a VM twice.
+
+The order is always detect, then fence, then restart:
+1. :mod:`controller.failure_detector` turns Last Wills and heartbeat gaps into ``host.suspect`` and
+   ``host.failed``, and its storm guard holds back when many hosts vanish at once.
+2. A failed host is **fenced** before anything is restarted: something must confirm that its VMs
+   cannot still be running. With no confirmation, nothing is restarted, and an ``ha.fence_failed``
+   alert says why. This is the split-brain guard.
+3. Its HA VMs are restarted elsewhere, highest ``ha_priority`` first. Each restart is a persistent
+   ``restart`` operation that moves the VM's claim to the new host in one transaction.
+
+Fencing methods:
+- ``lease``: agents self-fence. An agent that has lost the bus for ``lease_s`` destroys its HA VMs,
+  and one that starts after being away longer than that destroys them before it reconnects. The
+  controller counts a host as fenced once ``lease_s`` plus a margin has passed since its last
+  heartbeat. This needs no hardware; the BMC power-off from the power-management work will join it as
+  a faster, hardware-confirmed method.
+- ``none``: never confirms. HA restarts are off, and every failure raises the alert.
+
+If a fenced host comes back and still reports a VM that now runs elsewhere, the controller tells it to
+undefine that stale copy, so a VM runs exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from controller import placement
+from controller.failure_detector import DetectorSettings, FailureDetector, Transition
+from protocols import codec, topics
+from protocols.messages import UndefineVm
+
+if TYPE_CHECKING:
+    from controller.fleet import FleetService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HaSettings:
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    fencing: Literal["lease", "none"] = "lease"
+    #: Must match the agents' ``--ha-lease``: how long an agent runs HA VMs without the bus.
+    lease_s: float = 3.0
+    lease_margin_s: float = 0.5
+    tick_s: float = 0.1
+
+
+class HaManager:
+    def __init__(self, service: FleetService, settings: HaSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self.detector = FailureDetector(settings.detector)
+        self.last_heartbeat: dict[str, float] = {}
+        self._handling: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- inputs (called from bus handlers; quick) -----------------------------------------------
+
+    def heartbeat(self, host_id: str) -> None:
+        now = time.monotonic()
+        self.last_heartbeat[host_id] = now
+        self.detector.heartbeat(host_id, now)
+        if self.detector.state(host_id) in ("failed", "offline"):
+            self._report(self.detector.revive(host_id, now))
+
+    def host_state(self, host_id: str, online: bool, reason: str) -> None:
+        now = time.monotonic()
+        if online:
+            self.last_heartbeat[host_id] = now
+            self.detector.heartbeat(host_id, now)
+            self._report(self.detector.revive(host_id, now))
+        elif reason == "agent stopped":
+            self.detector.stopped_cleanly(host_id, now)
+        else:
+            self.detector.connection_lost(host_id, now, reason)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="ha")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        was_storm = False
+        observer_down = False
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            try:
+                if not self.service.bus.connected.is_set():
+                    observer_down = True  # we hear nothing, so we judge nothing
+                    continue
+                if observer_down:
+                    observer_down = False
+                    self.detector.rearm(time.monotonic())
+                for change in self.detector.tick(time.monotonic()):
+                    self._report(change)
+                if self.detector.storm != was_storm:
+                    was_storm = self.detector.storm
+                    if was_storm:
+                        self.service.events.emit(
+                            "ha.storm",
+                            "many hosts went quiet at once: suspecting the broker or the network, "
+                            "not the hosts; no host is declared failed until this clears",
+                        )
+                    else:
+                        self.detector.rearm(time.monotonic())
+                        self.service.events.emit(
+                            "ha.storm_over", "the storm has cleared; failure detection resumes"
+                        )
+            except Exception:
+                log.exception("HA tick failed")
+
+    def _report(self, change: Transition | None) -> None:
+        if change is None:
+            return
+        self.service.events.emit(
+            f"host.{change.new}",
+            f"host {change.host_id} is {change.new}: {change.reason}",
+            host_id=change.host_id,
+        )
+        if change.new == "failed" and change.host_id not in self._handling:
+            self._handling.add(change.host_id)
+            task = asyncio.get_running_loop().create_task(
+                self._recover(change.host_id), name=f"ha:{change.host_id}"
+            )
+            host_id = change.host_id
+            task.add_done_callback(lambda _t: self._handling.discard(host_id))
+
+    # -- fencing and restart --------------------------------------------------------------------
+
+    async def fence(self, host_id: str) -> tuple[bool, str]:
+        """Confirm that ``host_id`` cannot be running its VMs. Returns (confirmed, how or why not)."""
+        if self.settings.fencing == "none":
+            return False, "fencing is off (--ha-fencing none), so nothing can confirm its VMs are stopped"
+        last = self.last_heartbeat.get(host_id, time.monotonic())
+        expires = last + self.settings.lease_s + self.settings.lease_margin_s
+        while time.monotonic() < expires:
+            if self.detector.state(host_id) != "failed":
+                return False, "the host came back before its lease expired"
+            await asyncio.sleep(min(0.05, max(0.0, expires - time.monotonic())))
+        return True, f"lease expired: the agent self-fences after {self.settings.lease_s:g}s without the bus"
+
+    async def _recover(self, host_id: str) -> None:
+        service = self.service
+        ha_vms = [vm for vm in service.store.vms(host_id) if vm.spec.ha and vm.op_id is None]
+        if not ha_vms:
+            return
+        fenced, how = await self.fence(host_id)
+        if not fenced:
+            service.events.emit(
+                "ha.fence_failed",
+                f"host {host_id} failed but is not fenced ({how}); its {len(ha_vms)} HA VM(s) stay put "
+                "to avoid running them twice",
+                host_id=host_id,
+            )
+            return
+        service.events.emit("ha.fenced", f"host {host_id} fenced: {how}", host_id=host_id)
+        ha_vms.sort(key=lambda vm: (-vm.spec.ha_priority, vm.name))
+        for vm in ha_vms:
+            current = service.store.vm(vm.name)
+            if current is None or current.host_id != host_id or current.op_id is not None:
+                continue
+            self.restart(vm.name, host_id)
+
+    def restart(self, name: str, failed_host: str) -> None:
+        service = self.service
+        record = service.store.vm(name)
+        assert record is not None
+        bad = {h for h, s in self.detector.hosts.items() if s.state != "up"} | {failed_host}
+        hosts = [h for h in service.store.hosts() if h.host_id not in bad]
+        choice = placement.place(record.spec, hosts, service.store.usage(), service.settings.placement)
+        if isinstance(choice, placement.NoValidHost):
+            service.store.update_vm(name, error=f"HA restart impossible: {choice.reason}")
+            service.events.emit(
+                "ha.restart_failed",
+                f"vm {name} (HA) cannot restart: {choice.reason}",
+                host_id=failed_host,
+                vm=name,
+            )
+            return
+        service.start_restart(record, choice.host_id, failed_host)
+
+    def clean_stale_copy(self, host_id: str, vm: str) -> None:
+        """A host that was fenced still reports ``vm``, which now runs elsewhere: remove the stale copy."""
+        command = UndefineVm(op_id=f"cleanup-{uuid.uuid4().hex}", deadline=time.time() + 30, vm=vm)
+        self.service.events.emit(
+            "ha.stale_copy",
+            f"vm {vm} is reported by {host_id}, but it was restarted elsewhere; undefining the stale copy",
+            host_id=host_id,
+            vm=vm,
+        )
+        payload = codec.encode(command)
+        task = asyncio.get_running_loop().create_task(
+            self.service.bus.publish(topics.host_topic(host_id, "cmd"), payload, qos=1, expiry_s=30)
+        )
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)

@@ -1,0 +1,130 @@
+"""The failure detector on a fake clock: phi accrual, Last Will confirmation, clean stops, storm guard."""
+
+from __future__ import annotations
+
+import random
+
+from controller.failure_detector import DetectorSettings, FailureDetector, PhiAccrual
+
+
+def _beat(detector: FailureDetector, host: str, start: float, count: int, every: float = 1.0) -> float:
+    t = start
+    for _ in range(count):
+        detector.heartbeat(host, t)
+        t += every
+    return t - every
+
+
+def test_phi_stays_low_on_schedule_and_grows_with_silence():
+    """Regular heartbeats keep phi near zero; silence makes it climb steadily."""
+    phi = PhiAccrual(DetectorSettings())
+    for i in range(20):
+        phi.heartbeat(float(i))
+    assert phi.phi(19.9) < 1.0
+    values = [phi.phi(19.0 + gap) for gap in (1.0, 2.0, 3.0, 4.0)]
+    assert values == sorted(values) and values[-1] > 10
+
+
+def test_jittery_heartbeats_make_the_detector_more_patient():
+    """After a jittery history the same silence scores a lower phi than after a steady one."""
+    rng = random.Random(7)
+    steady, jittery = PhiAccrual(DetectorSettings()), PhiAccrual(DetectorSettings())
+    t_steady = t_jitter = 0.0
+    for _ in range(50):
+        t_steady += 1.0
+        t_jitter += rng.uniform(0.3, 1.7)
+        steady.heartbeat(t_steady)
+        jittery.heartbeat(t_jitter)
+    assert jittery.phi(t_jitter + 2.5) < steady.phi(t_steady + 2.5)
+
+
+def test_last_will_makes_a_host_suspect_then_failed_after_the_confirmation_delay():
+    """A Last Will is suspicion at once and failure once the host stays gone for will_confirm_s."""
+    detector = FailureDetector(DetectorSettings(will_confirm_s=1.0))
+    last = _beat(detector, "h1", 0.0, 5)
+    _beat(detector, "h2", 0.0, 5)
+    _beat(detector, "h3", 0.0, 5)
+    detector.connection_lost("h1", last + 0.1, "connection lost")
+    changes = detector.tick(last + 0.2)
+    assert [(c.host_id, c.new) for c in changes] == [("h1", "suspect")]
+    assert "Last Will" in changes[0].reason
+    for h in ("h2", "h3"):
+        detector.heartbeat(h, last + 1.0)
+    changes = detector.tick(last + 1.2)
+    assert [(c.host_id, c.old, c.new) for c in changes] == [("h1", "suspect", "failed")]
+    assert detector.state("h1") == "failed"
+
+
+def test_a_host_that_reconnects_in_time_is_never_failed():
+    """Back within will_confirm_s (a broker hiccup): suspect, then up again, never failed."""
+    detector = FailureDetector(DetectorSettings(will_confirm_s=1.0))
+    last = _beat(detector, "h1", 0.0, 5)
+    detector.connection_lost("h1", last + 0.1, "connection lost")
+    detector.tick(last + 0.2)
+    states = []
+    for i in range(1, 7):  # heartbeats resume at last+0.5 and keep coming every 0.5 s
+        detector.heartbeat("h1", last + 0.5 * i)
+        states += [c.new for c in detector.tick(last + 0.5 * i + 0.1)]
+    assert "failed" not in states and detector.state("h1") == "up"
+
+
+def test_heartbeat_gap_alone_fails_a_host_and_says_how_late_it_is():
+    """Without a Last Will, silence is enough: suspect, then failed, with phi in the reason."""
+    detector = FailureDetector(DetectorSettings())
+    for host in ("h1", "h2", "h3"):
+        _beat(detector, host, 0.0, 10)
+    seen = {}
+    for step in range(1, 60):
+        now = 9.0 + step * 0.1
+        for host in ("h2", "h3"):
+            if step % 10 == 0:
+                detector.heartbeat(host, now)
+        for change in detector.tick(now):
+            seen.setdefault(change.new, (now, change.reason))
+    assert "suspect" in seen and "failed" in seen
+    assert seen["suspect"][0] < seen["failed"][0] <= 9.0 + 5.0
+    assert "phi" in seen["failed"][1]
+
+
+def test_clean_agent_stop_is_offline_not_failed():
+    """An agent that says goodbye is offline; its VMs outlive it, so it is never declared failed."""
+    detector = FailureDetector(DetectorSettings())
+    last = _beat(detector, "h1", 0.0, 5)
+    detector.stopped_cleanly("h1", last + 0.1)
+    for t in (last + 1, last + 10, last + 100):
+        assert all(c.new != "failed" for c in detector.tick(t))
+    assert detector.state("h1") == "offline"
+
+
+def test_storm_guard_holds_back_when_most_hosts_vanish_at_once():
+    """3 of 4 hosts gone together: suspect, storm flagged, nobody failed; after it clears, failures count."""
+    detector = FailureDetector(DetectorSettings(will_confirm_s=0.5, storm_fraction=0.5))
+    for host in ("h1", "h2", "h3", "h4"):
+        _beat(detector, host, 0.0, 5)
+    for host in ("h1", "h2", "h3"):
+        detector.connection_lost(host, 4.1, "connection lost")
+    detector.heartbeat("h4", 4.5)
+    changes = detector.tick(5.0)
+    assert detector.storm
+    assert all(c.new == "suspect" for c in changes) and len(changes) == 3
+    assert "storm guard" in changes[0].reason
+    # Two come back; one host missing of four is a host failure, not a storm.
+    detector.heartbeat("h1", 5.2)
+    detector.heartbeat("h2", 5.2)
+    detector.heartbeat("h4", 5.2)
+    detector.tick(5.3)
+    assert not detector.storm
+    assert detector.state("h3") == "failed"
+
+
+def test_a_failed_host_revives_when_it_speaks_again():
+    """revive() brings a failed host back to up and reports the transition."""
+    detector = FailureDetector(DetectorSettings(will_confirm_s=0.1))
+    last = _beat(detector, "h1", 0.0, 5)
+    for host in ("h2", "h3"):
+        _beat(detector, host, 0.0, 5)
+    detector.connection_lost("h1", last, "connection lost")
+    detector.tick(last + 0.2)
+    assert detector.state("h1") == "failed"
+    change = detector.revive("h1", last + 5)
+    assert change is not None and (change.old, change.new) == ("failed", "up")

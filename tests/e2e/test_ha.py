@@ -1,0 +1,174 @@
+"""HA with real processes: kill -9 a host's agent, watch it fail, get fenced, and its HA VMs restart once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+
+from tests.support import free_port
+from tests.support.processes import wait_for
+
+
+def _start_fleet(procs: Any, mosquitto: Any, tmp_path: Any, *extra: str) -> tuple[str, dict[str, Any], Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    controller = procs(
+        "controller",
+        "controller",
+        "--broker",
+        mosquitto.url,
+        "--db",
+        str(tmp_path / "c.sqlite"),
+        "--port",
+        str(port),
+        *extra,
+    )
+    agents = {h: _agent(procs, mosquitto, tmp_path, h) for h in ("h1", "h2", "h3")}
+    wait_for(
+        lambda: len([h for h in _hosts(url) if h["online"]]) == 3,
+        20,
+        "3 hosts online",
+        [controller, *agents.values()],
+    )
+    return url, agents, controller
+
+
+def _agent(procs: Any, mosquitto: Any, tmp_path: Any, host: str, name: str | None = None) -> Any:
+    return procs(
+        name or host,
+        "agent",
+        "--host-id",
+        host,
+        "--broker",
+        mosquitto.url,
+        "--state-dir",
+        str(tmp_path / host),
+        "--telemetry-interval",
+        "0.25",
+        "--memory-mib",
+        "8192",
+    )
+
+
+def _hosts(url: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/api/v1/hosts", timeout=2).json()  # type: ignore[no-any-return]
+
+
+def _vms(url: str) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in httpx.get(f"{url}/api/v1/vms", timeout=2).json()}
+
+
+def _events(url: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/api/v1/events", params={"limit": 1000}, timeout=2).json()  # type: ignore[no-any-return]
+
+
+def _create(url: str, name: str, **spec: Any) -> dict[str, Any]:
+    r = httpx.post(
+        f"{url}/api/v1/vms", json={"name": name, "memory_mib": 512, **spec}, params={"wait": 10}, timeout=15
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["vm"]  # type: ignore[no-any-return]
+
+
+def test_killed_host_is_detected_fenced_and_its_ha_vms_restart_elsewhere_exactly_once(
+    mosquitto, procs, tmp_path
+):
+    """kill -9 an agent: failed within 3 s, fenced by lease, HA VMs run elsewhere by priority, once."""
+    url, agents, _ = _start_fleet(procs, mosquitto, tmp_path)
+    victim = _create(url, "db-1", ha=True, ha_priority=10)["host_id"]
+    for name, spec in (("web-1", {"ha": True, "ha_priority": 1}), ("batch-1", {})):
+        assert _create(url, name, **spec)["host_id"] == victim  # best fit packs them together
+
+    killed_at = time.monotonic()
+    os.kill(agents[victim].popen.pid, signal.SIGKILL)
+    agents[victim].popen.wait(5)
+
+    wait_for(
+        lambda: any(h["host_id"] == victim and h["health"] == "failed" for h in _hosts(url)), 3.0, "failed"
+    )
+    detect_s = time.monotonic() - killed_at
+    wait_for(
+        lambda: all(
+            v["state"] == "running" and v["host_id"] != victim for n, v in _vms(url).items() if n != "batch-1"
+        ),
+        8.0,
+        "HA VMs running elsewhere",
+    )
+    restart_s = time.monotonic() - killed_at
+    assert detect_s <= 3.0 and restart_s <= 8.0
+    vms = _vms(url)
+    assert vms["batch-1"]["host_id"] == victim, "a VM without HA stays where it was"
+    events = _events(url)
+    kinds = [e["type"] for e in events if e["host_id"] == victim or e["vm"] in vms]
+    assert kinds.index("host.suspect") < kinds.index("host.failed") < kinds.index("ha.fenced")
+    restarts = [e["vm"] for e in events if e["type"] == "ha.restarting"]
+    assert restarts == ["db-1", "web-1"], "highest priority first"
+
+    # The dead host comes back: having been away longer than its lease, it must not run them again.
+    agents[victim] = _agent(procs, mosquitto, tmp_path, victim, name=f"{victim}-again")
+
+    def reported() -> Counter[str]:
+        running = Counter()
+        for host in _hosts(url):
+            for vm in host["reported_vms"]:
+                if vm["state"] == "running":
+                    running[vm["name"]] += 1
+        return running
+
+    wait_for(
+        lambda: any(h["host_id"] == victim and h["online"] for h in _hosts(url)), 15, "victim back online"
+    )
+    wait_for(
+        lambda: (
+            not any(
+                vm["name"] in ("db-1", "web-1")
+                for h in _hosts(url)
+                if h["host_id"] == victim
+                for vm in h["reported_vms"]
+            )
+        ),
+        10,
+        "stale copies undefined on the old host",
+    )
+    counts = reported()
+    assert counts["db-1"] == 1 and counts["web-1"] == 1, counts
+    assert any(e["type"] == "ha.stale_copy" for e in _events(url))
+
+
+def test_without_fencing_nothing_is_restarted_and_an_alert_says_why(mosquitto, procs, tmp_path):
+    """With --ha-fencing none a failed host's HA VMs stay put, and ha.fence_failed explains it."""
+    url, agents, _ = _start_fleet(procs, mosquitto, tmp_path, "--ha-fencing", "none")
+    victim = _create(url, "guarded", ha=True)["host_id"]
+    os.kill(agents[victim].popen.pid, signal.SIGKILL)
+    alert = wait_for(
+        lambda: next((e for e in _events(url) if e["type"] == "ha.fence_failed"), None),
+        8,
+        "fence_failed alert",
+    )
+    assert "not fenced" in alert["message"] and "twice" in alert["message"]
+    time.sleep(1.0)
+    assert _vms(url)["guarded"]["host_id"] == victim
+    assert not any(e["type"] == "ha.restarting" for e in _events(url))
+
+
+def test_broker_outage_is_a_storm_not_a_fleet_wide_failure(mosquitto, procs, tmp_path):
+    """When the broker vanishes for seconds, every host goes quiet at once: no host is failed or fenced."""
+    url, _, _ = _start_fleet(procs, mosquitto, tmp_path)
+    _create(url, "calm", ha=True)
+    mosquitto.restart(down_s=2.0)
+    wait_for(
+        lambda: all(h["online"] for h in _hosts(url)) and all(h["health"] == "up" for h in _hosts(url)),
+        20,
+        "recovery",
+    )
+    time.sleep(1.0)
+    kinds = [e["type"] for e in _events(url)]
+    assert "host.failed" not in kinds and "ha.restarting" not in kinds and "ha.fenced" not in kinds, (
+        "\n".join(f"{e['type']}: {e['message']}" for e in _events(url))
+    )
+    assert _vms(url)["calm"]["state"] == "running"

@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import msgspec
 
-from protocols.vmspec import VmSpecInput, explain_validation_error
+from protocols import domxml
+from protocols.vmspec import VmSpec, VmSpecInput, explain_validation_error
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
@@ -205,9 +206,26 @@ def _load_spec_file(path: str) -> dict[str, Any]:
     return data
 
 
+def _load_domain_xml(path: str) -> dict[str, Any]:
+    try:
+        text = pathlib.Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read domain XML {path!r}: {exc}") from None
+    try:
+        spec = domxml.spec_from_xml(text)
+    except domxml.DomainXmlError as exc:
+        raise CliError(f"domain XML {path!r}: {exc}") from None
+    body: dict[str, Any] = msgspec.to_builtins(spec)
+    return body
+
+
 def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The create body from a spec file and/or flags (flags win), validated locally first."""
+    if args.file and args.xml:
+        raise CliError("vm create: give either --file or --xml, not both")
     body: dict[str, Any] = _load_spec_file(args.file) if args.file else {}
+    if args.xml:
+        body = _load_domain_xml(args.xml)
     if args.name:
         body["name"] = args.name
     if args.ha:
@@ -281,6 +299,15 @@ def cmd_vm_list(client: ApiClient, args: argparse.Namespace) -> int:
 
 def cmd_vm_show(client: ApiClient, args: argparse.Namespace) -> int:
     _print(args, client.request("GET", f"/vms/{args.name}"), _render_vm)
+    return 0
+
+
+def cmd_vm_dumpxml(client: ApiClient, args: argparse.Namespace) -> int:
+    vm = client.request("GET", f"/vms/{args.name}")
+    try:
+        print(domxml.spec_to_xml(msgspec.convert(vm["spec"], VmSpec)), end="")
+    except domxml.DomainXmlError as exc:
+        raise CliError(f"vm {args.name!r} cannot be written as libvirt XML: {exc}") from None
     return 0
 
 
@@ -397,6 +424,7 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p = vm.add_parser("create", help="create a VM: the controller places it, then it starts")
     p.add_argument("name", nargs="?", help="VM name (lower-case letters, digits, '-')")
     p.add_argument("-f", "--file", help="spec file, YAML or JSON; flags override its fields")
+    p.add_argument("--xml", metavar="FILE", help="libvirt domain XML to import; flags override its fields")
     p.add_argument("--vcpus", type=int)
     p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
     p.add_argument("--disk", type=int, metavar="GIB", help="disk in GiB")
@@ -430,6 +458,11 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                 "--force", action="store_true", help="power off at once instead of asking the guest"
             )
         p.set_defaults(handler=handler)
+
+    p = vm.add_parser("dumpxml", help="print a VM's spec as libvirt domain XML")
+    p.add_argument("name")
+    _common(p)
+    p.set_defaults(handler=cmd_vm_dumpxml)
 
     host = sub.add_parser("host", help="inspect hosts").add_subparsers(dest="action", required=True)
     p = host.add_parser("list", help="list hosts with their capacity and load")

@@ -128,3 +128,34 @@ def test_demo_runs_on_embedded_defaults_and_prints_its_summary_line(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "demo: 4 hosts, 12 VMs running (sim)"
     assert "Traceback" not in done.stderr
+
+
+def test_vm_create_from_libvirt_xml_and_dumpxml_round_trip(mosquitto, procs, tmp_path):
+    """`vm create --xml` imports a libvirt domain, `vm dumpxml` exports it, and re-import gives the same spec."""
+    from protocols import domxml
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    controller = procs(
+        "controller",
+        "controller",
+        "--broker",
+        mosquitto.url,
+        "--db",
+        str(tmp_path / "c.sqlite"),
+        "--port",
+        str(port),
+    )
+    agent = procs(
+        "h1", "agent", "--host-id", "h1", "--broker", mosquitto.url, "--state-dir", str(tmp_path / "h1")
+    )
+    wait_for(lambda: httpx.get(f"{url}/api/v1/hosts", timeout=2).json(), 20, "the host", [controller, agent])
+    sample = ROOT / "tests/protocols/domxml_samples/good_direct_kernel_boot.xml"
+    created = _cli(url, "vm", "create", "--xml", str(sample), "--json")
+    assert created.returncode == 0, created.stderr
+    name = json.loads(created.stdout)["vm"]["name"]
+    exported = _cli(url, "vm", "dumpxml", name)
+    assert exported.returncode == 0, exported.stderr
+    assert domxml.spec_from_xml(exported.stdout) == domxml.spec_from_xml(sample.read_text())
+    refused = _cli(url, "vm", "create", "--xml", str(ROOT / "tests/protocols/domxml_samples/bad_hostdev.xml"))
+    assert refused.returncode == 1 and "/domain/devices/hostdev" in refused.stderr

@@ -43,10 +43,17 @@ async def test_roles_gate_reads_changes_and_token_management(mosquitto, tmp_path
             assert (await api.get("/vms", headers=_bearer(tokens["ann"]))).status_code == 200
             r = await api.post("/vms", json={"name": "web-1"}, headers=_bearer(tokens["ann"]))
             assert r.status_code == 403
-            assert r.json()["error"]["message"] == "POST /api/v1/vms needs the operator role; token 'ann' has viewer"
+            assert (
+                r.json()["error"]["message"]
+                == "POST /api/v1/vms needs the operator role; token 'ann' has viewer"
+            )
             r = await api.post("/vms", json={"name": "web-1"}, headers=_bearer(tokens["bob"]))
-            assert r.status_code == 409 and r.json()["error"]["code"] == "no_valid_host"  # allowed, but no hosts
-            r = await api.post("/tokens", json={"name": "eve", "role": "admin"}, headers=_bearer(tokens["bob"]))
+            assert (
+                r.status_code == 409 and r.json()["error"]["code"] == "no_valid_host"
+            )  # allowed, but no hosts
+            r = await api.post(
+                "/tokens", json={"name": "eve", "role": "admin"}, headers=_bearer(tokens["bob"])
+            )
             assert r.status_code == 403
             r = await api.get("/tokens", headers=_bearer(admin))
             assert sorted(t["name"] for t in r.json()) == ["admin", "ann", "bob"]
@@ -82,7 +89,9 @@ async def test_tokens_never_reach_the_logs_or_the_store_in_clear(mosquitto, tmp_
     async with Controller(_settings(tmp_path, mosquitto.url)) as controller:
         admin = (tmp_path / "admin.token").read_text().strip()
         async with httpx.AsyncClient(base_url=f"{controller.api_url}/api/v1") as api:
-            created = await api.post("/tokens", json={"name": "ops", "role": "operator"}, headers=_bearer(admin))
+            created = await api.post(
+                "/tokens", json={"name": "ops", "role": "operator"}, headers=_bearer(admin)
+            )
             ops = created.json()["token"]
             await api.get("/hosts", headers=_bearer(ops))
     text = "\n".join(r.getMessage() for r in caplog.records)

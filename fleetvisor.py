@@ -78,7 +78,13 @@ def cmd_controller(args: argparse.Namespace) -> int:
         api_host=args.listen,
         api_port=args.port,
         auth=args.auth,
-        fleet=FleetSettings(ha=HaSettings(fencing=args.ha_fencing, lease_s=args.ha_lease)),
+        fleet=FleetSettings(
+            ha=HaSettings(
+                fencing=args.ha_fencing,
+                lease_s=args.ha_lease,
+                fence_dir=pathlib.Path(args.fence_dir) if args.fence_dir else None,
+            )
+        ),
     )
 
     async def main(stop: asyncio.Event) -> int:
@@ -284,9 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ha-fencing",
-        choices=("lease", "none"),
-        default="lease",
-        help="how a failed host is fenced before its HA VMs restart (default lease; none disables HA restarts)",
+        choices=("none", "process", "lease"),
+        default="none",
+        help="how a failed host is fenced before its HA VMs restart: none (alert only, the default), "
+        "process (kill its processes; hosts on this machine), lease (agents run with --ha-lease)",
+    )
+    p.add_argument(
+        "--fence-dir", help="process fencing: the directory that holds each host's state directory"
     )
     p.add_argument(
         "--ha-lease", type=float, default=3.0, metavar="S", help="HA lease; must match the agents'"
@@ -310,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ha-lease",
         type=float,
-        default=3.0,
+        default=0.0,
         metavar="S",
-        help="destroy HA VMs after this long without the bus (self-fencing); 0 disables (default 3)",
+        help="opt-in self-fencing: destroy HA VMs after this long without the bus; 0 disables (the default)",
     )
     _add_credentials(p)
     p.set_defaults(func=cmd_agent)

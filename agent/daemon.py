@@ -73,7 +73,7 @@ class AgentSettings:
     inventory_debounce_s: float = 0.1
     #: HA lease: after this long without the bus, HA VMs are destroyed (self-fencing), because the
     #: controller may restart them elsewhere. Must match the controller's lease. None disables it.
-    ha_lease_s: float | None = 3.0
+    ha_lease_s: float | None = None
     bus_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -131,7 +131,8 @@ class Agent:
         self.driver.set_event_sink(self._on_driver_event)
         await self.driver.open()
         self._caps = await self.driver.capabilities()
-        await self._fence_if_away_too_long()
+        await self._honour_fencing()
+        self._write_pid()
         self.bus.subscribe(topics.host_topic(self.host_id, "cmd"), self._on_command, qos=1)
         self.bus.on_connect(self._announce)
         await self.bus.__aenter__()
@@ -168,6 +169,8 @@ class Agent:
         self._lanes.clear()
         await self.bus.close()
         await self.driver.close()
+        if self.settings.state_dir is not None:
+            (self.settings.state_dir / "agent.pid").unlink(missing_ok=True)
         if self.ledger is not None:
             self.ledger.close()
         self.stopped.set()
@@ -188,17 +191,12 @@ class Agent:
 
     # -- HA self-fencing -------------------------------------------------------------------------
 
-    def _alive_stamp(self) -> pathlib.Path | None:
-        return self.settings.state_dir / "alive" if self.settings.state_dir else None
-
-    async def _fence_if_away_too_long(self) -> None:
-        """At start: if this agent was gone longer than the lease, its HA VMs may run elsewhere now."""
-        stamp, lease = self._alive_stamp(), self.settings.ha_lease_s
-        if stamp is None or lease is None or not stamp.exists():
-            return
-        away = time.time() - stamp.stat().st_mtime
-        if away > lease:
-            await self.self_fence(f"the agent was away {away:.0f}s, longer than the {lease:g}s HA lease")
+    async def _honour_fencing(self) -> None:
+        """At start: if the host was fenced while this agent was away, its HA VMs died with it."""
+        marker = self.settings.state_dir / "fenced" if self.settings.state_dir else None
+        if marker is not None and marker.exists():
+            await self.self_fence("the host was fenced while the agent was away")
+            marker.unlink()
 
     async def self_fence(self, reason: str) -> list[str]:
         """Destroy every running HA VM (the controller may restart it elsewhere). Returns their names."""
@@ -212,19 +210,20 @@ class Agent:
             log.warning("agent %s: self-fenced HA VMs %s: %s", self.host_id, ", ".join(fenced), reason)
         return fenced
 
+    def _write_pid(self) -> None:
+        """agent.pid in the state directory: how a process fence finds this agent."""
+        if self.settings.state_dir is not None:
+            (self.settings.state_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+
     async def _lease_loop(self, lease_s: float) -> None:
-        stamp = self._alive_stamp()
+        """Opt-in (``--ha-lease``): destroy HA VMs after ``lease_s`` without the bus."""
         lost_since: float | None = time.monotonic()
         fenced = False
-        last_stamp = 0.0
         while True:
             await asyncio.sleep(min(0.25, lease_s / 4))
             now = time.monotonic()
             if self.bus.connected.is_set():
                 lost_since, fenced = None, False
-                if stamp is not None and now - last_stamp >= 1.0:
-                    stamp.touch()
-                    last_stamp = now
             else:
                 lost_since = lost_since if lost_since is not None else now
                 if not fenced and now - lost_since >= lease_s:

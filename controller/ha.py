@@ -9,13 +9,16 @@ The order is always detect, then fence, then restart:
 3. Its HA VMs are restarted elsewhere, highest ``ha_priority`` first. Each restart is a persistent
    ``restart`` operation that moves the VM's claim to the new host in one transaction.
 
-Fencing methods:
-- ``lease``: agents self-fence. An agent that has lost the bus for ``lease_s`` destroys its HA VMs,
-  and one that starts after being away longer than that destroys them before it reconnects. The
-  controller counts a host as fenced once ``lease_s`` plus a margin has passed since its last
-  heartbeat. This needs no hardware; the BMC power-off from the power-management work will join it as
-  a faster, hardware-confirmed method.
-- ``none``: never confirms. HA restarts are off, and every failure raises the alert.
+Fencing methods (``controller --ha-fencing``):
+- ``none`` (the default): nothing can confirm, so a failure only raises the alert. This is the safe
+  choice until a fence is configured.
+- ``process``: for hosts that are processes on this machine (demo, tests, benchmarks). It kills the
+  host's agent and QEMU processes by PID; see :mod:`controller.fencing`. A BMC power-off takes its
+  place on real hardware once the power-management work lands.
+- ``lease``: agents started with ``--ha-lease S`` destroy their HA VMs after S seconds without the
+  bus. The controller waits S plus a margin after it declared the host failed. The price is real: an
+  HA VM then stops whenever its host loses the broker for S seconds, even when nothing else is wrong.
+  That breaks "VMs keep running while the controller or broker is away" for HA VMs, so it is opt-in.
 
 If a fenced host comes back and still reports a VM that now runs elsewhere, the controller tells it to
 undefine that stale copy, so a VM runs exactly once.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Literal
 
 from controller import placement
 from controller.failure_detector import DetectorSettings, FailureDetector, Transition
+from controller.fencing import ProcessFencer
 from protocols import codec, topics
 from protocols.messages import UndefineVm
 
@@ -44,8 +49,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class HaSettings:
     detector: DetectorSettings = field(default_factory=DetectorSettings)
-    fencing: Literal["lease", "none"] = "lease"
-    #: Must match the agents' ``--ha-lease``: how long an agent runs HA VMs without the bus.
+    fencing: Literal["none", "process", "lease"] = "none"
+    #: For ``process`` fencing: the directory holding each host's state directory (``DIR/<host>/``).
+    fence_dir: pathlib.Path | None = None
+    #: For ``lease`` fencing; must match the agents' ``--ha-lease``.
     lease_s: float = 3.0
     lease_margin_s: float = 0.5
     tick_s: float = 0.1
@@ -141,9 +148,15 @@ class HaManager:
     async def fence(self, host_id: str) -> tuple[bool, str]:
         """Confirm that ``host_id`` cannot be running its VMs. Returns (confirmed, how or why not)."""
         if self.settings.fencing == "none":
-            return False, "fencing is off (--ha-fencing none), so nothing can confirm its VMs are stopped"
-        last = self.last_heartbeat.get(host_id, time.monotonic())
-        expires = last + self.settings.lease_s + self.settings.lease_margin_s
+            return (
+                False,
+                "no fencing is configured (--ha-fencing), so nothing can confirm its VMs are stopped",
+            )
+        if self.settings.fencing == "process":
+            if self.settings.fence_dir is None:
+                return False, "process fencing needs --fence-dir"
+            return await ProcessFencer(self.settings.fence_dir).fence(host_id)
+        expires = time.monotonic() + self.settings.lease_s + self.settings.lease_margin_s
         while time.monotonic() < expires:
             if self.detector.state(host_id) != "failed":
                 return False, "the host came back before its lease expired"

@@ -78,8 +78,10 @@ def _create(url: str, name: str, **spec: Any) -> dict[str, Any]:
 def test_killed_host_is_detected_fenced_and_its_ha_vms_restart_elsewhere_exactly_once(
     mosquitto, procs, tmp_path
 ):
-    """kill -9 an agent: failed within 3 s, fenced by lease, HA VMs run elsewhere by priority, once."""
-    url, agents, _ = _start_fleet(procs, mosquitto, tmp_path)
+    """kill -9 an agent: failed within 3 s, fenced, HA VMs run elsewhere by priority, exactly once."""
+    url, agents, _ = _start_fleet(
+        procs, mosquitto, tmp_path, "--ha-fencing", "process", "--fence-dir", str(tmp_path)
+    )
     victim = _create(url, "db-1", ha=True, ha_priority=10)["host_id"]
     for name, spec in (("web-1", {"ha": True, "ha_priority": 1}), ("batch-1", {})):
         assert _create(url, name, **spec)["host_id"] == victim  # best fit packs them together
@@ -109,7 +111,7 @@ def test_killed_host_is_detected_fenced_and_its_ha_vms_restart_elsewhere_exactly
     restarts = [e["vm"] for e in events if e["type"] == "ha.restarting"]
     assert restarts == ["db-1", "web-1"], "highest priority first"
 
-    # The dead host comes back: having been away longer than its lease, it must not run them again.
+    # The fenced host comes back: its guests died with it, and it must not run them again.
     agents[victim] = _agent(procs, mosquitto, tmp_path, victim, name=f"{victim}-again")
 
     def reported() -> Counter[str]:
@@ -141,8 +143,8 @@ def test_killed_host_is_detected_fenced_and_its_ha_vms_restart_elsewhere_exactly
 
 
 def test_without_fencing_nothing_is_restarted_and_an_alert_says_why(mosquitto, procs, tmp_path):
-    """With --ha-fencing none a failed host's HA VMs stay put, and ha.fence_failed explains it."""
-    url, agents, _ = _start_fleet(procs, mosquitto, tmp_path, "--ha-fencing", "none")
+    """Without a fence a failed host's HA VMs stay put, and ha.fence_failed explains it."""
+    url, agents, _ = _start_fleet(procs, mosquitto, tmp_path)  # no --ha-fencing: none
     victim = _create(url, "guarded", ha=True)["host_id"]
     os.kill(agents[victim].popen.pid, signal.SIGKILL)
     alert = wait_for(
@@ -158,7 +160,9 @@ def test_without_fencing_nothing_is_restarted_and_an_alert_says_why(mosquitto, p
 
 def test_broker_outage_is_a_storm_not_a_fleet_wide_failure(mosquitto, procs, tmp_path):
     """When the broker vanishes for seconds, every host goes quiet at once: no host is failed or fenced."""
-    url, _, _ = _start_fleet(procs, mosquitto, tmp_path)
+    url, _, _ = _start_fleet(
+        procs, mosquitto, tmp_path, "--ha-fencing", "process", "--fence-dir", str(tmp_path)
+    )
     _create(url, "calm", ha=True)
     mosquitto.restart(down_s=2.0)
     wait_for(

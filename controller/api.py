@@ -209,6 +209,7 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
                 "vms_running": service.running_vm_count(),
                 "telemetry_messages": service.telemetry_count,
                 "bad_messages": service.decoder.stats.rejected,
+                "rate_limited_messages": sum(service.limiter.dropped.values()),
             }
         )
 

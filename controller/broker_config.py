@@ -135,6 +135,7 @@ def generate(
         f"password_file {passwd}",
         f"acl_file {acl}",
         "max_queued_messages 10000",
+        "max_packet_size 1048576",
     ]
     if persistence:
         conf_lines += ["persistence true", f"persistence_location {out_dir}/"]

@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import msgspec
 from controller import placement
 from controller.events import EventHub
 from controller.ha import HaManager, HaSettings
+from controller.rate_limit import InboundLimiter
 from controller.store import HostRecord, OperationRecord, OpKind, Store, VmRecord, VmState
 from protocols import codec, topics
 from protocols.bus import Bus
@@ -103,6 +105,7 @@ class FleetService:
         self.settings = settings or FleetSettings()
         self.events = EventHub(store)
         self.decoder = codec.InboundDecoder()
+        self.limiter = InboundLimiter()
         self.telemetry: dict[str, HostTelemetry] = {}
         self.telemetry_seen: dict[str, float] = {}
         self.telemetry_count = 0
@@ -122,8 +125,10 @@ class FleetService:
             ("events", self._on_event),
             ("reply", self._on_reply),
         ):
-            bus.subscribe(topics.all_hosts(family), handler, qos=1)  # type: ignore[arg-type]
-        (telemetry_bus or bus).subscribe(topics.all_hosts("telemetry"), self._on_telemetry, qos=0)
+            bus.subscribe(topics.all_hosts(family), self._limited(handler), qos=1)  # type: ignore[arg-type]
+        (telemetry_bus or bus).subscribe(
+            topics.all_hosts("telemetry"), self._limited(self._on_telemetry), qos=0
+        )
         bus.on_connect(self._request_inventories)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -165,6 +170,18 @@ class FleetService:
             )
 
     # -- bus handlers (quick, never await) ------------------------------------------------------
+
+    def _limited(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
+        """Wrap a bus handler with the per-host rate limit (checked before any decoding)."""
+        limiter = self.limiter
+
+        def limited(topic: str, payload: bytes) -> None:
+            parts = topic.split("/", 5)
+            if len(parts) == 5 and not limiter.allow(parts[3], parts[4]):
+                return
+            handler(topic, payload)
+
+        return limited
 
     def _decode(self, topic: str, payload: bytes) -> msgspec.Struct | None:
         return self.decoder.decode(topic, payload)

@@ -1,0 +1,49 @@
+"""A host that floods the bus is rate-limited and counted; the other hosts are not starved."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from controller.rate_limit import InboundLimiter, RateLimits
+from protocols import codec, topics
+from protocols.bus import Bus, BusSettings
+from protocols.messages import HostTelemetry
+from tests.support.fleet import FAST_BUS, Fleet, eventually
+
+
+def test_token_bucket_allows_the_burst_then_the_rate():
+    """A bucket passes its burst at once, then refuses until tokens refill at the set rate."""
+    limiter = InboundLimiter(RateLimits(per_family={"telemetry": (10.0, 5.0)}))
+    passed = sum(limiter.allow("h1", "telemetry") for _ in range(20))
+    assert passed == 5 and limiter.dropped["h1"] == 15
+    assert limiter.allow("h2", "telemetry"), "another host has its own bucket"
+    time.sleep(0.25)
+    assert sum(limiter.allow("h1", "telemetry") for _ in range(10)) in (2, 3)
+
+
+async def test_a_flooding_host_is_limited_while_its_neighbour_keeps_reporting(mosquitto, tmp_path):
+    """20,000 telemetry messages from one host are mostly dropped; a normal host's samples keep arriving."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("calm")
+        rogue = Bus(BusSettings(url=mosquitto.url, client_id="rogue", **FAST_BUS))  # type: ignore[arg-type]
+        async with rogue:
+            await rogue.wait_connected(5)
+            payload = codec.encode(
+                HostTelemetry(
+                    host_id="rogue", seq=1, ts=time.time(), cpu_util=0.1, memory_used_mib=0, power_w=1.0
+                )
+            )
+            topic = topics.host_topic("rogue", "telemetry")
+            service = fleet.service
+            calm_before = await eventually(lambda: service.telemetry_seen.get("calm"), 5, "calm's first sample")
+            for i in range(20_000):
+                rogue.publish_nowait(topic, payload)
+                if i % 500 == 0:
+                    await asyncio.sleep(0)
+            await eventually(lambda: service.limiter.dropped["rogue"] >= 15_000, 10, "the flood dropped")
+            await eventually(
+                lambda: service.telemetry_seen["calm"] > calm_before + 0.5, 5, "calm still reporting"
+            )
+        assert service.limiter.dropped["calm"] == 0
+        assert service.ha.detector.state("calm") == "up"

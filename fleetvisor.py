@@ -79,11 +79,12 @@ def cmd_controller(args: argparse.Namespace) -> int:
         api_port=args.port,
         auth=args.auth,
         fleet=FleetSettings(
+            operation_timeout_s=args.operation_timeout,
             ha=HaSettings(
                 fencing=args.ha_fencing,
                 lease_s=args.ha_lease,
                 fence_dir=pathlib.Path(args.fence_dir) if args.fence_dir else None,
-            )
+            ),
         ),
     )
 
@@ -294,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="how a failed host is fenced before its HA VMs restart: none (alert only, the default), "
         "process (kill its processes; hosts on this machine), lease (agents run with --ha-lease)",
+    )
+    p.add_argument(
+        "--operation-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="an operation without a reply fails after this long and releases its claim (default 60)",
     )
     p.add_argument(
         "--fence-dir", help="process fencing: the directory that holds each host's state directory"

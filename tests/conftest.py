@@ -24,6 +24,7 @@ from tests.support.brokers import (
     quiet_amqtt_loggers,
     restore_levels,
 )
+from tests.support.processes import Proc
 
 #: amqtt 0.12.1 warns about its own documented ``sys_interval`` option; nothing else is ignored.
 AMQTT_WARNING_FILTERS = ("ignore:sys_interval is deprecated:DeprecationWarning",)
@@ -148,3 +149,18 @@ def unique(request: pytest.FixtureRequest) -> UniqueName:
     digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:10]
     counter = itertools.count()
     return lambda prefix: f"{prefix}-{digest}-{next(counter)}"
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Start ``fleetvisor`` subcommands; every one is stopped (SIGTERM, then SIGKILL) by PID afterwards."""
+    started: list[Proc] = []
+
+    def start(name: str, *args: str) -> Proc:
+        proc = Proc(list(args), tmp_path / f"{name}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,158 @@
+"""Chaos: kill agents, the controller and the broker at random while creates and deletes run.
+
+Afterwards an invariant checker asserts that every VM exists exactly once, that the store matches what
+the agents report, and that no operation is stuck. The run is bounded: ``FV_CHAOS_SECONDS``
+(default 25) of chaos, then up to 60 s to settle. Run it longer by hand, e.g.
+``FV_CHAOS_SECONDS=600 ./scripts/test tests/chaos``.
+
+Every process is real (controller, agents, Mosquitto with persistence) and is killed with SIGKILL by
+PID. Agents use the sim engine, whose VMs outlive the agent (its state file is the "hypervisor").
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import free_port
+from tests.support.processes import wait_for
+
+SECONDS = float(os.environ.get("FV_CHAOS_SECONDS", "25"))
+SEED = int(os.environ.get("FV_CHAOS_SEED", str(int(time.time()))))
+HOSTS = ("h1", "h2", "h3")
+
+
+@pytest.mark.timeout(SECONDS + 180)
+def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
+    mosquitto_factory, procs, tmp_path
+):
+    """Kill -9 agents, the controller and the broker at random under load; then check the invariants."""
+    rng = random.Random(SEED)
+    broker = mosquitto_factory(persistence=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    generation = Counter[str]()
+
+    def start_controller() -> Any:
+        generation["controller"] += 1
+        return procs(
+            f"controller-{generation['controller']}",
+            "controller",
+            "--broker",
+            broker.url,
+            "--db",
+            str(tmp_path / "c.sqlite"),
+            "--port",
+            str(port),
+            "--operation-timeout",
+            "10",
+        )
+
+    def start_agent(host: str) -> Any:
+        generation[host] += 1
+        return procs(
+            f"{host}-{generation[host]}",
+            "agent",
+            "--host-id",
+            host,
+            "--broker",
+            broker.url,
+            "--state-dir",
+            str(tmp_path / host),
+            "--memory-mib",
+            "16384",
+            "--telemetry-interval",
+            "0.5",
+        )
+
+    running: dict[str, Any] = {"controller": start_controller(), **{h: start_agent(h) for h in HOSTS}}
+    wait_for(
+        lambda: len(httpx.get(f"{url}/api/v1/hosts", timeout=2).json()) == 3,
+        30,
+        "hosts",
+        list(running.values()),
+    )
+
+    stop = threading.Event()
+    log: list[str] = []
+
+    def workload() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                if rng.random() < 0.7:
+                    httpx.post(f"{url}/api/v1/vms", json={"name": f"c-{n}", "memory_mib": 256}, timeout=3)
+                else:
+                    vms = httpx.get(f"{url}/api/v1/vms", timeout=3).json()
+                    if vms:
+                        httpx.delete(f"{url}/api/v1/vms/{rng.choice(vms)['name']}", timeout=3)
+            except (httpx.HTTPError, ValueError):
+                pass  # the controller may be down right now; that is the point
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=workload, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + SECONDS
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(1.0, 3.0))
+            victim = rng.choice(["controller", "broker", *HOSTS])
+            log.append(f"{time.monotonic():.1f} kill {victim}")
+            if victim == "broker":
+                broker.restart(kill=True, down_s=rng.uniform(0.2, 1.5))
+                continue
+            proc = running[victim]
+            os.kill(proc.popen.pid, signal.SIGKILL)
+            proc.popen.wait(5)
+            time.sleep(rng.uniform(0.1, 1.5))
+            running[victim] = start_controller() if victim == "controller" else start_agent(victim)
+    finally:
+        stop.set()
+        worker.join(10)
+
+    # Settle: everyone back, every operation ended.
+    def settled() -> bool:
+        hosts = httpx.get(f"{url}/api/v1/hosts", timeout=3).json()
+        vms = httpx.get(f"{url}/api/v1/vms", timeout=3).json()
+        return all(h["online"] for h in hosts) and all(v["operation"] is None for v in vms)
+
+    context = f"seed {SEED}; chaos log: {log}"
+    wait_for(settled, 60, f"the fleet to settle ({context})", list(running.values()))
+    time.sleep(2.0)  # one more round of inventories
+
+    hosts = httpx.get(f"{url}/api/v1/hosts", timeout=3).json()
+    vms = {v["name"]: v for v in httpx.get(f"{url}/api/v1/vms", timeout=3).json()}
+    reported: dict[str, list[tuple[str, str]]] = {}
+    for host in hosts:
+        for vm in host["reported_vms"]:
+            reported.setdefault(vm["name"], []).append((host["host_id"], vm["state"]))
+
+    problems = []
+    for name, copies in reported.items():
+        if len(copies) > 1:
+            problems.append(f"{name} is on {len(copies)} hosts: {copies}")
+        if name not in vms:
+            problems.append(f"{name} runs on {copies} but the store does not know it")
+    for name, vm in vms.items():
+        if vm["state"] == "error":
+            continue  # a create that failed cleanly: no host, no claim
+        copies = reported.get(name, [])
+        if not copies:
+            problems.append(f"{name} is recorded on {vm['host_id']} ({vm['state']}) but no host reports it")
+        elif copies[0][0] != vm["host_id"]:
+            problems.append(f"{name} is recorded on {vm['host_id']} but runs on {copies[0][0]}")
+        elif vm["state"] in ("running", "stopped", "paused") and copies[0][1] not in (vm["state"], "defined"):
+            problems.append(f"{name}: store says {vm['state']}, host says {copies[0][1]}")
+    ops = [e for e in httpx.get(f"{url}/api/v1/events", params={"limit": 1000}, timeout=3).json()]
+    assert ops, "the workload must have produced events"
+    assert problems == [], f"{context}\n" + "\n".join(problems)
+    assert len(log) >= SECONDS / 3 - 1, "chaos must actually have happened"

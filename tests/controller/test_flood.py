@@ -36,7 +36,9 @@ async def test_a_flooding_host_is_limited_while_its_neighbour_keeps_reporting(mo
             )
             topic = topics.host_topic("rogue", "telemetry")
             service = fleet.service
-            calm_before = await eventually(lambda: service.telemetry_seen.get("calm"), 5, "calm's first sample")
+            calm_before = await eventually(
+                lambda: service.telemetry_seen.get("calm"), 5, "calm's first sample"
+            )
             for i in range(20_000):
                 rogue.publish_nowait(topic, payload)
                 if i % 500 == 0:

@@ -13,13 +13,14 @@ import contextlib
 import logging
 import pathlib
 import signal
+import ssl
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
 from agent.daemon import Agent, AgentSettings, default_state_dir
-from controller import broker_config
+from controller import broker_config, pki
 from controller import cli as operator_cli
 from controller.daemon import Controller, ControllerSettings, default_db_path
 from controller.embedded_broker import EmbeddedBroker
@@ -67,6 +68,16 @@ def _password(args: argparse.Namespace) -> str | None:
     return read_secret(args.password_file) if args.password_file else None
 
 
+def _bus_tls(args: argparse.Namespace) -> dict[str, object]:
+    """Bus settings for mqtts:// verified against --ca-file (the system CAs without it)."""
+    if not args.ca_file:
+        return {}
+    try:
+        return {"tls_context": ssl.create_default_context(cafile=args.ca_file)}
+    except (OSError, ssl.SSLError) as exc:
+        raise BusError(f"cannot load the CA certificate {args.ca_file!r}: {exc}") from None
+
+
 def cmd_controller(args: argparse.Namespace) -> int:
     settings = ControllerSettings(
         username=args.username,
@@ -78,6 +89,9 @@ def cmd_controller(args: argparse.Namespace) -> int:
         api_host=args.listen,
         api_port=args.port,
         auth=args.auth,
+        tls_cert=pathlib.Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=pathlib.Path(args.tls_key) if args.tls_key else None,
+        bus_overrides=_bus_tls(args),
         fleet=FleetSettings(
             operation_timeout_s=args.operation_timeout,
             ha=HaSettings(
@@ -125,6 +139,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         telemetry_interval_s=args.telemetry_interval,
         address=args.address,
         ha_lease_s=args.ha_lease if args.ha_lease > 0 else None,
+        bus_overrides=_bus_tls(args),
     )
 
     async def main(stop: asyncio.Event) -> int:
@@ -257,6 +272,21 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 def _add_credentials(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username", help="broker user (see `fleetvisor broker-config`)")
     parser.add_argument("--password-file", help="file whose first line is the broker password")
+    parser.add_argument("--ca-file", help="CA certificate that signs the broker's (for mqtts:// URLs)")
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    directory = pathlib.Path(args.dir)
+    try:
+        if args.action == "init":
+            print(f"CA certificate: {pki.init_ca(directory)}")
+        else:
+            cert, key = pki.issue(directory, args.name, ips=args.ip, dns=args.dns)
+            print(f"certificate: {cert}\nkey:         {key}")
+    except pki.PkiError as exc:
+        print(f"fleetvisor ca: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -284,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=str(default_db_path()), help="SQLite state store (default %(default)s)")
     p.add_argument("--listen", default="127.0.0.1", help="API address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    p.add_argument("--tls-cert", help="serve the API over HTTPS with this certificate (see `fleetvisor ca`)")
+    p.add_argument("--tls-key", help="the key of --tls-cert")
     p.add_argument(
         "--auth",
         action="store_true",
@@ -334,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_credentials(p)
     p.set_defaults(func=cmd_agent)
+
+    ca = sub.add_parser("ca", help="a small CA for TLS on the bus and the API").add_subparsers(
+        dest="action", required=True
+    )
+    p = ca.add_parser("init", help="create a CA (ca.key, ca.crt)")
+    p.add_argument("--dir", default="deploy/pki", help="where the CA lives (default deploy/pki)")
+    p.set_defaults(func=cmd_ca)
+    p = ca.add_parser("issue", help="issue a certificate signed by the CA")
+    p.add_argument("name", help="file name and common name, e.g. broker, controller, h1")
+    p.add_argument("--dir", default="deploy/pki")
+    p.add_argument("--ip", action="append", default=[], help="IP subject alternative name (repeatable)")
+    p.add_argument("--dns", action="append", default=[], help="DNS subject alternative name (repeatable)")
+    p.set_defaults(func=cmd_ca)
 
     p = sub.add_parser("broker-config", help="write a Mosquitto config with per-host credentials and ACLs")
     p.add_argument("--hosts", required=True, help="comma-separated host ids, e.g. h1,h2,h3")

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pathlib
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,10 +37,15 @@ class CliError(Exception):
 class ApiClient:
     """A thin synchronous client of ``/api/v1``."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = 30.0, token: str | None = None, ca_file: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=f"{self.base_url}/api/v1", timeout=timeout, headers=headers)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(
+            base_url=f"{self.base_url}/api/v1", timeout=timeout, headers=headers, verify=verify
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -406,6 +412,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--token", default=None, help="API bearer token (env FLEETVISOR_TOKEN)")
+    parser.add_argument(
+        "--ca-file", default=None, help="CA certificate for an https:// controller (env FLEETVISOR_CA)"
+    )
 
 
 def _waiting(parser: argparse.ArgumentParser) -> None:
@@ -509,7 +518,12 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 def run_operator_command(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("FLEETVISOR_URL") or DEFAULT_URL
-    client = ApiClient(url, token=args.token or os.environ.get("FLEETVISOR_TOKEN"))
+    ca_file = args.ca_file or os.environ.get("FLEETVISOR_CA")
+    try:
+        client = ApiClient(url, token=args.token or os.environ.get("FLEETVISOR_TOKEN"), ca_file=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"fleetvisor: cannot load the CA certificate {ca_file!r}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         code: int = args.handler(client, args)
         return code

@@ -46,6 +46,9 @@ class ControllerSettings:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     #: Require API bearer tokens. The first start creates an admin token in ``admin_token_path``.
     auth: bool = False
+    #: Serve the API over HTTPS with this certificate and key (see `fleetvisor ca`).
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
     admin_token_path: pathlib.Path | None = None
     bus_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -78,7 +81,8 @@ class Controller:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://{self.settings.api_host}:{self.settings.api_port}"
 
     async def __aenter__(self) -> Self:
         try:
@@ -156,6 +160,8 @@ class Controller:
             log.warning("API auth is on: created the first admin token in %s (mode 0600)", token_path)
         config = uvicorn.Config(
             create_app(self.service, self.authority),
+            ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
+            ssl_keyfile=str(s.tls_key) if s.tls_key else None,
             log_level="warning",
             access_log=False,
             lifespan="off",

@@ -98,6 +98,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
                 fencing=args.ha_fencing,
                 lease_s=args.ha_lease,
                 fence_dir=pathlib.Path(args.fence_dir) if args.fence_dir else None,
+                host_failures_to_tolerate=args.ha_tolerate,
             ),
         ),
     )
@@ -327,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="how a failed host is fenced before its HA VMs restart: none (alert only, the default), "
         "process (kill its processes; hosts on this machine), lease (agents run with --ha-lease)",
+    )
+    p.add_argument(
+        "--ha-tolerate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="admission control: refuse placements that leave no room to restart HA VMs after N host failures",
     )
     p.add_argument(
         "--operation-timeout",

@@ -27,11 +27,11 @@ from typing import Any
 
 import msgspec
 
-from controller import placement
+from controller import admission, placement
 from controller.events import EventHub
 from controller.ha import HaManager, HaSettings
 from controller.rate_limit import InboundLimiter
-from controller.store import HostRecord, OperationRecord, OpKind, Store, VmRecord, VmState
+from controller.store import HostRecord, OperationRecord, OpKind, Store, Usage, VmRecord, VmState
 from protocols import codec, topics
 from protocols.bus import Bus
 from protocols.messages import (
@@ -390,7 +390,8 @@ class FleetService:
                 409, "vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first"
             )
         # No await between placement and the insert: in one event loop this is the claim lock.
-        choice = placement.place(spec, self.store.hosts(), self.store.usage(), self.settings.placement)
+        hosts, usage = self.store.hosts(), self.store.usage()
+        choice = placement.place(spec, hosts, usage, self.settings.placement)
         if isinstance(choice, placement.NoValidHost):
             raise ApiError(
                 409,
@@ -398,6 +399,7 @@ class FleetService:
                 choice.reason + "; try a smaller VM or add hosts",
                 {"rejected": choice.rejected},
             )
+        choice = self._admit(spec, choice, hosts, usage)
         deadline = time.time() + self.settings.operation_timeout_s
         with self.store.transaction():
             op = self.store.insert_operation(
@@ -417,6 +419,24 @@ class FleetService:
         )
         self._start_runner(op)
         return record, op
+
+    def _admit(
+        self, spec: VmSpec, choice: placement.Placement, hosts: list[HostRecord], usage: dict[str, Usage]
+    ) -> placement.Placement:
+        """The first candidate that keeps the HA failure tolerance; ApiError 409 when none does."""
+        tolerate = self.settings.ha.host_failures_to_tolerate
+        if tolerate <= 0:
+            return choice
+        vms = self.store.vms()
+        reason = ""
+        for candidate in choice.candidates:
+            why = admission.problem(
+                spec, candidate.host_id, hosts, usage, vms, self.settings.placement, tolerate
+            )
+            if why is None:
+                return placement.Placement(host_id=candidate.host_id, candidates=choice.candidates)
+            reason = reason or why
+        raise ApiError(409, "admission_control", reason, {"tolerate": tolerate})
 
     def start_vm(self, name: str) -> OperationRecord:
         return self._vm_operation(

@@ -55,6 +55,9 @@ class HaSettings:
     #: For ``lease`` fencing; must match the agents' ``--ha-lease``.
     lease_s: float = 3.0
     lease_margin_s: float = 0.5
+    #: Admission control: refuse placements that would leave the HA VMs of this many failed hosts
+    #: without room to restart (0: off).
+    host_failures_to_tolerate: int = 0
     tick_s: float = 0.1
 
 

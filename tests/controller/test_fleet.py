@@ -9,7 +9,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from controller.fleet import FleetSettings
+from controller.fleet import ApiError, FleetSettings
 from protocols import topics
 from protocols.vmspec import VmSpec
 from tests.support.fleet import Fleet, eventually
@@ -318,3 +318,30 @@ async def test_controller_with_its_embedded_broker_serves_agents_over_mqtt_3_1_1
             assert agent.bus.protocol_in_use == "3.1.1"
             _, op = service.create_vm(VmSpec(name="embedded", memory_mib=256))
             assert (await service.wait_operation(op.op_id, 10)).state == "succeeded"
+
+
+async def test_ha_admission_control_refuses_what_one_host_failure_could_not_absorb(mosquitto, tmp_path):
+    """With tolerate=1, HA VMs are admitted only while the other hosts could restart them; then 409 says why."""
+    from controller.ha import HaSettings
+
+    settings = FleetSettings(ha=HaSettings(host_failures_to_tolerate=1))
+    async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
+        for host in ("h1", "h2"):
+            await fleet.add_agent(host, memory_mib=4096)  # 3584 MiB usable each
+        admitted = []
+        for i in range(4):
+            try:
+                _, op = fleet.service.create_vm(VmSpec(name=f"ha-{i}", memory_mib=1024, ha=True))
+                admitted.append(op)
+            except Exception as exc:
+                refusal = exc
+                break
+        # 1 GiB HA VMs: after three, one host holds >= 2 GiB that the other cannot take back.
+        assert len(admitted) == 3
+        assert getattr(refusal, "code", None) == "admission_control"
+        assert "--ha-tolerate" in refusal.message and "HA VMs need" in refusal.message  # type: ignore[attr-defined]
+        # A VM without HA needs no restart room, but it still eats the spare: small fits, large does not.
+        _, op = fleet.service.create_vm(VmSpec(name="small", memory_mib=256))
+        assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
+        with pytest.raises(ApiError, match="admission control"):
+            fleet.service.create_vm(VmSpec(name="large", memory_mib=1024))

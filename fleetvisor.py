@@ -208,7 +208,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 workload=VmWorkload(cpu_util=0.1 + 0.07 * (i % 10), dirty_mib_s=2.0 + i),
             )
             try:
-                record, op = service.create_vm(spec)
+                record, op, _ = service.create_vm(spec)
             except ApiError as exc:
                 say(f"create {spec.name} refused: {exc.message}")
                 continue

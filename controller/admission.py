@@ -2,8 +2,8 @@
 
 The rule, like vSphere's "host failures cluster tolerates": suppose the ``tolerate`` hosts carrying the
 most HA memory fail at once. The other online hosts must have enough free memory for all of those HA
-VMs, and room for the largest of them on a single host. The check runs on the candidate host that
-placement chose. If that host fails it, the next candidates are tried, and a refusal explains itself.
+VMs, and room for the largest of them on a single host. The check runs on the host the scheduler
+chose, and a refusal explains itself.
 Only HA VMs are counted, because only they are restarted elsewhere.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from controller import placement
+from controller.scheduler import SchedulerSettings, free_capacity
 from controller.store import HostRecord, Usage, VmRecord
 from protocols.vmspec import VmSpec
 
@@ -26,7 +26,7 @@ def problem(
     hosts: list[HostRecord],
     usage: dict[str, Usage],
     vms: list[VmRecord],
-    settings: placement.PlacementSettings,
+    settings: SchedulerSettings,
     tolerate: int,
 ) -> str | None:
     """Why placing ``spec`` on ``host_id`` breaks the failure tolerance, or None when it does not."""
@@ -44,7 +44,7 @@ def problem(
     online = [h for h in hosts if h.online and not h.maintenance]
     free = {}
     for h in online:
-        _, memory, _ = placement.free_capacity(h, usage.get(h.host_id, Usage()), settings)
+        _, memory, _ = free_capacity(h, usage.get(h.host_id, Usage()), settings)
         free[h.host_id] = memory - (spec.memory_mib if h.host_id == host_id else 0)
     failing = sorted(online, key=lambda h: (-ha_memory[h.host_id], h.host_id))[:tolerate]
     failing_ids = {h.host_id for h in failing}

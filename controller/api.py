@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller import auth, views
 from controller.fleet import ApiError, FleetService
 from controller.store import EventRecord, Usage
-from protocols.vmspec import VmSpecInput, explain_validation_error
+from protocols.vmspec import explain_validation_error
 
 PREFIX = "/api/v1"
 #: Sequence numbers are SQLite integers; anything larger is a client error, not an overflow.
@@ -41,7 +41,9 @@ _SCHEMA_TYPES: dict[str, Any] = {
     "created": views.CreateVmResponse,
     "error": views.ErrorBody,
     "stop": views.StopRequest,
-    "spec": VmSpecInput,
+    "spec": views.CreateVmRequest,
+    "plan": views.PlanResponse,
+    "batch": views.CreateBatchResponse,
     "hosts": list[views.HostView],
     "vms": list[views.VmView],
     "events": list[EventRecord],
@@ -237,17 +239,49 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
         responses=_responses(202, "created", 400, 409, 413),
         openapi_extra=_body("spec"),
     )
-    async def create_vm(request: Request, wait: float = wait_param, start: bool = Query(True)) -> Response:
-        spec_input: VmSpecInput = await _read_body(request, VmSpecInput, "vm spec")
-        record, op = service.create_vm(spec_input.to_spec(), start=start)
+    async def create_vm(
+        request: Request,
+        wait: float = wait_param,
+        start: bool = Query(True),
+        dry_run: bool = Query(False, description="only say where it would go, and why; claim nothing"),
+        explain: bool = Query(False, description="include the scheduler's explanation"),
+    ) -> Response:
+        body: views.CreateVmRequest = await _read_body(request, views.CreateVmRequest, "vm spec")
+        spec = body.to_spec()
+        if dry_run:
+            if body.count > 1:
+                raise ApiError(400, "invalid_request", "dry_run plans one VM; drop count or dry_run")
+            decision = service.plan_vm(spec, body.scheduling)
+            if decision.host_id is None:
+                raise service.refusal_error(decision)
+            return _json(
+                views.PlanResponse(vm=spec.name, host_id=decision.host_id, explanation=decision.explanation)
+            )
+        if body.count > 1:
+            created = service.create_batch(spec, body.count, start=start, hints=body.scheduling)
+            results = []
+            for record, op in created:
+                if wait:
+                    op = await service.wait_operation(op.op_id, wait)
+                    record = service.store.vm(record.name) or record
+                results.append(
+                    views.CreateVmResponse(
+                        vm=views.vm_view(service, record), operation=views.operation_view(op)
+                    )
+                )
+            running = any(r.operation.state == "running" for r in results)
+            return _json(views.CreateBatchResponse(vms=results), 202 if running else 200)
+        record, op, decision = service.create_vm(spec, start=start, hints=body.scheduling)
         if wait:
             op = await service.wait_operation(op.op_id, wait)
             record = service.store.vm(record.name) or record
         status = 202 if op.state == "running" else 200
-        return _json(
-            views.CreateVmResponse(vm=views.vm_view(service, record), operation=views.operation_view(op)),
-            status,
+        response = views.CreateVmResponse(
+            vm=views.vm_view(service, record),
+            operation=views.operation_view(op),
+            explanation=decision.explanation if explain else None,
         )
+        return _json(response, status)
 
     @app.get(f"{PREFIX}/vms/{{name}}", summary="Show a VM", responses=_responses(200, "vm", 404))
     async def show_vm(name: str) -> Response:

@@ -256,11 +256,48 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         body["labels"] = labels
     if "name" not in body:
         raise CliError("vm create: give the VM a name (positional NAME or `name:` in --file)")
+    scheduling: dict[str, Any] = dict(body.pop("scheduling", None) or {})
+    if args.group:
+        scheduling["group"] = args.group
+    if args.group_policy:
+        scheduling["group_policy"] = args.group_policy
+    for item in args.require or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--require {item!r}: write it as KEY=VALUE, e.g. --require zone=a")
+        scheduling.setdefault("require", {})[key] = value
+    for flag, key in (("host", "hosts"), ("avoid_host", "avoid_hosts"), ("feature", "required_features")):
+        if getattr(args, flag):
+            scheduling[key] = list(getattr(args, flag))
+    if args.policy:
+        scheduling["policy"] = args.policy
+    if scheduling:
+        body["scheduling"] = scheduling
+    if args.count != 1:
+        body["count"] = args.count
+    spec_only = {k: v for k, v in body.items() if k not in ("scheduling", "count")}
     try:
-        msgspec.convert(body, VmSpecInput)
+        msgspec.convert(spec_only, VmSpecInput)
     except msgspec.ValidationError as exc:
         raise CliError(f"vm spec: {explain_validation_error(exc)}") from None
     return body
+
+
+def _render_explanation(explanation: dict[str, Any]) -> str:
+    lines = [
+        f"policy {explanation['policy']}: {explanation['candidates']} of {explanation['hosts']} hosts qualify"
+    ]
+    for name, removed in explanation.get("filtered", {}).items():
+        if removed:
+            lines.append(f"  filter {name:<22} removed {removed}")
+    for reason, count in sorted(explanation.get("rejected", {}).items()):
+        lines.append(f"  rejected for {reason:<17} {count}")
+    top = explanation.get("top") or []
+    if top:
+        lines.append("  best candidates:")
+        for rank, host in enumerate(top, 1):
+            lines.append(f"    {rank}. {host.get('host_id')}  score {host.get('score', 0):.3f}")
+    return "\n".join(lines)
 
 
 def _wait_args(args: argparse.Namespace) -> dict[str, float]:
@@ -284,7 +321,23 @@ def _finish_op(args: argparse.Namespace, op: dict[str, Any], what: str) -> int:
 def cmd_vm_create(client: ApiClient, args: argparse.Namespace) -> int:
     body = build_spec(args)
     params: dict[str, Any] = {"start": str(not args.no_start).lower(), **_wait_args(args)}
+    if args.dry_run:
+        params = {"dry_run": "true"}
+        try:
+            plan = client.request("POST", "/vms", json=body, params=params)
+        except CliError as exc:
+            raise CliError(f"dry run: {exc}") from None
+        if args.json:
+            print(json.dumps(plan, indent=2, sort_keys=True))
+        else:
+            print(f"vm {plan['vm']} would go to {plan['host_id']} (nothing was claimed)")
+            print(_render_explanation(plan["explanation"]))
+        return 0
+    if args.explain:
+        params["explain"] = "true"
     result = client.request("POST", "/vms", json=body, params=params)
+    if "vms" in result:
+        return _finish_batch(args, result)
     op, vm = result["operation"], result["vm"]
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -294,7 +347,18 @@ def cmd_vm_create(client: ApiClient, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     state = "created" if op["state"] == "succeeded" else "creating"
     print(f"vm {vm['name']}: {state} on {vm['host_id']} (state {vm['state']}, operation {op['op_id']})")
+    if result.get("explanation"):
+        print(_render_explanation(result["explanation"]))
     return 0
+
+
+def _finish_batch(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        rows = [[r["vm"]["name"], r["vm"]["host_id"] or "-", r["operation"]["state"]] for r in result["vms"]]
+        print(_table(rows, ["vm", "host", "operation"]))
+    return EXIT_FAILED if any(r["operation"]["state"] == "failed" for r in result["vms"]) else 0
 
 
 def cmd_vm_list(client: ApiClient, args: argparse.Namespace) -> int:
@@ -442,6 +506,26 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--no-start", action="store_true", help="define it but leave it stopped")
     p.add_argument("--ha", action="store_true", help="restart it elsewhere if its host fails (after fencing)")
     p.add_argument("--ha-priority", type=int, help="HA restart order, 0-1000, higher first")
+    p.add_argument("--count", type=int, default=1, help="create N VMs named NAME-1..N, planned as a whole")
+    p.add_argument("--group", help="server group the VM(s) join")
+    p.add_argument(
+        "--group-policy",
+        choices=("anti-affinity", "affinity", "soft-anti-affinity", "soft-affinity"),
+        help="how the group's members relate (default anti-affinity when --group is given)",
+    )
+    p.add_argument("--anti-affinity", dest="group_policy", action="store_const", const="anti-affinity")
+    p.add_argument("--affinity", dest="group_policy", action="store_const", const="affinity")
+    p.add_argument("--require", action="append", metavar="KEY=VALUE", help="host label the host must carry")
+    p.add_argument(
+        "--host", action="append", metavar="HOST", help="only these hosts may take it (repeatable)"
+    )
+    p.add_argument("--avoid-host", action="append", metavar="HOST", help="never these hosts (repeatable)")
+    p.add_argument("--feature", action="append", metavar="FLAG", help="required host CPU feature, e.g. vmx")
+    p.add_argument(
+        "--policy", choices=("pack", "spread", "power-saving", "best-fit"), help="placement policy"
+    )
+    p.add_argument("--explain", action="store_true", help="show why the scheduler chose the host")
+    p.add_argument("--dry-run", action="store_true", help="show where it would go, and why; create nothing")
     _common(p)
     _waiting(p)
     p.set_defaults(handler=cmd_vm_create)

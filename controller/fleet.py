@@ -27,11 +27,21 @@ from typing import Any
 
 import msgspec
 
-from controller import admission, placement
+from controller import admission
 from controller.events import EventHub
 from controller.ha import HaManager, HaSettings
 from controller.rate_limit import InboundLimiter
-from controller.store import HostRecord, OperationRecord, OpKind, Store, Usage, VmRecord, VmState
+from controller.scheduler import (
+    GROUP_LABEL,
+    Decision,
+    FleetState,
+    PlacementRequest,
+    Scheduler,
+    SchedulerSettings,
+    SchedulingHints,
+    UnknownPolicyError,
+)
+from controller.store import HostRecord, OperationRecord, OpKind, Store, VmRecord, VmState
 from protocols import codec, topics
 from protocols.bus import Bus
 from protocols.messages import (
@@ -68,7 +78,7 @@ class ApiError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class FleetSettings:
-    placement: placement.PlacementSettings = field(default_factory=placement.PlacementSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     #: How long an operation may take before it fails and releases what it claimed.
     operation_timeout_s: float = 60.0
     #: How long to wait for a reply before sending the command again (same operation id).
@@ -118,7 +128,14 @@ class FleetService:
         self._op_tasks: dict[str, asyncio.Task[None]] = {}
         self._op_done: dict[str, asyncio.Event] = {}
         self._closing = False
+        self._adopted: list[str] = []
         self.ha = HaManager(self, self.settings.ha)
+        #: The scheduler's view of capacity: numpy columns kept in step with the store on every claim,
+        #: release, join and liveness change, and resynchronised from the store after each connect.
+        self.fleet_state = FleetState.from_records(
+            store.hosts(), store.usage(), vms=store.vms(), capacity=self.settings.scheduler.capacity
+        )
+        self.scheduler = Scheduler(self.fleet_state, self.settings.scheduler)
         for family, handler in (
             ("state", self._on_state),
             ("inventory", self._on_inventory),
@@ -162,6 +179,9 @@ class FleetService:
         Retained inventories already arrive on subscribe, but they only reflect the last change the
         agent noticed itself; this closes the gap for anything that changed while we were away.
         """
+        drifted = self.fleet_state.resync(self.store.usage())
+        if drifted:
+            log.warning("scheduler state drifted from the store on %s; resynchronised", ", ".join(drifted))
         deadline = time.time() + 30
         for host in self.store.hosts():
             command = RefreshInventory(op_id=f"refresh-{uuid.uuid4().hex}", deadline=deadline)
@@ -207,6 +227,7 @@ class FleetService:
         if self.store.host(message.host_id) is None:
             return  # the inventory (hello) creates the host; it follows the online state
         self.ha.host_state(message.host_id, message.online, message.reason)
+        self.fleet_state.set_online(message.host_id, message.online)
         if self.store.set_host_online(message.host_id, message.online, message.reason):
             if message.online:
                 self.events.emit(
@@ -301,6 +322,15 @@ class FleetService:
                         host_id=host_id,
                         vm=record.name,
                     )
+        host = self.store.host(host_id)
+        assert host is not None
+        self.fleet_state.upsert_host(host)
+        for adopted in self._adopted:
+            found = self.store.vm(adopted)
+            if found is not None and found.host_id is not None:
+                spec = found.spec
+                self.fleet_state.adopt(adopted, found.host_id, spec.vcpus, spec.memory_mib, spec.disk_gib)
+        self._adopted.clear()
         if is_new:
             caps = inventory.capabilities
             self.events.emit(
@@ -315,6 +345,7 @@ class FleetService:
         state = _POWER_TO_VM_STATE[status.state]
         if record is None:
             self.store.insert_vm(status.spec, host_id, state, None)
+            self._adopted.append(status.name)
             self.events.emit(
                 "vm.adopted",
                 f"vm {status.name} found on {host_id} and adopted",
@@ -324,6 +355,7 @@ class FleetService:
             return
         if record.host_id is None and record.op_id is None:
             self.store.update_vm(status.name, host_id=host_id, state=state, error="")
+            self._adopted.append(status.name)
             self.events.emit(
                 "vm.adopted",
                 f"vm {status.name} found on {host_id}; record corrected",
@@ -379,64 +411,150 @@ class FleetService:
 
     # -- VM operations --------------------------------------------------------------------------
 
-    def create_vm(self, spec: VmSpec, start: bool = True) -> tuple[VmRecord, OperationRecord]:
+    def plan_vm(self, spec: VmSpec, hints: SchedulingHints | None = None) -> Decision:
+        """Where ``spec`` would go now, with the explanation; claims nothing (``--dry-run``).
+
+        Raises:
+            ApiError: 400 for an unknown policy.
+        """
+        try:
+            return self.scheduler.select(PlacementRequest.from_spec(spec, hints))
+        except UnknownPolicyError as exc:
+            raise ApiError(400, "unknown_policy", str(exc)) from None
+
+    def create_vm(
+        self, spec: VmSpec, start: bool = True, hints: SchedulingHints | None = None
+    ) -> tuple[VmRecord, OperationRecord, Decision]:
         """Place ``spec``, claim the host, record the VM and its create operation, and start it.
 
         Raises:
-            ApiError: 409 if the name is taken or no host fits (with the explanation).
+            ApiError: 409 if the name is taken, no host fits, or admission control refuses (with the
+                explanation); 400 for an unknown policy.
         """
         if self.store.vm(spec.name) is not None:
             raise ApiError(
                 409, "vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first"
             )
-        # No await between placement and the insert: in one event loop this is the claim lock.
-        hosts, usage = self.store.hosts(), self.store.usage()
-        choice = placement.place(spec, hosts, usage, self.settings.placement)
-        if isinstance(choice, placement.NoValidHost):
+        spec = self._with_group(spec, hints)
+        request = PlacementRequest.from_spec(spec, hints)
+        # No await from here to the store write: in one event loop this is the claim lock.
+        try:
+            decision = self.scheduler.select_and_claim(request)
+        except UnknownPolicyError as exc:
+            raise ApiError(400, "unknown_policy", str(exc)) from None
+        if decision.refusal is not None or decision.host_id is None:
+            raise self.refusal_error(decision)
+        host_id = decision.host_id
+        assert host_id is not None
+        try:
+            self._admit(spec, host_id)
+            record, op = self._record_create(spec, host_id, start)
+        except BaseException:
+            self.fleet_state.release(spec.name, host_id)
+            raise
+        self._start_runner(op)
+        return record, op, decision
+
+    def create_batch(
+        self, template: VmSpec, count: int, start: bool = True, hints: SchedulingHints | None = None
+    ) -> list[tuple[VmRecord, OperationRecord]]:
+        """Create ``count`` VMs named ``<name>-1..N``, planned as a whole (an anti-affinity group is
+        spread before anything is claimed) and claimed all or nothing.
+
+        Raises:
+            ApiError: 409 if a name is taken or the batch cannot be placed, with the reason.
+        """
+        specs = [msgspec.structs.replace(template, name=f"{template.name}-{i}") for i in range(1, count + 1)]
+        taken = [s.name for s in specs if self.store.vm(s.name) is not None]
+        if taken:
             raise ApiError(
-                409,
-                "no_valid_host",
-                choice.reason + "; try a smaller VM or add hosts",
-                {"rejected": choice.rejected},
+                409, "vm_exists", f"vms {', '.join(taken)} already exist; choose another name prefix"
             )
-        choice = self._admit(spec, choice, hosts, usage)
-        deadline = time.time() + self.settings.operation_timeout_s
+        specs = [self._with_group(s, hints) for s in specs]
+        requests = [PlacementRequest.from_spec(s, hints) for s in specs]
+        try:
+            batch = self.scheduler.select_batch(requests)
+        except UnknownPolicyError as exc:
+            raise ApiError(400, "unknown_policy", str(exc)) from None
+        if not batch.ok:
+            raise ApiError(409, "no_valid_host", f"batch {template.name!r} of {count}: {batch.message}")
+        claims = self.scheduler.commit_batch(requests, batch)
+        placed = [
+            (s, d.host_id) for s, d, c in zip(specs, batch.decisions, claims, strict=True) if c and d.host_id
+        ]
+        created = []
+        try:
+            with self.store.transaction():
+                for spec, host_id in placed:
+                    created.append(self._insert_create(spec, host_id, start))
+        except BaseException:
+            for spec, host_id in placed:
+                self.fleet_state.release(spec.name, host_id)
+            raise
+        for record, op in created:
+            self.events.emit(
+                "vm.creating",
+                f"vm {record.name} placed on {record.host_id}",
+                host_id=record.host_id or "",
+                vm=record.name,
+                op_id=op.op_id,
+            )
+            self._start_runner(op)
+        return created
+
+    @staticmethod
+    def _with_group(spec: VmSpec, hints: SchedulingHints | None) -> VmSpec:
+        # Group membership is kept on the VM, so the scheduler rebuilds its groups after a restart.
+        if hints is None or hints.group is None:
+            return spec
+        return msgspec.structs.replace(spec, labels={**spec.labels, GROUP_LABEL: hints.group})
+
+    @staticmethod
+    def refusal_error(decision: Decision) -> ApiError:
+        """The 409 a refused decision becomes, with the explanation in its detail."""
+        refusal = decision.refusal
+        message = refusal.message if refusal is not None else f"no host for vm {decision.vm!r}"
+        return ApiError(
+            409,
+            "no_valid_host",
+            message + "; try a smaller VM or add hosts",
+            {
+                "rejected": dict(decision.explanation.rejected),
+                "explanation": msgspec.to_builtins(decision.explanation),
+            },
+        )
+
+    def _record_create(self, spec: VmSpec, host_id: str, start: bool) -> tuple[VmRecord, OperationRecord]:
         with self.store.transaction():
-            op = self.store.insert_operation(
-                kind="create",
-                vm=spec.name,
-                host_id=choice.host_id,
-                params={"start": start},
-                deadline=deadline,
-            )
-            record = self.store.insert_vm(spec, choice.host_id, "creating", op.op_id)
+            record, op = self._insert_create(spec, host_id, start)
         self.events.emit(
             "vm.creating",
-            f"vm {spec.name} placed on {choice.host_id}",
-            host_id=choice.host_id,
+            f"vm {spec.name} placed on {host_id}",
+            host_id=host_id,
             vm=spec.name,
             op_id=op.op_id,
         )
-        self._start_runner(op)
         return record, op
 
-    def _admit(
-        self, spec: VmSpec, choice: placement.Placement, hosts: list[HostRecord], usage: dict[str, Usage]
-    ) -> placement.Placement:
-        """The first candidate that keeps the HA failure tolerance; ApiError 409 when none does."""
+    def _insert_create(self, spec: VmSpec, host_id: str, start: bool) -> tuple[VmRecord, OperationRecord]:
+        """The VM row (its claim) and its create operation; call inside a transaction."""
+        deadline = time.time() + self.settings.operation_timeout_s
+        op = self.store.insert_operation(
+            kind="create", vm=spec.name, host_id=host_id, params={"start": start}, deadline=deadline
+        )
+        return self.store.insert_vm(spec, host_id, "creating", op.op_id), op
+
+    def _admit(self, spec: VmSpec, host_id: str) -> None:
+        """Raises ApiError 409 when HA admission control refuses ``spec`` on ``host_id``."""
         tolerate = self.settings.ha.host_failures_to_tolerate
         if tolerate <= 0:
-            return choice
-        vms = self.store.vms()
-        reason = ""
-        for candidate in choice.candidates:
-            why = admission.problem(
-                spec, candidate.host_id, hosts, usage, vms, self.settings.placement, tolerate
-            )
-            if why is None:
-                return placement.Placement(host_id=candidate.host_id, candidates=choice.candidates)
-            reason = reason or why
-        raise ApiError(409, "admission_control", reason, {"tolerate": tolerate})
+            return
+        usage = self.store.usage()
+        why = admission.problem(
+            spec, host_id, self.store.hosts(), usage, self.store.vms(), self.settings.scheduler, tolerate
+        )
+        if why is not None:
+            raise ApiError(409, "admission_control", why, {"tolerate": tolerate})
 
     def start_vm(self, name: str) -> OperationRecord:
         return self._vm_operation(
@@ -555,6 +673,7 @@ class FleetService:
                 return
             if op.kind == "delete" and record.host_id is None:
                 self.store.delete_vm(op.vm)
+                self.fleet_state.release(op.vm)
                 self._finish(op, ok=True)
                 return
             assert op.host_id is not None
@@ -635,6 +754,7 @@ class FleetService:
         with self.store.transaction():
             if op.kind == "delete":
                 self.store.delete_vm(op.vm)
+                self.fleet_state.release(op.vm)
             else:
                 state: VmState = (
                     _POWER_TO_VM_STATE[reply.vm.state]
@@ -650,6 +770,7 @@ class FleetService:
             if record is not None and record.op_id == op.op_id:
                 if op.kind in ("create", "restart"):
                     # Release the claim: the VM did not come to exist anywhere we know of.
+                    self.fleet_state.release(op.vm)
                     self.store.update_vm(op.vm, state="error", host_id=None, op_id=None, error=error)
                 else:
                     previous: VmState = (

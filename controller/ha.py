@@ -34,9 +34,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from controller import placement
 from controller.failure_detector import DetectorSettings, FailureDetector, Transition
 from controller.fencing import ProcessFencer
+from controller.scheduler import PlacementRequest, SchedulingHints
 from protocols import codec, topics
 from protocols.messages import UndefineVm
 
@@ -192,19 +192,20 @@ class HaManager:
         service = self.service
         record = service.store.vm(name)
         assert record is not None
-        bad = {h for h, s in self.detector.hosts.items() if s.state != "up"} | {failed_host}
-        hosts = [h for h in service.store.hosts() if h.host_id not in bad]
-        choice = placement.place(record.spec, hosts, service.store.usage(), service.settings.placement)
-        if isinstance(choice, placement.NoValidHost):
-            service.store.update_vm(name, error=f"HA restart impossible: {choice.reason}")
+        bad = sorted({h for h, s in self.detector.hosts.items() if s.state != "up"} | {failed_host})
+        request = PlacementRequest.from_spec(record.spec, SchedulingHints(avoid_hosts=bad))
+        decision = service.scheduler.select(request)
+        if decision.refusal is not None or decision.host_id is None:
+            reason = decision.refusal.message if decision.refusal else "no host"
+            service.store.update_vm(name, error=f"HA restart impossible: {reason}")
             service.events.emit(
-                "ha.restart_failed",
-                f"vm {name} (HA) cannot restart: {choice.reason}",
-                host_id=failed_host,
-                vm=name,
+                "ha.restart_failed", f"vm {name} (HA) cannot restart: {reason}", host_id=failed_host, vm=name
             )
             return
-        service.start_restart(record, choice.host_id, failed_host)
+        # Move the claim: off the failed host, onto the chosen one (no await in between).
+        service.fleet_state.release(name, failed_host)
+        service.scheduler.claim(decision, request)
+        service.start_restart(record, decision.host_id, failed_host)
 
     def clean_stale_copy(self, host_id: str, vm: str) -> None:
         """A host that was fenced still reports ``vm``, which now runs elsewhere: remove the stale copy."""

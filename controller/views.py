@@ -7,15 +7,15 @@ so the wire and the API can evolve at their own pace.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
-from controller import placement
 from controller.fleet import FleetService
+from controller.scheduler import Explanation, SchedulingHints, free_capacity
 from controller.store import HostRecord, OperationRecord, Usage, VmRecord
 from protocols.messages import Capabilities
-from protocols.vmspec import VmSpec
+from protocols.vmspec import VmSpec, VmSpecInput
 
 
 class HostLoad(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,9 +84,31 @@ class OperationView(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
 
 
+class CreateVmRequest(VmSpecInput, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The create body: a VM spec, plus where it may go and how many to make."""
+
+    scheduling: SchedulingHints | None = None
+    #: Make this many VMs named ``<name>-1..N``, planned as a whole.
+    count: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+
+
 class CreateVmResponse(msgspec.Struct, frozen=True, kw_only=True):
     vm: VmView
     operation: OperationView
+    #: Why this host: filters, rejections, top candidates (with ``?explain=true``).
+    explanation: Explanation | None = None
+
+
+class CreateBatchResponse(msgspec.Struct, frozen=True, kw_only=True):
+    vms: list[CreateVmResponse]
+
+
+class PlanResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """A dry run: where the VM would go and why; nothing was claimed."""
+
+    vm: str
+    host_id: str
+    explanation: Explanation
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +127,7 @@ class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView:
-    free_vcpus, free_memory, _ = placement.free_capacity(host, usage, service.settings.placement)
+    free_vcpus, free_memory, _ = free_capacity(host, usage, service.settings.scheduler)
     sample = service.telemetry.get(host.host_id)
     load = None
     if sample is not None and host.online:

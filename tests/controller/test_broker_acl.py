@@ -200,5 +200,5 @@ async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_p
             service = controller.service
             await eventually(lambda: service.online_host_count() == 1, 10, "h1 online")
             await eventually(lambda: service.telemetry_count > 0, 10, "telemetry through the ACL")
-            _, op = service.create_vm(VmSpec(name="secure-1", memory_mib=256))
+            _, op, _ = service.create_vm(VmSpec(name="secure-1", memory_mib=256))
             assert (await service.wait_operation(op.op_id, 10)).state == "succeeded"

@@ -159,3 +159,43 @@ def test_vm_create_from_libvirt_xml_and_dumpxml_round_trip(mosquitto, procs, tmp
     assert domxml.spec_from_xml(exported.stdout) == domxml.spec_from_xml(sample.read_text())
     refused = _cli(url, "vm", "create", "--xml", str(ROOT / "tests/protocols/domxml_samples/bad_hostdev.xml"))
     assert refused.returncode == 1 and "/domain/devices/hostdev" in refused.stderr
+
+
+def test_cli_batch_with_anti_affinity_explain_and_dry_run(mosquitto, procs, tmp_path):
+    """`vm create --count 3 --group web --anti-affinity` spreads; --dry-run and --explain print the why."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    controller = procs(
+        "controller",
+        "controller",
+        "--broker",
+        mosquitto.url,
+        "--db",
+        str(tmp_path / "c.sqlite"),
+        "--port",
+        str(port),
+    )
+    agents = [
+        procs(h, "agent", "--host-id", h, "--broker", mosquitto.url, "--state-dir", str(tmp_path / h))
+        for h in ("h1", "h2", "h3")
+    ]
+    wait_for(
+        lambda: len(httpx.get(f"{url}/api/v1/hosts", timeout=2).json()) == 3,
+        20,
+        "3 hosts",
+        [controller, *agents],
+    )
+    batch = _cli(
+        url, "vm", "create", "web", "--count", "3", "--group", "web", "--anti-affinity", "--memory", "256"
+    )
+    assert batch.returncode == 0, batch.stderr
+    assert sorted(line.split()[1] for line in batch.stdout.splitlines()[1:]) == ["h1", "h2", "h3"]
+    dry = _cli(url, "vm", "create", "db", "--memory", "1024", "--dry-run")
+    assert dry.returncode == 0 and "would go to" in dry.stdout and "3 of 3 hosts qualify" in dry.stdout
+    assert "db" not in _cli(url, "vm", "list").stdout
+    explained = _cli(url, "vm", "create", "db", "--memory", "1024", "--explain", "--avoid-host", "h1")
+    assert explained.returncode == 0, explained.stderr
+    assert "best candidates" in explained.stdout and "1." in explained.stdout
+    assert "on h1" not in explained.stdout
+    refused = _cli(url, "vm", "create", "big", "--memory", "999999", "--dry-run")
+    assert refused.returncode == 1 and "no host can take vm 'big'" in refused.stderr

@@ -1,13 +1,11 @@
-"""The SQLite store (a real file) and the first best-fit placement with its explanations."""
+"""The SQLite store, on a real file: durability, atomic transactions, schema versions."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
 
 import pytest
 
-from controller import placement
 from controller.store import HostRecord, Store, StoreError, Usage
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
@@ -83,51 +81,3 @@ def test_store_refuses_a_file_from_another_schema_version(tmp_path):
         raw.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(StoreError, match="schema version 99"):
         Store(path)
-
-
-def test_best_fit_picks_the_host_left_with_the_least_memory():
-    """Among hosts that fit, the one with the least memory left after placement wins."""
-    hosts = [_host("big", memory_mib=65536), _host("snug", memory_mib=4096), _host("mid", memory_mib=16384)]
-    choice = placement.place(VmSpec(name="a", memory_mib=3000), hosts, {}, placement.PlacementSettings())
-    assert isinstance(choice, placement.Placement) and choice.host_id == "snug"
-
-
-def test_claims_count_against_capacity():
-    """Memory already claimed on a host is not offered again."""
-    hosts = [_host("h1", memory_mib=4096 + 512), _host("h2", memory_mib=8192 + 512)]
-    usage = {"h1": Usage(vcpus=1, memory_mib=4096, vms=1)}
-    choice = placement.place(VmSpec(name="a", memory_mib=1024), hosts, usage, placement.PlacementSettings())
-    assert isinstance(choice, placement.Placement) and choice.host_id == "h2"
-
-
-def test_vcpu_overcommit_ratio_is_respected():
-    """A host with 2 cores at ratio 4.0 offers 8 vCPUs and refuses a 9th."""
-    settings = placement.PlacementSettings(cpu_allocation_ratio=4.0)
-    hosts = [_host("h1", cores=2)]
-    assert isinstance(placement.place(VmSpec(name="a", vcpus=8), hosts, {}, settings), placement.Placement)
-    refused = placement.place(VmSpec(name="a", vcpus=9), hosts, {}, settings)
-    assert isinstance(refused, placement.NoValidHost) and refused.rejected == {"vcpus": 1}
-
-
-def test_refusal_counts_every_reason_and_suggests_the_largest_free_memory():
-    """No valid host: the reason counts hosts per cause and names the most free memory."""
-    hosts = [
-        _host("full-1", memory_mib=2048),
-        _host("full-2", memory_mib=2048),
-        _host("down", online=False),
-        _host("maint", maintenance=True),
-        _host("arm", arch="aarch64"),
-    ]
-    refused = placement.place(VmSpec(name="web-1", memory_mib=8192), hosts, {}, placement.PlacementSettings())
-    assert isinstance(refused, placement.NoValidHost)
-    assert Counter(refused.rejected) == Counter({"memory": 2, "offline": 1, "maintenance": 1, "arch": 1})
-    assert refused.reason.startswith("no host can take vm 'web-1' (1 vCPU, 8.0 GiB RAM): 2 hosts lack memory")
-    assert "1 offline" in refused.reason and "1 in maintenance" in refused.reason
-    assert "cannot run x86_64 guests" in refused.reason
-    assert "1.5 GiB" in refused.reason  # 2048 - 512 reserved
-
-
-def test_empty_fleet_refusal_says_how_to_add_a_host():
-    """With no hosts at all, the refusal says to start an agent."""
-    refused = placement.place(VmSpec(name="a"), [], {}, placement.PlacementSettings())
-    assert isinstance(refused, placement.NoValidHost) and "fleetvisor agent" in refused.reason

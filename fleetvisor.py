@@ -123,6 +123,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
         )
         return 2
     state_dir = pathlib.Path(args.state_dir) if args.state_dir else default_state_dir(args.host_id)
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(
+                f"fleetvisor agent: --label {item!r}: write it as KEY=VALUE, e.g. --label zone=a",
+                file=sys.stderr,
+            )
+            return 2
+        labels[key] = value
     options: dict[str, object] = {}
     if args.hv == "sim":
         options = {"cores": args.cores, "memory_mib": args.memory_mib}
@@ -140,6 +150,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         telemetry_interval_s=args.telemetry_interval,
         address=args.address,
         ha_lease_s=args.ha_lease if args.ha_lease > 0 else None,
+        labels=labels,
         bus_overrides=_bus_tls(args),
     )
 
@@ -363,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--telemetry-interval", type=float, default=1.0, metavar="S", help="seconds between samples"
     )
     p.add_argument("--address", default="127.0.0.1", help="address other hosts reach this one on")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label this host reports"
+    )
     p.add_argument("--cores", type=int, default=16, help="sim engine: cores of the simulated host")
     p.add_argument("--memory-mib", type=int, default=65536, help="sim engine: memory of the simulated host")
     p.add_argument(

@@ -74,6 +74,8 @@ class AgentSettings:
     #: HA lease: after this long without the bus, HA VMs are destroyed (self-fencing), because the
     #: controller may restart them elsewhere. Must match the controller's lease. None disables it.
     ha_lease_s: float | None = None
+    #: Labels this host reports (zone, rack, ...); the scheduler's label filter matches on them.
+    labels: dict[str, str] = field(default_factory=dict)
     bus_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -257,6 +259,7 @@ class Agent:
             capabilities=self._caps,
             vms=await self.driver.list(),
             reason=reason,  # type: ignore[arg-type]
+            labels=dict(self.settings.labels),
         )
 
     async def _publish_inventory(self, reason: str) -> None:

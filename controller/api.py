@@ -41,6 +41,7 @@ _SCHEMA_TYPES: dict[str, Any] = {
     "created": views.CreateVmResponse,
     "error": views.ErrorBody,
     "stop": views.StopRequest,
+    "host_update": views.HostUpdate,
     "spec": views.CreateVmRequest,
     "plan": views.PlanResponse,
     "batch": views.CreateBatchResponse,
@@ -225,6 +226,17 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
     @app.get(f"{PREFIX}/hosts/{{host_id}}", summary="Show a host", responses=_responses(200, "host", 404))
     async def show_host(host_id: str) -> Response:
         host = service.require_host(host_id)
+        return _json(views.host_view(service, host, service.store.usage().get(host_id, _ZERO)))
+
+    @app.patch(
+        f"{PREFIX}/hosts/{{host_id}}",
+        summary="Set a host's labels and maintenance mode",
+        responses=_responses(200, "host", 400, 404),
+        openapi_extra=_body("host_update"),
+    )
+    async def update_host(request: Request, host_id: str) -> Response:
+        body: views.HostUpdate = await _read_body(request, views.HostUpdate, "host update")
+        host = service.update_host(host_id, labels=body.labels, maintenance=body.maintenance)
         return _json(views.host_view(service, host, service.store.usage().get(host_id, _ZERO)))
 
     @app.get(f"{PREFIX}/vms", summary="List VMs", responses=_responses(200, "vms"))

@@ -132,12 +132,37 @@ def _render_host(h: dict[str, Any]) -> str:
         if load
         else "load:          -",
         f"agent:         {h['agent_version']}",
+        f"health:        {h.get('health', 'up')}" + (", in maintenance" if h["maintenance"] else ""),
+        "labels:        " + (", ".join(f"{k}={v}" for k, v in sorted(h.get("labels", {}).items())) or "-"),
     ]
     return "\n".join(lines)
 
 
 def cmd_host_list(client: ApiClient, args: argparse.Namespace) -> int:
     _print(args, client.request("GET", "/hosts"), _render_hosts)
+    return 0
+
+
+def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
+    labels: dict[str, str | None] = {}
+    for item in args.labels:
+        if item.endswith("-") and "=" not in item:
+            labels[item[:-1]] = None
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"label {item!r}: write KEY=VALUE to set it, or KEY- to remove it")
+        labels[key] = value
+    host = client.request("PATCH", f"/hosts/{args.host}", json={"labels": labels})
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(host["labels"].items())) or "none"
+    print(f"host {args.host}: labels {shown}")
+    return 0
+
+
+def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
+    host = client.request("PATCH", f"/hosts/{args.host}", json={"maintenance": args.mode == "on"})
+    state = "in maintenance: no new VMs go there" if host["maintenance"] else "out of maintenance"
+    print(f"host {args.host}: {state}")
     return 0
 
 
@@ -565,6 +590,16 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("host")
     _common(p)
     p.set_defaults(handler=cmd_host_show)
+    p = host.add_parser("label", help="set (KEY=VALUE) or remove (KEY-) operator labels of a host")
+    p.add_argument("host")
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    _common(p)
+    p.set_defaults(handler=cmd_host_label)
+    p = host.add_parser("maintenance", help="put a host in maintenance (no new placements) or take it out")
+    p.add_argument("host")
+    p.add_argument("mode", choices=("on", "off"))
+    _common(p)
+    p.set_defaults(handler=cmd_host_maintenance)
 
     op = sub.add_parser("op", help="inspect operations").add_subparsers(dest="action", required=True)
     p = op.add_parser("show", help="show an operation")

@@ -132,8 +132,13 @@ class FleetService:
         self.ha = HaManager(self, self.settings.ha)
         #: The scheduler's view of capacity: numpy columns kept in step with the store on every claim,
         #: release, join and liveness change, and resynchronised from the store after each connect.
+        hosts = store.hosts()
         self.fleet_state = FleetState.from_records(
-            store.hosts(), store.usage(), vms=store.vms(), capacity=self.settings.scheduler.capacity
+            hosts,
+            store.usage(),
+            {h.host_id: h.labels for h in hosts},
+            vms=store.vms(),
+            capacity=self.settings.scheduler.capacity,
         )
         self.scheduler = Scheduler(self.fleet_state, self.settings.scheduler)
         for family, handler in (
@@ -307,6 +312,7 @@ class FleetService:
                 agent_version=inventory.agent_version,
                 capabilities=inventory.capabilities,
                 reason=f"inventory ({inventory.reason})",
+                agent_labels=inventory.labels,
             )
             reported = {vm.name: vm for vm in inventory.vms}
             for status in inventory.vms:
@@ -324,7 +330,7 @@ class FleetService:
                     )
         host = self.store.host(host_id)
         assert host is not None
-        self.fleet_state.upsert_host(host)
+        self.fleet_state.upsert_host(host, host.labels)
         for adopted in self._adopted:
             found = self.store.vm(adopted)
             if found is not None and found.host_id is not None:
@@ -408,6 +414,31 @@ class FleetService:
         if record is None:
             raise ApiError(404, "unknown_operation", f"operation {op_id!r} does not exist")
         return record
+
+    def update_host(
+        self, host_id: str, *, labels: dict[str, str | None] | None = None, maintenance: bool | None = None
+    ) -> HostRecord:
+        """Set operator labels (a None value removes one) and maintenance mode.
+
+        Raises:
+            ApiError: 404 for an unknown host.
+        """
+        host = self.require_host(host_id)
+        operator_labels = None
+        if labels is not None:
+            operator_labels = {k: v for k, v in {**host.operator_labels, **labels}.items() if v is not None}
+        with self.store.transaction():
+            self.store.set_host_admin(host_id, maintenance=maintenance, operator_labels=operator_labels)
+        updated = self.require_host(host_id)
+        self.fleet_state.upsert_host(updated, updated.labels)
+        if maintenance is not None and maintenance != host.maintenance:
+            self.fleet_state.set_maintenance(host_id, maintenance)
+            what = "enters maintenance: no new VMs are placed there" if maintenance else "leaves maintenance"
+            self.events.emit("host.maintenance", f"host {host_id} {what}", host_id=host_id)
+        if operator_labels is not None and operator_labels != host.operator_labels:
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(updated.labels.items())) or "none"
+            self.events.emit("host.labels", f"host {host_id} labels: {shown}", host_id=host_id)
+        return updated
 
     # -- VM operations --------------------------------------------------------------------------
 

@@ -23,7 +23,16 @@ import msgspec
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: Steps from one schema version to the next; each runs once, in order, inside a transaction.
+_MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: host labels, as the agent reports them and as operators set them.
+    1: """
+    ALTER TABLE hosts ADD COLUMN agent_labels BLOB NOT NULL DEFAULT x'80';
+    ALTER TABLE hosts ADD COLUMN operator_labels BLOB NOT NULL DEFAULT x'80';
+    """,
+}
 
 VmState = Literal[
     "creating",
@@ -109,6 +118,13 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     state_reason: str
     first_seen: float
     last_seen: float
+    #: Labels the host's agent reports (``agent --label``), and those an operator set; the operator's win.
+    agent_labels: dict[str, str] = {}
+    operator_labels: dict[str, str] = {}
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {**self.agent_labels, **self.operator_labels}
 
 
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,6 +174,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 _caps_decoder = msgspec.msgpack.Decoder(Capabilities)
 _spec_decoder = msgspec.msgpack.Decoder(VmSpec)
 _params_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+_labels_decoder = msgspec.msgpack.Decoder(dict[str, str])
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -179,15 +196,21 @@ class Store:
             raise StoreError(
                 f"cannot open the state store {self.path!r}: {exc}; check the path and its permissions"
             ) from exc
+        version = 1 if row is None else int(row[0])
         if row is None:
-            self._db.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        elif int(row[0]) != SCHEMA_VERSION:
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        if version > SCHEMA_VERSION or (version not in _MIGRATIONS and version != SCHEMA_VERSION):
             raise StoreError(
-                f"state store {self.path!r} has schema version {row[0]}, this controller needs "
-                f"{SCHEMA_VERSION}; use a controller of the matching version"
+                f"state store {self.path!r} has schema version {version}, this controller knows up to "
+                f"{SCHEMA_VERSION}; use a controller of a matching or newer version"
             )
+        while version < SCHEMA_VERSION:
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in filter(str.strip, _MIGRATIONS[version].split(";")):
+                self._db.execute(statement)
+            version += 1
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+            self._db.execute("COMMIT")
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -220,16 +243,17 @@ class Store:
         agent_version: str,
         capabilities: Capabilities,
         reason: str,
+        agent_labels: dict[str, str] | None = None,
     ) -> None:
         now = time.time()
         self._db.execute(
             """INSERT INTO hosts (host_id, online, boot_id, address, agent_version, capabilities,
-                                  state_reason, first_seen, last_seen)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                  state_reason, first_seen, last_seen, agent_labels)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (host_id) DO UPDATE SET online=excluded.online, boot_id=excluded.boot_id,
                   address=excluded.address, agent_version=excluded.agent_version,
                   capabilities=excluded.capabilities, state_reason=excluded.state_reason,
-                  last_seen=excluded.last_seen""",
+                  last_seen=excluded.last_seen, agent_labels=excluded.agent_labels""",
             (
                 host_id,
                 int(online),
@@ -240,8 +264,21 @@ class Store:
                 reason,
                 now,
                 now,
+                _encoder.encode(agent_labels or {}),
             ),
         )
+
+    def set_host_admin(
+        self, host_id: str, *, maintenance: bool | None = None, operator_labels: dict[str, str] | None = None
+    ) -> None:
+        """Operator settings of a host: maintenance mode and labels."""
+        if maintenance is not None:
+            self._db.execute("UPDATE hosts SET maintenance=? WHERE host_id=?", (int(maintenance), host_id))
+        if operator_labels is not None:
+            self._db.execute(
+                "UPDATE hosts SET operator_labels=? WHERE host_id=?",
+                (_encoder.encode(operator_labels), host_id),
+            )
 
     def set_host_online(self, host_id: str, online: bool, reason: str) -> bool:
         """Record liveness; returns True when it changed."""
@@ -431,6 +468,8 @@ def _host(row: tuple[Any, ...]) -> HostRecord:
         state_reason=row[7],
         first_seen=row[8],
         last_seen=row[9],
+        agent_labels=_labels_decoder.decode(row[10]),
+        operator_labels=_labels_decoder.decode(row[11]),
     )
 
 

@@ -46,6 +46,8 @@ class HostView(msgspec.Struct, frozen=True, kw_only=True):
     free_memory_mib: int
     load: HostLoad | None
     last_seen: float
+    #: Labels the scheduler matches on: the agent's, overridden by the operator's.
+    labels: dict[str, str] = {}
     #: The health the failure detector gives the host: up, suspect, failed or offline.
     health: str = "up"
     #: What the host itself last reported running (the store may know better during operations).
@@ -121,6 +123,13 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorDetail
 
 
+class HostUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Operator settings of a host. A label set to null is removed."""
+
+    labels: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], str | None] | None = None
+    maintenance: bool | None = None
+
+
 class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     force: bool = False
     timeout_s: float = msgspec.field(default=30.0)
@@ -156,6 +165,7 @@ def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView
         load=load,
         last_seen=host.last_seen,
         health=service.ha.detector.state(host.host_id),
+        labels=host.labels,
         reported_vms=[ReportedVm(name=vm.name, state=vm.state) for vm in reported.vms] if reported else [],
     )
 

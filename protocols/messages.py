@@ -93,6 +93,8 @@ class HostInventory(_Message, tag="inventory", frozen=True, kw_only=True):
     capabilities: Capabilities
     vms: list[VmStatus]
     reason: Literal["hello", "reconnect", "change", "refresh"] = "hello"
+    #: Labels the host asserts about itself (``agent --label``); operator-set labels override them.
+    labels: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -393,3 +393,38 @@ async def test_batch_with_anti_affinity_spreads_a_group_and_explain_and_dry_run_
             assert explanation["rejected"] and explanation["top"][0]["host_id"] == "h2"
             r = await client.post("/api/v1/vms", json={"name": "x", "scheduling": {"policy": "fastest"}})
             assert r.status_code == 400 and "fastest" in r.json()["error"]["message"]
+
+
+async def test_labels_and_maintenance_steer_placement(mosquitto, tmp_path):
+    """Agent labels and operator overrides feed --require; a host in maintenance takes no new VM."""
+    from controller.scheduler import SchedulingHints
+
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        agent2 = await fleet.add_agent("h2", wait=True)
+        del agent2
+        service = fleet.service
+        await eventually(lambda: service.store.host("h1") is not None, 5, "h1")
+        service.update_host("h1", labels={"zone": "a"})
+        service.update_host("h2", labels={"zone": "b"})
+        _, op, _ = service.create_vm(
+            VmSpec(name="in-b", memory_mib=256), hints=SchedulingHints(require={"zone": "b"})
+        )
+        assert (await service.wait_operation(op.op_id, 10)).state == "succeeded"
+        assert service.store.vm("in-b").host_id == "h2"  # type: ignore[union-attr]
+        with pytest.raises(ApiError, match="no host can take vm 'in-c'"):
+            service.create_vm(
+                VmSpec(name="in-c", memory_mib=256), hints=SchedulingHints(require={"zone": "c"})
+            )
+        service.update_host("h2", labels={"zone": None})
+        assert service.store.host("h2").labels == {}  # type: ignore[union-attr]
+
+        service.update_host("h1", maintenance=True)
+        service.update_host("h2", maintenance=True)
+        with pytest.raises(ApiError, match="2 in maintenance"):
+            service.create_vm(VmSpec(name="nowhere", memory_mib=256))
+        service.update_host("h2", maintenance=False)
+        _, op, _ = service.create_vm(VmSpec(name="somewhere", memory_mib=256))
+        assert service.store.vm("somewhere").host_id == "h2"  # type: ignore[union-attr]
+        kinds = [e.type for e in service.store.events_since(0, 1000)]
+        assert kinds.count("host.maintenance") == 3 and "host.labels" in kinds

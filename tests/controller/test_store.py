@@ -81,3 +81,34 @@ def test_store_refuses_a_file_from_another_schema_version(tmp_path):
         raw.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(StoreError, match="schema version 99"):
         Store(path)
+
+
+def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
+    """Opening a schema-1 file adds the label columns, keeps every row, and records version 2."""
+    path = tmp_path / "old.sqlite"
+    store = Store(path)
+    store.upsert_host(
+        host_id="h1",
+        online=True,
+        boot_id="b",
+        address="a",
+        agent_version="1",
+        capabilities=_caps(),
+        reason="r",
+    )
+    store.close()
+    with sqlite3.connect(path) as raw:  # turn it back into a version-1 file
+        raw.execute(
+            "CREATE TABLE hosts_v1 AS SELECT host_id, online, boot_id, address, agent_version, "
+            "capabilities, maintenance, state_reason, first_seen, last_seen FROM hosts"
+        )
+        raw.execute("DROP TABLE hosts")
+        raw.execute("ALTER TABLE hosts_v1 RENAME TO hosts")
+        raw.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    migrated = Store(path)
+    host = migrated.host("h1")
+    assert host is not None and host.labels == {} and host.capabilities == _caps()
+    migrated.set_host_admin("h1", operator_labels={"zone": "a"})
+    assert migrated.host("h1").labels == {"zone": "a"}  # type: ignore[union-attr]
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"

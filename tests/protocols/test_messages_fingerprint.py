@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:56a3e128d3c1827484f2c48ebed7e56f5ec71fb135745a1e7bd41a7a163b74d4"
+FINGERPRINT = "sha256:6e9bf4a9dd23c23c56d305f96374cf25606561b8edf0cbbcfc412fbc134084a2"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -11,8 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.support import free_port
-from tests.support.processes import wait_for
+from tests.support.processes import start_process_fleet, wait_for
 
 _SETTLED = ("running", "paused", "stopped", "crashed", "error", "missing")
 
@@ -38,27 +37,7 @@ def _snapshot(url: str) -> tuple[object, object]:
 @pytest.mark.timeout(240)
 def test_fuzzed_requests_never_get_5xx_and_refusals_change_nothing(mosquitto, procs, tmp_path):
     """Every documented operation, fuzzed: no 5xx, and no state change when the answer is 4xx."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    controller = procs(
-        "controller",
-        "controller",
-        "--broker",
-        mosquitto.url,
-        "--db",
-        str(tmp_path / "c.sqlite"),
-        "--port",
-        str(port),
-    )
-    agent = procs(
-        "h1", "agent", "--host-id", "h1", "--broker", mosquitto.url, "--state-dir", str(tmp_path / "h1")
-    )
-    wait_for(
-        lambda: httpx.get(f"{url}/api/v1/hosts", timeout=2).json(),
-        20,
-        "the host to join",
-        [controller, agent],
-    )
+    url = start_process_fleet(procs, mosquitto.url, tmp_path).url
     httpx.post(
         f"{url}/api/v1/vms", json={"name": "keep-me", "memory_mib": 256}, params={"wait": 10}, timeout=15
     )

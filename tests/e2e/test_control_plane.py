@@ -9,7 +9,7 @@ import time
 import httpx
 
 from tests.support import free_port
-from tests.support.processes import wait_for
+from tests.support.processes import start_process_fleet, wait_for
 
 
 def test_controller_killed_mid_creates_resumes_every_operation_to_success(mosquitto_factory, procs, tmp_path):
@@ -18,17 +18,8 @@ def test_controller_killed_mid_creates_resumes_every_operation_to_success(mosqui
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ("controller", "--broker", broker.url, "--db", str(tmp_path / "c.sqlite"), "--port", str(port))
-    controller = procs("controller-1", *args)
-    agents = [
-        procs(h, "agent", "--host-id", h, "--broker", broker.url, "--state-dir", str(tmp_path / h))
-        for h in ("h1", "h2")
-    ]
-    wait_for(
-        lambda: len(httpx.get(f"{url}/api/v1/hosts", timeout=2).json()) == 2,
-        20,
-        "hosts",
-        [controller, *agents],
-    )
+    fleet = start_process_fleet(procs, broker.url, tmp_path, hosts=("h1", "h2"), port=port)
+    controller, agents = fleet.controller, list(fleet.agents.values())
     # Hold the agents so that every create is still in flight when the controller dies.
     for agent in agents:
         os.kill(agent.popen.pid, signal.SIGSTOP)
@@ -65,22 +56,8 @@ def test_controller_killed_mid_creates_resumes_every_operation_to_success(mosqui
 def test_broker_restart_loses_no_qos1_event(mosquitto_factory, procs, tmp_path):
     """Events an agent emits while the broker is down reach the controller after both reconnect."""
     broker = mosquitto_factory(persistence=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    controller = procs(
-        "controller",
-        "controller",
-        "--broker",
-        broker.url,
-        "--db",
-        str(tmp_path / "c.sqlite"),
-        "--port",
-        str(port),
-    )
-    agent = procs(
-        "h1", "agent", "--host-id", "h1", "--broker", broker.url, "--state-dir", str(tmp_path / "h1")
-    )
-    wait_for(lambda: httpx.get(f"{url}/api/v1/hosts", timeout=2).json(), 20, "host", [controller, agent])
+    fleet = start_process_fleet(procs, broker.url, tmp_path)
+    url, controller, agent = fleet.url, fleet.controller, fleet.agents["h1"]
     for i in range(3):
         httpx.post(
             f"{url}/api/v1/vms", json={"name": f"ev-{i}", "memory_mib": 256}, params={"wait": 10}, timeout=15

@@ -10,49 +10,22 @@ from typing import Any
 
 import httpx
 
-from tests.support import free_port
-from tests.support.processes import wait_for
+from tests.support.processes import start_agent, start_process_fleet, wait_for
 
 
 def _start_fleet(procs: Any, mosquitto: Any, tmp_path: Any, *extra: str) -> tuple[str, dict[str, Any], Any]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    controller = procs(
-        "controller",
-        "controller",
-        "--broker",
+    fleet = start_process_fleet(
+        procs,
         mosquitto.url,
-        "--db",
-        str(tmp_path / "c.sqlite"),
-        "--port",
-        str(port),
-        *extra,
+        tmp_path,
+        hosts=("h1", "h2", "h3"),
+        controller_args=extra,
+        agent_args=AGENT_ARGS,
     )
-    agents = {h: _agent(procs, mosquitto, tmp_path, h) for h in ("h1", "h2", "h3")}
-    wait_for(
-        lambda: len([h for h in _hosts(url) if h["online"]]) == 3,
-        20,
-        "3 hosts online",
-        [controller, *agents.values()],
-    )
-    return url, agents, controller
+    return fleet.url, fleet.agents, fleet.controller
 
 
-def _agent(procs: Any, mosquitto: Any, tmp_path: Any, host: str, name: str | None = None) -> Any:
-    return procs(
-        name or host,
-        "agent",
-        "--host-id",
-        host,
-        "--broker",
-        mosquitto.url,
-        "--state-dir",
-        str(tmp_path / host),
-        "--telemetry-interval",
-        "0.25",
-        "--memory-mib",
-        "8192",
-    )
+AGENT_ARGS = ("--telemetry-interval", "0.25", "--memory-mib", "8192")
 
 
 def _hosts(url: str) -> list[dict[str, Any]]:
@@ -112,7 +85,7 @@ def test_killed_host_is_detected_fenced_and_its_ha_vms_restart_elsewhere_exactly
     assert restarts == ["db-1", "web-1"], "highest priority first"
 
     # The fenced host comes back: its guests died with it, and it must not run them again.
-    agents[victim] = _agent(procs, mosquitto, tmp_path, victim, name=f"{victim}-again")
+    agents[victim] = start_agent(procs, mosquitto.url, tmp_path, victim, *AGENT_ARGS, name=f"{victim}-again")
 
     def reported() -> Counter[str]:
         running = Counter()

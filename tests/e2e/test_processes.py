@@ -15,7 +15,7 @@ import time
 import httpx
 
 from tests.support import free_port
-from tests.support.processes import ROOT, wait_for
+from tests.support.processes import ROOT, start_process_fleet, wait_for
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -32,39 +32,13 @@ def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill
     mosquitto, procs, tmp_path
 ):
     """Create a VM through the CLI, then kill -9 an agent: its host is offline within 3 s (Last Will)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    controller = procs(
-        "controller",
-        "controller",
-        "--broker",
-        mosquitto.url,
-        "--db",
-        str(tmp_path / "c.sqlite"),
-        "--port",
-        str(port),
+    fleet = start_process_fleet(
+        procs, mosquitto.url, tmp_path, hosts=("h1", "h2"), agent_args=("--memory-mib", "8192")
     )
-    agents = {
-        h: procs(
-            h,
-            "agent",
-            "--host-id",
-            h,
-            "--broker",
-            mosquitto.url,
-            "--state-dir",
-            str(tmp_path / h),
-            "--memory-mib",
-            "8192",
-        )
-        for h in ("h1", "h2")
-    }
-    everyone = [controller, *agents.values()]
+    url, agents, everyone = fleet.url, fleet.agents, fleet.all
 
     def hosts() -> dict[str, bool]:
-        return {h["host_id"]: h["online"] for h in httpx.get(f"{url}/api/v1/hosts", timeout=2).json()}
-
-    wait_for(lambda: hosts() == {"h1": True, "h2": True}, 20, "both hosts online", everyone)
+        return {h["host_id"]: h["online"] for h in fleet.hosts()}
 
     created = _cli(url, "vm", "create", "web-1", "--vcpus", "2", "--memory", "1024", "--json")
     assert created.returncode == 0, created.stderr
@@ -134,22 +108,7 @@ def test_vm_create_from_libvirt_xml_and_dumpxml_round_trip(mosquitto, procs, tmp
     """`vm create --xml` imports a libvirt domain, `vm dumpxml` exports it, and re-import gives the same spec."""
     from protocols import domxml
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    controller = procs(
-        "controller",
-        "controller",
-        "--broker",
-        mosquitto.url,
-        "--db",
-        str(tmp_path / "c.sqlite"),
-        "--port",
-        str(port),
-    )
-    agent = procs(
-        "h1", "agent", "--host-id", "h1", "--broker", mosquitto.url, "--state-dir", str(tmp_path / "h1")
-    )
-    wait_for(lambda: httpx.get(f"{url}/api/v1/hosts", timeout=2).json(), 20, "the host", [controller, agent])
+    url = start_process_fleet(procs, mosquitto.url, tmp_path).url
     sample = ROOT / "tests/protocols/domxml_samples/good_direct_kernel_boot.xml"
     created = _cli(url, "vm", "create", "--xml", str(sample), "--json")
     assert created.returncode == 0, created.stderr
@@ -163,28 +122,7 @@ def test_vm_create_from_libvirt_xml_and_dumpxml_round_trip(mosquitto, procs, tmp
 
 def test_cli_batch_with_anti_affinity_explain_and_dry_run(mosquitto, procs, tmp_path):
     """`vm create --count 3 --group web --anti-affinity` spreads; --dry-run and --explain print the why."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    controller = procs(
-        "controller",
-        "controller",
-        "--broker",
-        mosquitto.url,
-        "--db",
-        str(tmp_path / "c.sqlite"),
-        "--port",
-        str(port),
-    )
-    agents = [
-        procs(h, "agent", "--host-id", h, "--broker", mosquitto.url, "--state-dir", str(tmp_path / h))
-        for h in ("h1", "h2", "h3")
-    ]
-    wait_for(
-        lambda: len(httpx.get(f"{url}/api/v1/hosts", timeout=2).json()) == 3,
-        20,
-        "3 hosts",
-        [controller, *agents],
-    )
+    url = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1", "h2", "h3")).url
     batch = _cli(
         url, "vm", "create", "web", "--count", "3", "--group", "web", "--anti-affinity", "--memory", "256"
     )

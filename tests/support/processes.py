@@ -59,3 +59,67 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, proc_logs: Seq
         time.sleep(0.05)
     logs = "\n".join(f"--- {p.log_path.name}\n{p.output()[-3000:]}" for p in proc_logs)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+
+
+class ProcessFleet:
+    """A controller and agents, each its own ``fleetvisor`` process, on one broker."""
+
+    def __init__(self, url: str, controller: Proc, agents: dict[str, Proc]) -> None:
+        self.url = url
+        self.controller = controller
+        self.agents = agents
+
+    @property
+    def all(self) -> list[Proc]:
+        return [self.controller, *self.agents.values()]
+
+    def hosts(self) -> list[dict[str, Any]]:
+        hosts: list[dict[str, Any]] = httpx.get(f"{self.url}/api/v1/hosts", timeout=3).json()
+        return hosts
+
+
+def start_agent(
+    procs: Callable[..., Proc], broker_url: str, root: Path, host: str, *args: str, name: str = ""
+) -> Proc:
+    """``fleetvisor agent`` for ``host`` with its state in ``root/host``."""
+    return procs(
+        name or host,
+        "agent",
+        "--host-id",
+        host,
+        "--broker",
+        broker_url,
+        "--state-dir",
+        str(root / host),
+        *args,
+    )
+
+
+def start_process_fleet(
+    procs: Callable[..., Proc],
+    broker_url: str,
+    root: Path,
+    hosts: Sequence[str] = ("h1",),
+    controller_args: Sequence[str] = (),
+    agent_args: Sequence[str] = (),
+    port: int | None = None,
+) -> ProcessFleet:
+    """Start a controller (API on a free port, store in ``root``) and one agent per host; wait until
+    every host is online."""
+    from tests.support import free_port
+
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    controller = procs(
+        "controller", "controller", "--broker", broker_url, "--db", str(root / "c.sqlite"), "--port", str(port),
+        *controller_args,
+    )  # fmt: skip
+    agents = {h: start_agent(procs, broker_url, root, h, *agent_args) for h in hosts}
+    fleet = ProcessFleet(url, controller, agents)
+    wait_for(
+        lambda: sorted(h["host_id"] for h in fleet.hosts() if h["online"]) == sorted(hosts),
+        30,
+        f"hosts {', '.join(hosts)} online",
+        fleet.all,
+    )
+    return fleet

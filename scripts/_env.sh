@@ -19,6 +19,12 @@ cd "$FV_ROOT"
 FV_PACKAGES_TEST=(
     "mosquitto:mosquitto"
     "mosquitto-clients:mosquitto_pub"
+    "qemu-system-x86:qemu-system-x86_64"
+    "qemu-utils:qemu-img"
+    "busybox-static:busybox"
+    "linux-image-amd64:/boot/vmlinuz-*"
+    "cpio:cpio"
+    "binutils:ld"
 )
 # shellcheck disable=SC2034
 FV_PACKAGES_BENCH=("${FV_PACKAGES_TEST[@]}")
@@ -46,13 +52,16 @@ fv_quiet() {
     return "$status"
 }
 
-fv_have_package() { # PACKAGE BINARY
+fv_have_package() { # PACKAGE BINARY-or-/PATH/GLOB
     local status
     if command -v dpkg-query >/dev/null 2>&1; then
         status="$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)"
         [ "$status" = "install ok installed" ] && return 0
     fi
-    PATH="$PATH:/usr/sbin:/usr/local/sbin:/sbin" command -v "$2" >/dev/null 2>&1
+    case "$2" in
+        /*) compgen -G "$2" >/dev/null ;; # a file the package installs, e.g. /boot/vmlinuz-*
+        *) PATH="$PATH:/usr/sbin:/usr/local/sbin:/sbin" command -v "$2" >/dev/null 2>&1 ;;
+    esac
 }
 
 # fv_ensure_system_packages LISTNAME: install the missing packages of the named list when root;

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import pathlib
+import shutil
 import signal
 import ssl
 import sys
@@ -26,9 +27,10 @@ from controller.daemon import Controller, ControllerSettings, default_db_path
 from controller.embedded_broker import EmbeddedBroker
 from controller.fleet import ApiError, FleetSettings
 from controller.ha import HaSettings
+from hv.driver import HvError
 from hv.engines import ENGINES, UnknownEngine, create_driver
 from protocols.bus import BrokerAddress, BusError, read_secret
-from protocols.vmspec import HOST_ID_RE, VmSpec, VmWorkload
+from protocols.vmspec import HOST_ID_RE, BootSpec, VmSpec, VmWorkload
 
 log = logging.getLogger("fleetvisor")
 
@@ -136,9 +138,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
     options: dict[str, object] = {}
     if args.hv == "sim":
         options = {"cores": args.cores, "memory_mib": args.memory_mib}
+    elif args.hv == "qemu":
+        options = {"accel": args.accel}
+        if args.image_dir:
+            options["image_dirs"] = [pathlib.Path(d) for d in args.image_dir]
+    if args.power_idle_w is not None:
+        options["power_idle_w"] = args.power_idle_w
+    if args.power_max_w is not None:
+        options["power_max_w"] = args.power_max_w
     try:
         driver = create_driver(args.hv, host_id=args.host_id, state_dir=state_dir, **options)
-    except UnknownEngine as exc:
+    except (UnknownEngine, ValueError) as exc:
         print(f"fleetvisor agent: {exc}", file=sys.stderr)
         return 2
     settings = AgentSettings(
@@ -155,8 +165,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
 
     async def main(stop: asyncio.Event) -> int:
-        async with Agent(settings, driver):
-            await stop.wait()
+        try:
+            async with Agent(settings, driver):
+                await stop.wait()
+        except HvError as exc:
+            print(f"fleetvisor agent: the {args.hv} engine cannot start: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     return _run(main)
@@ -193,9 +207,15 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
         assert controller.service is not None
         service = controller.service
         say(f"controller up, store {state_root / 'controller.sqlite'}, API {controller.api_url}/api/v1")
+        images = state_root / "images"
+        kernel: pathlib.Path | None = None
+        if args.hv == "qemu":
+            kernel = _demo_guest(images)
+            say(f"tiny guest {kernel} (built by scripts/build-guests)")
         for i in range(1, args.hosts + 1):
             host_id = f"host-{i}"
-            driver = create_driver(args.hv, host_id=host_id, state_dir=state_root / host_id)
+            options: dict[str, object] = {"image_dirs": [images]} if args.hv == "qemu" else {}
+            driver = create_driver(args.hv, host_id=host_id, state_dir=state_root / host_id, **options)
             await stack.enter_async_context(
                 Agent(
                     AgentSettings(host_id=host_id, broker_url=broker.url, state_dir=state_root / host_id),
@@ -218,6 +238,15 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 memory_mib=memory,
                 workload=VmWorkload(cpu_util=0.1 + 0.07 * (i % 10), dirty_mib_s=2.0 + i),
             )
+            if kernel is not None:  # a real guest: the tiny one, small and quick to boot under TCG
+                spec = VmSpec(
+                    name=spec.name,
+                    memory_mib=64,
+                    boot=BootSpec(kernel=str(kernel), cmdline="dirty_mib_s=1"),
+                    console=False,
+                    rng=False,
+                    balloon=False,
+                )
             try:
                 record, op, _ = service.create_vm(spec)
             except ApiError as exc:
@@ -248,12 +277,42 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             say("running until Ctrl-C")
             await stop.wait()
         hosts, running = service.online_host_count(), service.running_vm_count()
+        engine = args.hv
+        if args.hv == "qemu":
+            accels = sorted({h.capabilities.accel for h in service.store.hosts()})
+            engine = f"qemu/{'+'.join(accels) or '?'}"
         say(f"telemetry: {service.telemetry_count} samples ingested; shutting down")
-    print(f"demo: {hosts} hosts, {running} VMs running ({args.hv})", flush=True)
+        if args.hv == "qemu":  # real guests outlive their agents by design; the demo cleans up after itself
+            deletes = [service.delete_vm(vm.name).op_id for vm in service.store.vms() if vm.op_id is None]
+            done = await asyncio.gather(*(service.wait_operation(op_id, 30) for op_id in deletes))
+            say(f"deleted {sum(op.state == 'succeeded' for op in done)} of {len(done)} guests")
+    print(f"demo: {hosts} hosts, {running} VMs running ({engine})", flush=True)
     return 0
 
 
+def _demo_guest(images: pathlib.Path) -> pathlib.Path:
+    """Copy the tiny test guest into the demo's image directory (the engine reads nothing outside it).
+
+    Raises:
+        OSError: the guest has not been built; the message says how to build it.
+    """
+    built = pathlib.Path(__file__).resolve().parent / ".cache" / "guests" / "tiny.elf"
+    if not built.exists():
+        raise OSError(
+            f"the tiny guest {built} is missing; build it with ./scripts/build-guests (./scripts/demo does)"
+        )
+    images.mkdir(parents=True, exist_ok=True)
+    target = images / "tiny.elf"
+    shutil.copyfile(built, target)
+    return target
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.hv == "qemu":  # two real hosts with a couple of tiny guests each, unless told otherwise
+        args.hosts = args.hosts or 2
+        args.vms = args.vms or 4
+    args.hosts = args.hosts or 4
+    args.vms = args.vms or 12
     return _run(lambda stop: run_demo(args, stop))
 
 
@@ -377,6 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="a label this host reports"
     )
+    p.add_argument(
+        "--image-dir",
+        action="append",
+        metavar="DIR",
+        help="qemu engine: a directory VMs may take kernels and disk images from (repeatable; default STATE/images)",
+    )
+    p.add_argument(
+        "--accel",
+        choices=("auto", "kvm", "tcg"),
+        default="auto",
+        help="qemu engine: KVM when a probe shows it really runs guests (auto), or force one",
+    )
+    p.add_argument("--power-idle-w", type=float, help="the host's power model: watts at idle")
+    p.add_argument("--power-max-w", type=float, help="the host's power model: watts at full load")
     p.add_argument("--cores", type=int, default=16, help="sim engine: cores of the simulated host")
     p.add_argument("--memory-mib", type=int, default=65536, help="sim engine: memory of the simulated host")
     p.add_argument(
@@ -413,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a whole fleet in one process: broker, controller, sim agents, VMs")
     p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
     p.add_argument("--broker-port", type=int, default=0, help="embedded broker port (default: a free one)")
-    p.add_argument("--hosts", type=int, default=4)
-    p.add_argument("--vms", type=int, default=12)
+    p.add_argument("--hosts", type=int, default=0, help="agents to run (default 4 for sim, 2 for qemu)")
+    p.add_argument("--vms", type=int, default=0, help="VMs to create (default 12 for sim, 4 for qemu)")
     p.add_argument("--hv", choices=ENGINES, default="sim")
     p.add_argument(
         "--for", dest="for_seconds", type=float, default=None, metavar="SECONDS", help="exit after this long"

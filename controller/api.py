@@ -303,6 +303,15 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
         op = await service.wait_operation(op_id, wait) if wait else service.require_operation(op_id)
         return _json(views.operation_view(op), 202 if op.state == "running" else 200)
 
+    def _vm_action(action: str) -> Callable[..., Awaitable[Response]]:
+        operations = {"pause": service.pause_vm, "resume": service.resume_vm, "reboot": service.reboot_vm}
+
+        async def run(name: str, wait: float = wait_param) -> Response:
+            return await _op_response(operations[action](name).op_id, wait)
+
+        run.__name__ = f"{action}_vm"
+        return run
+
     @app.post(
         f"{PREFIX}/vms/{{name}}/start",
         summary="Start a VM",
@@ -311,6 +320,17 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
     )
     async def start_vm(name: str, wait: float = wait_param) -> Response:
         return await _op_response(service.start_vm(name).op_id, wait)
+
+    for action, text in (("pause", "Pause a VM (freeze its vCPUs)"), ("resume", "Resume a paused VM"),
+                         ("reboot", "Reset a running VM")):  # fmt: skip
+        app.add_api_route(
+            f"{PREFIX}/vms/{{name}}/{action}",
+            _vm_action(action),
+            methods=["POST"],
+            summary=text,
+            status_code=202,
+            responses=_responses(202, "operation", 404, 409),
+        )
 
     @app.post(
         f"{PREFIX}/vms/{{name}}/stop",

@@ -412,6 +412,14 @@ def cmd_vm_start(client: ApiClient, args: argparse.Namespace) -> int:
     )
 
 
+def cmd_vm_action(action: str) -> Callable[[ApiClient, argparse.Namespace], int]:
+    def run(client: ApiClient, args: argparse.Namespace) -> int:
+        op = client.request("POST", f"/vms/{args.name}/{action}", params=_wait_args(args))
+        return _finish_op(args, op, f"{action} {args.name}")
+
+    return run
+
+
 def cmd_vm_stop(client: ApiClient, args: argparse.Namespace) -> int:
     op = client.request("POST", f"/vms/{args.name}/stop", params=_wait_args(args), json={"force": args.force})
     return _finish_op(args, op, f"stop {args.name}")
@@ -564,6 +572,9 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         ("show", cmd_vm_show, "show one VM"),
         ("start", cmd_vm_start, "start a stopped VM"),
         ("stop", cmd_vm_stop, "stop a VM (ACPI shutdown; --force powers it off at once)"),
+        ("pause", cmd_vm_action("pause"), "pause a VM (its vCPUs stop; memory stays)"),
+        ("resume", cmd_vm_action("resume"), "resume a paused VM"),
+        ("reboot", cmd_vm_action("reboot"), "reset a running VM"),
         ("delete", cmd_vm_delete, "delete a VM (stops it first)"),
     ):
         p = vm.add_parser(name, help=text)

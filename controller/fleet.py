@@ -51,8 +51,11 @@ from protocols.messages import (
     HostInventory,
     HostState,
     HostTelemetry,
+    PauseVm,
+    RebootVm,
     RefreshInventory,
     Reply,
+    ResumeVm,
     ShutdownVm,
     StartVm,
     UndefineVm,
@@ -601,6 +604,15 @@ class FleetService:
             new_state="stopping",
         )
 
+    def pause_vm(self, name: str) -> OperationRecord:
+        return self._vm_operation(name, "pause", {}, allowed=("running",), new_state="running")
+
+    def resume_vm(self, name: str) -> OperationRecord:
+        return self._vm_operation(name, "resume", {}, allowed=("paused",), new_state="paused")
+
+    def reboot_vm(self, name: str) -> OperationRecord:
+        return self._vm_operation(name, "reboot", {}, allowed=("running",), new_state="running")
+
     def delete_vm(self, name: str) -> OperationRecord:
         return self._vm_operation(name, "delete", {}, allowed=None, new_state="deleting")
 
@@ -690,6 +702,12 @@ class FleetService:
             return DefineVm(spec=record.spec, start=bool(op.params.get("start", True)), **common)  # type: ignore[arg-type]
         if op.kind == "start":
             return StartVm(vm=op.vm, **common)  # type: ignore[arg-type]
+        if op.kind == "pause":
+            return PauseVm(vm=op.vm, **common)  # type: ignore[arg-type]
+        if op.kind == "resume":
+            return ResumeVm(vm=op.vm, **common)  # type: ignore[arg-type]
+        if op.kind == "reboot":
+            return RebootVm(vm=op.vm, **common)  # type: ignore[arg-type]
         if op.kind == "stop":
             if op.params.get("force"):
                 return DestroyVm(vm=op.vm, **common)  # type: ignore[arg-type]

@@ -47,7 +47,7 @@ VmState = Literal[
     "missing",
 ]
 OpState = Literal["running", "succeeded", "failed"]
-OpKind = Literal["create", "start", "stop", "delete", "restart"]
+OpKind = Literal["create", "start", "stop", "delete", "restart", "pause", "resume", "reboot"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

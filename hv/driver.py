@@ -32,6 +32,7 @@ __all__ = [
     "EngineError",
     "HvError",
     "InsufficientResources",
+    "InvalidRequest",
     "InvalidState",
     "UnknownVm",
     "VmExists",
@@ -59,6 +60,12 @@ class InvalidState(HvError):
 
 class InsufficientResources(HvError):
     code = "insufficient_resources"
+
+
+class InvalidRequest(HvError):
+    """The request itself is wrong (a spec the engine cannot run as given); the message says the fix."""
+
+    code = "invalid_request"
 
 
 class EngineError(HvError):

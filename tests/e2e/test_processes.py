@@ -13,6 +13,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.support import free_port
 from tests.support.processes import ROOT, start_process_fleet, wait_for
@@ -137,3 +138,24 @@ def test_cli_batch_with_anti_affinity_explain_and_dry_run(mosquitto, procs, tmp_
     assert "on h1" not in explained.stdout
     refused = _cli(url, "vm", "create", "big", "--memory", "999999", "--dry-run")
     assert refused.returncode == 1 and "no host can take vm 'big'" in refused.stderr
+
+
+def test_demo_with_real_qemu_guests_prints_its_summary_and_cleans_up(tmp_path):
+    """`fleetvisor demo --hv qemu --for N`: 2 hosts, 4 tiny guests running, and no QEMU left afterwards."""
+    import re
+    import shutil
+
+    if shutil.which("qemu-system-x86_64") is None or not (ROOT / ".cache/guests/tiny.elf").exists():
+        pytest.skip("needs qemu-system-x86_64 and the tiny guest (./scripts/build-guests)")
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetvisor", "demo", "--hv", "qemu", "--for", "2", "--port", str(free_port()),
+         "--state-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.fullmatch(
+        r"demo: 2 hosts, 4 VMs running \(qemu/(tcg|kvm)\)", done.stdout.strip().splitlines()[-1]
+    )
+    for pid_file in tmp_path.rglob("qemu.pid"):
+        pid = int(pid_file.read_text().split()[0])
+        assert not os.path.exists(f"/proc/{pid}"), f"QEMU {pid} outlived the demo"

@@ -7,33 +7,30 @@ image directory is the default ``DIR/images``, where the test copies the tiny gu
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
+import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from tests.support import free_port
-from tests.support.processes import Proc, wait_for
-from tests.support.qemu import build_guests, counter_values, kill_qemus_under, pid_alive, qemu_skip_reason
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    """``procs(name, *args)`` starts ``python -m fleetvisor *args``; all are stopped by PID after the test."""
-    started: list[Proc] = []
-
-    def start(name: str, *args: str) -> Proc:
-        proc = Proc(list(args), tmp_path / f"{name}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
+from tests.support.processes import Proc, start_process_fleet, wait_for
+from tests.support.qemu import (
+    build_guests,
+    counter_values,
+    kill_qemus_under,
+    linux_spec,
+    pid_alive,
+    qemu_skip_reason,
+    tiny_spec,
+)
 
 
 def test_a_qemu_vm_through_the_api_survives_its_agent_being_killed(
@@ -150,3 +147,88 @@ def _scenario(broker: str, procs: Callable[..., Proc], tmp_path: Path, state_dir
     deleted = httpx.delete(f"{url}/vms/tiny-e2e", params={"wait": 30}, timeout=40).json()
     assert deleted["state"] == "succeeded", deleted
     wait_for(lambda: not vm_dir.exists(), 5, "the VM directory removed", everyone)
+
+
+def test_both_guests_through_the_api_pause_resume_shut_down_and_report_a_killed_qemu(
+    mosquitto: Any, procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """Tiny guest: pause stops its counter, resume restarts it, kill -9 of QEMU is reported as crashed.
+    Linux guest: READY and its virtio devices on the serial log, then a graceful ACPI shutdown."""
+    reason = qemu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    guests = build_guests()
+    if isinstance(guests, str):
+        pytest.skip(guests)
+    state_dir = tmp_path / "h1"
+    images = state_dir / "images"
+    images.mkdir(parents=True)
+    for source in (guests.tiny, guests.linux_kernel, guests.linux_initrd):
+        assert source is not None
+        shutil.copy(source, images / source.name)
+    guests_here = dataclasses.replace(
+        guests,
+        tiny=images / guests.tiny.name,
+        linux_kernel=images / guests.linux_kernel.name,  # type: ignore[union-attr]
+        linux_initrd=images / guests.linux_initrd.name,  # type: ignore[union-attr]
+    )
+    fleet = start_process_fleet(
+        procs, mosquitto.url, tmp_path, agent_args=("--hv", "qemu", "--telemetry-interval", "0.5")
+    )
+    api = f"{fleet.url}/api/v1"
+    try:
+        tiny = msgspec.to_builtins(tiny_spec("tiny-life", guests_here, machine="pc"))
+        created = httpx.post(f"{api}/vms", params={"wait": 30}, json=tiny, timeout=40).json()
+        assert created["operation"]["state"] == "succeeded", created
+        serial = state_dir / "vms" / "tiny-life" / "serial.log"
+        wait_for(lambda: b"count=2" in serial.read_bytes(), 15, "the counter", fleet.all)
+
+        assert (
+            httpx.post(f"{api}/vms/tiny-life/pause", params={"wait": 15}, timeout=20).json()["state"]
+            == "succeeded"
+        )
+        assert httpx.get(f"{api}/vms/tiny-life", timeout=5).json()["state"] == "paused"
+        frozen = counter_values(serial.read_text())[-1]
+        time.sleep(2.5)
+        assert counter_values(serial.read_text())[-1] == frozen, "a paused guest does not count"
+        assert (
+            httpx.post(f"{api}/vms/tiny-life/resume", params={"wait": 15}, timeout=20).json()["state"]
+            == "succeeded"
+        )
+        wait_for(lambda: counter_values(serial.read_text())[-1] > frozen, 5, "counting again", fleet.all)
+
+        pid = int((state_dir / "vms" / "tiny-life" / "qemu.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: httpx.get(f"{api}/vms/tiny-life", timeout=5).json()["state"] == "crashed",
+            10,
+            "crashed",
+            fleet.all,
+        )
+        events = httpx.get(f"{api}/events", params={"limit": 1000}, timeout=5).json()
+        assert any(e["type"] == "vm.crashed" and e["vm"] == "tiny-life" for e in events)
+
+        linux = msgspec.to_builtins(linux_spec("linux-life", guests_here))
+        created = httpx.post(f"{api}/vms", params={"wait": 60}, json=linux, timeout=70).json()
+        assert created["operation"]["state"] == "succeeded", created
+        console = state_dir / "vms" / "linux-life" / "serial.log"
+        wait_for(lambda: b"READY" in console.read_bytes(), 30, "the Linux guest's READY", fleet.all)
+        wait_for(
+            lambda: b"net" in console.read_bytes() and b"rng" in console.read_bytes(),
+            10,
+            "virtio list",
+            fleet.all,
+        )
+        stopped = httpx.post(
+            f"{api}/vms/linux-life/stop", params={"wait": 40}, json={"timeout_s": 30}, timeout=50
+        ).json()
+        assert stopped["state"] == "succeeded", stopped
+        assert httpx.get(f"{api}/vms/linux-life", timeout=5).json()["state"] == "stopped"
+        kinds = [
+            e["type"]
+            for e in httpx.get(f"{api}/events", params={"limit": 1000}, timeout=5).json()
+            if e["vm"] == "linux-life"
+        ]
+        assert "vm.shutdown" in kinds, "a graceful power-off, not a hard one"
+    finally:
+        kill_qemus_under(state_dir)

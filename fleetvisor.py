@@ -316,6 +316,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run(lambda stop: run_demo(args, stop))
 
 
+# -- trace-driven simulation ---------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from controller import balancer
+
+    try:
+        metrics = balancer.run(args.trace, args.policy, plot_path=args.plot)
+    except (balancer.TraceError, balancer.UnknownPolicyError) as exc:
+        print(f"fleetvisor simulate: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        print(f"fleetvisor simulate: --plot needs {exc.name}; install it with pip", file=sys.stderr)
+        return 2
+    print(balancer.format_summary(metrics))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    print(balancer.format_metrics(metrics))
+    return 0
+
+
 # -- broker configuration -------------------------------------------------------------------------
 
 
@@ -461,6 +482,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_credentials(p)
     p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser(
+        "simulate", help="replay a PlanetLab trace day through a consolidation policy (800 sim hosts)"
+    )
+    p.add_argument("--trace", required=True, help="a day of ../shared/data/planetlab/*.csv.gz")
+    p.add_argument(
+        "--policy",
+        default="fleetvisor",
+        help="fleetvisor (default), thr-mmt (THR-MMT-0.8), mad-mmt (MAD-MMT-2.5) or lr-mmt (LR-MMT-1.2)",
+    )
+    p.add_argument("--plot", help="write active hosts, power and SLA violations over the day to this PNG")
+    p.set_defaults(func=cmd_simulate)
 
     ca = sub.add_parser("ca", help="a small CA for TLS on the bus and the API").add_subparsers(
         dest="action", required=True

@@ -1,0 +1,191 @@
+"""The fleet as the balancer sees it: static host and VM specs, a snapshot per decision, a plan.
+
+- :class:`Fleet` holds what does not change during a run: host capacity (total MIPS and MIPS per
+  core), the power table of each host kind, VM sizes (MIPS and RAM), the migration bandwidth and
+  the decision interval.
+- :class:`Snapshot` is what a policy is given at each decision: which host each VM runs on (in each
+  host's own VM order), each VM's requested MIPS now, the last utilisation samples of each VM, and
+  each host's measured utilisation.
+- :class:`PlanningState` is a scratch copy of the placement on which a policy tries moves (create a
+  VM here, remove it there) with running per-host sums, so candidate checks are O(1) per host and
+  vectorised over hosts. Nothing in it touches the snapshot.
+
+The simulator (:mod:`controller.balancer.simulation`) builds these from a trace; the live controller
+will build them from telemetry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.balancer.power_model import power_of
+
+__all__ = ["Fleet", "PlanningState", "Snapshot"]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.intp]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, eq=False)
+class Fleet:
+    """Static description of hosts and VMs (index = id)."""
+
+    host_mips: FloatArray  #: total MIPS of each host (cores x MIPS per core)
+    host_core_mips: FloatArray  #: MIPS of one core; one VM core cannot get more than this
+    host_kind: IntArray  #: row of ``power_tables`` for each host
+    power_tables: FloatArray  #: watts at 0 %, 10 %, ... 100 % for each host kind, shape (kinds, 11)
+    vm_mips: FloatArray  #: MIPS of each VM (one core each)
+    vm_ram_mb: FloatArray  #: RAM of each VM, MB
+    host_ram_mb: float = 4096.0  #: RAM of every host, MB (checked when a VM is first created)
+    host_bw_kbit_s: float = 1_000_000.0  #: network of every host (checked when a VM is first created)
+    vm_bw_kbit_s: float = 100_000.0  #: network reserved by every VM
+    migration_mb_s: float = 62.5  #: half of 1 Gbit/s: the share of the link migrations may use
+    interval_s: float = 300.0  #: seconds between decisions
+
+    @property
+    def hosts(self) -> int:
+        """Number of hosts."""
+        return int(self.host_mips.size)
+
+    @property
+    def vms(self) -> int:
+        """Number of VMs."""
+        return int(self.vm_mips.size)
+
+    def migration_seconds(self, vm: int) -> float:
+        """How long moving ``vm`` takes: its RAM over the migration bandwidth."""
+        return float(self.vm_ram_mb[vm] / self.migration_mb_s)
+
+    def power(self, hosts: IntArray, utilization: FloatArray) -> FloatArray:
+        """Watts drawn by ``hosts`` at ``utilization`` if they are on."""
+        return power_of(self.power_tables, self.host_kind[hosts], utilization)
+
+    def idle_watts(self) -> FloatArray:
+        """Idle power of every host."""
+        return np.asarray(self.power_tables[self.host_kind, 0], dtype=np.float64)
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """The datacenter at one decision time, read-only for policies.
+
+    ``vm_history[v, 0]`` is VM v's most recent utilisation sample (fraction of its MIPS), and only
+    the first ``history_length`` columns are filled. ``host_utilization`` is each host's utilisation
+    measured at this instant (allocated MIPS / host MIPS); 0 means the host is switched off.
+    """
+
+    step: int
+    time_s: float
+    fleet: Fleet
+    vm_host: IntArray  #: host of each VM, -1 once the VM has left the datacenter
+    host_vms: list[list[int]]  #: the VMs of each host in the host's own order
+    vm_requested: FloatArray  #: MIPS each VM asks for now
+    vm_history: FloatArray  #: shape (vms, samples), most recent first
+    history_length: int
+    host_utilization: FloatArray
+
+    def host_history(self, host: int, vms: list[int] | None = None) -> FloatArray:
+        """Utilisation history of ``host`` (or of ``vms`` as if they were on it), most recent first."""
+        members = self.host_vms[host] if vms is None else vms
+        if not members:
+            return np.zeros(self.vm_history.shape[1])
+        idx = np.asarray(members, dtype=np.intp)
+        weights = self.fleet.vm_mips[idx] / self.fleet.host_mips[host]
+        return np.asarray(weights @ self.vm_history[idx])
+
+    def all_host_histories(self) -> FloatArray:
+        """:meth:`host_history` of every host at once, shape (hosts, samples)."""
+        fleet = self.fleet
+        out = np.zeros((fleet.hosts, self.vm_history.shape[1]))
+        present = np.flatnonzero(self.vm_host >= 0)
+        hosts = self.vm_host[present]
+        weights = fleet.vm_mips[present] / fleet.host_mips[hosts]
+        np.add.at(out, hosts, self.vm_history[present] * weights[:, None])
+        return out
+
+    def host_requested(self) -> FloatArray:
+        """Requested MIPS of each host: the sum over its VMs (not capped by anything)."""
+        present = np.flatnonzero(self.vm_host >= 0)
+        return np.bincount(
+            self.vm_host[present], weights=self.vm_requested[present], minlength=self.fleet.hosts
+        ).astype(np.float64)
+
+
+@dataclass(eq=False)
+class PlanningState:
+    """A scratch placement for trying moves, with per-host running sums.
+
+    ``capped`` sums each VM's request capped at one core of the host (what the host's CPU
+    scheduler reserves for it); ``requested`` sums the raw requests. A VM may be listed on two
+    hosts at once while a plan moves it (CloudSim's planner does that for underloaded hosts).
+    """
+
+    snapshot: Snapshot
+    track_history: bool = True  #: keep per-host utilisation histories up to date (history-based detectors)
+    host_vms: list[list[int]] = field(init=False)
+    capped: FloatArray = field(init=False)
+    requested: FloatArray = field(init=False)
+    counts: IntArray = field(init=False)  #: number of VMs listed on each host
+    histories: FloatArray = field(init=False)  #: planned utilisation history of every host
+
+    def __post_init__(self) -> None:
+        snap = self.snapshot
+        fleet = snap.fleet
+        self.host_vms = [list(vms) for vms in snap.host_vms]
+        present = np.flatnonzero(snap.vm_host >= 0)
+        hosts = snap.vm_host[present]
+        req = snap.vm_requested[present]
+        self.capped = np.bincount(
+            hosts, weights=np.minimum(req, fleet.host_core_mips[hosts]), minlength=fleet.hosts
+        ).astype(np.float64)
+        self.requested = np.bincount(hosts, weights=req, minlength=fleet.hosts).astype(np.float64)
+        self.counts = np.array([len(vms) for vms in self.host_vms], dtype=np.intp)
+        self.histories = snap.all_host_histories() if self.track_history else np.zeros((fleet.hosts, 0))
+
+    @property
+    def fleet(self) -> Fleet:
+        """The static fleet."""
+        return self.snapshot.fleet
+
+    def create(self, vm: int, host: int) -> None:
+        """Put ``vm`` on ``host`` (appended to the host's VM order)."""
+        r = float(self.snapshot.vm_requested[vm])
+        self.host_vms[host].append(vm)
+        self.counts[host] += 1
+        self.capped[host] += min(r, float(self.fleet.host_core_mips[host]))
+        self.requested[host] += r
+        self._refresh_history(host)
+
+    def destroy(self, vm: int, host: int) -> None:
+        """Take ``vm`` off ``host``."""
+        r = float(self.snapshot.vm_requested[vm])
+        members = self.host_vms[host]
+        members.remove(vm)
+        self.counts[host] -= 1
+        if members:
+            self.capped[host] -= min(r, float(self.fleet.host_core_mips[host]))
+            self.requested[host] -= r
+        else:  # no drift: an empty host sums to exactly zero
+            self.capped[host] = 0.0
+            self.requested[host] = 0.0
+        self._refresh_history(host)
+
+    def available(self) -> FloatArray:
+        """Unreserved MIPS of every host (0 when oversubscribed)."""
+        return np.maximum(self.fleet.host_mips - self.capped, 0.0)
+
+    def _refresh_history(self, host: int) -> None:
+        # Recomputed from the members rather than added and subtracted, so an all-zero history stays
+        # exactly zero (detectors trim zeros).
+        if self.track_history:
+            self.histories[host] = self.snapshot.host_history(host, self.host_vms[host])
+
+    def history_with(self, host: int, vm: int) -> FloatArray:
+        """Planned history of ``host`` if ``vm`` joined it."""
+        fleet = self.fleet
+        weight = fleet.vm_mips[vm] / fleet.host_mips[host]
+        return np.asarray(self.histories[host] + self.snapshot.vm_history[vm] * weight)

@@ -132,6 +132,8 @@ class FleetService:
         self._op_done: dict[str, asyncio.Event] = {}
         self._closing = False
         self._adopted: list[str] = []
+        self._deferred: dict[tuple[str, str], tuple[Callable[[str, bytes], None], str, bytes]] = {}
+        self._drainer: asyncio.Task[None] | None = None
         self.ha = HaManager(self, self.settings.ha)
         #: The scheduler's view of capacity: numpy columns kept in step with the store on every claim,
         #: release, join and liveness change, and resynchronised from the store after each connect.
@@ -161,6 +163,7 @@ class FleetService:
     def start(self) -> int:
         """Start background work (HA) and resume unfinished operations. Returns how many resumed."""
         self.ha.start()
+        self._drainer = asyncio.get_running_loop().create_task(self._drain_deferred(), name="deferred")
         return self.resume_operations()
 
     def resume_operations(self) -> int:
@@ -176,6 +179,9 @@ class FleetService:
     async def close(self) -> None:
         self._closing = True
         await self.ha.close()
+        if self._drainer is not None:
+            self._drainer.cancel()
+            await asyncio.gather(self._drainer, return_exceptions=True)
         tasks = list(self._op_tasks.values())
         for task in tasks:
             task.cancel()
@@ -200,16 +206,39 @@ class FleetService:
     # -- bus handlers (quick, never await) ------------------------------------------------------
 
     def _limited(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
-        """Wrap a bus handler with the per-host rate limit (checked before any decoding)."""
+        """Wrap a bus handler with the per-host rate limit (checked before any decoding).
+
+        Over the limit, telemetry, events and replies are dropped (and counted). A host's state and
+        inventory are not: each message replaces the last, so the newest is kept aside and handled
+        when the host's bucket allows. Dropping it would leave the controller with a stale picture
+        until the host's next change, which may never come.
+        """
         limiter = self.limiter
+        deferred = self._deferred
 
         def limited(topic: str, payload: bytes) -> None:
             parts = topic.split("/", 5)
-            if len(parts) == 5 and not limiter.allow(parts[3], parts[4]):
-                return
+            if len(parts) == 5:
+                if not limiter.allow(parts[3], parts[4]):
+                    if parts[4] in ("state", "inventory"):
+                        deferred[(parts[3], parts[4])] = (handler, topic, payload)
+                    return
+                deferred.pop((parts[3], parts[4]), None)  # this newer message supersedes a held-back one
             handler(topic, payload)
 
         return limited
+
+    async def _drain_deferred(self) -> None:
+        """Handle the newest held-back state or inventory of each host as its rate allows."""
+        while True:
+            await asyncio.sleep(0.1)
+            for key in list(self._deferred):
+                if self.limiter.allow(*key, count_drop=False):
+                    handler, topic, payload = self._deferred.pop(key)
+                    try:
+                        handler(topic, payload)
+                    except Exception:
+                        log.exception("handling a held-back %s of %s failed", key[1], key[0])
 
     def _decode(self, topic: str, payload: bytes) -> msgspec.Struct | None:
         return self.decoder.decode(topic, payload)

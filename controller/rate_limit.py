@@ -24,7 +24,7 @@ class RateLimits:
         default_factory=lambda: {
             "telemetry": (20.0, 50.0),
             "state": (5.0, 20.0),
-            "inventory": (10.0, 50.0),
+            "inventory": (20.0, 100.0),
             "events": (500.0, 2000.0),
             "reply": (1000.0, 5000.0),
         }
@@ -39,8 +39,8 @@ class InboundLimiter:
         self._buckets: dict[tuple[str, str], list[float]] = {}
         self._last_log: dict[str, float] = {}
 
-    def allow(self, host_id: str, family: str) -> bool:
-        """Take a token for one message; False (counted) when the host is over its rate."""
+    def allow(self, host_id: str, family: str, *, count_drop: bool = True) -> bool:
+        """Take a token for one message; False (counted, unless ``count_drop`` is off) when over the rate."""
         rate, burst = self.limits.per_family.get(family, (1000.0, 5000.0))
         now = time.monotonic()
         bucket = self._buckets.get((host_id, family))
@@ -52,6 +52,8 @@ class InboundLimiter:
             bucket[0] = tokens - 1.0
             return True
         bucket[0] = tokens
+        if not count_drop:
+            return False
         self.dropped[host_id] += 1
         if now - self._last_log.get(host_id, -1e9) >= self.limits.log_every_s:
             self._last_log[host_id] = now

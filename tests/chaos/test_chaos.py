@@ -6,13 +6,16 @@ the agents report, and that no operation is stuck. The run is bounded: ``FV_CHAO
 ``FV_CHAOS_SECONDS=600 ./scripts/test tests/chaos``.
 
 Every process is real (controller, agents, Mosquitto with persistence) and is killed with SIGKILL by
-PID. Agents use the sim engine, whose VMs outlive the agent (its state file is the "hypervisor").
+PID. Two hosts use the sim engine, whose VMs outlive the agent (its state file is the "hypervisor").
+Where QEMU and the test guests are available, the third host runs real tiny guests under QEMU, and
+its QEMU processes are killed too; a few VMs are pinned there so that TCG does not swamp the machine.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -23,16 +26,17 @@ import httpx
 import pytest
 
 from tests.support import free_port
-from tests.support.processes import wait_for
+from tests.support.processes import ROOT, wait_for
 
 SECONDS = float(os.environ.get("FV_CHAOS_SECONDS", "25"))
 SEED = int(os.environ.get("FV_CHAOS_SEED", str(int(time.time()))))
-HOSTS = ("h1", "h2", "h3")
+HOSTS = ("h1", "h2", "q1")
+QEMU_VMS = 3  # at most this many live guests on the qemu host
 
 
 @pytest.mark.timeout(SECONDS + 180)
 def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
-    mosquitto_factory, procs, tmp_path
+    mosquitto_factory, procs, tmp_path, request
 ):
     """Kill -9 agents, the controller and the broker at random under load; then check the invariants."""
     rng = random.Random(SEED)
@@ -56,6 +60,17 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
             "10",
         )
 
+    images = tmp_path / "images"
+    tiny = ROOT / ".cache" / "guests" / "tiny.elf"
+    real_guests = shutil.which("qemu-system-x86_64") is not None and tiny.exists()
+    if real_guests:
+        from tests.support.qemu import kill_qemus_under
+
+        request.addfinalizer(lambda: kill_qemus_under(tmp_path / "q1"))  # guests outlive agents by design
+        images.mkdir()
+        shutil.copy(tiny, images / "tiny.elf")
+    engine_args = {"q1": ("--hv", "qemu", "--image-dir", str(images))} if real_guests else {}
+
     def start_agent(host: str) -> Any:
         generation[host] += 1
         return procs(
@@ -71,6 +86,7 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
             "16384",
             "--telemetry-interval",
             "0.5",
+            *engine_args.get(host, ()),
         )
 
     running: dict[str, Any] = {"controller": start_controller(), **{h: start_agent(h) for h in HOSTS}}
@@ -90,7 +106,23 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
             n += 1
             try:
                 if rng.random() < 0.7:
-                    httpx.post(f"{url}/api/v1/vms", json={"name": f"c-{n}", "memory_mib": 256}, timeout=3)
+                    body: dict[str, Any] = {"name": f"c-{n}", "memory_mib": 64}
+                    if real_guests:  # the sim hosts ignore devices; the qemu host boots the tiny guest
+                        body.update(
+                            boot={"kernel": str(images / "tiny.elf")}, console=False, rng=False, balloon=False
+                        )
+                        on_qemu = sum(
+                            1
+                            for v in httpx.get(f"{url}/api/v1/vms", timeout=3).json()
+                            if v["host_id"] == "q1"
+                        )
+                        pin = (
+                            {"hosts": ["q1"]}
+                            if on_qemu < QEMU_VMS and rng.random() < 0.3
+                            else {"avoid_hosts": ["q1"]}
+                        )
+                        body["scheduling"] = pin
+                    httpx.post(f"{url}/api/v1/vms", json=body, timeout=3)
                 else:
                     vms = httpx.get(f"{url}/api/v1/vms", timeout=3).json()
                     if vms:
@@ -105,8 +137,18 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
     try:
         while time.monotonic() < deadline:
             time.sleep(rng.uniform(1.0, 3.0))
-            victim = rng.choice(["controller", "broker", *HOSTS])
+            victim = rng.choice(["controller", "broker", *HOSTS, *(["qemu"] if real_guests else [])])
             log.append(f"{time.monotonic():.1f} kill {victim}")
+            if victim == "qemu":
+                pids = [
+                    int(p.read_text().split()[0])
+                    for p in (tmp_path / "q1").rglob("qemu.pid")
+                    if p.read_text()
+                ]
+                alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+                if alive:
+                    os.kill(rng.choice(alive), signal.SIGKILL)
+                continue
             if victim == "broker":
                 broker.restart(kill=True, down_s=rng.uniform(0.2, 1.5))
                 continue
@@ -150,7 +192,10 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
             problems.append(f"{name} is recorded on {vm['host_id']} ({vm['state']}) but no host reports it")
         elif copies[0][0] != vm["host_id"]:
             problems.append(f"{name} is recorded on {vm['host_id']} but runs on {copies[0][0]}")
-        elif vm["state"] in ("running", "stopped", "paused") and copies[0][1] not in (vm["state"], "defined"):
+        elif vm["state"] in ("running", "stopped", "paused", "crashed") and copies[0][1] not in (
+            vm["state"],
+            "defined",
+        ):
             problems.append(f"{name}: store says {vm['state']}, host says {copies[0][1]}")
     ops = [e for e in httpx.get(f"{url}/api/v1/events", params={"limit": 1000}, timeout=3).json()]
     assert ops, "the workload must have produced events"

@@ -49,3 +49,31 @@ async def test_a_flooding_host_is_limited_while_its_neighbour_keeps_reporting(mo
             )
         assert service.limiter.dropped["calm"] == 0
         assert service.ha.detector.state("calm") == "up"
+
+
+async def test_an_inventory_over_the_rate_is_held_back_not_lost(mosquitto, tmp_path):
+    """A burst of inventories beyond the limit: the newest one is still reconciled, a moment later."""
+    from agent.daemon import AGENT_VERSION
+    from protocols.messages import Capabilities, HostInventory, VmStatus
+    from protocols.vmspec import VmSpec
+
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        service = fleet.service
+        service.limiter.limits.per_family["inventory"] = (2.0, 2.0)
+        caps = Capabilities(engine="sim", arch="x86_64", accel="sim", cores=4, memory_mib=8192)
+        bus = Bus(BusSettings(url=mosquitto.url, client_id="burst", **FAST_BUS))  # type: ignore[arg-type]
+        async with bus:
+            await bus.wait_connected(5)
+            for seq in range(1, 11):
+                vms = [
+                    VmStatus(name=f"vm-{i}", state="running", spec=VmSpec(name=f"vm-{i}")) for i in range(seq)
+                ]
+                inventory = HostInventory(
+                    host_id="burst", boot_id="b", seq=seq, ts=time.time(), agent_version=AGENT_VERSION,
+                    address="127.0.0.1", capabilities=caps, vms=vms,
+                )  # fmt: skip
+                await bus.publish(topics.host_topic("burst", "inventory"), codec.encode(inventory), qos=1)
+            await eventually(
+                lambda: (i := service.inventories.get("burst")) is not None and i.seq == 10, 5, "seq 10"
+            )
+        assert len(service.store.vms("burst")) == 10

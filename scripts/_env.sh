@@ -14,7 +14,7 @@ cd "$FV_ROOT"
 
 # Debian packages the scripts need, as "package:binary" (the binary tells a non-Debian machine that
 # the tool is there anyway). This is the one place to add more (qemu-system-x86:qemu-system-x86_64,
-# qemu-utils:qemu-img, openipmi:ipmi_sim, ipmitool:ipmitool, ...).
+# ...).
 # shellcheck disable=SC2034  # read by fv_ensure_system_packages through a nameref
 FV_PACKAGES_TEST=(
     "mosquitto:mosquitto"
@@ -25,6 +25,8 @@ FV_PACKAGES_TEST=(
     "linux-image-amd64:/boot/vmlinuz-*"
     "cpio:cpio"
     "binutils:ld"
+    "openipmi:ipmi_sim"
+    "ipmitool:ipmitool"
 )
 # shellcheck disable=SC2034
 FV_PACKAGES_BENCH=("${FV_PACKAGES_TEST[@]}")

@@ -1,0 +1,49 @@
+"""Power control for hosts: switch them on and off, check they can be woken, and count their energy.
+
+One interface, :class:`PowerDriver`, with these methods behind it:
+- :class:`IpmiDriver` (:mod:`.ipmi`): the host's BMC over IPMI 2.0 with pyghmi;
+- :class:`WakeOnLanDriver` (:mod:`.wol`): a magic packet; wakes only;
+- :class:`SimPowerDriver` (:mod:`.sim`): in memory, with failure injection, for tests and the demo;
+- :class:`FallbackPower` (:mod:`.chain`): several of the above for one host, tried in order.
+
+:class:`EnergyMeter` (:mod:`.energy`) turns BMC readings, or a host's power model, into kWh.
+
+Settings are passed explicitly (:class:`BmcConfig`, :class:`WolConfig`); every call has a timeout, and
+every failure is a :class:`PowerError` that names the host, the target, the reason and the fix.
+"""
+
+from __future__ import annotations
+
+from controller.power.chain import FallbackExhausted, FallbackPower
+from controller.power.driver import PowerDriver, PowerError, PowerState, WakeCheck
+from controller.power.energy import (
+    EnergyMeter,
+    EnergySettings,
+    EnergySource,
+    HostEnergy,
+    HostPowerModel,
+    LinearPowerModel,
+)
+from controller.power.ipmi import BmcConfig, IpmiDriver
+from controller.power.sim import SimPowerDriver
+from controller.power.wol import WakeOnLanDriver, WolConfig
+
+__all__ = [
+    "BmcConfig",
+    "EnergyMeter",
+    "EnergySettings",
+    "EnergySource",
+    "FallbackExhausted",
+    "FallbackPower",
+    "HostEnergy",
+    "HostPowerModel",
+    "IpmiDriver",
+    "LinearPowerModel",
+    "PowerDriver",
+    "PowerError",
+    "PowerState",
+    "SimPowerDriver",
+    "WakeCheck",
+    "WakeOnLanDriver",
+    "WolConfig",
+]

@@ -25,6 +25,7 @@ from controller import broker_config, pki
 from controller import cli as operator_cli
 from controller.daemon import Controller, ControllerSettings, default_db_path
 from controller.embedded_broker import EmbeddedBroker
+from controller.fencing import load_bmc_config
 from controller.fleet import ApiError, FleetSettings
 from controller.ha import HaSettings
 from hv.driver import HvError
@@ -100,6 +101,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
                 fencing=args.ha_fencing,
                 lease_s=args.ha_lease,
                 fence_dir=pathlib.Path(args.fence_dir) if args.fence_dir else None,
+                bmcs=load_bmc_config(pathlib.Path(args.bmc_config)) if args.bmc_config else {},
                 host_failures_to_tolerate=args.ha_tolerate,
             ),
         ),
@@ -415,10 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ha-fencing",
-        choices=("none", "process", "lease"),
+        choices=("none", "process", "lease", "bmc"),
         default="none",
         help="how a failed host is fenced before its HA VMs restart: none (alert only, the default), "
-        "process (kill its processes; hosts on this machine), lease (agents run with --ha-lease)",
+        "process (kill its processes; hosts on this machine), lease (agents run with --ha-lease), "
+        "bmc (IPMI power-off confirmed by the BMC; needs --bmc-config)",
+    )
+    p.add_argument(
+        "--bmc-config",
+        help="JSON/YAML: {host: {address, port, username, password_file}} for BMC fencing and power control",
     )
     p.add_argument(
         "--ha-tolerate",
@@ -542,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         return operator_cli.run_operator_command(args)
     try:
         return int(args.func(args))
-    except (OSError, BusError) as exc:
+    except (OSError, BusError, ValueError) as exc:
         print(f"fleetvisor {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

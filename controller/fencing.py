@@ -1,5 +1,8 @@
 """Fencing: make sure a failed host cannot still be running its VMs before they restart elsewhere.
 
+``BmcFencer`` powers the host off through its BMC (IPMI over LAN) and accepts only a BMC that then
+reads "off": the hardware answer, for real fleets.
+
 ``ProcessFencer`` is for fleets whose hosts are processes on one machine: the demo, the tests and
 the benchmarks, where there is no BMC to cut power. Each agent keeps ``agent.pid`` in its state
 directory, and the QEMU engine keeps a pid file per VM there too. To fence host H, the fencer
@@ -16,6 +19,11 @@ import os
 import pathlib
 import signal
 import time
+from collections.abc import Mapping
+
+import msgspec
+
+from controller.power import BmcConfig, IpmiDriver, PowerError
 
 FENCED_MARKER = "fenced"
 _OURS = (b"fleetvisor", b"qemu-system")
@@ -35,6 +43,66 @@ def _alive(pid: int) -> bool:
         return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+class BmcFencer:
+    """Fence by cutting the host's power through its BMC, and confirm the BMC reads off."""
+
+    def __init__(self, bmcs: Mapping[str, BmcConfig]) -> None:
+        self.bmcs = bmcs
+
+    async def fence(self, host_id: str) -> tuple[bool, str]:
+        config = self.bmcs.get(host_id)
+        if config is None:
+            return False, f"no BMC is configured for host {host_id} (--bmc-config)"
+        driver = IpmiDriver(config)
+        try:
+            await driver.power_off()
+            status = await driver.status()
+        except PowerError as exc:
+            return False, str(exc)
+        if status != "off":
+            return False, f"the BMC at {config.address}:{config.port} still reads power {status}"
+        return True, f"the BMC at {config.address}:{config.port} confirms power off"
+
+
+def load_bmc_config(path: pathlib.Path) -> dict[str, BmcConfig]:
+    """Per-host BMC settings from a JSON or YAML file::
+
+        {"h1": {"address": "10.0.0.11", "port": 623, "username": "admin", "password_file": "/etc/fv/h1.bmc"}}
+
+    Raises:
+        ValueError: the file is unreadable, malformed, or a password file is missing.
+    """
+    try:
+        raw = path.read_bytes()
+        data = msgspec.yaml.decode(raw) if path.suffix in (".yaml", ".yml") else msgspec.json.decode(raw)
+        entries = msgspec.convert(data, dict[str, _BmcEntry])
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"BMC config {str(path)!r}: {exc}; see `fleetvisor controller --help`") from None
+    configs = {}
+    for host_id, entry in entries.items():
+        try:
+            password = pathlib.Path(entry.password_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError):
+            raise ValueError(
+                f"BMC config {str(path)!r}: cannot read the password file of host {host_id!r}"
+            ) from None
+        configs[host_id] = BmcConfig(
+            host_id=host_id,
+            address=entry.address,
+            port=entry.port,
+            username=entry.username,
+            password=password,
+        )
+    return configs
+
+
+class _BmcEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    address: str
+    port: int = 623
+    username: str
+    password_file: str
 
 
 class ProcessFencer:

@@ -15,6 +15,8 @@ Fencing methods (``controller --ha-fencing``):
 - ``process``: for hosts that are processes on this machine (demo, tests, benchmarks). It kills the
   host's agent and QEMU processes by PID; see :mod:`controller.fencing`. A BMC power-off takes its
   place on real hardware once the power-management work lands.
+- ``bmc`` (``--bmc-config FILE``): power the host off through its BMC over IPMI, and restart only once
+  the BMC reads "off". This is the method for real hardware.
 - ``lease``: agents started with ``--ha-lease S`` destroy their HA VMs after S seconds without the
   bus. The controller waits S plus a margin after it declared the host failed. The price is real: an
   HA VM then stops whenever its host loses the broker for S seconds, even when nothing else is wrong.
@@ -31,11 +33,13 @@ import logging
 import pathlib
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from controller.failure_detector import DetectorSettings, FailureDetector, Transition
-from controller.fencing import ProcessFencer
+from controller.fencing import BmcFencer, ProcessFencer
+from controller.power import BmcConfig
 from controller.scheduler import PlacementRequest, SchedulingHints
 from protocols import codec, topics
 from protocols.messages import UndefineVm
@@ -49,7 +53,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class HaSettings:
     detector: DetectorSettings = field(default_factory=DetectorSettings)
-    fencing: Literal["none", "process", "lease"] = "none"
+    fencing: Literal["none", "process", "lease", "bmc"] = "none"
+    #: For ``bmc`` fencing: each host's BMC (see :func:`controller.fencing.load_bmc_config`).
+    bmcs: Mapping[str, BmcConfig] = field(default_factory=dict)
     #: For ``process`` fencing: the directory holding each host's state directory (``DIR/<host>/``).
     fence_dir: pathlib.Path | None = None
     #: For ``lease`` fencing; must match the agents' ``--ha-lease``.
@@ -155,6 +161,8 @@ class HaManager:
                 False,
                 "no fencing is configured (--ha-fencing), so nothing can confirm its VMs are stopped",
             )
+        if self.settings.fencing == "bmc":
+            return await BmcFencer(self.settings.bmcs).fence(host_id)
         if self.settings.fencing == "process":
             if self.settings.fence_dir is None:
                 return False, "process fencing needs --fence-dir"

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.support.processes import start_agent, start_process_fleet, wait_for
 
@@ -149,3 +150,46 @@ def test_broker_outage_is_a_storm_not_a_fleet_wide_failure(mosquitto, procs, tmp
         "\n".join(f"{e['type']}: {e['message']}" for e in _events(url))
     )
     assert _vms(url)["calm"]["state"] == "running"
+
+
+def test_bmc_fencing_powers_the_failed_host_off_over_ipmi_before_restarting(mosquitto, procs, tmp_path):
+    """The failed host's BMC (a real ipmi_sim running its agent) is powered off and reads off; then restart."""
+    import json
+    import sys
+
+    from tests.support.ipmi import IpmiSim, ipmi_skip_reason
+
+    reason = ipmi_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    # h1's agent is the BMC's "power": ipmi_sim starts it on power-on and kills it on power-off.
+    command = [sys.executable, "-m", "fleetvisor", "agent", "--host-id", "h1", "--broker", mosquitto.url,
+               "--state-dir", str(tmp_path / "h1"), *AGENT_ARGS]  # fmt: skip
+    bmc = IpmiSim(tmp_path / "bmc", command, kill_wait_s=5)
+    bmc.start()
+    try:
+        (tmp_path / "bmc.secret").write_text(f"{bmc.password}\n")
+        config = {"h1": {"address": "127.0.0.1", "port": bmc.port, "username": bmc.username,
+                         "password_file": str(tmp_path / "bmc.secret")}}  # fmt: skip
+        (tmp_path / "bmc.json").write_text(json.dumps(config))
+        bmc.ipmitool("chassis", "power", "on")
+        fleet = start_process_fleet(
+            procs, mosquitto.url, tmp_path, hosts=("h2", "h3"), agent_args=AGENT_ARGS,
+            controller_args=("--ha-fencing", "bmc", "--bmc-config", str(tmp_path / "bmc.json")),
+        )  # fmt: skip
+        url = fleet.url
+        wait_for(lambda: any(h["host_id"] == "h1" and h["online"] for h in _hosts(url)), 30, "h1 via its BMC")
+        vm = _create(url, "db-bmc", ha=True, scheduling={"hosts": ["h1"]})
+        assert vm["host_id"] == "h1"
+
+        agent_pid = int((tmp_path / "h1" / "agent.pid").read_text())
+        os.kill(agent_pid, signal.SIGKILL)  # the host dies; its BMC lives on
+        fenced = wait_for(
+            lambda: next((e for e in _events(url) if e["type"] == "ha.fenced"), None), 15, "fenced"
+        )
+        assert "BMC" in fenced["message"] and "confirms power off" in fenced["message"]
+        assert "off" in bmc.power_via_ipmitool(), "ipmitool, an independent client, reads the chassis off"
+        wait_for(lambda: _vms(url)["db-bmc"]["host_id"] in ("h2", "h3") and _vms(url)["db-bmc"]["state"] == "running",
+                 10, "db-bmc running elsewhere")  # fmt: skip
+    finally:
+        bmc.stop()

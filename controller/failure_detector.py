@@ -177,6 +177,15 @@ class FailureDetector:
             return "suspect", f"heartbeat late by {now - (host.detector.last or now):.1f}s (phi {phi:.1f})"
         return "up", "heartbeats arriving"
 
+    def declare_failed(self, host_id: str, now: float, reason: str) -> Transition | None:
+        """An outside authority (the host's BMC reads power off) settles it: the host is failed."""
+        host = self._host(host_id)
+        if host.state == "failed":
+            return None
+        old = host.state
+        host.state, host.since, host.reason = "failed", now, reason
+        return Transition(host_id, old, "failed", reason)
+
     def revive(self, host_id: str, now: float) -> Transition | None:
         """A failed or offline host speaks again (fresh heartbeat or online state)."""
         host = self._host(host_id)

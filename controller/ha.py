@@ -2,7 +2,8 @@
 
 The order is always detect, then fence, then restart:
 1. :mod:`controller.failure_detector` turns Last Wills and heartbeat gaps into ``host.suspect`` and
-   ``host.failed``, and its storm guard holds back when many hosts vanish at once.
+   ``host.failed``, and its storm guard holds back when many hosts vanish at once. Where a host has a
+   BMC, a suspect or offline host whose BMC reads power off is failed at once.
 2. A failed host is **fenced** before anything is restarted: something must confirm that its VMs
    cannot still be running. With no confirmation, nothing is restarted, and an ``ha.fence_failed``
    alert says why. This is the split-brain guard.
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 from controller.failure_detector import DetectorSettings, FailureDetector, Transition
 from controller.fencing import BmcFencer, ProcessFencer
-from controller.power import BmcConfig
+from controller.power import BmcConfig, IpmiDriver, PowerError
 from controller.scheduler import PlacementRequest, SchedulingHints
 from protocols import codec, topics
 from protocols.messages import UndefineVm
@@ -75,6 +76,8 @@ class HaManager:
         self.last_heartbeat: dict[str, float] = {}
         self._handling: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._bmc_checks: dict[str, asyncio.Task[None]] = {}
+        self._bmc_checked: dict[str, float] = {}
 
     # -- inputs (called from bus handlers; quick) -----------------------------------------------
 
@@ -102,9 +105,10 @@ class HaManager:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ha")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._bmc_checks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         was_storm = False
@@ -120,6 +124,7 @@ class HaManager:
                     self.detector.rearm(time.monotonic())
                 for change in self.detector.tick(time.monotonic()):
                     self._report(change)
+                self._ask_bmcs()
                 if self.detector.storm != was_storm:
                     was_storm = self.detector.storm
                     if was_storm:
@@ -135,6 +140,36 @@ class HaManager:
                         )
             except Exception:
                 log.exception("HA tick failed")
+
+    def _ask_bmcs(self) -> None:
+        """Third signal: for a suspect or offline host with a BMC, ask the BMC whether it has power.
+
+        A host whose agent stopped cleanly looks merely offline, yet if its power is gone so are its
+        VMs; and a suspect host whose BMC reads off needs no more waiting.
+        """
+        now = time.monotonic()
+        for host_id, config in self.settings.bmcs.items():
+            if self.detector.state(host_id) not in ("suspect", "offline"):
+                continue
+            running = self._bmc_checks.get(host_id)
+            if (running is not None and not running.done()) or now - self._bmc_checked.get(
+                host_id, 0.0
+            ) < 1.0:
+                continue
+            self._bmc_checked[host_id] = now
+            self._bmc_checks[host_id] = asyncio.get_running_loop().create_task(
+                self._check_bmc(host_id, config), name=f"bmc:{host_id}"
+            )
+
+    async def _check_bmc(self, host_id: str, config: BmcConfig) -> None:
+        try:
+            status = await IpmiDriver(config).status()
+        except PowerError as exc:
+            log.info("BMC of %s did not answer: %s", host_id, exc)
+            return
+        if status == "off" and self.detector.state(host_id) in ("suspect", "offline"):
+            reason = f"its BMC at {config.address}:{config.port} reports power off"
+            self._report(self.detector.declare_failed(host_id, time.monotonic(), reason))
 
     def _report(self, change: Transition | None) -> None:
         if change is None:

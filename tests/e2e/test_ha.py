@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -152,17 +156,14 @@ def test_broker_outage_is_a_storm_not_a_fleet_wide_failure(mosquitto, procs, tmp
     assert _vms(url)["calm"]["state"] == "running"
 
 
-def test_bmc_fencing_powers_the_failed_host_off_over_ipmi_before_restarting(mosquitto, procs, tmp_path):
-    """The failed host's BMC (a real ipmi_sim running its agent) is powered off and reads off; then restart."""
-    import json
-    import sys
-
+@contextlib.contextmanager
+def _bmc_fleet(procs: Any, mosquitto: Any, tmp_path: Any) -> Iterator[tuple[str, Any]]:
+    """h1's real agent as the power of a real ipmi_sim; h2 and h3 plain agents; BMC fencing on."""
     from tests.support.ipmi import IpmiSim, ipmi_skip_reason
 
     reason = ipmi_skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    # h1's agent is the BMC's "power": ipmi_sim starts it on power-on and kills it on power-off.
     command = [sys.executable, "-m", "fleetvisor", "agent", "--host-id", "h1", "--broker", mosquitto.url,
                "--state-dir", str(tmp_path / "h1"), *AGENT_ARGS]  # fmt: skip
     bmc = IpmiSim(tmp_path / "bmc", command, kill_wait_s=5)
@@ -177,19 +178,45 @@ def test_bmc_fencing_powers_the_failed_host_off_over_ipmi_before_restarting(mosq
             procs, mosquitto.url, tmp_path, hosts=("h2", "h3"), agent_args=AGENT_ARGS,
             controller_args=("--ha-fencing", "bmc", "--bmc-config", str(tmp_path / "bmc.json")),
         )  # fmt: skip
-        url = fleet.url
-        wait_for(lambda: any(h["host_id"] == "h1" and h["online"] for h in _hosts(url)), 30, "h1 via its BMC")
-        vm = _create(url, "db-bmc", ha=True, scheduling={"hosts": ["h1"]})
-        assert vm["host_id"] == "h1"
+        wait_for(
+            lambda: any(h["host_id"] == "h1" and h["online"] for h in _hosts(fleet.url)), 30, "h1 via its BMC"
+        )
+        yield fleet.url, bmc
+    finally:
+        bmc.stop()
 
-        agent_pid = int((tmp_path / "h1" / "agent.pid").read_text())
-        os.kill(agent_pid, signal.SIGKILL)  # the host dies; its BMC lives on
+
+def _running_elsewhere(url: str, name: str) -> bool:
+    vm = _vms(url)[name]
+    return vm["host_id"] in ("h2", "h3") and vm["state"] == "running"
+
+
+def test_bmc_fencing_powers_the_failed_host_off_over_ipmi_before_restarting(mosquitto, procs, tmp_path):
+    """A killed agent: its BMC (a real ipmi_sim) is powered off and reads off; then the HA VM restarts."""
+    with _bmc_fleet(procs, mosquitto, tmp_path) as (url, bmc):
+        assert _create(url, "db-bmc", ha=True, scheduling={"hosts": ["h1"]})["host_id"] == "h1"
+        os.kill(int((tmp_path / "h1" / "agent.pid").read_text()), signal.SIGKILL)  # the BMC lives on
         fenced = wait_for(
             lambda: next((e for e in _events(url) if e["type"] == "ha.fenced"), None), 15, "fenced"
         )
         assert "BMC" in fenced["message"] and "confirms power off" in fenced["message"]
-        assert "off" in bmc.power_via_ipmitool(), "ipmitool, an independent client, reads the chassis off"
-        wait_for(lambda: _vms(url)["db-bmc"]["host_id"] in ("h2", "h3") and _vms(url)["db-bmc"]["state"] == "running",
-                 10, "db-bmc running elsewhere")  # fmt: skip
-    finally:
-        bmc.stop()
+        assert bmc.power_via_ipmitool() == "off", "ipmitool, an independent client, reads the chassis off"
+        wait_for(lambda: _running_elsewhere(url, "db-bmc"), 10, "db-bmc running elsewhere")
+
+
+def test_a_host_whose_bmc_reads_power_off_is_failed_even_if_its_agent_said_goodbye(
+    mosquitto, procs, tmp_path
+):
+    """Power cut through the BMC: the agent may stop cleanly, but the BMC's "off" makes the host failed."""
+    with _bmc_fleet(procs, mosquitto, tmp_path) as (url, bmc):
+        assert _create(url, "web-bmc", ha=True, scheduling={"hosts": ["h1"]})["host_id"] == "h1"
+        bmc.ipmitool("chassis", "power", "off")
+        failed = wait_for(
+            lambda: next(
+                (e for e in _events(url) if e["type"] == "host.failed" and e["host_id"] == "h1"), None
+            ),
+            15,
+            "h1 failed",
+        )
+        assert "reports power off" in failed["message"]
+        wait_for(lambda: _running_elsewhere(url, "web-bmc"), 15, "web-bmc running elsewhere")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import Self
 
@@ -70,6 +70,40 @@ class InvalidRequest(HvError):
 
 class EngineError(HvError):
     code = "engine_error"
+
+
+#: Power states in lifecycle order, for messages that list what an operation accepts.
+STATE_ORDER: tuple[VmPowerState, ...] = (
+    "defined", "starting", "running", "paused", "stopping", "stopped", "crashed",
+)  # fmt: skip
+
+
+def unknown_vm(engine: str, host_id: str, name: str, known: Collection[str]) -> UnknownVm:
+    """The error for a VM this host does not have, listing (a few of) those it has."""
+    shown = ", ".join(sorted(known)[:5]) or "none"
+    more = ", ..." if len(known) > 5 else ""
+    return UnknownVm(
+        f"vm {name!r} is not defined on host {host_id!r} (VMs here: {shown}{more}); "
+        "check the name or define the VM first"
+    )
+
+
+def require_state(
+    name: str, host_id: str, state: VmPowerState, operation: str, allowed: Iterable[VmPowerState], fix: str
+) -> None:
+    """Raises InvalidState naming the VM, its state, what ``operation`` needs, and ``fix``."""
+    accepted = frozenset(allowed)
+    if state in accepted:
+        return
+    ordered = [s for s in STATE_ORDER if s in accepted]
+    wanted = ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} or {ordered[-1]}"
+    raise InvalidState(f"vm {name!r} on host {host_id!r} is {state}; {operation} needs it {wanted}; {fix}")
+
+
+def not_open(engine: str, host_id: str) -> EngineError:
+    return EngineError(
+        f"{engine} driver for host {host_id!r} is not open; use `async with driver:` or await driver.open() first"
+    )
 
 
 class VmStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -28,8 +28,8 @@ from typing import Literal
 import msgspec
 
 from hv.driver import EngineError
-from hv.qemu.files import write_atomic
 from hv.qemu.host import SANDBOX_OPTIONS
+from hv.storage import write_atomic
 
 __all__ = [
     "KVM_PROBE_GUEST",

@@ -56,15 +56,16 @@ from hv.driver import (
     DriverEvent,
     EngineError,
     InsufficientResources,
-    InvalidState,
-    UnknownVm,
     VmExists,
     VmStats,
+    not_open,
+    require_state,
+    unknown_vm,
 )
 from hv.qemu import accel as accel_mod
 from hv.qemu import command_line, host
 from hv.qemu.errors import InvalidSpec
-from hv.qemu.files import make_private_dir, write_atomic
+from hv.qemu.files import make_private_dir
 from hv.qemu.image_policy import ImageLayer, ImagePolicy
 from hv.qemu.process import (
     ProcessWatch,
@@ -75,6 +76,7 @@ from hv.qemu.process import (
     uptime_s,
 )
 from hv.qemu.qmp import QmpSession
+from hv.storage import write_atomic
 from protocols.messages import Capabilities, VmEventKind, VmPowerState, VmStatus
 from protocols.vmspec import HOST_ID_RE, VmSpec, explain_validation_error
 
@@ -86,9 +88,6 @@ MIB = 1024 * 1024
 
 _POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused", "stopping"})
 _POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
-_STATE_ORDER: tuple[VmPowerState, ...] = (
-    "defined", "starting", "running", "paused", "stopping", "stopped", "crashed",
-)  # fmt: skip
 
 #: QMP ``SHUTDOWN`` reasons that mean the guest itself powered off.
 _GUEST_POWEROFF = frozenset({"guest-shutdown"})
@@ -1195,32 +1194,17 @@ class QemuDriver(Driver):
 
     def _require_open(self) -> None:
         if not self._open:
-            raise EngineError(
-                f"qemu driver for host {self.host_id!r} is not open; "
-                "use `async with driver:` or await driver.open() first"
-            )
+            raise not_open("qemu", self.host_id)
 
     def _get(self, name: str) -> _Vm:
         self._require_open()
         vm = self._vms.get(name)
         if vm is None:
-            known = ", ".join(sorted(self._vms)[:5]) or "none"
-            raise UnknownVm(
-                f"vm {name!r} is not defined on host {self.host_id!r} (VMs here: {known}"
-                f"{', ...' if len(self._vms) > 5 else ''}); check the name or define the VM first"
-            )
+            raise unknown_vm("qemu", self.host_id, name, self._vms)
         return vm
 
     def _require_state(self, vm: _Vm, operation: str, allowed: Iterable[VmPowerState]) -> None:
-        allowed = frozenset(allowed)
-        if vm.state in allowed:
-            return
-        ordered = [state for state in _STATE_ORDER if state in allowed]
-        wanted = ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} or {ordered[-1]}"
-        raise InvalidState(
-            f"vm {vm.name!r} on host {self.host_id!r} is {vm.state}; {operation} needs it {wanted}; "
-            f"{_fix_hint(operation, vm.state)}"
-        )
+        require_state(vm.name, self.host_id, vm.state, operation, allowed, _fix_hint(operation, vm.state))
 
     def _require_alive(self, vm: _Vm, qemu: _Qemu, operation: str) -> None:
         if vm.qemu is not qemu:

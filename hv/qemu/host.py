@@ -24,8 +24,8 @@ from typing import Any
 import msgspec
 
 from hv.driver import EngineError
-from hv.qemu.files import write_atomic
 from hv.qemu.qmp import QmpSession
+from hv.storage import write_atomic
 
 __all__ = [
     "SANDBOX_OPTIONS",

@@ -17,13 +17,10 @@ Every call runs to completion without awaiting, so calls on one driver never int
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import importlib.metadata
 import math
-import os
 import pathlib
-import tempfile
 from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
@@ -34,12 +31,14 @@ from hv.driver import (
     DriverEvent,
     EngineError,
     InsufficientResources,
-    InvalidState,
-    UnknownVm,
     VmExists,
     VmStats,
+    not_open,
+    require_state,
+    unknown_vm,
 )
 from hv.sim.clock import Clock, RealClock, TimerHandle
+from hv.storage import write_atomic
 from protocols.messages import Capabilities, VmPowerState, VmStatus
 from protocols.vmspec import HOST_ID_RE, VmSpec, VmWorkload
 
@@ -75,9 +74,6 @@ _CPU_VENDORS = {
 WOBBLE = 0.10
 
 #: Lifecycle order, for messages that list states.
-_STATE_ORDER: tuple[VmPowerState, ...] = (
-    "defined", "starting", "running", "paused", "stopping", "stopped", "crashed",
-)  # fmt: skip
 _POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused"})
 _POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
 
@@ -537,31 +533,18 @@ class SimDriver(Driver):
 
     def _require_open(self) -> None:
         if not self._open:
-            raise EngineError(
-                f"sim driver for host {self.host_id!r} is not open; "
-                "use `async with driver:` or await driver.open() first"
-            )
+            raise not_open("sim", self.host_id)
 
     def _get(self, name: str) -> _Vm:
         self._require_open()
         vm = self._vms.get(name)
         if vm is None:
-            known = ", ".join(sorted(self._vms)[:5]) or "none"
-            raise UnknownVm(
-                f"vm {name!r} is not defined on host {self.host_id!r} (VMs here: {known}"
-                f"{', ...' if len(self._vms) > 5 else ''}); check the name or define the VM first"
-            )
+            raise unknown_vm("sim", self.host_id, name, self._vms)
         return vm
 
     def _require_state(self, vm: _Vm, operation: str, allowed: Iterable[VmPowerState]) -> None:
-        allowed = frozenset(allowed)
-        if vm.state in allowed:
-            return
-        ordered = [state for state in _STATE_ORDER if state in allowed]
-        wanted = ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} or {ordered[-1]}"
-        raise InvalidState(
-            f"vm {vm.spec.name!r} on host {self.host_id!r} is {vm.state}; {operation} needs it {wanted}; "
-            f"{_fix_hint(operation, vm.state)}"
+        require_state(
+            vm.spec.name, self.host_id, vm.state, operation, allowed, _fix_hint(operation, vm.state)
         )
 
     def _power_off(self, vm: _Vm, state: Literal["stopped", "crashed"], reason: str = "") -> None:
@@ -604,17 +587,7 @@ class SimDriver(Driver):
         data = msgspec.json.encode(table)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomic(path, data)
         except OSError as exc:
             raise EngineError(
                 f"sim host {self.host_id!r} could not save its VM table to {path}: {exc.strerror or exc}; "

@@ -477,17 +477,6 @@ class Agent:
     def _send_reply(self, reply: Reply) -> None:
         self._enqueue(topics.host_topic(self.host_id, "reply"), codec.encode(reply))
 
-    async def wait_op(self, op_id: str) -> Reply:
-        """Wait for an operation this agent is applying (tests, and the in-process demo)."""
-        future = self._inflight.get(op_id)
-        if future is None:
-            assert self.ledger is not None
-            done = self.ledger.get(op_id)
-            if done is None:
-                raise KeyError(op_id)
-            return done
-        return await future
-
 
 def _expired_message(command: Command) -> str:
     late = time.time() - command.deadline

@@ -86,8 +86,6 @@ class FleetSettings:
     operation_timeout_s: float = 60.0
     #: How long to wait for a reply before sending the command again (same operation id).
     command_retry_s: float = 5.0
-    #: Telemetry older than this marks a host's load as stale in views.
-    telemetry_stale_s: float = 5.0
     ha: HaSettings = field(default_factory=HaSettings)
 
 
@@ -100,11 +98,6 @@ _POWER_TO_VM_STATE: dict[VmPowerState, VmState] = {
     "stopped": "stopped",
     "crashed": "crashed",
 }
-
-
-class TelemetryCounters(msgspec.Struct, kw_only=True):
-    messages: int = 0
-    last_ts: float = 0.0
 
 
 class FleetService:

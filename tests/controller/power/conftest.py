@@ -36,3 +36,23 @@ def bmc(tmp_path: Path, bmc_pid_file: Path) -> Iterator[IpmiSim]:
     finally:
         sim.stop()
         print(f"--- {sim!r} log ---\n{sim.log_tail()}")
+
+
+@pytest.fixture(autouse=True)
+def own_bmc_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test gets its own BMC thread pool, and waits for it at the end.
+
+    A timed-out pyghmi call keeps running in its thread for a few seconds; left behind, it would touch
+    the global ``random`` module while a later test's hypothesis strategy runs, which hypothesis
+    reports (rightly) as an error in that unrelated test.
+    """
+    import concurrent.futures
+
+    from controller.power import ipmi
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="test-bmc")
+    monkeypatch.setattr(ipmi, "_BMC_THREADS", pool)
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

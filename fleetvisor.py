@@ -25,6 +25,7 @@ from controller import broker_config, pki
 from controller import cli as operator_cli
 from controller.daemon import Controller, ControllerSettings, default_db_path
 from controller.embedded_broker import EmbeddedBroker
+from controller.failure_detector import DetectorSettings
 from controller.fencing import load_bmc_config
 from controller.fleet import ApiError, FleetSettings
 from controller.ha import HaSettings
@@ -98,6 +99,11 @@ def cmd_controller(args: argparse.Namespace) -> int:
         fleet=FleetSettings(
             operation_timeout_s=args.operation_timeout,
             ha=HaSettings(
+                detector=DetectorSettings(
+                    suspect_phi=args.ha_suspect_phi,
+                    fail_phi=args.ha_fail_phi,
+                    will_confirm_s=args.ha_will_confirm,
+                ),
                 fencing=args.ha_fencing,
                 lease_s=args.ha_lease,
                 fence_dir=pathlib.Path(args.fence_dir) if args.fence_dir else None,
@@ -426,6 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bmc-config",
         help="JSON/YAML: {host: {address, port, username, password_file}} for BMC fencing and power control",
+    )
+    p.add_argument(
+        "--ha-suspect-phi",
+        type=float,
+        default=5.0,
+        metavar="PHI",
+        help="heartbeat suspicion to mark a host suspect",
+    )
+    p.add_argument(
+        "--ha-fail-phi",
+        type=float,
+        default=10.0,
+        metavar="PHI",
+        help="heartbeat suspicion to mark a host failed (higher: fewer false alarms, slower detection)",
+    )
+    p.add_argument(
+        "--ha-will-confirm",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="after a Last Will, how long a host must stay away before it is failed",
     )
     p.add_argument(
         "--ha-tolerate",

@@ -78,7 +78,7 @@ STATE_ORDER: tuple[VmPowerState, ...] = (
 )  # fmt: skip
 
 
-def unknown_vm(engine: str, host_id: str, name: str, known: Collection[str]) -> UnknownVm:
+def unknown_vm(host_id: str, name: str, known: Collection[str]) -> UnknownVm:
     """The error for a VM this host does not have, listing (a few of) those it has."""
     shown = ", ".join(sorted(known)[:5]) or "none"
     more = ", ..." if len(known) > 5 else ""
@@ -89,15 +89,36 @@ def unknown_vm(engine: str, host_id: str, name: str, known: Collection[str]) -> 
 
 
 def require_state(
-    name: str, host_id: str, state: VmPowerState, operation: str, allowed: Iterable[VmPowerState], fix: str
+    name: str, host_id: str, state: VmPowerState, operation: str, allowed: Iterable[VmPowerState]
 ) -> None:
-    """Raises InvalidState naming the VM, its state, what ``operation`` needs, and ``fix``."""
+    """Raises InvalidState naming the VM, its state, what ``operation`` needs, and what to do instead."""
     accepted = frozenset(allowed)
     if state in accepted:
         return
     ordered = [s for s in STATE_ORDER if s in accepted]
     wanted = ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} or {ordered[-1]}"
-    raise InvalidState(f"vm {name!r} on host {host_id!r} is {state}; {operation} needs it {wanted}; {fix}")
+    raise InvalidState(
+        f"vm {name!r} on host {host_id!r} is {state}; {operation} needs it {wanted}; {fix_hint(operation, state)}"
+    )
+
+
+def fix_hint(operation: str, state: VmPowerState) -> str:
+    """What the caller should do instead, for an operation refused in ``state``."""
+    if operation == "start":
+        return "resume it instead" if state == "paused" else "it is already powered on"
+    if operation == "undefine":
+        return "stop it first with shutdown or destroy"
+    if operation == "pause" and state == "paused":
+        return "it is already paused"
+    if operation == "resume" and state == "running":
+        return "it is already running"
+    if state == "starting":
+        return "wait until it has booted and is running"
+    if state == "paused":
+        return "resume it first"
+    if state == "running":
+        return "pause it first"
+    return "it is powered off; start it first"
 
 
 def not_open(engine: str, host_id: str) -> EngineError:

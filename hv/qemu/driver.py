@@ -1200,11 +1200,11 @@ class QemuDriver(Driver):
         self._require_open()
         vm = self._vms.get(name)
         if vm is None:
-            raise unknown_vm("qemu", self.host_id, name, self._vms)
+            raise unknown_vm(self.host_id, name, self._vms)
         return vm
 
     def _require_state(self, vm: _Vm, operation: str, allowed: Iterable[VmPowerState]) -> None:
-        require_state(vm.name, self.host_id, vm.state, operation, allowed, _fix_hint(operation, vm.state))
+        require_state(vm.name, self.host_id, vm.state, operation, allowed)
 
     def _require_alive(self, vm: _Vm, qemu: _Qemu, operation: str) -> None:
         if vm.qemu is not qemu:
@@ -1319,20 +1319,3 @@ def _connect_unix(vm_dir: Path, name: str) -> socket.socket:
         return sock
     finally:
         os.close(fd)
-
-
-def _fix_hint(operation: str, state: VmPowerState) -> str:
-    """What the caller should do instead, for an operation refused in ``state``."""
-    if operation == "start":
-        return "resume it instead" if state == "paused" else "it is already powered on"
-    if operation == "undefine":
-        return "stop it first with shutdown or destroy"
-    if operation == "pause" and state == "paused":
-        return "it is already paused"
-    if operation == "resume" and state == "running":
-        return "it is already running"
-    if state == "paused":
-        return "resume it first"
-    if state == "running":
-        return "pause it first"
-    return "it is powered off; start it first"

@@ -539,13 +539,11 @@ class SimDriver(Driver):
         self._require_open()
         vm = self._vms.get(name)
         if vm is None:
-            raise unknown_vm("sim", self.host_id, name, self._vms)
+            raise unknown_vm(self.host_id, name, self._vms)
         return vm
 
     def _require_state(self, vm: _Vm, operation: str, allowed: Iterable[VmPowerState]) -> None:
-        require_state(
-            vm.spec.name, self.host_id, vm.state, operation, allowed, _fix_hint(operation, vm.state)
-        )
+        require_state(vm.spec.name, self.host_id, vm.state, operation, allowed)
 
     def _power_off(self, vm: _Vm, state: Literal["stopped", "crashed"], reason: str = "") -> None:
         vm.cancel_boot()
@@ -667,22 +665,3 @@ def _wobbled(base: float, phases: tuple[float, ...], now: float) -> float:
         2 * math.pi * now / fast_period + 2 * phase
     )
     return max(0.0, base * (1.0 + WOBBLE * wave))
-
-
-def _fix_hint(operation: str, state: VmPowerState) -> str:
-    """What the caller should do instead, for an operation refused in ``state``."""
-    if operation == "start":
-        return "resume it instead" if state == "paused" else "it is already powered on"
-    if operation == "undefine":
-        return "stop it first with shutdown or destroy"
-    if operation == "pause" and state == "paused":
-        return "it is already paused"
-    if operation == "resume" and state == "running":
-        return "it is already running"
-    if state == "starting":
-        return "wait until it has booted and is running"
-    if state == "paused":
-        return "resume it first"
-    if state == "running":
-        return "pause it first"
-    return "it is powered off; start it first"

@@ -14,6 +14,8 @@ A host moves ``up -> suspect -> failed``, and each move carries its reason:
   reports until the storm clears, then restarts every heartbeat clock (:meth:`FailureDetector.rearm`)
   so that hosts still reconnecting are not failed for silence nobody could hear. The controller
   does the same when its own connection to the broker comes back.
+- **Reconnect grace**: after a rearm, hosts get ``reconnect_grace_s`` (the agents' longest reconnect
+  backoff plus a margin) to come back before silence can fail them; they may be suspect meanwhile.
 
 The detector is pure: time is passed in, so tests run it on a fake clock.
 """
@@ -42,6 +44,10 @@ class DetectorSettings:
     storm_fraction: float = 0.5
     #: Storm guard needs at least this many hosts to judge a share.
     storm_min_hosts: int = 3
+    #: After a rearm, no host is failed for silence before this many seconds: agents reconnect with a
+    #: jittered backoff of up to 5 s (``BusSettings.backoff_max_s``), and a host still waiting out its
+    #: backoff is not dead.
+    reconnect_grace_s: float = 6.0
 
 
 class PhiAccrual:
@@ -95,6 +101,8 @@ class FailureDetector:
     settings: DetectorSettings = field(default_factory=DetectorSettings)
     hosts: dict[str, _Host] = field(default_factory=dict)
     storm: bool = False
+    #: Until this time (after a rearm) silence alone fails no host.
+    grace_until: float = 0.0
 
     def _host(self, host_id: str) -> _Host:
         host = self.hosts.get(host_id)
@@ -130,6 +138,7 @@ class FailureDetector:
             if host.detector.last is not None:
                 host.detector.last = now
             host.gone_at = None
+        self.grace_until = now + self.settings.reconnect_grace_s
 
     def forget(self, host_id: str) -> None:
         self.hosts.pop(host_id, None)
@@ -151,10 +160,15 @@ class FailureDetector:
         changes = []
         for host_id, (state, reason) in sorted(wanted.items()):
             host = self.hosts[host_id]
-            if state == "failed" and self.storm:
+            if state == "failed" and host.state != "failed" and self.storm:
                 state, reason = (
                     "suspect",
                     f"{reason}; held by the storm guard ({len(bad)} of {len(counted)} hosts)",
+                )
+            elif state == "failed" and host.state != "failed" and now < self.grace_until:
+                state, reason = (
+                    "suspect",
+                    f"{reason}; held {self.grace_until - now:.1f}s more while hosts reconnect to the broker",
                 )
             if state != host.state:
                 changes.append(Transition(host_id, host.state, state, reason))

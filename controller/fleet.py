@@ -108,6 +108,8 @@ class FleetService:
     ) -> None:
         self.store = store
         self.bus = bus
+        #: Telemetry (the heartbeat) may arrive on a connection of its own.
+        self.telemetry_bus = telemetry_bus or bus
         self.settings = settings or FleetSettings()
         self.events = EventHub(store)
         self.decoder = codec.InboundDecoder()
@@ -146,9 +148,7 @@ class FleetService:
             ("reply", self._on_reply),
         ):
             bus.subscribe(topics.all_hosts(family), self._limited(handler), qos=1)  # type: ignore[arg-type]
-        (telemetry_bus or bus).subscribe(
-            topics.all_hosts("telemetry"), self._limited(self._on_telemetry), qos=0
-        )
+        self.telemetry_bus.subscribe(topics.all_hosts("telemetry"), self._limited(self._on_telemetry), qos=0)
         bus.on_connect(self._request_inventories)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -283,8 +283,18 @@ class FleetService:
 
     def _on_inventory(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
-        if isinstance(message, HostInventory):
-            self.reconcile(message)
+        if not isinstance(message, HostInventory):
+            return
+        newest = self.inventories.get(message.host_id)
+        if newest is not None and _older(message, newest):
+            # A QoS 1 retry or a restored retained copy overtook a newer picture; applying it would
+            # mark VMs created since as missing.
+            log.info(
+                "host %s: ignoring inventory #%d (%s): #%d from %s is newer",
+                message.host_id, message.seq, message.boot_id[:8], newest.seq, newest.boot_id[:8],
+            )  # fmt: skip
+            return
+        self.reconcile(message)
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
@@ -315,6 +325,10 @@ class FleetService:
         waiter = self._reply_waiters.get(message.op_id)
         if waiter is not None and not waiter.done():
             waiter.set_result(message)
+            return
+        op = self.store.operation(message.op_id)
+        if op is not None and op.state == "failed":
+            self._apply_late_reply(op, message)
             return
         self._early_replies[message.op_id] = message
         while len(self._early_replies) > 10_000:
@@ -850,6 +864,36 @@ class FleetService:
                     self.store.update_vm(op.vm, state=previous, op_id=None, error=error)
             self._finish(op, ok=False, error=f"{code}: {error}" if code else error)
 
+    def _apply_late_reply(self, op: OperationRecord, reply: Reply) -> None:
+        """A reply for an operation already failed by its timeout: the agent did act, only late.
+
+        Only a delete is settled here: its VM is gone from the host, so the record goes too (else the
+        next inventory would call the VM missing). A late create or restart needs nothing: the VM's
+        record has no host, and the next inventory adopts it where it runs. Any other late reply
+        changes no record; the next inventory reconciles the VM's state.
+        """
+        record = self.store.vm(op.vm)
+        done = reply.ok or self._counts_as_success(op, reply)
+        log.info("op %s (%s vm %s): late reply from %s, ok=%s", op.op_id, op.kind, op.vm, reply.host_id, done)
+        if not (done and op.kind == "delete" and record is not None and record.op_id is None):
+            return
+        if record.host_id != reply.host_id:
+            return
+        late_s = reply.ts - op.deadline
+        with self.store.transaction():
+            self.store.delete_vm(op.vm)
+            self.fleet_state.release(op.vm)
+            self.store.finish_operation(
+                op.op_id, "succeeded", f"the host replied {late_s:.1f}s after the timeout"
+            )
+        self.events.emit(
+            "operation.succeeded",
+            f"delete vm {op.vm}: done (host {reply.host_id} replied {late_s:.1f}s after the timeout)",
+            host_id=reply.host_id,
+            vm=op.vm,
+            op_id=op.op_id,
+        )
+
     def _finish(self, op: OperationRecord, ok: bool, error: str = "") -> None:
         self.store.finish_operation(op.op_id, "succeeded" if ok else "failed", error)
         if ok:
@@ -880,3 +924,14 @@ class FleetService:
 
 async def _first(*futures: asyncio.Future[Any]) -> None:
     await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+
+
+def _older(message: HostInventory, newest: HostInventory) -> bool:
+    """Whether ``message`` describes the host as it was before ``newest`` did.
+
+    Within one agent run the sequence number orders inventories; across runs (a new ``boot_id``) the
+    host's own clock does.
+    """
+    if message.boot_id == newest.boot_id:
+        return message.seq < newest.seq
+    return message.ts < newest.ts

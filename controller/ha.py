@@ -116,8 +116,8 @@ class HaManager:
         while True:
             await asyncio.sleep(self.settings.tick_s)
             try:
-                if not self.service.bus.connected.is_set():
-                    observer_down = True  # we hear nothing, so we judge nothing
+                if not all(b.connected.is_set() for b in (self.service.bus, self.service.telemetry_bus)):
+                    observer_down = True  # we hear nothing (or no heartbeats), so we judge nothing
                     continue
                 if observer_down:
                     observer_down = False

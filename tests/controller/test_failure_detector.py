@@ -128,3 +128,22 @@ def test_a_failed_host_revives_when_it_speaks_again():
     assert detector.state("h1") == "failed"
     change = detector.revive("h1", last + 5)
     assert change is not None and (change.old, change.new) == ("failed", "up")
+
+
+def test_after_a_rearm_silence_fails_no_host_until_the_reconnect_grace_ends():
+    """Controller back at t=10: a host still in its reconnect backoff is suspect, not failed, for the grace."""
+    detector = FailureDetector(DetectorSettings(reconnect_grace_s=6.0))
+    for host in ("h1", "h2", "h3"):
+        _beat(detector, host, 0.0, 5)
+    detector.rearm(10.0)
+    for t in (11.0, 12.0, 13.0):
+        detector.heartbeat("h2", t)
+        detector.heartbeat("h3", t)
+    detector.tick(13.5)
+    assert detector.state("h1") == "suspect"
+    assert "while hosts reconnect" in detector.hosts["h1"].reason
+    for t in (14.0, 15.0, 16.0, 16.5):
+        detector.heartbeat("h2", t)
+        detector.heartbeat("h3", t)
+    detector.tick(16.5)
+    assert detector.state("h1") == "failed"

@@ -7,10 +7,11 @@ import json
 from collections import Counter
 
 import httpx
+import msgspec
 import pytest
 
 from controller.fleet import ApiError, FleetSettings
-from protocols import topics
+from protocols import codec, topics
 from protocols.vmspec import VmSpec
 from tests.support.fleet import Fleet, eventually
 
@@ -203,6 +204,57 @@ async def test_create_on_a_host_that_never_answers_fails_and_releases_the_claim(
         vm = fleet.service.store.vm("lost")
         assert vm is not None and vm.state == "error" and vm.host_id is None
         assert fleet.service.store.usage() == {}
+
+
+async def test_a_delete_whose_reply_comes_after_the_timeout_still_removes_the_record(mosquitto, tmp_path):
+    """The agent deletes the VM after the controller gave up: the late reply settles the record, not 'missing'."""
+    settings = FleetSettings(operation_timeout_s=1.0, command_retry_s=0.3)
+    async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
+        await fleet.add_agent("h1")
+        _, op, _ = fleet.service.create_vm(VmSpec(name="slow", memory_mib=256))
+        assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
+        driver = fleet.drivers["h1"]
+        undefine = driver.undefine
+
+        async def slow_undefine(name: str) -> None:
+            await asyncio.sleep(1.5)  # a hypervisor busier than the controller's patience
+            await undefine(name)
+
+        driver.undefine = slow_undefine  # type: ignore[method-assign]
+        delete = fleet.service.delete_vm("slow")
+        failed = await fleet.service.wait_operation(delete.op_id, 10)
+        assert failed.state == "failed" and "did not answer" in failed.error
+        await eventually(
+            lambda: fleet.service.store.vm("slow") is None, 5, "the late reply to settle the record"
+        )
+        settled = fleet.service.store.operation(delete.op_id)
+        assert settled is not None and settled.state == "succeeded" and "after the timeout" in settled.error
+        assert fleet.service.store.usage() == {}
+        await asyncio.sleep(0.5)  # the inventory after the delete must not resurrect or flag anything
+        assert fleet.service.store.vm("slow") is None
+
+
+async def test_an_inventory_older_than_the_newest_seen_is_ignored(mosquitto, tmp_path):
+    """A redelivered old inventory (lower seq, same agent run) does not mark VMs created since as missing."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        _, op, _ = fleet.service.create_vm(VmSpec(name="fresh", memory_mib=256))
+        assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
+        await eventually(
+            lambda: any(vm.name == "fresh" for vm in fleet.service.inventories["h1"].vms), 5, "inventory"
+        )
+        newest = fleet.service.inventories["h1"]
+        stale = msgspec.structs.replace(newest, seq=newest.seq - 1, vms=[])
+        bus = fleet.controller.bus  # type: ignore[union-attr]
+        assert bus is not None
+        topic = topics.host_topic("h1", "inventory")
+        rejected = fleet.service.decoder.stats.rejected
+        await bus.publish(topic, codec.encode(stale), qos=1)
+        await bus.publish(topic, b"\x00marker", qos=1)  # handled after the stale one: same topic, QoS 1
+        await eventually(lambda: fleet.service.decoder.stats.rejected > rejected, 5, "the marker")
+        vm = fleet.service.store.vm("fresh")
+        assert vm is not None and vm.state == "running"
+        assert fleet.service.inventories["h1"].seq == newest.seq
 
 
 async def test_bad_bus_messages_are_counted_and_the_controller_keeps_working(mosquitto, tmp_path):

@@ -10,6 +10,13 @@ Lifecycle, per VM::
     define -> (start) -> running <-> paused
                   running -> shutdown (graceful) | destroy (hard) -> stopped
                   stopped -> undefine -> gone
+
+Live migration, driven by the agent for the controller's migration state machine::
+
+    destination: migrate_incoming -> incoming ...................... migrate_finish -> running
+    source:      running -> migrate_send, then migrate_sample (+ migrate_tune / migrate_postcopy /
+                 migrate_cancel) until completed -> paused ("migrated"), then undefine
+    rollback:    source migrate_cancel (runs again); destination destroy + undefine
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Self
 import msgspec
 
 from protocols.messages import Capabilities, ErrorCode, VmEventKind, VmPowerState, VmStatus
+from protocols.migration import MigrationPolicy, MigrationSample
 from protocols.vmspec import VmSpec
 
 __all__ = [
@@ -226,3 +234,57 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def stats(self) -> builtins.list[VmStats]:
         """A resource sample of every VM that is running or paused."""
+
+    # -- live migration -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def migrate_incoming(self, spec: VmSpec, listen_host: str) -> tuple[VmStatus, str]:
+        """Destination: define ``spec`` and start a copy in state ``incoming`` that listens on
+        ``listen_host`` (on a port the engine picks). Returns its status and the URI the source sends
+        to (``tcp:HOST:PORT`` for QEMU). Idempotent: a VM already waiting incoming returns the same URI.
+
+        Raises VmExists (a VM of that name exists and is not incoming), InsufficientResources,
+        InvalidRequest (the spec cannot be migrated here, e.g. a missing base image).
+        """
+
+    @abc.abstractmethod
+    async def migrate_send(self, name: str, uri: str, policy: MigrationPolicy) -> None:
+        """Source: apply ``policy`` (capabilities, bandwidth, downtime limit; a block mirror first when
+        ``policy.copy_storage``) and start sending to ``uri``. Returns once the migration has started.
+        When a migration of this VM is already under way or has completed, does nothing: a restarted
+        agent re-sending the same operation attaches to it.
+
+        Raises UnknownVm, InvalidState (not running), InvalidRequest (disks that are neither shared nor
+        copied), EngineError.
+        """
+
+    @abc.abstractmethod
+    async def migrate_sample(self, name: str) -> MigrationSample:
+        """Source: the migration's progress now; status ``none`` when none was started. Raises UnknownVm."""
+
+    @abc.abstractmethod
+    async def migrate_tune(self, name: str, *, downtime_ms: int) -> None:
+        """Source: change the allowed downtime of the running migration. Raises UnknownVm, InvalidState."""
+
+    @abc.abstractmethod
+    async def migrate_postcopy(self, name: str) -> None:
+        """Source: switch the running migration to post-copy; from here it cannot be rolled back.
+
+        Raises UnknownVm, InvalidState (no migration, or post-copy was not allowed by its policy).
+        """
+
+    @abc.abstractmethod
+    async def migrate_cancel(self, name: str) -> VmStatus:
+        """Source: cancel the pre-copy migration (if any is under way) and make sure the VM runs here.
+
+        Also the rollback after a migration that failed on its own. Raises UnknownVm, InvalidState (in
+        post-copy, or completed: the guest already runs on the destination).
+        """
+
+    @abc.abstractmethod
+    async def migrate_finish(self, name: str) -> VmStatus:
+        """Destination: the stream completed; make sure the copy runs, and keep it as an ordinary VM.
+
+        Idempotent (a VM already running is returned as it is). Raises UnknownVm, InvalidState (the
+        copy is still waiting for its stream, or it died).
+        """

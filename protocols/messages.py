@@ -17,6 +17,7 @@ from typing import Literal
 
 import msgspec
 
+from protocols.migration import MigrationPolicy, MigrationResult, MigrationSample, MigrationStage
 from protocols.vmspec import VmSpec
 
 WIRE_VERSION = 1
@@ -53,7 +54,10 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     power_max_w: float = 0.0
 
 
-VmPowerState = Literal["defined", "starting", "running", "paused", "stopping", "stopped", "crashed"]
+#: ``incoming``: a destination copy waiting for a live migration's stream (never runs on its own).
+VmPowerState = Literal[
+    "defined", "starting", "running", "paused", "stopping", "stopped", "crashed", "incoming"
+]
 
 
 class VmStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -181,6 +185,47 @@ class RefreshInventory(_Command, tag="refresh_inventory", frozen=True, kw_only=T
     """Ask the agent to publish its full inventory now."""
 
 
+# Live migration: the controller drives a state machine with these; see docs/migration.md.
+
+
+class PrepareMigration(_Command, tag="prepare_migration", frozen=True, kw_only=True):
+    """Destination: define the VM and start a copy that listens for the stream; the reply has the URI."""
+
+    spec: VmSpec
+    source_host: str
+
+
+class MigrateVm(_Command, tag="migrate_vm", frozen=True, kw_only=True):
+    """Source: send the running VM to ``uri`` under ``policy``; the reply comes when the migration ends.
+
+    Re-sending the same operation attaches to the migration already under way instead of starting
+    another, so a restarted agent or controller picks up where it was.
+    """
+
+    vm: str
+    uri: str
+    dest_host: str
+    policy: MigrationPolicy = MigrationPolicy()
+
+
+class CancelMigration(_Command, tag="cancel_migration", frozen=True, kw_only=True):
+    """Source: cancel the VM's pre-copy migration; the VM keeps running here. Refused in post-copy."""
+
+    vm: str
+
+
+class FinishMigration(_Command, tag="finish_migration", frozen=True, kw_only=True):
+    """Destination: the stream is complete; make sure the copy runs and keep it as an ordinary VM."""
+
+    vm: str
+
+
+class AbortMigration(_Command, tag="abort_migration", frozen=True, kw_only=True):
+    """Destination: discard the incoming copy and its files (a no-op when there is none)."""
+
+    vm: str
+
+
 Command = (
     DefineVm
     | StartVm
@@ -191,6 +236,11 @@ Command = (
     | RebootVm
     | UndefineVm
     | RefreshInventory
+    | PrepareMigration
+    | MigrateVm
+    | CancelMigration
+    | FinishMigration
+    | AbortMigration
 )
 
 ErrorCode = Literal[
@@ -202,6 +252,7 @@ ErrorCode = Literal[
     "expired",
     "invalid_request",
     "engine_error",
+    "migration_failed",
 ]
 
 
@@ -215,6 +266,10 @@ class Reply(_Message, tag="reply", frozen=True, kw_only=True):
     code: ErrorCode = ""
     error: str = ""
     vm: VmStatus | None = None
+    #: PrepareMigration: where the source sends the stream (``tcp:HOST:PORT``).
+    uri: str = ""
+    #: MigrateVm: how the migration ended (also on failure).
+    migration: MigrationResult | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +294,23 @@ class VmEvent(_Message, tag="vm_event", frozen=True, kw_only=True):
     op_id: str = ""
 
 
-Event = VmEvent
+class MigrationProgress(_Message, tag="migration_progress", frozen=True, kw_only=True):
+    """The source agent's running account of one migration, about twice a second."""
+
+    host_id: str
+    seq: int
+    ts: float
+    vm: str
+    op_id: str
+    stage: MigrationStage
+    sample: MigrationSample
+    #: The allowed downtime now (the guard may have raised it).
+    downtime_limit_ms: int
+    #: Set when the guard acted on this sample.
+    note: str = ""
+
+
+Event = VmEvent | MigrationProgress
 
 #: Every message kind, for the conformance tests and decoders.
 ALL_MESSAGES: tuple[type[msgspec.Struct], ...] = (
@@ -255,6 +326,12 @@ ALL_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     RebootVm,
     UndefineVm,
     RefreshInventory,
+    PrepareMigration,
+    MigrateVm,
+    CancelMigration,
+    FinishMigration,
+    AbortMigration,
     Reply,
     VmEvent,
+    MigrationProgress,
 )

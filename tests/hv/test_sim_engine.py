@@ -23,7 +23,7 @@ from hv.driver import (
 from hv.engines import create_driver
 from hv.sim.clock import VirtualClock
 from hv.sim.engine import STATE_FILE, SimDriver
-from hv.sim.migration_model import precopy_estimate
+from protocols.migration import precopy_estimate
 from protocols.vmspec import VmSpec, VmWorkload
 
 MakeDriver = Callable[..., SimDriver]

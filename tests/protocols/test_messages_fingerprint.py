@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:6e9bf4a9dd23c23c56d305f96374cf25606561b8edf0cbbcfc412fbc134084a2"
+FINGERPRINT = "sha256:a55e3a8672f57f543dc09d2d3149e5272f2a62dea97c03f948a4e33b7fbd9a70"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from protocols import messages, topics
+from protocols.migration import MigrationPolicy, MigrationResult, MigrationSample
 from protocols.vmspec import VmSpec, VmWorkload
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -122,6 +123,49 @@ def _vm_event() -> messages.VmEvent:
     )
 
 
+def _progress() -> messages.MigrationProgress:
+    return messages.MigrationProgress(
+        host_id=HOST_ID,
+        seq=12,
+        ts=TS,
+        vm="web-1",
+        op_id=OP_ID,
+        stage="downtime_raised",
+        sample=MigrationSample(
+            status="active",
+            total_bytes=2 << 30,
+            transferred_bytes=3 << 30,
+            remaining_bytes=96 << 20,
+            dirty_rate_bytes_s=180e6,
+            bandwidth_bytes_s=950e6,
+            iteration=6,
+            expected_downtime_ms=410.0,
+            throttle_pct=30,
+        ),
+        downtime_limit_ms=600,
+        note="not converging: allowed downtime raised to 600 ms",
+    )
+
+
+def _migrated_reply() -> messages.Reply:
+    return messages.Reply(
+        op_id=OP_ID,
+        host_id=HOST_ID,
+        ok=True,
+        ts=TS,
+        uri="tcp:10.0.2.7:49152",
+        migration=MigrationResult(
+            status="completed",
+            stage="throttling",
+            total_ms=4210.5,
+            downtime_ms=212.0,
+            transferred_bytes=5 << 30,
+            iterations=9,
+            reason="converged with the vCPUs throttled to 40%",
+        ),
+    )
+
+
 OP_ID = "op-41"
 
 _BUILDERS: dict[type[msgspec.Struct], Callable[[], msgspec.Struct]] = {
@@ -141,7 +185,22 @@ _BUILDERS: dict[type[msgspec.Struct], Callable[[], msgspec.Struct]] = {
     messages.RebootVm: lambda: messages.RebootVm(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
     messages.UndefineVm: lambda: messages.UndefineVm(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
     messages.RefreshInventory: lambda: messages.RefreshInventory(op_id=OP_ID, deadline=DEADLINE),
+    messages.PrepareMigration: lambda: messages.PrepareMigration(
+        op_id=OP_ID, deadline=DEADLINE, spec=vm_spec("web-1"), source_host="node-03.rack1"
+    ),
+    messages.MigrateVm: lambda: messages.MigrateVm(
+        op_id=OP_ID,
+        deadline=DEADLINE,
+        vm="web-1",
+        uri="tcp:10.0.2.7:49152",
+        dest_host="node-07.rack2",
+        policy=MigrationPolicy(max_downtime_ms=150, bandwidth_mib_s=512.0, postcopy=True, xbzrle=True),
+    ),
+    messages.CancelMigration: lambda: messages.CancelMigration(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
+    messages.FinishMigration: lambda: messages.FinishMigration(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
+    messages.AbortMigration: lambda: messages.AbortMigration(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
     messages.Reply: _reply,
+    messages.MigrationProgress: _progress,
     messages.VmEvent: _vm_event,
     messages.Capabilities: capabilities,
     messages.VmStatus: vm_status,
@@ -154,6 +213,7 @@ _FAMILIES: dict[type[msgspec.Struct], topics.Family] = {
     messages.HostTelemetry: "telemetry",
     messages.Reply: "reply",
     messages.VmEvent: "events",
+    messages.MigrationProgress: "events",
 }
 
 

@@ -24,6 +24,7 @@ Everything here is pure: no clock, no I/O.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -204,7 +205,7 @@ class ConvergenceGuard:
         if len(history) <= n:
             return False
         window = history[-(n + 1) :]
-        return all(later > 0.9 * earlier for earlier, later in zip(window, window[1:], strict=False))
+        return all(later > 0.9 * earlier for earlier, later in itertools.pairwise(window))
 
     def _escalate(self, sample: MigrationSample) -> GuardAction:
         p = self.policy

@@ -238,10 +238,14 @@ class Driver(abc.ABC):
     # -- live migration -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def migrate_incoming(self, spec: VmSpec, listen_host: str) -> tuple[VmStatus, str]:
+    async def migrate_incoming(
+        self, spec: VmSpec, listen_host: str, *, policy: MigrationPolicy | None = None
+    ) -> tuple[VmStatus, str]:
         """Destination: define ``spec`` and start a copy in state ``incoming`` that listens on
         ``listen_host`` (on a port the engine picks). Returns its status and the URI the source sends
         to (``tcp:HOST:PORT`` for QEMU). Idempotent: a VM already waiting incoming returns the same URI.
+        ``policy`` is the one the source will send with (None: the defaults); the destination needs part
+        of it too, e.g. multifd must be enabled on both sides.
 
         Raises VmExists (a VM of that name exists and is not incoming), InsufficientResources,
         InvalidRequest (the spec cannot be migrated here, e.g. a missing base image).

@@ -25,9 +25,10 @@ from controller import broker_config, pki
 from controller import cli as operator_cli
 from controller.daemon import Controller, ControllerSettings, default_db_path
 from controller.embedded_broker import EmbeddedBroker
+from controller.errors import ApiError
 from controller.failure_detector import DetectorSettings
 from controller.fencing import load_bmc_config
-from controller.fleet import ApiError, FleetSettings
+from controller.fleet import FleetSettings
 from controller.ha import HaSettings
 from hv.driver import HvError
 from hv.engines import ENGINES, UnknownEngine, create_driver

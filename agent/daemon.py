@@ -26,19 +26,26 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.ledger import OpLedger
+from agent.migration import MigrationRunner
 from hv.driver import Driver, DriverEvent, HvError
 from protocols import codec, topics
 from protocols.bus import Bus, BusSettings, LastWill
 from protocols.messages import (
+    AbortMigration,
+    CancelMigration,
     Capabilities,
     Command,
     DefineVm,
     DestroyVm,
     ErrorCode,
+    FinishMigration,
     HostInventory,
     HostState,
     HostTelemetry,
+    MigrateVm,
+    MigrationProgress,
     PauseVm,
+    PrepareMigration,
     RebootVm,
     RefreshInventory,
     Reply,
@@ -51,6 +58,7 @@ from protocols.messages import (
     VmStatus,
     VmTelemetry,
 )
+from protocols.migration import MigrationResult, MigrationSample, MigrationStage
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,8 @@ class Agent:
         self._lanes: dict[str, _VmLane] = {}
         self._inflight: dict[str, asyncio.Future[Reply]] = {}
         self._event_seq = 0
+        #: Outgoing migrations under way, by VM: where a CancelMigration finds its runner.
+        self._migrations: dict[str, MigrationRunner] = {}
         self._inventory_seq = 0
         self._telemetry_seq = 0
         self._inventory_dirty = asyncio.Event()
@@ -369,7 +379,14 @@ class Agent:
         if command.deadline and time.time() > command.deadline:
             self._finish(command, ok=False, code="expired", error=_expired_message(command))
             return
-        key = command.spec.name if isinstance(command, DefineVm) else getattr(command, "vm", "")
+        if isinstance(command, CancelMigration):
+            self._cancel_migration(command)  # not queued: the VM's lane is busy with the migration
+            return
+        key = (
+            command.spec.name
+            if isinstance(command, DefineVm | PrepareMigration)
+            else getattr(command, "vm", "")
+        )
         lane = self._lanes.get(key)
         if lane is None or lane.task.done():
             queue: asyncio.Queue[Command] = asyncio.Queue(maxsize=self.settings.max_queued_per_vm)
@@ -410,6 +427,16 @@ class Agent:
             self._finish(command, ok=False, code="expired", error=_expired_message(command))
             return
         try:
+            if isinstance(command, MigrateVm):
+                await self._migrate(command)
+                return
+            if isinstance(command, PrepareMigration):
+                incoming, uri = await self.driver.migrate_incoming(command.spec, self.settings.address)
+                log.info("agent %s: vm %s waits for its stream from %s at %s", self.host_id,
+                         command.spec.name, command.source_host, uri)  # fmt: skip
+                self._inventory_dirty.set()
+                self._finish(command, ok=True, vm=incoming, uri=uri)
+                return
             status, event = await self._run(command)
         except HvError as exc:
             self._finish(command, ok=False, code=exc.code, error=str(exc))
@@ -449,10 +476,78 @@ class Agent:
             case RefreshInventory():
                 await self._publish_inventory("refresh")
                 return None, None
+            case FinishMigration(vm=vm):
+                return await d.migrate_finish(vm), "started"
+            case AbortMigration(vm=vm):
+                current = {s.name: s for s in await d.list()}.get(vm)
+                if current is None:
+                    return None, None  # nothing came, or it is cleaned up already
+                if current.state not in ("stopped", "defined", "crashed"):
+                    await d.destroy(vm)
+                await d.undefine(vm)
+                return None, "undefined"
         raise AssertionError(f"unhandled command {command!r}")
 
+    # -- live migration (source side) ------------------------------------------------------------
+
+    async def _migrate(self, command: MigrateVm) -> None:
+        runner = MigrationRunner(self.driver, command, self._publish_progress)
+        self._migrations[command.vm] = runner
+        try:
+            outcome = await runner.run()
+        finally:
+            self._migrations.pop(command.vm, None)
+        self._inventory_dirty.set()
+        self._finish(
+            command,
+            ok=outcome.ok,
+            code="" if outcome.ok else "migration_failed",
+            error=outcome.error,
+            vm=outcome.status,
+            migration=outcome.result,
+        )
+
+    def _cancel_migration(self, command: CancelMigration) -> None:
+        runner = self._migrations.get(command.vm)
+        if runner is None:
+            self._finish(
+                command,
+                ok=False,
+                code="invalid_state",
+                error=f"no migration of vm {command.vm!r} is under way on host {self.host_id!r}; "
+                "nothing to cancel",
+            )
+            return
+        runner.cancel("cancelled by the operator")
+        self._finish(command, ok=True)
+
+    def _publish_progress(
+        self, command: MigrateVm, stage: MigrationStage, sample: MigrationSample, limit_ms: int, note: str
+    ) -> None:
+        self._event_seq += 1
+        message = MigrationProgress(
+            host_id=self.host_id,
+            seq=self._event_seq,
+            ts=time.time(),
+            vm=command.vm,
+            op_id=command.op_id,
+            stage=stage,
+            sample=sample,
+            downtime_limit_ms=limit_ms,
+            note=note,
+        )
+        self._enqueue(topics.host_topic(self.host_id, "events"), codec.encode(message))
+
     def _finish(
-        self, command: Command, *, ok: bool, code: ErrorCode = "", error: str = "", vm: VmStatus | None = None
+        self,
+        command: Command,
+        *,
+        ok: bool,
+        code: ErrorCode = "",
+        error: str = "",
+        vm: VmStatus | None = None,
+        uri: str = "",
+        migration: MigrationResult | None = None,
     ) -> None:
         assert self.ledger is not None
         reply = Reply(
@@ -463,6 +558,8 @@ class Agent:
             code=code,
             error=error,
             vm=vm,
+            uri=uri,
+            migration=migration,
         )
         self.ledger.record(reply)
         future = self._inflight.pop(command.op_id, None)

@@ -24,7 +24,9 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller import auth, views
-from controller.fleet import ApiError, FleetService
+from controller.errors import ApiError
+from controller.fleet import FleetService
+from controller.migration import MigrationPlan
 from controller.store import EventRecord, Usage
 from protocols.vmspec import explain_validation_error
 
@@ -42,6 +44,9 @@ _SCHEMA_TYPES: dict[str, Any] = {
     "error": views.ErrorBody,
     "stop": views.StopRequest,
     "host_update": views.HostUpdate,
+    "migrate": views.MigrateRequest,
+    "evacuate": views.EvacuateRequest,
+    "migration_plan": MigrationPlan,
     "spec": views.CreateVmRequest,
     "plan": views.PlanResponse,
     "batch": views.CreateBatchResponse,
@@ -301,7 +306,8 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
 
     async def _op_response(op_id: str, wait: float) -> Response:
         op = await service.wait_operation(op_id, wait) if wait else service.require_operation(op_id)
-        return _json(views.operation_view(op), 202 if op.state == "running" else 200)
+        view = views.operation_view(op, service.migrations.progress.get(op.op_id))
+        return _json(view, 202 if op.state == "running" else 200)
 
     def _vm_action(action: str) -> Callable[..., Awaitable[Response]]:
         operations = {"pause": service.pause_vm, "resume": service.resume_vm, "reboot": service.reboot_vm}
@@ -353,6 +359,48 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
     )
     async def delete_vm(name: str, wait: float = wait_param) -> Response:
         return await _op_response(service.delete_vm(name).op_id, wait)
+
+    @app.post(
+        f"{PREFIX}/vms/{{name}}/migrate",
+        summary="Live-migrate a running VM (or, with dry_run, predict the migration)",
+        status_code=202,
+        responses=_responses(202, "operation", 400, 404, 409),
+        openapi_extra=_body("migrate", required=False),
+    )
+    async def migrate_vm(
+        request: Request,
+        name: str,
+        wait: float = wait_param,
+        dry_run: bool = Query(False, description="only choose the target and predict; change nothing"),
+    ) -> Response:
+        body: views.MigrateRequest = await _read_body(
+            request, views.MigrateRequest, "migrate request", required=False
+        )
+        if dry_run:
+            return _json(service.migrations.plan(name, body.to, body.policy))
+        return await _op_response(service.migrations.start(name, body.to, body.policy).op_id, wait)
+
+    @app.post(
+        f"{PREFIX}/vms/{{name}}/migrate/cancel",
+        summary="Cancel a VM's migration before the switch-over (it stays on its source)",
+        status_code=202,
+        responses=_responses(202, "operation", 404, 409),
+    )
+    async def cancel_migration(name: str, wait: float = wait_param) -> Response:
+        return await _op_response((await service.migrations.cancel(name)).op_id, wait)
+
+    @app.post(
+        f"{PREFIX}/hosts/{{host_id}}/evacuate",
+        summary="Live-migrate every running VM off a host, in waves",
+        status_code=202,
+        responses=_responses(202, "operation", 400, 404, 409),
+        openapi_extra=_body("evacuate", required=False),
+    )
+    async def evacuate_host(request: Request, host_id: str, wait: float = wait_param) -> Response:
+        body: views.EvacuateRequest = await _read_body(
+            request, views.EvacuateRequest, "evacuate request", required=False
+        )
+        return await _op_response(service.migrations.start_evacuation(host_id, body.policy).op_id, wait)
 
     @app.get(
         f"{PREFIX}/operations/{{op_id}}",

@@ -163,6 +163,8 @@ def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
     host = client.request("PATCH", f"/hosts/{args.host}", json={"maintenance": args.mode == "on"})
     state = "in maintenance: no new VMs go there" if host["maintenance"] else "out of maintenance"
     print(f"host {args.host}: {state}")
+    if args.mode == "on" and not args.no_evacuate and host.get("vms", 0):
+        return _evacuate(client, args)
     return 0
 
 
@@ -431,6 +433,132 @@ def cmd_vm_delete(client: ApiClient, args: argparse.Namespace) -> int:
     )
 
 
+# -- migration and evacuation ----------------------------------------------------------------------
+
+
+def _policy(args: argparse.Namespace) -> dict[str, Any]:
+    policy: dict[str, Any] = {
+        "bandwidth_mib_s": args.bandwidth,
+        "max_downtime_ms": args.max_downtime,
+        "auto_converge": not args.no_auto_converge,
+        "postcopy": args.postcopy,
+        "xbzrle": args.xbzrle,
+        "copy_storage": args.copy_storage,
+    }
+    if args.downtime_ceiling is not None:
+        policy["downtime_ceiling_ms"] = args.downtime_ceiling
+    if args.multifd:
+        policy.update(multifd=True, multifd_channels=args.multifd)
+    return policy
+
+
+def _bar(fraction: float, width: int = 30) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _follow(
+    client: ApiClient, args: argparse.Namespace, op: dict[str, Any], line: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """Poll ``op`` until it ends (or ``--timeout``), redrawing one progress line on a terminal."""
+    tty = sys.stderr.isatty() and not args.json
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while op["state"] == "running" and time.monotonic() < deadline:
+        text = line(op)
+        if text != last:
+            if tty:
+                print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+            elif not args.json:
+                print(text, file=sys.stderr, flush=True)
+            last = text
+        time.sleep(0.3)
+        op = client.request("GET", f"/operations/{op['op_id']}")
+    if tty and last:
+        print(file=sys.stderr)
+    return op
+
+
+def _migration_line(op: dict[str, Any]) -> str:
+    phase = op["params"].get("phase", "?")
+    progress = op.get("progress")
+    if phase != "send" or not progress:
+        return f"{op['vm']}: {phase} ({op['params'].get('from_host')} -> {op['params'].get('to_host')})"
+    sample = progress["sample"]
+    total = sample["total_bytes"] or 1
+    done = (total - sample["remaining_bytes"]) / total
+    mib = 1024 * 1024
+    return (
+        f"{op['vm']} {_bar(done)} {100 * done:3.0f}%  {sample['remaining_bytes'] / mib:7.1f} MiB left  "
+        f"dirty {sample['dirty_rate_bytes_s'] / mib:5.1f} MiB/s  round {sample['iteration']}  "
+        f"downtime ~{sample['expected_downtime_ms']:.0f} ms  {progress['stage']}"
+    )
+
+
+def cmd_vm_migrate(client: ApiClient, args: argparse.Namespace) -> int:
+    body = {"to": args.to, "policy": _policy(args)}
+    if args.dry_run:
+        plan = client.request("POST", f"/vms/{args.name}/migrate", params={"dry_run": "true"}, json=body)
+        if args.json:
+            print(json.dumps(plan, indent=2, sort_keys=True))
+            return 0
+        if plan["target"] is None:
+            print(f"vm {args.name}: no host can take it", file=sys.stderr)
+            print(_render_explanation(plan.get("explanation") or {}), file=sys.stderr)
+            return EXIT_FAILED
+        pred = plan["prediction"]
+        print(
+            f"vm {args.name}: {plan['source']} -> {plan['target']} (dirtying {plan['dirty_mib_s']:.1f} MiB/s now)"
+        )
+        print(f"  {pred['summary']}")
+        print(
+            f"  predicted: {pred['total_s']:.1f}s in total, {pred['downtime_ms']:.0f} ms of downtime, "
+            f"{pred['rounds']} rounds, {pred['transferred_mib']:.0f} MiB sent; "
+            + ("converges" if pred["converges"] else "does NOT converge")
+        )
+        return 0 if pred["converges"] else EXIT_FAILED
+    op = client.request("POST", f"/vms/{args.name}/migrate", json=body)
+    if not args.no_wait:
+        op = _follow(client, args, op, _migration_line)
+    if op["state"] == "succeeded" and not args.json:
+        result = op["params"].get("result") or {}
+        print(
+            f"vm {args.name}: {op['params']['from_host']} -> {op['params']['to_host']} in "
+            f"{result.get('total_ms', 0):.0f} ms, downtime {result.get('downtime_ms', 0):.0f} ms"
+        )
+    return _finish_op(args, op, f"migrate vm {args.name}")
+
+
+def cmd_vm_migrate_cancel(client: ApiClient, args: argparse.Namespace) -> int:
+    op = client.request("POST", f"/vms/{args.name}/migrate/cancel")
+    if not args.no_wait:
+        op = _follow(client, args, op, _migration_line)
+    if op["state"] == "failed" and "cancel" in op["error"]:
+        print(f"vm {args.name}: migration cancelled; it stays on {op['params']['from_host']}")
+        return 0
+    return _finish_op(args, op, f"cancel migration of vm {args.name}")
+
+
+def _evacuation_line(op: dict[str, Any]) -> str:
+    vms = op["params"].get("vms", [])
+    done = len(op["params"].get("results", {}))
+    return f"evacuating {op['host_id']} {_bar(done / (len(vms) or 1))} {done}/{len(vms)} VMs"
+
+
+def _evacuate(client: ApiClient, args: argparse.Namespace) -> int:
+    op = client.request("POST", f"/hosts/{args.host}/evacuate", json={"policy": _policy(args)})
+    if not args.no_wait:
+        op = _follow(client, args, op, _evacuation_line)
+    if not args.json and op["state"] != "running":
+        for vm, outcome in sorted(op["params"].get("results", {}).items()):
+            print(f"  {vm}: {outcome}")
+    return _finish_op(args, op, f"evacuate host {args.host}")
+
+
+def cmd_host_evacuate(client: ApiClient, args: argparse.Namespace) -> int:
+    return _evacuate(client, args)
+
+
 def cmd_op_show(client: ApiClient, args: argparse.Namespace) -> int:
     op = client.request("GET", f"/operations/{args.op_id}")
     _print(args, op, lambda o: "\n".join(f"{k + ':':10} {v}" for k, v in o.items()))
@@ -521,6 +649,35 @@ def _waiting(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _policy_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("migration policy")
+    g.add_argument(
+        "--bandwidth", type=float, default=1024.0, metavar="MIB_S", help="link share, MiB/s (default 1024)"
+    )
+    g.add_argument(
+        "--max-downtime", type=int, default=300, metavar="MS", help="allowed downtime at first (default 300)"
+    )
+    g.add_argument(
+        "--downtime-ceiling",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="the most the downtime may be raised to (default 2000)",
+    )
+    g.add_argument("--no-auto-converge", action="store_true", help="never throttle the guest's vCPUs")
+    g.add_argument("--xbzrle", action="store_true", help="send deltas of re-dirtied pages")
+    g.add_argument("--multifd", type=int, default=0, metavar="N", help="send over N parallel channels")
+    g.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="allow post-copy as the last resort. It always converges but CANNOT be rolled back: "
+        "a network or host failure during post-copy loses the VM",
+    )
+    g.add_argument(
+        "--copy-storage", action="store_true", help="copy local disks over NBD (else storage must be shared)"
+    )
+
+
 def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``vm``, ``host``, ``op`` and ``events`` under the top-level parser."""
     vm = sub.add_parser("vm", help="create, inspect and control VMs").add_subparsers(
@@ -588,6 +745,30 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
             )
         p.set_defaults(handler=handler)
 
+    p = vm.add_parser(
+        "migrate",
+        help="live-migrate a running VM to another host (waits with a progress bar)",
+        description="Live-migrate a running VM. Pre-copy first; when the guest dirties memory faster "
+        "than the link carries it, the allowed downtime is raised, then auto-converge throttles the "
+        "guest, then (only with --postcopy) the migration switches to post-copy, else it aborts and "
+        "the VM stays on its source. WARNING: post-copy cannot be rolled back; if the network or "
+        "either host fails during post-copy, the VM is lost.",
+    )
+    p.add_argument("name")
+    p.add_argument("--to", default=None, metavar="HOST", help="target host (default: the scheduler chooses)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="predict time, downtime and convergence; move nothing"
+    )
+    _policy_args(p)
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=cmd_vm_migrate, timeout=3600.0)
+    p = vm.add_parser("migrate-cancel", help="cancel a VM's migration before the switch-over")
+    p.add_argument("name")
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=cmd_vm_migrate_cancel)
+
     p = vm.add_parser("dumpxml", help="print a VM's spec as libvirt domain XML")
     p.add_argument("name")
     _common(p)
@@ -609,8 +790,17 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p = host.add_parser("maintenance", help="put a host in maintenance (no new placements) or take it out")
     p.add_argument("host")
     p.add_argument("mode", choices=("on", "off"))
+    p.add_argument("--no-evacuate", action="store_true", help="with on: leave running VMs where they are")
+    _policy_args(p)
     _common(p)
-    p.set_defaults(handler=cmd_host_maintenance)
+    _waiting(p)
+    p.set_defaults(handler=cmd_host_maintenance, timeout=3600.0)
+    p = host.add_parser("evacuate", help="live-migrate every running VM off a host, in waves")
+    p.add_argument("host")
+    _policy_args(p)
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=cmd_host_evacuate, timeout=3600.0)
 
     op = sub.add_parser("op", help="inspect operations").add_subparsers(dest="action", required=True)
     p = op.add_parser("show", help="show an operation")

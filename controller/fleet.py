@@ -28,8 +28,10 @@ from typing import Any
 import msgspec
 
 from controller import admission
+from controller.errors import ApiError
 from controller.events import EventHub
 from controller.ha import HaManager, HaSettings
+from controller.migration import MigrationManager, MigrationSettings
 from controller.rate_limit import InboundLimiter
 from controller.scheduler import (
     GROUP_LABEL,
@@ -51,6 +53,7 @@ from protocols.messages import (
     HostInventory,
     HostState,
     HostTelemetry,
+    MigrationProgress,
     PauseVm,
     RebootVm,
     RefreshInventory,
@@ -68,17 +71,6 @@ from protocols.vmspec import VmSpec
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """A refusal the operator sees: HTTP status, a stable code, and a message with the fix."""
-
-    def __init__(self, status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.detail = detail or {}
-
-
 @dataclass(frozen=True, slots=True)
 class FleetSettings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -87,6 +79,7 @@ class FleetSettings:
     #: How long to wait for a reply before sending the command again (same operation id).
     command_retry_s: float = 5.0
     ha: HaSettings = field(default_factory=HaSettings)
+    migration: MigrationSettings = field(default_factory=MigrationSettings)
 
 
 _POWER_TO_VM_STATE: dict[VmPowerState, VmState] = {
@@ -130,6 +123,7 @@ class FleetService:
         self._deferred: dict[tuple[str, str], tuple[Callable[[str, bytes], None], str, bytes]] = {}
         self._drainer: asyncio.Task[None] | None = None
         self.ha = HaManager(self, self.settings.ha)
+        self.migrations = MigrationManager(self, self.settings.migration)
         #: The scheduler's view of capacity: numpy columns kept in step with the store on every claim,
         #: release, join and liveness change, and resynchronised from the store after each connect.
         hosts = store.hosts()
@@ -298,6 +292,9 @@ class FleetService:
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
+        if isinstance(message, MigrationProgress):
+            self.migrations.on_progress(message)
+            return
         if not isinstance(message, VmEvent):
             return
         record = self.store.vm(message.vm)
@@ -412,6 +409,11 @@ class FleetService:
             moved = self.store.last_operation(status.name, "restart")
             if moved is not None and moved.params.get("from_host") == host_id and moved.state != "failed":
                 self.ha.clean_stale_copy(host_id, status.name)  # the fenced host's copy; the VM lives on
+                return
+            if record.migrating_to == host_id:
+                return  # the incoming copy of a migration under way
+            if self.migrations.leftover_of(host_id, status.name):
+                self.ha.clean_stale_copy(host_id, status.name)  # a migration's husk or discarded copy
                 return
         if record.host_id != host_id:
             self.events.emit(
@@ -750,8 +752,18 @@ class FleetService:
             return ShutdownVm(vm=op.vm, timeout_s=float(op.params.get("timeout_s", 30.0)), **common)  # type: ignore[arg-type]
         return UndefineVm(vm=op.vm, **common)  # type: ignore[arg-type]
 
+    def start_runner(self, op: OperationRecord) -> None:
+        """Run ``op`` in the background; :meth:`wait_operation` waits for it."""
+        self._start_runner(op)
+
     async def _run_operation(self, op: OperationRecord) -> None:
         try:
+            if op.kind == "migrate":
+                await self.migrations.run(op)
+                return
+            if op.kind == "evacuate":
+                await self.migrations.evacuate(op)
+                return
             record = self.store.vm(op.vm)
             if record is None:
                 self._finish(op, ok=False, error=f"vm {op.vm!r} disappeared before {op.kind} could run")
@@ -773,7 +785,12 @@ class FleetService:
             raise  # controller shutting down: the operation stays running and resumes next start
         except Exception as exc:
             log.exception("operation %s crashed", op.op_id)
-            self._apply_failure(op, "internal", f"internal error: {type(exc).__name__}: {exc}")
+            if op.kind in ("migrate", "evacuate"):
+                # Left running: the next controller start resumes it from its saved phase.
+                self.events.emit("operation.stalled", f"{op.kind} {op.vm or op.host_id} hit an internal "
+                                 f"error and resumes at the next controller start: {exc}", op_id=op.op_id)  # fmt: skip
+            else:
+                self._apply_failure(op, "internal", f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._op_tasks.pop(op.op_id, None)
             done = self._op_done.get(op.op_id)
@@ -783,20 +800,28 @@ class FleetService:
     async def _exchange(self, op: OperationRecord, command: Command) -> Reply | None:
         """Send ``command`` until its reply arrives or the operation's deadline passes."""
         assert op.host_id is not None
-        early = self._early_replies.pop(op.op_id, None)
+        return await self.exchange(op.host_id, command)
+
+    async def exchange(self, host_id: str, command: Command) -> Reply | None:
+        """Send ``command`` to ``host_id`` until its reply arrives (or None once its deadline passes).
+
+        While the host is offline nothing is sent; its persistent session may still deliver an earlier
+        copy, and the command goes again when the host is back. The agent applies an operation id once.
+        """
+        early = self._early_replies.pop(command.op_id, None)
         if early is not None:
             return early
-        topic = topics.host_topic(op.host_id, "cmd")
+        topic = topics.host_topic(host_id, "cmd")
         payload = codec.encode(command)
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._reply_waiters[op.op_id] = waiter
-        online = self._host_online.setdefault(op.host_id, asyncio.Event())
-        host = self.store.host(op.host_id)
+        self._reply_waiters[command.op_id] = waiter
+        online = self._host_online.setdefault(host_id, asyncio.Event())
+        host = self.store.host(host_id)
         if host is not None and host.online:
             online.set()
         try:
             while True:
-                remaining = op.deadline - time.time()
+                remaining = command.deadline - time.time()
                 if remaining <= 0:
                     return None
                 if online.is_set():
@@ -818,7 +843,7 @@ class FleetService:
                 if waiter.done():
                     return waiter.result()
         finally:
-            self._reply_waiters.pop(op.op_id, None)
+            self._reply_waiters.pop(command.op_id, None)
 
     def _timeout_message(self, op: OperationRecord) -> str:
         host = self.store.host(op.host_id or "")

@@ -23,7 +23,7 @@ import msgspec
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Steps from one schema version to the next; each runs once, in order, inside a transaction.
 _MIGRATIONS: dict[int, str] = {
@@ -31,6 +31,10 @@ _MIGRATIONS: dict[int, str] = {
     1: """
     ALTER TABLE hosts ADD COLUMN agent_labels BLOB NOT NULL DEFAULT x'80';
     ALTER TABLE hosts ADD COLUMN operator_labels BLOB NOT NULL DEFAULT x'80';
+    """,
+    # 2 -> 3: the destination a VM is migrating to holds a claim too.
+    2: """
+    ALTER TABLE vms ADD COLUMN migrating_to TEXT;
     """,
 }
 
@@ -43,11 +47,14 @@ VmState = Literal[
     "stopped",
     "crashed",
     "deleting",
+    "migrating",
     "error",
     "missing",
 ]
 OpState = Literal["running", "succeeded", "failed"]
-OpKind = Literal["create", "start", "stop", "delete", "restart", "pause", "resume", "reboot"]
+OpKind = Literal[
+    "create", "start", "stop", "delete", "restart", "pause", "resume", "reboot", "migrate", "evacuate"
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,7 +82,8 @@ CREATE TABLE IF NOT EXISTS vms (
     op_id TEXT,
     error TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    migrating_to TEXT
 );
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host_id);
 CREATE TABLE IF NOT EXISTS operations (
@@ -137,6 +145,8 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: str
     created_at: float
     updated_at: float
+    #: While a live migration runs: the destination, which holds a claim for the VM as well.
+    migrating_to: str | None = None
 
 
 class OperationRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -296,10 +306,14 @@ class Store:
         return [_host(r) for r in self._db.execute("SELECT * FROM hosts ORDER BY host_id")]
 
     def usage(self) -> dict[str, Usage]:
-        """Claimed resources per host: every VM with a host holds its claim, whatever its power state."""
+        """Claimed resources per host: every VM with a host holds its claim, whatever its power state,
+        and a migrating VM holds one on its destination too."""
         rows = self._db.execute(
-            """SELECT host_id, SUM(vcpus), SUM(memory_mib), SUM(disk_gib), COUNT(*)
-               FROM vms WHERE host_id IS NOT NULL GROUP BY host_id"""
+            """SELECT host, SUM(vcpus), SUM(memory_mib), SUM(disk_gib), COUNT(*) FROM (
+                   SELECT host_id AS host, vcpus, memory_mib, disk_gib FROM vms WHERE host_id IS NOT NULL
+                   UNION ALL
+                   SELECT migrating_to, vcpus, memory_mib, disk_gib FROM vms WHERE migrating_to IS NOT NULL
+               ) GROUP BY host"""
         )
         return {r[0]: Usage(vcpus=r[1], memory_mib=r[2], disk_gib=r[3], vms=r[4]) for r in rows}
 
@@ -358,6 +372,7 @@ class Store:
         host_id: Any = _KEEP,
         op_id: Any = _KEEP,
         error: str | None = None,
+        migrating_to: Any = _KEEP,
     ) -> None:
         sets: list[str] = ["updated_at=?"]
         args: list[Any] = [time.time()]
@@ -373,6 +388,9 @@ class Store:
         if error is not None:
             sets.append("error=?")
             args.append(error)
+        if migrating_to is not Store._KEEP:
+            sets.append("migrating_to=?")
+            args.append(migrating_to)
         args.append(name)
         self._db.execute(f"UPDATE vms SET {', '.join(sets)} WHERE name=?", args)
 
@@ -409,6 +427,16 @@ class Store:
             "UPDATE operations SET state=?, error=?, updated_at=? WHERE op_id=?",
             (state, error, time.time(), op_id),
         )
+
+    def update_operation(self, op_id: str, params: dict[str, Any]) -> OperationRecord:
+        """Replace an operation's params (a long operation's persisted progress); returns the record."""
+        self._db.execute(
+            "UPDATE operations SET params=?, updated_at=? WHERE op_id=?",
+            (_encoder.encode(params), time.time(), op_id),
+        )
+        op = self.operation(op_id)
+        assert op is not None, op_id
+        return op
 
     def operation(self, op_id: str) -> OperationRecord | None:
         row = self._db.execute("SELECT * FROM operations WHERE op_id=?", (op_id,)).fetchone()
@@ -484,6 +512,7 @@ def _vm(row: tuple[Any, ...]) -> VmRecord:
         error=row[9],
         created_at=row[10],
         updated_at=row[11],
+        migrating_to=row[12],
     )
 
 

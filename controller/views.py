@@ -14,7 +14,8 @@ import msgspec
 from controller.fleet import FleetService
 from controller.scheduler import Explanation, SchedulingHints, free_capacity
 from controller.store import HostRecord, OperationRecord, Usage, VmRecord
-from protocols.messages import Capabilities
+from protocols.messages import Capabilities, MigrationProgress
+from protocols.migration import MigrationPolicy
 from protocols.vmspec import VmSpec, VmSpecInput
 
 
@@ -84,6 +85,21 @@ class OperationView(msgspec.Struct, frozen=True, kw_only=True):
     deadline: float
     created_at: float
     updated_at: float
+    #: For a migration under way: the source agent's latest account of it.
+    progress: MigrationProgress | None = None
+
+
+class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Move a running VM: to a host (the scheduler chooses when omitted), under a policy."""
+
+    to: str | None = None
+    policy: MigrationPolicy = MigrationPolicy()
+
+
+class EvacuateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Move every running VM off a host, in waves, under one policy."""
+
+    policy: MigrationPolicy = MigrationPolicy()
 
 
 class CreateVmRequest(VmSpecInput, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -200,5 +216,5 @@ def vm_view(service: FleetService, vm: VmRecord, hosts_online: dict[str, bool] |
     )
 
 
-def operation_view(op: OperationRecord) -> OperationView:
-    return OperationView(**msgspec.structs.asdict(op))
+def operation_view(op: OperationRecord, progress: MigrationProgress | None = None) -> OperationView:
+    return OperationView(**msgspec.structs.asdict(op), progress=progress if op.state == "running" else None)

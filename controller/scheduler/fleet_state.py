@@ -407,6 +407,9 @@ class FleetState(HostArrays):
                 continue
             group = groups.get(vm.name) if groups is not None else vm.spec.labels.get(GROUP_LABEL)
             state.adopt(vm.name, vm.host_id, vm.spec.vcpus, vm.spec.memory_mib, vm.spec.disk_gib, group)
+            if vm.migrating_to is not None and vm.migrating_to in state.index:
+                spec = vm.spec
+                state.adopt(vm.name, vm.migrating_to, spec.vcpus, spec.memory_mib, spec.disk_gib, group)
         for host_id, used in usage.items():
             if host_id in state.index:
                 state.set_usage(host_id, used)

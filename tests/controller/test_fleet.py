@@ -10,7 +10,8 @@ import httpx
 import msgspec
 import pytest
 
-from controller.fleet import ApiError, FleetSettings
+from controller.errors import ApiError
+from controller.fleet import FleetSettings
 from protocols import codec, topics
 from protocols.vmspec import VmSpec
 from tests.support.fleet import Fleet, eventually

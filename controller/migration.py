@@ -1,0 +1,526 @@
+"""Live migration and host evacuation: persistent operations the controller drives step by step.
+
+A migration is an operation (kind ``migrate``) whose ``params["phase"]`` is saved before each step,
+so a controller that restarts resumes exactly where it was. Each step is one command with its own
+operation id (``<op>:<step>``), which the agent applies once; re-sending a step is always safe.
+
+    prepare   destination: an incoming copy with the same device model (PrepareMigration -> URI)
+    send      source: migrate under the policy; its agent runs the stall detector and reports progress
+    finish    destination: the copy runs; the record moves to the destination
+    cleanup   source: the paused husk is undefined
+    rollback  (after a failed prepare or send) destination: the incoming copy is discarded; the VM
+              runs on its source, where the record always stayed
+
+The record is switched only after the source reported the migration completed and the destination
+confirmed its copy runs, so a failure at any earlier point leaves the record true: the VM runs on its
+source. A destination claim (``vms.migrating_to``) holds the room on the destination meanwhile.
+
+Evacuation (kind ``evacuate``) moves every running VM off a host in waves, within a per-host and a
+fleet-wide concurrency limit, each VM as its own ``migrate`` operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from controller.errors import ApiError
+from controller.scheduler import PlacementRequest
+from controller.store import OperationRecord, VmRecord
+from protocols.messages import (
+    AbortMigration,
+    CancelMigration,
+    FinishMigration,
+    MigrateVm,
+    MigrationProgress,
+    PrepareMigration,
+    UndefineVm,
+)
+from protocols.migration import MIB, MigrationPolicy, MigrationPrediction, check_policy, predict
+
+if TYPE_CHECKING:
+    from controller.fleet import FleetService
+    from controller.scheduler import Decision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSettings:
+    #: How long a destination may take to start its incoming copy.
+    prepare_timeout_s: float = 60.0
+    #: Backstop for an unreachable source during ``send``. Not a convergence timeout: the source
+    #: agent's stall detector ends a migration that cannot converge or whose link is dead.
+    send_timeout_s: float = 3600.0
+    #: How long to keep trying to reach a host for finish, cleanup and rollback.
+    settle_timeout_s: float = 120.0
+    #: Evacuation waves: migrations at once off one host, and in the whole fleet.
+    per_host: int = 2
+    fleet_wide: int = 4
+
+
+class MigrationPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``--dry-run`` answer: where the VM would go and what the migration would take."""
+
+    vm: str
+    source: str
+    target: str | None
+    policy: MigrationPolicy
+    dirty_mib_s: float
+    prediction: MigrationPrediction | None
+    #: Why that target (or why none): the scheduler's explanation.
+    explanation: Any = None
+
+
+class MigrationManager:
+    def __init__(self, service: FleetService, settings: MigrationSettings | None = None) -> None:
+        self.service = service
+        self.settings = settings or MigrationSettings()
+        #: Latest progress by operation id (kept in memory; the events carry the history).
+        self.progress: dict[str, MigrationProgress] = {}
+        self._fleet_slots = asyncio.Semaphore(self.settings.fleet_wide)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _choose(
+        self, record: VmRecord, to: str | None, *, claim: bool, avoid: tuple[str, ...] = ()
+    ) -> Decision:
+        assert record.host_id is not None
+        s = self.service
+        if to is not None:
+            s.require_host(to)
+            if to == record.host_id:
+                raise ApiError(
+                    400, "invalid_request", f"vm {record.name!r} already runs on {to!r}; choose another host"
+                )
+        caps = s.store.host(record.host_id)
+        request = msgspec.structs.replace(
+            PlacementRequest.from_spec(record.spec),
+            source_host=record.host_id,
+            dirty_mib_s=self.dirty_rate(record),
+            hosts=(to,) if to else (),
+            avoid_hosts=(record.host_id, *avoid),
+            engine=caps.capabilities.engine if caps else None,
+            accel=caps.capabilities.accel if caps else None,
+        )
+        return s.scheduler.select_and_claim(request) if claim else s.scheduler.select(request)
+
+    def dirty_rate(self, record: VmRecord) -> float:
+        """The VM's dirty rate now, from its host's telemetry (its spec's workload when none)."""
+        telemetry = self.service.telemetry.get(record.host_id or "")
+        if telemetry is not None:
+            for vm in telemetry.vms:
+                if vm.name == record.name:
+                    return vm.dirty_mib_s
+        return record.spec.workload.dirty_mib_s
+
+    def _checked(self, name: str, policy: MigrationPolicy) -> VmRecord:
+        problems = check_policy(policy)
+        if problems:
+            raise ApiError(400, "invalid_policy", f"migration policy for vm {name!r}: " + "; ".join(problems))
+        record = self.service.require_vm(name)
+        if record.op_id is not None:
+            busy = self.service.store.operation(record.op_id)
+            raise ApiError(
+                409,
+                "vm_busy",
+                f"vm {name!r} is busy with {busy.kind if busy else 'an'} operation {record.op_id}; "
+                "wait for it to finish (or cancel it) and retry",
+            )
+        if record.state not in ("running", "paused") or record.host_id is None:
+            raise ApiError(
+                409,
+                "invalid_state",
+                f"vm {name!r} is {record.state}; only a running or paused VM can be live-migrated "
+                "(start it first)",
+            )
+        return record
+
+    def plan(self, name: str, to: str | None, policy: MigrationPolicy) -> MigrationPlan:
+        """Where ``name`` would go and what it would take; changes nothing (``--dry-run``)."""
+        record = self._checked(name, policy)
+        assert record.host_id is not None
+        decision = self._choose(record, to, claim=False)
+        dirty = self.dirty_rate(record)
+        prediction = predict(record.spec.memory_mib, dirty, policy) if decision.ok else None
+        return MigrationPlan(
+            vm=name,
+            source=record.host_id,
+            target=decision.host_id,
+            policy=policy,
+            dirty_mib_s=dirty,
+            prediction=prediction,
+            explanation=msgspec.to_builtins(decision.explanation),
+        )
+
+    def start(
+        self, name: str, to: str | None, policy: MigrationPolicy, *, avoid: tuple[str, ...] = ()
+    ) -> OperationRecord:
+        """Begin migrating ``name`` (to ``to``, or where the scheduler says). Returns the operation.
+
+        Raises:
+            ApiError: 400 bad policy or target, 404 unknown VM or host, 409 the VM is busy or not
+                running, or no host can take it (with the scheduler's reasons).
+        """
+        s = self.service
+        record = self._checked(name, policy)
+        assert record.host_id is not None
+        decision = self._choose(record, to, claim=True, avoid=avoid)
+        if decision.host_id is None:
+            raise s.refusal_error(decision)
+        target = decision.host_id
+        params = {
+            "phase": "prepare",
+            "from_host": record.host_id,
+            "to_host": target,
+            "from_state": record.state,
+            "policy": msgspec.to_builtins(policy),
+            "prediction": msgspec.to_builtins(
+                predict(record.spec.memory_mib, self.dirty_rate(record), policy)
+            ),
+        }
+        with s.store.transaction():
+            op = s.store.insert_operation(
+                kind="migrate", vm=name, host_id=record.host_id, params=params, deadline=time.time()
+            )
+            s.store.update_vm(name, state="migrating", op_id=op.op_id, error="", migrating_to=target)
+        s.events.emit(
+            "vm.migrate",
+            f"migrate vm {name}: {record.host_id} -> {target}",
+            host_id=record.host_id,
+            vm=name,
+            op_id=op.op_id,
+        )
+        s.start_runner(op)
+        return op
+
+    async def cancel(self, name: str) -> OperationRecord:
+        """Cancel the VM's migration while it is still pre-copy; the VM stays on its source.
+
+        Raises:
+            ApiError: 404 unknown VM, 409 no migration under way or past the point of no return.
+        """
+        s = self.service
+        record = s.require_vm(name)
+        op = s.store.operation(record.op_id) if record.op_id else None
+        if op is None or op.kind != "migrate":
+            raise ApiError(409, "invalid_state", f"vm {name!r} is not migrating; nothing to cancel")
+        phase = op.params.get("phase")
+        if phase not in ("prepare", "send"):
+            raise ApiError(
+                409,
+                "invalid_state",
+                f"the migration of vm {name!r} is past the switch-over ({phase}); it cannot be cancelled",
+            )
+        op = s.store.update_operation(op.op_id, {**op.params, "cancel": True})
+        if phase == "send":
+            command = CancelMigration(
+                op_id=f"{op.op_id}:cancel:{time.time_ns()}", deadline=time.time() + 10, vm=name
+            )
+            reply = await s.exchange(op.params["from_host"], command)
+            if reply is not None and not reply.ok and reply.code != "invalid_state":
+                raise ApiError(409, "cancel_refused", f"host refused to cancel: {reply.error}")
+        s.events.emit("migration.cancel", f"cancel requested for the migration of vm {name}", vm=name)
+        return op
+
+    # -- progress ---------------------------------------------------------------------------------
+
+    def on_progress(self, message: MigrationProgress) -> None:
+        op_id = message.op_id.split(":", 1)[0]
+        self.progress[op_id] = message
+        sample = message.sample
+        total = sample.total_bytes or 1
+        pct = min(100.0, 100.0 * (total - sample.remaining_bytes) / total)
+        text = (
+            f"migrate vm {message.vm}: {sample.status}, {pct:.0f}% of memory sent, "
+            f"{sample.remaining_bytes / MIB:.1f} MiB left, dirtying {sample.dirty_rate_bytes_s / MIB:.1f} MiB/s, "
+            f"round {sample.iteration}, expected downtime {sample.expected_downtime_ms:.0f} ms"
+            + (f"; {message.note}" if message.note else "")
+        )
+        self.service.events.emit(
+            "migration.progress", text, host_id=message.host_id, vm=message.vm, op_id=op_id
+        )
+
+    # -- the state machine ------------------------------------------------------------------------
+
+    async def run(self, op: OperationRecord) -> None:
+        s = self.service
+        record = s.store.vm(op.vm)
+        if record is None:
+            s.store.finish_operation(op.op_id, "failed", f"vm {op.vm!r} disappeared")
+            return
+        p = op.params
+        source, target = p["from_host"], p["to_host"]
+        policy = msgspec.convert(p["policy"], MigrationPolicy)
+        phase = p["phase"]
+        if phase == "prepare":
+            if p.get("cancel"):
+                op = self._phase(op, "rollback", error="cancelled by the operator before the stream started")
+            else:
+                reply = await s.exchange(
+                    target,
+                    PrepareMigration(
+                        op_id=f"{op.op_id}:prepare",
+                        deadline=time.time() + self.settings.prepare_timeout_s,
+                        spec=record.spec,
+                        source_host=source,
+                    ),
+                )
+                if reply is not None and reply.ok:
+                    op = self._phase(op, "send", uri=reply.uri)
+                else:
+                    why = reply.error if reply is not None else f"host {target} did not answer"
+                    op = self._phase(op, "rollback", error=f"destination {target} could not prepare: {why}")
+        if op.params["phase"] == "send":
+            op = await self._send(op, source, target, policy)
+        if op.params["phase"] == "finish":
+            op = await self._finish_on(op, target)
+        if op.params["phase"] == "cleanup":
+            await self._cleanup(op, source, target)
+        elif op.params["phase"] == "rollback":
+            await self._rollback(op, source, target)
+
+    def _phase(self, op: OperationRecord, phase: str, **more: Any) -> OperationRecord:
+        return self.service.store.update_operation(op.op_id, {**op.params, **more, "phase": phase})
+
+    async def _send(
+        self, op: OperationRecord, source: str, target: str, policy: MigrationPolicy
+    ) -> OperationRecord:
+        s = self.service
+        started = op.params.get("send_started") or time.time()
+        if "send_started" not in op.params:
+            op = s.store.update_operation(op.op_id, {**op.params, "send_started": started})
+        command = MigrateVm(
+            op_id=f"{op.op_id}:send",
+            deadline=started + self.settings.send_timeout_s,
+            vm=op.vm,
+            uri=op.params["uri"],
+            dest_host=target,
+            policy=policy,
+        )
+        async with self._fleet_slots:
+            reply = await s.exchange(source, command)
+        if reply is not None and reply.ok:
+            result = msgspec.to_builtins(reply.migration) if reply.migration else {}
+            return self._phase(op, "finish", result=result)
+        if reply is None:
+            why = (
+                f"source {source} did not report the migration's end within {self.settings.send_timeout_s:g}s"
+            )
+        else:
+            why = reply.error
+        result = msgspec.to_builtins(reply.migration) if reply is not None and reply.migration else {}
+        return self._phase(op, "rollback", error=why, result=result)
+
+    async def _finish_on(self, op: OperationRecord, target: str) -> OperationRecord:
+        s = self.service
+        reply = await s.exchange(
+            target,
+            FinishMigration(
+                op_id=f"{op.op_id}:finish", deadline=time.time() + self.settings.settle_timeout_s, vm=op.vm
+            ),
+        )
+        if reply is None or not reply.ok:
+            # The stream completed, so the source holds only a stopped husk: the VM is the
+            # destination's copy, whatever state it is in. Record it there and say what went wrong.
+            why = reply.error if reply is not None else f"host {target} did not answer"
+            log.error("migration %s: finishing on %s failed: %s", op.op_id, target, why)
+            return self._switch(
+                op, target, "error", error=f"the migrated copy on {target} did not confirm: {why}"
+            )
+        return self._switch(op, target, "running")
+
+    def _switch(self, op: OperationRecord, target: str, state: Any, error: str = "") -> OperationRecord:
+        s = self.service
+        source = op.params["from_host"]
+        with s.store.transaction():
+            s.store.update_vm(op.vm, host_id=target, migrating_to=None, state=state, error=error)
+            s.fleet_state.release(op.vm, source)
+            op = self._phase(op, "cleanup", switch_error=error)
+        s.events.emit(
+            "vm.migrated",
+            f"vm {op.vm} now runs on {target} (was {source})" + self._result_text(op),
+            host_id=target,
+            vm=op.vm,
+            op_id=op.op_id,
+        )
+        return op
+
+    @staticmethod
+    def _result_text(op: OperationRecord) -> str:
+        r = op.params.get("result") or {}
+        if not r:
+            return ""
+        return (
+            f": {r.get('total_ms', 0):.0f} ms in total, {r.get('downtime_ms', 0):.0f} ms of downtime, "
+            f"{r.get('transferred_bytes', 0) / MIB:.0f} MiB sent in {r.get('iterations', 0)} rounds"
+        )
+
+    async def _cleanup(self, op: OperationRecord, source: str, target: str) -> None:
+        s = self.service
+        reply = await s.exchange(
+            source,
+            UndefineVm(
+                op_id=f"{op.op_id}:cleanup", deadline=time.time() + self.settings.settle_timeout_s, vm=op.vm
+            ),
+        )
+        note = ""
+        if reply is None or not (reply.ok or reply.code == "unknown_vm"):
+            why = reply.error if reply is not None else f"host {source} did not answer"
+            note = f"; the paused copy on {source} was not removed ({why}); it is removed when {source} reports it"
+        error = op.params.get("switch_error", "")
+        current = s.store.vm(op.vm)
+        if current is not None and current.op_id == op.op_id:
+            s.store.update_vm(op.vm, op_id=None)
+        s.store.finish_operation(op.op_id, "failed" if error else "succeeded", (error + note).lstrip("; "))
+        s.events.emit(
+            "operation.succeeded" if not error else "operation.failed",
+            f"migrate vm {op.vm}: {source} -> {target} done" + note
+            if not error
+            else f"migrate vm {op.vm}: {error}",
+            host_id=target,
+            vm=op.vm,
+            op_id=op.op_id,
+        )
+
+    async def _rollback(self, op: OperationRecord, source: str, target: str) -> None:
+        s = self.service
+        reply = await s.exchange(
+            target,
+            AbortMigration(
+                op_id=f"{op.op_id}:abort", deadline=time.time() + self.settings.settle_timeout_s, vm=op.vm
+            ),
+        )
+        leftover = ""
+        if reply is None or not reply.ok:
+            why = reply.error if reply is not None else f"host {target} did not answer"
+            leftover = f"; the incoming copy on {target} could not be discarded yet ({why})"
+        current = s.store.vm(op.vm)
+        state = op.params.get("from_state", "running")
+        with s.store.transaction():
+            if current is not None and current.op_id == op.op_id:
+                s.store.update_vm(op.vm, state=state, op_id=None, migrating_to=None)
+            s.fleet_state.release(op.vm, target)
+            error = op.params.get("error", "the migration failed") + leftover
+            s.store.finish_operation(op.op_id, "failed", error)
+        s.events.emit(
+            "operation.failed",
+            f"migrate vm {op.vm} to {target} failed; it runs on {source}: {error}",
+            host_id=source,
+            vm=op.vm,
+            op_id=op.op_id,
+        )
+
+    def leftover_of(self, host_id: str, vm: str) -> bool:
+        """Whether ``host_id`` reporting ``vm`` (recorded elsewhere) is a migration's leftover copy."""
+        op = self.service.store.last_operation(vm, "migrate")
+        if op is None or op.state == "running":
+            return False
+        p = op.params
+        return (op.state == "succeeded" and p.get("from_host") == host_id) or (
+            op.state == "failed" and p.get("to_host") == host_id and p.get("phase") == "rollback"
+        )
+
+    # -- evacuation -------------------------------------------------------------------------------
+
+    def start_evacuation(self, host_id: str, policy: MigrationPolicy) -> OperationRecord:
+        """Begin moving every running or paused VM off ``host_id``. Returns the operation.
+
+        Raises:
+            ApiError: 400 bad policy, 404 unknown host, 409 an evacuation of it is already under way.
+        """
+        s = self.service
+        problems = check_policy(policy)
+        if problems:
+            raise ApiError(
+                400, "invalid_policy", f"migration policy for evacuating {host_id!r}: " + "; ".join(problems)
+            )
+        s.require_host(host_id)
+        for running in s.store.running_operations():
+            if running.kind == "evacuate" and running.host_id == host_id:
+                raise ApiError(
+                    409, "busy", f"host {host_id!r} is already being evacuated by operation {running.op_id}"
+                )
+        vms = [v.name for v in s.store.vms(host_id) if v.state in ("running", "paused", "migrating")]
+        with s.store.transaction():
+            op = s.store.insert_operation(
+                kind="evacuate",
+                vm="",
+                host_id=host_id,
+                params={"policy": msgspec.to_builtins(policy), "vms": vms, "results": {}},
+                deadline=time.time(),
+            )
+        s.events.emit(
+            "host.evacuate",
+            f"evacuating host {host_id}: {len(vms)} VM(s) to move",
+            host_id=host_id,
+            op_id=op.op_id,
+        )
+        s.start_runner(op)
+        return op
+
+    async def evacuate(self, op: OperationRecord) -> None:
+        s = self.service
+        host_id = op.host_id
+        assert host_id is not None
+        policy = msgspec.convert(op.params["policy"], MigrationPolicy)
+        per_host = asyncio.Semaphore(self.settings.per_host)
+        results: dict[str, str] = dict(op.params.get("results", {}))
+        lock = asyncio.Lock()
+
+        async def record(name: str, outcome: str) -> None:
+            nonlocal op
+            async with lock:
+                results[name] = outcome
+                op = s.store.update_operation(op.op_id, {**op.params, "results": dict(results)})
+            s.events.emit(
+                "host.evacuate.progress",
+                f"evacuating {host_id}: {len(results)}/{len(op.params['vms'])} done; vm {name}: {outcome}",
+                host_id=host_id,
+                vm=name,
+                op_id=op.op_id,
+            )
+
+        async def move(name: str) -> None:
+            if name in results:
+                return  # settled before a controller restart
+            async with per_host:
+                vm = s.store.vm(name)
+                busy = s.store.operation(vm.op_id) if vm is not None and vm.op_id else None
+                if busy is not None and busy.kind != "migrate":
+                    await s.wait_operation(busy.op_id, self.settings.settle_timeout_s)
+                    vm, busy = s.store.vm(name), None
+                if vm is None or vm.host_id != host_id:
+                    await record(name, f"moved to {vm.host_id}" if vm is not None else "deleted meanwhile")
+                    return
+                if busy is None:  # else: a migration already under way (resumed after a restart)
+                    try:
+                        busy = self.start(name, None, policy, avoid=(host_id,))
+                    except ApiError as exc:
+                        await record(name, f"failed: {exc.message}")
+                        return
+                done = await s.wait_operation(busy.op_id, 10 * self.settings.send_timeout_s)
+                after = s.store.vm(name)
+                if done.state == "succeeded" and after is not None:
+                    await record(name, f"moved to {after.host_id}")
+                else:
+                    await record(name, f"failed: {done.error}")
+
+        await asyncio.gather(*(move(name) for name in op.params["vms"]))
+        failed = {n: r for n, r in results.items() if r.startswith("failed")}
+        left = [v.name for v in s.store.vms(host_id)]
+        report = f"{len(results) - len(failed)} moved, {len(failed)} failed" + (
+            f"; still on {host_id}: {', '.join(left)}" if left else f"; {host_id} is empty"
+        )
+        s.store.finish_operation(op.op_id, "failed" if failed else "succeeded", report)
+        s.events.emit(
+            "operation.failed" if failed else "operation.succeeded",
+            f"evacuate host {host_id}: {report}",
+            host_id=host_id,
+            op_id=op.op_id,
+        )

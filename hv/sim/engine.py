@@ -11,6 +11,11 @@ Like a real engine, its VMs outlive the agent: with a ``state_dir`` the VM table
 ``sim-vms.json`` after every change and read back by :meth:`SimDriver.open`; :meth:`SimDriver.close`
 leaves VMs as they are.
 
+Live migrations (:mod:`hv.sim.migration`) follow the pre-copy model of :mod:`protocols.migration` on
+the driver's clock. The source and destination are two drivers that never talk to each other: the
+destination only holds an ``incoming`` copy until ``migrate_finish``, and the source replays its
+migration from a persisted record whenever someone looks (``migrate_sample``, ``list``, ...).
+
 Every call runs to completion without awaiting, so calls on one driver never interleave.
 """
 
@@ -31,6 +36,8 @@ from hv.driver import (
     DriverEvent,
     EngineError,
     InsufficientResources,
+    InvalidRequest,
+    InvalidState,
     VmExists,
     VmStats,
     not_open,
@@ -38,11 +45,13 @@ from hv.driver import (
     unknown_vm,
 )
 from hv.sim.clock import Clock, RealClock, TimerHandle
+from hv.sim.migration import MigrationEvent, MigrationRun, SavedMigration
 from hv.storage import write_atomic
 from protocols.messages import Capabilities, VmPowerState, VmStatus
+from protocols.migration import MigrationPolicy, MigrationSample, check_policy
 from protocols.vmspec import HOST_ID_RE, VmSpec, VmWorkload
 
-__all__ = ["DEFAULT_X86_FEATURES", "STATE_FILE", "HostSample", "SimDriver"]
+__all__ = ["DEFAULT_LINK_MIB_S", "DEFAULT_X86_FEATURES", "STATE_FILE", "HostSample", "SimDriver"]
 
 #: File name of the persisted VM table inside ``state_dir``.
 STATE_FILE = "sim-vms.json"
@@ -70,12 +79,18 @@ _CPU_VENDORS = {
     "x86_64": "GenuineIntel", "i386": "GenuineIntel", "aarch64": "ARM", "ppc64le": "IBM", "s390x": "IBM/S390"
 }  # fmt: skip
 
+#: Migration link speed of a sim host: 10 GbE less protocol overhead, in MiB/s.
+DEFAULT_LINK_MIB_S = 1170.0
+
 #: How far the sim lets a VM's CPU use and dirty rate stray from its workload: +-10 %.
 WOBBLE = 0.10
 
 #: Lifecycle order, for messages that list states.
 _POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused"})
 _POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
+_URI_SCHEME = "sim://"
+#: What the source VM's ``reason`` starts with once its guest runs on the destination.
+MIGRATED_REASON = "migrated to "
 
 
 class HostSample(NamedTuple):
@@ -93,6 +108,8 @@ class _SavedVm(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
     #: When a ``starting`` VM becomes ``running`` (clock time).
     boot_done_at: float | None = None
+    #: The VM's latest outgoing live migration, kept until the VM is undefined or migrates again.
+    migration: SavedMigration | None = None
 
 
 class _SavedTable(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,7 +123,9 @@ class _SavedTable(msgspec.Struct, frozen=True, kw_only=True):
 class _Vm:
     """One VM's mutable runtime record inside a driver."""
 
-    __slots__ = ("boot_done_at", "boot_timer", "phases", "reason", "spec", "started_at", "state")
+    __slots__ = (
+        "boot_done_at", "boot_timer", "migration", "phases", "reason", "spec", "started_at", "state",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -124,6 +143,7 @@ class _Vm:
         self.reason = reason
         self.boot_done_at = boot_done_at
         self.boot_timer: TimerHandle | None = None
+        self.migration: MigrationRun | None = None
 
     def status(self) -> VmStatus:
         return VmStatus(
@@ -141,6 +161,7 @@ class _Vm:
             started_at=self.started_at,
             reason=self.reason,
             boot_done_at=self.boot_done_at,
+            migration=None if self.migration is None else self.migration.saved,
         )
 
     def cancel_boot(self) -> None:
@@ -164,10 +185,12 @@ class SimDriver(Driver):
     """A simulated host. Deterministic for a given ``seed``, clock and sequence of calls.
 
     Pass a shared :class:`hv.sim.clock.VirtualClock` as ``clock`` to run many hosts in simulated
-    time; the default is the wall clock.
+    time; the default is the wall clock. ``migration_bandwidth_mib_s`` is the host's migration link;
+    a migration uses the smaller of it and its policy's bandwidth.
 
     Raises (constructor):
-        ValueError: an invalid host id, a non-positive size, or ``power_max_w`` below ``power_idle_w``.
+        ValueError: an invalid host id, a non-positive size or link speed, or ``power_max_w`` below
+            ``power_idle_w``.
     """
 
     name = "sim"
@@ -186,6 +209,7 @@ class SimDriver(Driver):
         power_max_w: float = 250.0,
         clock: Clock | None = None,
         seed: int = 0,
+        migration_bandwidth_mib_s: float = DEFAULT_LINK_MIB_S,
     ) -> None:
         super().__init__()
         if not HOST_ID_RE.fullmatch(host_id):
@@ -198,6 +222,11 @@ class SimDriver(Driver):
                 raise ValueError(f"sim host {host_id!r}: {field} must be at least 1, got {value}")
         if disk_gib < 0:
             raise ValueError(f"sim host {host_id!r}: disk_gib must not be negative, got {disk_gib}")
+        if not (math.isfinite(migration_bandwidth_mib_s) and migration_bandwidth_mib_s > 0):
+            raise ValueError(
+                f"sim host {host_id!r}: migration_bandwidth_mib_s must be a positive number of MiB/s, "
+                f"got {migration_bandwidth_mib_s}"
+            )
         if not 0 <= power_idle_w <= power_max_w:
             raise ValueError(
                 f"sim host {host_id!r}: need 0 <= power_idle_w <= power_max_w, "
@@ -218,6 +247,7 @@ class SimDriver(Driver):
         self.power_max_w = float(power_max_w)
         self.clock: Clock = clock if clock is not None else RealClock()
         self.seed = seed
+        self.migration_bandwidth_mib_s = float(migration_bandwidth_mib_s)
         self.guest_arches = [arch, "i386"] if arch == "x86_64" else [arch]
         self._vms: dict[str, _Vm] = {}
         self._open = False
@@ -304,19 +334,7 @@ class SimDriver(Driver):
                 f"vm {spec.name!r} already exists on host {self.host_id!r} (it is {existing.state}); "
                 "pick another name, or undefine the existing VM first"
             )
-        if spec.arch not in self.guest_arches:
-            raise InsufficientResources(
-                f"vm {spec.name!r} is {spec.arch} but host {self.host_id!r} runs only "
-                f"{', '.join(self.guest_arches)} guests; place it on a {spec.arch} host"
-            )
-        committed = sum(vm.spec.memory_mib for vm in self._vms.values())
-        free = self.memory_mib - committed
-        if spec.memory_mib > free:
-            raise InsufficientResources(
-                f"vm {spec.name!r} needs {spec.memory_mib} MiB of memory but host {self.host_id!r} has "
-                f"{free} MiB free ({committed} of {self.memory_mib} MiB held by {len(self._vms)} defined "
-                "VMs); undefine VMs that are not needed or place it on another host"
-            )
+        self._require_fits(spec)
         vm = _Vm(spec, "defined", _phases(self.seed, spec.name))
         self._vms[spec.name] = vm
         self._save()
@@ -419,7 +437,7 @@ class SimDriver(Driver):
         return vm.status()
 
     async def undefine(self, name: str) -> None:
-        """Forget a VM that is powered off (defined, stopped or crashed).
+        """Forget a VM that is powered off (defined, stopped or crashed), or an ``incoming`` copy.
 
         Raises:
             UnknownVm: no VM of that name.
@@ -427,32 +445,218 @@ class SimDriver(Driver):
             EngineError: the driver is not open, or the state file cannot be written.
         """
         vm = self._get(name)
-        self._require_state(vm, "undefine", _POWERED_OFF)
+        self._require_state(vm, "undefine", _POWERED_OFF | {"incoming"})
         del self._vms[name]
         self._save()
 
     async def list(self) -> builtins.list[VmStatus]:
-        """Every VM on this host, sorted by name.
+        """Every VM on this host, sorted by name, ``incoming`` copies included.
 
         Raises:
             EngineError: the driver is not open.
         """
         self._require_open()
+        self._sync_migrations()
         return [self._vms[name].status() for name in sorted(self._vms)]
 
     async def stats(self) -> builtins.list[VmStats]:
         """A sample of every running or paused VM at the clock's current time, sorted by name.
 
+        ``incoming`` copies are not sampled: they run no guest yet.
+
         Raises:
             EngineError: the driver is not open.
         """
         self._require_open()
+        self._sync_migrations()
         now = self.clock.now()
         return [
             self._sample(vm, now)
             for name in sorted(self._vms)
             if (vm := self._vms[name]).state in ("running", "paused")
         ]
+
+    # ---------------------------------------------------------------------------------------------
+    # Live migration
+    # ---------------------------------------------------------------------------------------------
+
+    async def migrate_incoming(
+        self, spec: VmSpec, listen_host: str, *, policy: MigrationPolicy | None = None
+    ) -> tuple[VmStatus, str]:
+        """Destination: hold ``spec`` in state ``incoming`` and return it with ``sim://HOST/NAME``.
+
+        The copy holds its memory like any defined VM but runs nothing until :meth:`migrate_finish`.
+        ``listen_host`` is not used: sim drivers exchange no data. Idempotent for an incoming copy.
+
+        Raises:
+            VmExists: a VM of that name is here and is not incoming.
+            InsufficientResources: as :meth:`define`.
+            InvalidRequest: ``policy`` is inconsistent (see :func:`protocols.migration.check_policy`).
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        self._require_open()
+        uri = self.migration_uri(spec.name)
+        existing = self._vms.get(spec.name)
+        if existing is not None:
+            if existing.state == "incoming":
+                return existing.status(), uri
+            raise VmExists(
+                f"vm {spec.name!r} already exists on host {self.host_id!r} (it is {existing.state}), so it "
+                "cannot be migrated here; pick another destination, or undefine the VM here first"
+            )
+        if policy is not None:
+            self._require_valid_policy(spec.name, policy)
+        self._require_fits(spec)
+        vm = _Vm(spec, "incoming", _phases(self.seed, spec.name))
+        self._vms[spec.name] = vm
+        self._save()
+        return vm.status(), uri
+
+    def migration_uri(self, name: str) -> str:
+        """Where a source sends VM ``name`` to reach this host: ``sim://HOST/NAME``."""
+        return f"{_URI_SCHEME}{self.host_id}/{name}"
+
+    async def migrate_send(self, name: str, uri: str, policy: MigrationPolicy) -> None:
+        """Source: start migrating a running VM to ``uri`` under ``policy``.
+
+        The bandwidth is the smaller of ``policy.bandwidth_mib_s`` and this host's link
+        (``migration_bandwidth_mib_s``); the guest's dirty rate is its workload's ``dirty_mib_s``
+        (changes through :meth:`set_workload` apply from then on). A migration to the same ``uri`` that is
+        under way or has completed is left as it is.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is not running, or it is already migrating to another URI.
+            InvalidRequest: ``uri`` is not a sim URI of another host, or ``policy`` is inconsistent.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        run = vm.migration
+        if run is not None and (run.under_way or run.phase == "completed"):
+            if run.saved.uri != uri:
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r} is already migrating to {run.saved.uri} "
+                    f"({run.phase}); cancel that migration before sending it to {uri}"
+                )
+            return
+        if not uri.startswith(_URI_SCHEME) or uri.count("/") != 3 or not uri.endswith(f"/{name}"):
+            raise InvalidRequest(
+                f"vm {name!r}: {uri!r} is not a sim migration URI for it; a sim host sends only to "
+                f"another sim host, to the URI its migrate_incoming returned (sim://HOST/{name})"
+            )
+        if uri == self.migration_uri(name):
+            raise InvalidRequest(
+                f"vm {name!r}: {uri} is this host ({self.host_id!r}); migrate it to another host"
+            )
+        self._require_valid_policy(name, policy)
+        self._require_state(vm, "migrate", frozenset({"running"}))
+        saved = SavedMigration(
+            uri=uri,
+            started_at=self.clock.now(),
+            policy=policy,
+            memory_mib=float(vm.spec.memory_mib),
+            dirty_mib_s=vm.spec.workload.dirty_mib_s,
+            bandwidth_mib_s=min(policy.bandwidth_mib_s, self.migration_bandwidth_mib_s),
+        )
+        vm.migration = MigrationRun(saved)
+        self._save()
+
+    async def migrate_sample(self, name: str) -> MigrationSample:
+        """Source: the migration's progress at the clock's current time; status ``none`` if none.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        return MigrationSample(status="none") if vm.migration is None else vm.migration.sample()
+
+    async def migrate_tune(self, name: str, *, downtime_ms: int) -> None:
+        """Source: allow ``downtime_ms`` from now on; it counts from the next round's end.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: no pre-copy migration of the VM is under way.
+            InvalidRequest: ``downtime_ms`` is below 1.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        run = self._require_precopy(vm, "tune")
+        if downtime_ms < 1:
+            raise InvalidRequest(f"vm {name!r}: downtime_ms must be at least 1, got {downtime_ms}")
+        run.record(MigrationEvent(at=self.clock.now(), kind="tune", value=float(downtime_ms)))
+        self._save()
+
+    async def migrate_postcopy(self, name: str) -> None:
+        """Source: switch to post-copy. The guest leaves the source at once (``paused``, migrated) and
+        the migration completes once what is still dirty has been sent.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: no pre-copy migration is under way, or its policy does not allow post-copy.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        run = self._require_precopy(vm, "switch to post-copy")
+        if not run.saved.policy.postcopy:
+            raise InvalidState(
+                f"vm {name!r} on host {self.host_id!r}: the migration's policy does not allow post-copy; "
+                "cancel it and send again with postcopy allowed"
+            )
+        run.record(MigrationEvent(at=self.clock.now(), kind="postcopy"))
+        self._sync(vm)
+        self._save()
+
+    async def migrate_cancel(self, name: str) -> VmStatus:
+        """Source: cancel a pre-copy migration under way, and make sure a paused VM runs again.
+
+        With no migration under way (none, cancelled or failed) only the second half applies. A VM that
+        is powered off is returned as it is: starting it is the caller's decision.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the migration completed or is in post-copy: the guest runs on the destination.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        run = vm.migration
+        if run is not None and run.phase in ("completed", "postcopy"):
+            raise InvalidState(
+                f"vm {name!r} on host {self.host_id!r}: its migration to {run.saved.uri} is "
+                f"{'completed' if run.phase == 'completed' else 'in post-copy'} and cannot be cancelled; "
+                "the guest runs on the destination now"
+            )
+        if run is not None and run.under_way:
+            run.record(MigrationEvent(at=self.clock.now(), kind="cancel"))
+        if vm.state == "paused":
+            vm.state = "running"
+            vm.reason = ""
+        self._save()
+        return vm.status()
+
+    async def migrate_finish(self, name: str) -> VmStatus:
+        """Destination: make the incoming copy an ordinary running VM (a running VM is returned as is).
+
+        The sim destination cannot tell whether the stream completed: that is the caller's call.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is neither incoming nor running.
+            EngineError: the driver is not open, or the state file cannot be written.
+        """
+        vm = self._get(name)
+        if vm.state == "running":
+            return vm.status()
+        if vm.state != "incoming":
+            raise InvalidState(
+                f"vm {name!r} on host {self.host_id!r} is {vm.state}, not an incoming migration copy; "
+                "migrate_finish applies to a VM created by migrate_incoming"
+            )
+        vm.state = "running"
+        vm.started_at = self.clock.now()
+        vm.reason = ""
+        self._save()
+        return vm.status()
 
     # ---------------------------------------------------------------------------------------------
     # Simulation controls (not part of Driver)
@@ -489,6 +693,9 @@ class SimDriver(Driver):
                 "dirty_mib_s within 0..100000"
             ) from exc
         vm.spec = msgspec.structs.replace(vm.spec, workload=workload)
+        run = vm.migration
+        if dirty_mib_s is not None and run is not None and run.under_way:
+            run.record(MigrationEvent(at=self.clock.now(), kind="dirty", value=workload.dirty_mib_s))
         self._save()
 
     def inject_crash(self, name: str, reason: str = "injected crash") -> VmStatus:
@@ -508,18 +715,20 @@ class SimDriver(Driver):
     def host_sample(self) -> HostSample:
         """The host's CPU use (0..1), memory held by powered-on VMs, and power draw, right now.
 
-        CPU use is the running VMs' ``cpu_util * vcpus`` summed over the host's cores, capped at 1;
+        ``incoming`` copies hold their memory but use no CPU. CPU use is the running VMs'
+        ``cpu_util * vcpus`` (less auto-converge's throttle) summed over the host's cores, capped at 1;
         power is linear between ``power_idle_w`` and ``power_max_w`` in CPU use.
 
         Raises:
             EngineError: the driver is not open.
         """
         self._require_open()
+        self._sync_migrations()
         now = self.clock.now()
         busy_cores = 0.0
         memory_used = 0
         for vm in self._vms.values():
-            if vm.state in _POWERED_ON:
+            if vm.state in _POWERED_ON or vm.state == "incoming":
                 memory_used += vm.spec.memory_mib
             if vm.state == "running":
                 busy_cores += self._cpu_util(vm, now) * vm.spec.vcpus
@@ -540,12 +749,76 @@ class SimDriver(Driver):
         vm = self._vms.get(name)
         if vm is None:
             raise unknown_vm(self.host_id, name, self._vms)
+        self._sync(vm)
         return vm
 
     def _require_state(self, vm: _Vm, operation: str, allowed: Iterable[VmPowerState]) -> None:
-        require_state(vm.spec.name, self.host_id, vm.state, operation, allowed)
+        accepted = frozenset(allowed)
+        if vm.state == "incoming" and "incoming" not in accepted:
+            raise InvalidState(
+                f"vm {vm.spec.name!r} on host {self.host_id!r} is incoming (a copy waiting for a live "
+                f"migration); it cannot {operation}: finish the migration with migrate_finish, or discard "
+                "the copy with destroy and undefine"
+            )
+        require_state(vm.spec.name, self.host_id, vm.state, operation, accepted)
+
+    def _require_fits(self, spec: VmSpec) -> None:
+        if spec.arch not in self.guest_arches:
+            raise InsufficientResources(
+                f"vm {spec.name!r} is {spec.arch} but host {self.host_id!r} runs only "
+                f"{', '.join(self.guest_arches)} guests; place it on a {spec.arch} host"
+            )
+        committed = sum(vm.spec.memory_mib for vm in self._vms.values())
+        free = self.memory_mib - committed
+        if spec.memory_mib > free:
+            raise InsufficientResources(
+                f"vm {spec.name!r} needs {spec.memory_mib} MiB of memory but host {self.host_id!r} has "
+                f"{free} MiB free ({committed} of {self.memory_mib} MiB held by {len(self._vms)} defined "
+                "VMs); undefine VMs that are not needed or place it on another host"
+            )
+
+    def _require_valid_policy(self, name: str, policy: MigrationPolicy) -> None:
+        problems = check_policy(policy)
+        if problems:
+            raise InvalidRequest(f"vm {name!r}: the migration policy is invalid: {'; '.join(problems)}")
+
+    def _require_precopy(self, vm: _Vm, operation: str) -> MigrationRun:
+        run = vm.migration
+        if run is None or run.phase not in ("precopy", "stopcopy"):
+            now = "no migration" if run is None else f"its migration is {run.sample().status}"
+            raise InvalidState(
+                f"vm {vm.spec.name!r} on host {self.host_id!r}: cannot {operation}: {now}; "
+                "this needs a pre-copy migration under way (start one with migrate_send)"
+            )
+        return run
+
+    def _sync_migrations(self) -> None:
+        for vm in self._vms.values():
+            self._sync(vm)
+
+    def _sync(self, vm: _Vm) -> None:
+        """Bring ``vm``'s migration up to the clock; a source whose guest has left becomes paused."""
+        run = vm.migration
+        if run is None:
+            return
+        run.advance(self.clock.now())
+        if run.handover_at is None or run.saved.handed_over:
+            return
+        run.mark_handed_over()
+        if vm.state in _POWERED_ON:
+            vm.cancel_boot()
+            vm.state = "paused"
+            vm.reason = f"{MIGRATED_REASON}{run.saved.uri}"
+            self._save()
+            self.emit(DriverEvent(vm=vm.spec.name, event="paused", state="paused", reason=vm.reason))
+        else:
+            self._save()
 
     def _power_off(self, vm: _Vm, state: Literal["stopped", "crashed"], reason: str = "") -> None:
+        run = vm.migration
+        if run is not None and run.under_way and vm.state != "incoming":
+            why = f"the source VM was {'stopped' if state == 'stopped' else 'crashed: ' + reason}"
+            run.record(MigrationEvent(at=self.clock.now(), kind="fail", reason=why))
         vm.cancel_boot()
         vm.state = state
         vm.started_at = None
@@ -561,17 +834,18 @@ class SimDriver(Driver):
 
     def _sample(self, vm: _Vm, now: float) -> VmStats:
         running = vm.state == "running"
+        dirty = _wobbled(vm.spec.workload.dirty_mib_s, vm.phases[3:], now) * _unthrottled(vm)
         return VmStats(
             name=vm.spec.name,
             state=vm.state,
             cpu_util=self._cpu_util(vm, now) if running else 0.0,
-            dirty_mib_s=_wobbled(vm.spec.workload.dirty_mib_s, vm.phases[3:], now) if running else 0.0,
+            dirty_mib_s=dirty if running else 0.0,
             memory_mib=vm.spec.memory_mib,
         )
 
     @staticmethod
     def _cpu_util(vm: _Vm, now: float) -> float:
-        return min(1.0, _wobbled(vm.spec.workload.cpu_util, vm.phases[:3], now))
+        return min(1.0, _wobbled(vm.spec.workload.cpu_util, vm.phases[:3], now)) * _unthrottled(vm)
 
     # ---------------------------------------------------------------------------------------------
     # Persistence
@@ -614,8 +888,9 @@ class SimDriver(Driver):
                 f"sim host {self.host_id!r}: the VM table {path} belongs to host {table.host_id!r}; "
                 "give each host its own state directory"
             )
-        return {
-            saved.spec.name: _Vm(
+        vms: dict[str, _Vm] = {}
+        for saved in table.vms:
+            vm = _Vm(
                 saved.spec,
                 saved.state,
                 _phases(self.seed, saved.spec.name),
@@ -623,8 +898,10 @@ class SimDriver(Driver):
                 reason=saved.reason,
                 boot_done_at=saved.boot_done_at,
             )
-            for saved in table.vms
-        }
+            if saved.migration is not None:
+                vm.migration = MigrationRun(saved.migration)
+            vms[saved.spec.name] = vm
+        return vms
 
 
 class _BootDone:
@@ -643,6 +920,14 @@ class _BootDone:
         if vm.state != "starting" or self.driver._vms.get(vm.spec.name) is not vm:
             return
         self.driver._finish_boot(vm)
+
+
+def _unthrottled(vm: _Vm) -> float:
+    """The share of its vCPU time a VM gets while auto-converge throttles it (1 when not throttled)."""
+    run = vm.migration
+    if run is None or run.phase != "precopy":
+        return 1.0
+    return 1.0 - run.throttle / 100.0
 
 
 def _phases(seed: int, name: str) -> tuple[float, float, float, float, float, float]:

@@ -431,7 +431,9 @@ class Agent:
                 await self._migrate(command)
                 return
             if isinstance(command, PrepareMigration):
-                incoming, uri = await self.driver.migrate_incoming(command.spec, self.settings.address)
+                incoming, uri = await self.driver.migrate_incoming(
+                    command.spec, self.settings.address, policy=command.policy
+                )
                 log.info("agent %s: vm %s waits for its stream from %s at %s", self.host_id,
                          command.spec.name, command.source_host, uri)  # fmt: skip
                 self._inventory_dirty.set()

@@ -269,6 +269,7 @@ class MigrationManager:
                         deadline=time.time() + self.settings.prepare_timeout_s,
                         spec=record.spec,
                         source_host=source,
+                        policy=policy,
                     ),
                 )
                 if reply is not None and reply.ok:

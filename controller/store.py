@@ -82,8 +82,7 @@ CREATE TABLE IF NOT EXISTS vms (
     op_id TEXT,
     error TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    migrating_to TEXT
+    updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host_id);
 CREATE TABLE IF NOT EXISTS operations (

@@ -193,6 +193,8 @@ class PrepareMigration(_Command, tag="prepare_migration", frozen=True, kw_only=T
 
     spec: VmSpec
     source_host: str
+    #: The destination needs part of it (capabilities both sides must enable, e.g. multifd).
+    policy: MigrationPolicy = MigrationPolicy()
 
 
 class MigrateVm(_Command, tag="migrate_vm", frozen=True, kw_only=True):

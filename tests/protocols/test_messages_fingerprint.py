@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:a55e3a8672f57f543dc09d2d3149e5272f2a62dea97c03f948a4e33b7fbd9a70"
+FINGERPRINT = "sha256:761a307b2e91f106421e8a8f9d26945c4bc4fd14838faee59eb619d18a4ccfc9"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -1,0 +1,231 @@
+"""Live migration and evacuation through the controller, with in-process sim agents on a real Mosquitto.
+
+The sim engine models pre-copy from the VM's dirty rate and the link bandwidth, so these tests pin the
+controller's state machine (prepare, send, finish, cleanup, rollback), its records and claims, the API
+and its refusals. The same flow on real QEMU guests is in tests/e2e/test_migration_qemu.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from protocols.migration import MigrationPolicy
+from protocols.vmspec import VmSpec, VmWorkload
+from tests.support.fleet import Fleet, eventually
+
+
+async def _make(fleet: Fleet, name: str, host: str, memory: int = 512, dirty: float = 4.0) -> None:
+    spec = VmSpec(name=name, memory_mib=memory, workload=VmWorkload(dirty_mib_s=dirty))
+    async with httpx.AsyncClient(base_url=fleet.api_url) as client:
+        body: dict[str, Any] = {
+            "name": name,
+            "memory_mib": spec.memory_mib,
+            "workload": {"dirty_mib_s": dirty},
+            "scheduling": {"hosts": [host]},
+        }
+        r = await client.post("/api/v1/vms", json=body, params={"wait": 10})
+        assert r.status_code == 200, r.text
+
+
+async def _names(fleet: Fleet, host: str) -> dict[str, str]:
+    return {vm.name: vm.state for vm in await fleet.drivers[host].list()}
+
+
+async def test_migrate_moves_a_running_vm_and_the_record_and_claims_follow(mosquitto, tmp_path):
+    """POST /migrate: the VM runs on the target only, the record says so, the source's claim is released."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "web", "h1", memory=1024)
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
+            r = await client.post("/api/v1/vms/web/migrate", json={"to": "h2"}, params={"wait": 20})
+            assert r.status_code == 200, r.text
+            op = r.json()
+            assert op["state"] == "succeeded", op
+            assert op["params"]["phase"] == "cleanup" and op["params"]["result"]["status"] == "completed"
+            assert op["params"]["result"]["downtime_ms"] <= 300
+            vm = (await client.get("/api/v1/vms/web")).json()
+            assert vm["host_id"] == "h2" and vm["state"] == "running"
+            events = (await client.get("/api/v1/events", params={"limit": 1000})).json()
+        assert await _names(fleet, "h2") == {"web": "running"}
+        assert await _names(fleet, "h1") == {}
+        usage = fleet.service.store.usage()
+        assert "h1" not in usage and usage["h2"].memory_mib == 1024
+        assert fleet.service.fleet_state.usage("h1").memory_mib == 0
+        kinds = [e["type"] for e in events]
+        assert "vm.migrated" in kinds and "migration.progress" in kinds
+
+
+async def test_dry_run_predicts_and_changes_nothing(mosquitto, tmp_path):
+    """--dry-run names the target and predicts time, downtime and convergence; nothing moves or is claimed."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "db", "h1", memory=2048, dirty=600)
+        async with httpx.AsyncClient(base_url=fleet.api_url) as client:
+            r = await client.post(
+                "/api/v1/vms/db/migrate",
+                params={"dry_run": "true"},
+                json={"policy": {"bandwidth_mib_s": 500, "auto_converge": False}},
+            )
+            assert r.status_code == 200, r.text
+            plan = r.json()
+        assert plan["target"] == "h2" and plan["source"] == "h1"
+        assert plan["prediction"]["converges"] is False and plan["prediction"]["stage"] == "aborting"
+        assert "allow postcopy" in plan["prediction"]["summary"]
+        record = fleet.service.store.vm("db")
+        assert record is not None and record.host_id == "h1" and record.op_id is None
+        assert "h2" not in fleet.service.store.usage()
+
+
+async def test_bad_migration_requests_are_refused_with_the_reason_and_change_nothing(mosquitto, tmp_path):
+    """Unknown VM or host, same host, bad policy, stopped VM, full target: 4xx that says what to fix."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2", memory_mib=2048)
+        await _make(fleet, "big", "h1", memory=4096)
+        await _make(fleet, "off", "h1")
+        async with httpx.AsyncClient(base_url=fleet.api_url) as client:
+            await client.post("/api/v1/vms/off/stop", json={"force": True}, params={"wait": 10})
+            cases = [
+                ("nope", {"to": "h2"}, 404, "nope"),
+                ("big", {"to": "h9"}, 404, "h9"),
+                ("big", {"to": "h1"}, 400, "already runs on 'h1'"),
+                ("big", {"policy": {"max_downtime_ms": 0}}, 400, "max_downtime_ms must be at least 1"),
+                ("big", {"policy": {"bandwidth": 5}}, 400, "unknown field `bandwidth`"),
+                ("off", {"to": "h2"}, 409, "only a running or paused VM"),
+                ("big", {"to": "h2"}, 409, "1 host lacks memory"),
+            ]
+            for name, body, status, needle in cases:
+                r = await client.post(f"/api/v1/vms/{name}/migrate", json=body)
+                assert r.status_code == status, (name, body, r.text)
+                assert needle in r.json()["error"]["message"], (needle, r.text)
+        record = fleet.service.store.vm("big")
+        assert record is not None and record.host_id == "h1" and record.state == "running"
+        assert record.op_id is None and record.migrating_to is None
+        assert "h2" not in fleet.service.store.usage()
+
+
+async def test_a_migration_that_cannot_converge_aborts_and_the_vm_stays_on_its_source(mosquitto, tmp_path):
+    """Dirtying faster than the link, no auto-converge, no post-copy: the op fails, the VM runs on h1 only."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "hot", "h1", memory=256, dirty=400)
+        policy = {
+            "bandwidth_mib_s": 200,
+            "auto_converge": False,
+            "stall_rounds": 2,
+            "downtime_ceiling_ms": 600,
+        }
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=60) as client:
+            r = await client.post(
+                "/api/v1/vms/hot/migrate", json={"to": "h2", "policy": policy}, params={"wait": 30}
+            )
+            op = r.json()
+        assert op["state"] == "failed", op
+        assert "cannot converge" in op["error"] and "post-copy is not allowed" in op["error"]
+        assert op["params"]["result"]["stage"] == "aborting"
+        assert await _names(fleet, "h1") == {"hot": "running"}
+        assert await _names(fleet, "h2") == {}
+        record = fleet.service.store.vm("hot")
+        assert record is not None and (record.host_id, record.state, record.op_id) == ("h1", "running", None)
+        assert "h2" not in fleet.service.store.usage()
+
+
+async def test_cancel_stops_a_running_migration_and_the_vm_stays(mosquitto, tmp_path):
+    """Cancel during the send: the op fails as cancelled, the VM still runs on its source, h2 holds nothing."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "slow", "h1", memory=2048, dirty=1)
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
+            r = await client.post(
+                "/api/v1/vms/slow/migrate", json={"to": "h2", "policy": {"bandwidth_mib_s": 100}}
+            )
+            op_id = r.json()["op_id"]
+            await eventually(lambda: op_id in fleet.service.migrations.progress, 10, "progress")
+            r = await client.post("/api/v1/vms/slow/migrate/cancel")
+            assert r.status_code in (200, 202), r.text
+            op = (await client.get(f"/api/v1/operations/{op_id}", params={"wait": 20})).json()
+            again = await client.post("/api/v1/vms/slow/migrate/cancel")
+        assert op["state"] == "failed" and "cancelled by the operator" in op["error"], op
+        assert again.status_code == 409 and "not migrating" in again.json()["error"]["message"]
+        assert await _names(fleet, "h1") == {"slow": "running"}
+        assert await _names(fleet, "h2") == {}
+        record = fleet.service.store.vm("slow")
+        assert record is not None and record.host_id == "h1" and record.state == "running"
+
+
+async def test_a_controller_restart_mid_migration_resumes_it_to_the_end(mosquitto, tmp_path):
+    """Kill the controller during the send: the next one resumes from the saved phase, the VM ends on h2."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "long", "h1", memory=1024, dirty=1)
+        op = fleet.service.migrations.start("long", "h2", MigrationPolicy(bandwidth_mib_s=300))
+        await eventually(lambda: op.op_id in fleet.service.migrations.progress, 10, "progress")
+        await fleet.stop_controller()
+        await asyncio.sleep(1.0)  # the migration goes on without a controller
+        await fleet.start_controller()
+        done = await fleet.service.wait_operation(op.op_id, 30)
+        assert done.state == "succeeded", done.error
+        assert await _names(fleet, "h2") == {"long": "running"}
+        assert await _names(fleet, "h1") == {}
+        record = fleet.service.store.vm("long")
+        assert record is not None and record.host_id == "h2" and record.migrating_to is None
+
+
+async def test_the_destination_agent_dying_mid_migration_still_ends_with_one_running_copy(
+    mosquitto, tmp_path
+):
+    """Stop h2's agent during the send and bring it back: the VM runs on h2 exactly once, h1 has no copy."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "mid", "h1", memory=1024, dirty=1)
+        op = fleet.service.migrations.start("mid", "h2", MigrationPolicy(bandwidth_mib_s=300))
+        await eventually(lambda: op.op_id in fleet.service.migrations.progress, 10, "progress")
+        await fleet.stop_agent("h2")
+        await asyncio.sleep(1.0)
+        await fleet.add_agent("h2")
+        done = await fleet.service.wait_operation(op.op_id, 30)
+        assert done.state == "succeeded", done.error
+        running = [h for h in ("h1", "h2") for n, s in (await _names(fleet, h)).items() if s == "running"]
+        assert running == ["h2"]
+        assert fleet.service.store.vm("mid").host_id == "h2"  # type: ignore[union-attr]
+
+
+async def test_evacuate_moves_every_running_vm_off_a_host_in_waves_and_reports(mosquitto, tmp_path):
+    """host evacuate: 5 VMs leave h1 (at most 2 at a time), the report lists each, h1 ends empty."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        for host in ("h1", "h2", "h3"):
+            await fleet.add_agent(host)
+        for i in range(5):
+            await _make(fleet, f"e{i}", "h1", memory=512)
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=60) as client:
+            r = await client.post("/api/v1/hosts/h1/evacuate", params={"wait": 40})
+            op = r.json()
+            events = (await client.get("/api/v1/events", params={"limit": 1000})).json()
+        assert op["state"] == "succeeded", op
+        assert "5 moved, 0 failed" in op["error"] and "h1 is empty" in op["error"]
+        assert sorted(op["params"]["results"]) == [f"e{i}" for i in range(5)]
+        assert all(v.startswith("moved to h") for v in op["params"]["results"].values())
+        assert await _names(fleet, "h1") == {}
+        placed = {vm.name: vm.host_id for vm in fleet.service.store.vms()}
+        assert set(placed.values()) <= {"h2", "h3"}
+        progress = [e for e in events if e["type"] == "host.evacuate.progress"]
+        assert len(progress) == 5 and progress[-1]["message"].startswith("evacuating h1: 5/5 done")
+        spans = [(o.created_at, o.updated_at) for o in _migrations(fleet)]
+        assert len(spans) == 5
+        overlap = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+        assert overlap <= 2, f"{overlap} migrations off h1 at once; the per-host limit is 2"
+
+
+def _migrations(fleet: Fleet) -> list[Any]:
+    db = fleet.service.store.connection
+    ids = [row[0] for row in db.execute("SELECT op_id FROM operations WHERE kind='migrate'")]
+    return [fleet.service.store.operation(i) for i in ids]

@@ -354,11 +354,12 @@ def predict(
     Raises:
         ValueError: as :func:`precopy_estimate`.
     """
-    bw = min(policy.bandwidth_mib_s, bandwidth_mib_s) if bandwidth_mib_s else policy.bandwidth_mib_s
+    bw = policy.bandwidth_mib_s if bandwidth_mib_s is None else min(policy.bandwidth_mib_s, bandwidth_mib_s)
     plain = precopy_estimate(memory_mib, dirty_mib_s, bw, policy.max_downtime_ms)
     head = f"{memory_mib:.0f} MiB dirtying {dirty_mib_s:.0f} MiB/s over {bw:.0f} MiB/s"
     if plain.converges:
-        return _prediction(plain, "precopy", 0, f"{head}: pre-copy converges in {plain.rounds} rounds")
+        rounds = f"{plain.rounds} round{'s' if plain.rounds != 1 else ''}"
+        return _prediction(plain, "precopy", 0, f"{head}: pre-copy converges in {rounds}")
     raised = precopy_estimate(memory_mib, dirty_mib_s, bw, policy.downtime_ceiling_ms)
     if raised.converges:
         return _prediction(
@@ -369,8 +370,9 @@ def predict(
             f"(ceiling {policy.downtime_ceiling_ms} ms)",
         )
     if policy.auto_converge:
-        # QEMU's auto-converge starts at 20% and adds 10% per round that does not converge.
-        for pct in range(20, ConvergenceGuard.THROTTLE_MAX_PCT + 1, 10):
+        # QEMU's auto-converge starts at 20% and adds 10% per round that does not converge, up to its
+        # maximum (99%, which a 10% step alone never reaches).
+        for pct in (*range(20, ConvergenceGuard.THROTTLE_MAX_PCT, 10), ConvergenceGuard.THROTTLE_MAX_PCT):
             slowed = precopy_estimate(
                 memory_mib, dirty_mib_s * (1 - pct / 100), bw, policy.downtime_ceiling_ms
             )

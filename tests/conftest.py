@@ -9,7 +9,7 @@ test ends, by PID; a failing test prints the end of its broker's log.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -156,8 +156,8 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Start ``fleetvisor`` subcommands; every one is stopped (SIGTERM, then SIGKILL) by PID afterwards."""
     started: list[Proc] = []
 
-    def start(name: str, *args: str) -> Proc:
-        proc = Proc(list(args), tmp_path / f"{name}.log")
+    def start(name: str, *args: str, prefix: Sequence[str] = ()) -> Proc:
+        proc = Proc(list(args), tmp_path / f"{name}.log", prefix)
         started.append(proc)
         return proc
 

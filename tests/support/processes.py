@@ -21,11 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Proc:
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, prefix: Sequence[str] = ()) -> None:
+        """``prefix`` runs the command through another that execs it, e.g. ``ip netns exec NS``."""
         self.log_path = log
         self._log = log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fleetvisor", *args],
+            [*prefix, sys.executable, "-m", "fleetvisor", *args],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -29,6 +29,7 @@ after every round boundary at or before ``t``, and before the boundaries after i
 from __future__ import annotations
 
 import builtins
+import math
 from typing import Literal
 
 import msgspec
@@ -110,6 +111,8 @@ class MigrationRun:
         self.error = ""
         #: What was still to send when the migration was cancelled or failed.
         self.stopped_remaining = 0.0
+        #: (round, its start, sent_before) when rounds began to repeat themselves, else None.
+        self._steady: tuple[int, float, float] | None = None
         self._next_event = 0
 
     @property
@@ -136,7 +139,12 @@ class MigrationRun:
         events = self.saved.events
         while True:
             event = events[self._next_event] if self._next_event < len(events) else None
-            if self.phase == "precopy":
+            if self.phase == "precopy" and self._steady is not None:
+                limit = now if event is None else min(now, event.at)
+                if self._skip_steady_rounds(limit):
+                    continue
+                boundary = self._steady_start(self.round + 1)
+            elif self.phase == "precopy":
                 boundary = self.round_start + self.to_send / self.bw
             elif self.phase in ("stopcopy", "postcopy"):
                 boundary = self.final_end
@@ -161,6 +169,7 @@ class MigrationRun:
     def _end_round(self, at: float) -> None:
         sent = self.to_send
         dirtied = self._dirtied_until(at)
+        one_rate = self.dirty_since == self.round_start  # no workload change within this round
         self.sent_before += sent
         if dirtied <= self.bw * self.downtime_limit_ms / 1000.0:
             self.phase = "stopcopy"
@@ -170,15 +179,49 @@ class MigrationRun:
             return
         # QEMU's auto-converge: a round is hot when it dirtied more than half of what it sent.
         self.hot_rounds = self.hot_rounds + 1 if dirtied > 0.5 * sent else 0
+        throttle = self.throttle
         if self.saved.policy.auto_converge:
             if self.throttle == 0 and self.hot_rounds >= 2:
                 self.throttle = THROTTLE_INITIAL_PCT
             elif self.throttle > 0 and self.hot_rounds > 0:
                 self.throttle = min(THROTTLE_MAX_PCT, self.throttle + THROTTLE_STEP_PCT)
+        if self._steady is not None:
+            at = self._steady_start(self.round + 1)
+            self.sent_before = self._steady[2] + (self.round + 1 - self._steady[0]) * sent
         self.round += 1
         self.round_start = at
         self.to_send = dirtied
         self.dirtied, self.dirty_since = 0.0, at
+        can_throttle = self.saved.policy.auto_converge and self.throttle < THROTTLE_MAX_PCT
+        repeats = one_rate and dirtied == sent and throttle == self.throttle and not can_throttle
+        if self._steady is None and repeats:
+            self._steady = (self.round, self.round_start, self.sent_before)
+
+    def _steady_start(self, round_: int) -> float:
+        first_round, first_start, _ = self._steady or (self.round, self.round_start, 0.0)
+        return first_start + (round_ - first_round) * (self.to_send / self.bw)
+
+    def _skip_steady_rounds(self, limit: float) -> bool:
+        """Jump over every identical round that ends by ``limit``, in one step; False if none does.
+
+        A guest that dirties all it can while nothing can change (no throttle left to add, no event)
+        repeats the same round forever. Computing round starts from the round number, not by adding up
+        durations, keeps the result the same however the replay is cut into ``advance`` calls.
+        """
+        assert self._steady is not None
+        first_round, _, first_sent = self._steady
+        round_s = self.to_send / self.bw
+        last = first_round + math.floor((limit - self._steady_start(first_round)) / round_s) - 1
+        while last > self.round and self._steady_start(last + 1) > limit:
+            last -= 1  # float rounding in the division
+        if last <= self.round:
+            return False
+        self.hot_rounds += last - self.round
+        self.round = last
+        self.round_start = self._steady_start(last)
+        self.sent_before = first_sent + (last - first_round) * self.to_send
+        self.dirtied, self.dirty_since = 0.0, self.round_start
+        return True
 
     def _complete(self, at: float) -> None:
         self.sent_before += self.final_mib
@@ -189,6 +232,7 @@ class MigrationRun:
 
     def _apply(self, event: MigrationEvent) -> None:
         at = event.at
+        self._steady = None  # whatever the event, rounds may differ from here on
         if event.kind == "tune":
             self.downtime_limit_ms = event.value
         elif event.kind == "dirty":

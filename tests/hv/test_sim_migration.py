@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -507,6 +508,29 @@ async def test_a_migration_survives_a_new_driver_on_the_same_state_dir(
     assert done.total_ms == pytest.approx(est.total_s * 1000, rel=0.01)
     assert done.downtime_ms == pytest.approx(est.downtime_ms, rel=0.01)
     assert (src_vm.state, src_vm.reason) == ("paused", f"migrated to {uri}")
+
+
+async def test_a_long_stall_replays_quickly_and_the_same_however_it_was_sampled(
+    tmp_path: pathlib.Path, clock: VirtualClock
+) -> None:
+    """A day of a stalled migration (1.4 million rounds) costs little; a restart reports it identically."""
+    began = time.perf_counter()
+    async with SimDriver(host_id="src", state_dir=tmp_path, clock=clock) as first:
+        await running(first, spec(memory_mib=64, dirty_mib_s=100_000.0))
+        await first.migrate_send(
+            "web", "sim://dst/web", MigrationPolicy(auto_converge=False, max_downtime_ms=1)
+        )
+        for step in range(1, 48):
+            await clock.advance(1800.0 + (step % 7) * 0.013)
+            await first.migrate_sample("web")
+        first.set_workload("web", dirty_mib_s=50_000.0)
+        await clock.advance(61.7)
+        seen = await first.migrate_sample("web")
+    async with SimDriver(host_id="src", state_dir=tmp_path, clock=clock) as second:
+        assert await second.migrate_sample("web") == seen
+    assert seen.status == "active"
+    assert seen.iteration > 1_350_000
+    assert time.perf_counter() - began < 1.0
 
 
 async def test_an_incoming_copy_survives_a_restart(tmp_path: pathlib.Path, clock: VirtualClock) -> None:

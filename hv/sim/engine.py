@@ -532,7 +532,9 @@ class SimDriver(Driver):
         """
         vm = self._get(name)
         run = vm.migration
-        if run is not None and (run.under_way or run.phase == "completed"):
+        # A completed migration is attached to by its own URI only; elsewhere, a source that was made
+        # to run again (resumed by hand) may migrate anew.
+        if run is not None and (run.under_way or (run.phase == "completed" and run.saved.uri == uri)):
             if run.saved.uri != uri:
                 raise InvalidState(
                     f"vm {name!r} on host {self.host_id!r} is already migrating to {run.saved.uri} "

@@ -446,7 +446,7 @@ async def test_cancel_after_completion_is_refused(
 async def test_send_again_attaches_to_the_migration_under_way(
     source: SimDriver, dest: SimDriver, clock: VirtualClock
 ) -> None:
-    """A repeated migrate_send to the same URI changes nothing; to another URI it is InvalidState."""
+    """A repeated migrate_send to the same URI changes nothing; another URI is refused while one runs."""
     uri = await prepare(source, dest, spec(memory_mib=4096))
     await source.migrate_send("web", uri, MigrationPolicy())
     await clock.advance(1.5)
@@ -458,6 +458,11 @@ async def test_send_again_attaches_to_the_migration_under_way(
     await run_until_ended(source, clock, "web")
     await source.migrate_send("web", uri, MigrationPolicy())  # completed: still attaches
     assert (await source.migrate_sample("web")).status == "completed"
+    with pytest.raises(InvalidState, match="is paused"):
+        await source.migrate_send("web", "sim://other/web", MigrationPolicy())
+    await source.resume("web")  # by hand, after the handover: it may migrate anew
+    await source.migrate_send("web", "sim://other/web", MigrationPolicy())
+    assert (await source.migrate_sample("web")).status == "setup"
 
 
 async def test_powering_the_source_off_fails_its_migration(

@@ -90,6 +90,7 @@ _POWER_TO_VM_STATE: dict[VmPowerState, VmState] = {
     "stopping": "stopping",
     "stopped": "stopped",
     "crashed": "crashed",
+    "incoming": "migrating",
 }
 
 

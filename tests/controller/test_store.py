@@ -84,7 +84,7 @@ def test_store_refuses_a_file_from_another_schema_version(tmp_path):
 
 
 def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
-    """Opening a schema-1 file adds the label columns, keeps every row, and records version 2."""
+    """Opening a schema-1 file adds the label and migration columns, keeps every row, records version 3."""
     path = tmp_path / "old.sqlite"
     store = Store(path)
     store.upsert_host(
@@ -104,6 +104,7 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
         )
         raw.execute("DROP TABLE hosts")
         raw.execute("ALTER TABLE hosts_v1 RENAME TO hosts")
+        raw.execute("ALTER TABLE vms DROP COLUMN migrating_to")
         raw.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     migrated = Store(path)
     host = migrated.host("h1")
@@ -111,4 +112,7 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     migrated.set_host_admin("h1", operator_labels={"zone": "a"})
     assert migrated.host("h1").labels == {"zone": "a"}  # type: ignore[union-attr]
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    migrated.insert_vm(VmSpec(name="v", memory_mib=256), "h1", "running", None)
+    migrated.update_vm("v", migrating_to="h1")
+    assert migrated.vm("v").migrating_to == "h1"  # type: ignore[union-attr]

@@ -45,6 +45,10 @@ class Fleet:
     vm_bw_kbit_s: float = 100_000.0  #: network reserved by every VM
     migration_mb_s: float = 62.5  #: half of 1 Gbit/s: the share of the link migrations may use
     interval_s: float = 300.0  #: seconds between decisions
+    #: Whether a running VM keeps holding its RAM and network share, so that moves must fit them (a
+    #: live fleet). The literature's CloudSim setup models a running VM's RAM and bandwidth requests
+    #: as zero (``UtilizationModelNull``) and checks them only at creation; ``standard_fleet`` does too.
+    binding_ram: bool = True
 
     @property
     def hosts(self) -> int:

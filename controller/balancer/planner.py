@@ -180,6 +180,12 @@ class _Round:
         self.host_series = np.zeros((fleet.hosts, window))
         np.add.at(self.host_series, self.vm_host[present], self.vm_series[present])
         self.host_vms = [list(vms) for vms in snapshot.host_vms]
+        # What the scheduler must never overbook: RAM and the network's VM slots.
+        self.host_ram = np.bincount(
+            self.vm_host[present], weights=fleet.vm_ram_mb[present], minlength=fleet.hosts
+        ).astype(np.float64)
+        self.host_count = np.bincount(self.vm_host[present], minlength=fleet.hosts).astype(np.intp)
+        self.max_vms = int(fleet.host_bw_kbit_s // fleet.vm_bw_kbit_s)
         self.active = snapshot.host_utilization > 0
         self.detector = PredictiveDetector(z=s.z, window=s.forecast_window)
         self.power_per_mips = fleet.power_tables[fleet.host_kind, 10] / fleet.host_mips
@@ -207,15 +213,20 @@ class _Round:
         return self.s.cost.price_j(self.fleet.vm_ram_mb[vms], self.vm_series[vms, 0])
 
     def _fits(self, hosts: IntArray, vm: int) -> BoolArray:
-        """Which ``hosts`` take ``vm`` with headroom: load, recent peak and forecast under target."""
+        """Which ``hosts`` take ``vm`` with headroom: load, recent peak and forecast under target; on a
+        fleet whose RAM binds (a live one), also room for its RAM and a network slot, which the
+        scheduler would otherwise refuse."""
         fleet = self.fleet
         combined = self.host_series[hosts] + self.vm_series[vm]
         limit = self.s.target_utilization * fleet.host_mips[hosts]
         peak = combined[:, : self.s.peak_window].max(axis=1)
         vm_peak = float(self.vm_series[vm, : self.s.peak_window].max())
-        return np.asarray(
-            (peak <= limit) & (self._upper(combined) <= limit) & (fleet.host_core_mips[hosts] >= vm_peak)
-        )
+        fits = (peak <= limit) & (self._upper(combined) <= limit) & (fleet.host_core_mips[hosts] >= vm_peak)
+        if fleet.binding_ram:
+            fits &= (self.host_ram[hosts] + fleet.vm_ram_mb[vm] <= fleet.host_ram_mb) & (
+                self.host_count[hosts] < self.max_vms
+            )
+        return np.asarray(fits)
 
     def _power(self, hosts: IntArray, load_mips: FloatArray) -> FloatArray:
         return self.fleet.power(hosts, load_mips / self.fleet.host_mips[hosts])
@@ -228,6 +239,7 @@ class _Round:
         self.host_series[source] -= self.vm_series[vm]
         self.host_vms[target].append(vm)
         self.host_series[target] += self.vm_series[vm]
+        self._shift(vm, source, target)
         self.vm_host[vm] = target
         self.active[target] = True
         self.touched[source] = self.touched[target] = True
@@ -239,7 +251,15 @@ class _Round:
         self.host_series[target] -= self.vm_series[vm]
         self.host_vms[source].append(vm)
         self.host_series[source] += self.vm_series[vm]
+        self._shift(vm, target, source)
         self.vm_host[vm] = source
+
+    def _shift(self, vm: int, source: int, target: int) -> None:
+        ram = self.fleet.vm_ram_mb[vm]
+        self.host_ram[source] -= ram
+        self.host_ram[target] += ram
+        self.host_count[source] -= 1
+        self.host_count[target] += 1
 
     def _target(self, vm: int, excluded: BoolArray, wake: bool) -> int | None:
         """The fitting active host of the most efficient kind, fullest first; else (``wake``) an idle one."""

@@ -41,6 +41,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from controller.balancer.gate import SchedulerGate
 from controller.balancer.model import Fleet, Snapshot
 from controller.balancer.policy import Migration, Policy, make_policy
 from controller.balancer.power_model import HP_PROLIANT_ML110_G4, HP_PROLIANT_ML110_G5
@@ -152,6 +153,7 @@ def standard_fleet(vms: int, hosts: int = STANDARD_HOSTS) -> Fleet:
         power_tables=np.array([HP_PROLIANT_ML110_G4.watts, HP_PROLIANT_ML110_G5.watts]),
         vm_mips=np.array([VM_TYPES[t][0] for t in vm_type], dtype=np.float64),
         vm_ram_mb=np.array([VM_TYPES[t][1] for t in vm_type], dtype=np.float64),
+        binding_ram=False,
     )
 
 
@@ -169,6 +171,9 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True):
     slav: float
     esv: float
     migrations: int
+    #: Runs through the live scheduler (Fleetvisor's policy): planned moves its filters refused.
+    gated: bool = False
+    vetoed: int = 0
 
 
 def format_summary(metrics: Metrics) -> str:
@@ -177,6 +182,7 @@ def format_summary(metrics: Metrics) -> str:
         f"{metrics.policy} on {metrics.trace}: {metrics.vms} VMs, {metrics.hosts} hosts, {metrics.steps} intervals: "
         f"{metrics.energy_kwh:.2f} kWh, SLATAH {metrics.slatah:.3%}, PDM {metrics.pdm:.4%}, "
         f"SLAV {metrics.slav:.3g}, ESV {metrics.esv:.3g}, {metrics.migrations} migrations"
+        + (f"; the live scheduler vetted every move and refused {metrics.vetoed}" if metrics.gated else "")
     )
 
 
@@ -245,9 +251,10 @@ def _sum_by(index: IntArray, weights: FloatArray, length: int) -> FloatArray:
 class _Datacenter:
     """Placement, in-flight migrations and the metric integrals of one run."""
 
-    def __init__(self, fleet: Fleet, trace: Trace) -> None:
+    def __init__(self, fleet: Fleet, trace: Trace, gate: SchedulerGate | None = None) -> None:
         self.fleet = fleet
         self.trace = trace
+        self.gate = gate
         self.vm_host = np.full(fleet.vms, -1, dtype=np.intp)
         self.host_vms: list[list[int]] = [[] for _ in range(fleet.hosts)]
         self.history = np.zeros((fleet.vms, HISTORY_SAMPLES))
@@ -286,6 +293,8 @@ class _Datacenter:
         self.vm_host[:] = placement
         for vm, host in enumerate(placement.tolist()):
             self.host_vms[host].append(vm)
+        if self.gate is not None:
+            self.gate.place(placement)
 
     def requested_at(self, time_s: float) -> FloatArray:
         """MIPS each VM asks for at ``time_s`` (trace interpolated as CloudSim does)."""
@@ -383,6 +392,8 @@ class _Datacenter:
         for vm in done.tolist():
             self.host_vms[int(self.vm_host[vm])].remove(vm)
             self.vm_host[vm] = -1
+            if self.gate is not None:
+                self.gate.left(vm)
 
     def record_history(self, requested: FloatArray) -> None:
         self.history[:, 1:] = self.history[:, :-1]
@@ -391,6 +402,8 @@ class _Datacenter:
 
     def start(self, migrations: list[Migration], time_s: float) -> None:
         fleet = self.fleet
+        if self.gate is not None:
+            migrations = self.gate.admit(migrations, self.vm_host)
         for vm, target in migrations:
             if not (0 <= vm < fleet.vms) or self.vm_host[vm] < 0:
                 raise ValueError(f"migration of vm {vm}: it is not running")
@@ -416,6 +429,8 @@ class _Datacenter:
             self.host_vms[target].append(vm)
             self.vm_host[vm] = target
             self.migrating[vm] = False
+            if self.gate is not None:
+                self.gate.landed(vm, source)
 
     def snapshot(self, step: int, time_s: float, requested: FloatArray, state: _State) -> Snapshot:
         return Snapshot(
@@ -432,9 +447,18 @@ class _Datacenter:
 
 
 def simulate(
-    trace: Trace, policy: Policy, *, fleet: Fleet | None = None, max_steps: int | None = None
+    trace: Trace,
+    policy: Policy,
+    *,
+    fleet: Fleet | None = None,
+    max_steps: int | None = None,
+    gated: bool | None = None,
 ) -> SimulationResult:
     """Run ``policy`` over ``trace`` (all of it, or the first ``max_steps`` decisions).
+
+    ``gated`` runs every placement and move through the live scheduler (:class:`SchedulerGate`), as
+    the controller does; by default Fleetvisor's policy is gated and the CloudSim baselines, which
+    must reproduce CloudSim's published figures, are not.
 
     Raises:
         RuntimeError: the policy cannot place every VM at start.
@@ -443,7 +467,10 @@ def simulate(
     fleet = fleet if fleet is not None else standard_fleet(trace.vms)
     if fleet.vms != trace.vms:
         raise ValueError(f"fleet has {fleet.vms} VMs but trace {trace.name!r} has {trace.vms}")
-    dc = _Datacenter(fleet, trace)
+    if gated is None:
+        gated = policy.name == "fleetvisor"
+    gate = SchedulerGate(fleet) if gated else None
+    dc = _Datacenter(fleet, trace, gate)
     dc.place(np.asarray(policy.place_initial(fleet), dtype=np.intp))
     interval = fleet.interval_s
     limit_s = trace.samples * interval
@@ -498,6 +525,8 @@ def simulate(
         slav=slatah * pdm,
         esv=energy_kwh * slatah * pdm,
         migrations=dc.migrations,
+        gated=gate is not None,
+        vetoed=gate.vetoed if gate is not None else 0,
     )
     return SimulationResult(metrics=metrics, series=series)
 

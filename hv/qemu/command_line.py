@@ -13,6 +13,8 @@ created), and :func:`build_argv` turns a :class:`LaunchPlan` into an argument li
 - pc and q35 get PCI virtio devices (``virtio-*-pci``); microvm has no PCI, so it gets virtio-mmio
   ones (``virtio-*-device``) and can carry neither SATA nor e1000.
 - QMP listens on the socket the driver binds and passes in as fd :data:`hv.qemu.process.QMP_FD`.
+- The destination of a live migration is the same command line plus ``-incoming defer``: the
+  device model must match the source's exactly, so both come from the same spec through here.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "cpu_model_for",
     "mac_address",
     "spec_problems",
+    "top_node_name",
 ]
 
 # Files in a VM's runtime directory.
@@ -78,6 +81,10 @@ class LaunchPlan:
     initrd: Path | None = None
     disks: tuple[DiskPlan, ...] = ()
     sandbox: bool = True
+    #: Wait for an incoming migration (``-incoming defer``: the driver gives the URI over QMP).
+    incoming: bool = False
+    #: Start with the vCPUs stopped (``-S``): after an incoming migration too, until ``cont``.
+    start_paused: bool = False
 
 
 def is_mmio(machine: str) -> bool:
@@ -180,6 +187,10 @@ def build_argv(binary: str, plan: LaunchPlan) -> list[str]:
         "-chardev", f"file,id=serial0,path={_opt(str(vm_dir / SERIAL_LOG))}",
         "-serial", "chardev:serial0",
     ]  # fmt: skip
+    if plan.incoming:
+        argv += ["-incoming", "defer"]
+    if plan.start_paused:
+        argv.append("-S")
     if plan.sandbox:
         bridged = any(nic.mode == "bridge" for nic in spec.nics)
         argv += ["-sandbox", _sandbox_options(allow_helper=bridged)]
@@ -227,6 +238,11 @@ def _disk_args(disks: Sequence[DiskPlan], *, bus: str, boot_from_disk: bool) -> 
         else:
             argv += ["-device", f"virtio-blk-{bus},drive={top},id=disk-{disk.spec.target}{boot}"]
     return argv
+
+
+def top_node_name(target: str) -> str:
+    """The node name of a disk's top layer (its overlay, when it has one): what the guest writes to."""
+    return f"{target}-fmt0"
 
 
 def _blockdev_chain(disk: DiskPlan, argv: list[str]) -> str:

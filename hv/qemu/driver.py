@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import logging
@@ -45,9 +46,9 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -56,6 +57,8 @@ from hv.driver import (
     DriverEvent,
     EngineError,
     InsufficientResources,
+    InvalidRequest,
+    InvalidState,
     VmExists,
     VmStats,
     not_open,
@@ -63,7 +66,7 @@ from hv.driver import (
     unknown_vm,
 )
 from hv.qemu import accel as accel_mod
-from hv.qemu import command_line, host
+from hv.qemu import command_line, host, migration
 from hv.qemu.errors import InvalidSpec
 from hv.qemu.files import make_private_dir
 from hv.qemu.image_policy import ImageLayer, ImagePolicy
@@ -78,7 +81,8 @@ from hv.qemu.process import (
 from hv.qemu.qmp import QmpSession
 from hv.storage import write_atomic
 from protocols.messages import Capabilities, VmEventKind, VmPowerState, VmStatus
-from protocols.vmspec import HOST_ID_RE, VmSpec, explain_validation_error
+from protocols.migration import MigrationPolicy, MigrationSample, check_policy
+from protocols.vmspec import HOST_ID_RE, DiskSpec, VmSpec, explain_validation_error
 
 __all__ = ["BlockStats", "QemuDriver"]
 
@@ -86,8 +90,24 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
+T = TypeVar("T")
+
 _POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused", "stopping"})
 _POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
+#: States in which a VM has a QEMU the driver re-attaches to.
+_HAS_QEMU: frozenset[VmPowerState] = _POWERED_ON | {"incoming"}
+
+#: ``query-migrate`` statuses of a source whose migration is under way (QEMU's own names).
+_MIGRATING = frozenset(
+    {"setup", "active", "pre-switchover", "device", "wait-unplug", "postcopy-active", "postcopy-paused",
+     "postcopy-recover"}
+)  # fmt: skip
+_POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+#: How long the driver waits for QEMU to settle a cancel, a mirror's last copy or an export's removal.
+_SETTLE_TIMEOUT_S = 30.0
+_POLL_S = 0.05
+#: How long migrate_finish waits for a destination that is still loading the end of its stream.
+_LOAD_WAIT_S = 3.0
 
 #: QMP ``SHUTDOWN`` reasons that mean the guest itself powered off.
 _GUEST_POWEROFF = frozenset({"guest-shutdown"})
@@ -113,6 +133,10 @@ class _SavedState(msgspec.Struct, frozen=True, kw_only=True):
     pid: int | None = None
     #: The process's start time (clock ticks after boot): with the pid, it names one process.
     pid_start_ticks: int | None = None
+    #: Source of a migration: the URI it was sent to (a re-sent migrate_send must name the same).
+    migration_uri: str = ""
+    #: Destination: the URI handed out while ``incoming`` (until migrate_finish or a power-off).
+    incoming_uri: str = ""
 
 
 class _Qemu:
@@ -135,6 +159,13 @@ class _Qemu:
         self.dirty_mib_s = 0.0
         self.dirty_measuring = False
         self.dirty_unsupported = False
+        #: Source: a migration was started from this QEMU and has not failed or been cancelled.
+        self.migrating = False
+        #: Source: QEMU stopped the guest for the switchover (a STOP/RESUME that is no news).
+        self.migration_stopped = False
+        #: Source with storage copy: one switchover (mirrors completed, migrate-continue) at a time.
+        self.switchover_lock = asyncio.Lock()
+        self.switchover_done = False
 
     @property
     def exited(self) -> bool:
@@ -152,6 +183,8 @@ class _Vm:
         self.reason = saved.reason
         self.lock = asyncio.Lock()
         self.qemu: _Qemu | None = None
+        self.migration_uri = saved.migration_uri
+        self.incoming_uri = saved.incoming_uri
         #: The state file as the driver found it at open (its pid is how re-attaching starts).
         self.loaded = saved
 
@@ -176,6 +209,8 @@ class _Vm:
             reason=self.reason,
             pid=qemu.pid if qemu is not None else None,
             pid_start_ticks=qemu.start_ticks if qemu is not None else None,
+            migration_uri=self.migration_uri,
+            incoming_uri=self.incoming_uri,
         )
 
 
@@ -293,7 +328,7 @@ class QemuDriver(Driver):
             self._vms = self._load_vms()
             self._open = True
             for vm in list(self._vms.values()):
-                if vm.state in _POWERED_ON:
+                if vm.state in _HAS_QEMU:
                     await self._reattach(vm)
         except BaseException:
             await self.close()
@@ -310,7 +345,8 @@ class QemuDriver(Driver):
                 qemu.watch.detach()
             if qemu.qmp is not None:
                 await qemu.qmp.close()
-        # The only background tasks are QMP disconnects; let them finish (each has a timeout).
+        # The background tasks are QMP disconnects and migration switchovers; let them finish
+        # (each QMP call in them has a timeout).
         tasks = list(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.qmp_timeout_s + 1.0)
@@ -481,6 +517,7 @@ class QemuDriver(Driver):
             vm.state = "running" if _qmp_status(status) == "running" else "paused"
             vm.started_at = time.time()
             vm.reason = ""
+            vm.migration_uri = ""
             self._save(vm)
             await self._set_balloon(vm, qmp)
             return vm.status()
@@ -652,6 +689,721 @@ class QemuDriver(Driver):
         vms = [self._vms[name] for name in sorted(self._vms)]
         samples = await asyncio.gather(*(self._sample(vm) for vm in vms if vm.state in ("running", "paused")))
         return [s for s in samples if s is not None]
+
+    # ---------------------------------------------------------------------------------------------
+    # Live migration (hv.qemu.migration has the URI format and the QMP mappings)
+    # ---------------------------------------------------------------------------------------------
+
+    async def migrate_incoming(
+        self, spec: VmSpec, listen_host: str, *, policy: MigrationPolicy | None = None
+    ) -> tuple[VmStatus, str]:
+        """Destination: define ``spec`` and launch its QEMU waiting for the stream (``-incoming
+        defer``, then ``migrate-incoming`` on a free port of ``listen_host``), in state ``incoming``.
+
+        Disks with a local overlay get a fresh overlay on the same base image here, exported
+        writable over NBD (on another free port) for the source's block mirror; such a copy starts
+        paused (``-S``) and runs only at :meth:`migrate_finish`, after the exports are gone. A copy
+        without local disks starts the guest by itself the moment the stream ends (the shortest
+        downtime) and reports ``running`` from then on. Returns the status and the URI for the
+        source (format in :mod:`hv.qemu.migration`); a VM already incoming returns the same URI.
+        ``policy`` (None: unknown) decides what must be on at both ends: multifd, post-copy.
+
+        Raises:
+            VmExists: a VM of that name exists here and is not incoming.
+            InvalidRequest: a file of the spec (a base image, the kernel) is missing here or outside
+                the image directories; ``listen_host`` is not an address of this host; the policy
+                is invalid, or does not copy the local disks the spec has.
+            InsufficientResources: the guest's arch or memory does not fit this host.
+            EngineError: QEMU failed to start or refused the migration setup; nothing is left behind.
+        """
+        self._require_open()
+        name = spec.name
+        existing = self._vms.get(name)
+        if existing is not None:
+            async with existing.lock:  # a call still launching it finishes first
+                if existing.state == "incoming" and existing.incoming_uri:
+                    return existing.status(), existing.incoming_uri
+                state = existing.state
+            raise VmExists(
+                f"vm {name!r} already exists on host {self.host_id!r} (it is {state}), so a migration "
+                "cannot land here; migrate to another host, or destroy and undefine the VM here first"
+            )
+        if policy is not None and (problems := check_policy(policy)):
+            raise InvalidRequest(f"vm {name!r}: migration policy rejected: " + "; ".join(problems))
+        copied = migration.copied_disks(spec)
+        if copied and policy is not None and not policy.copy_storage:
+            raise InvalidRequest(_local_disks_message(name, copied))
+        try:
+            await self.define(spec)
+        except InvalidSpec as exc:
+            raise InvalidSpec(
+                f"{exc} (host {self.host_id!r} cannot receive the migration: a migrated VM needs its "
+                "kernel, initrd and disk base images at the same paths on both hosts)"
+            ) from None
+        vm = self._vms[name]
+        try:
+            async with vm.lock:
+                uri = await self._launch_incoming(vm, listen_host, policy, copied)
+        except BaseException:
+            # Bad input or a failed launch changes nothing: the VM is forgotten again.
+            await asyncio.shield(self._forget(vm))
+            raise
+        return vm.status(), uri
+
+    async def migrate_send(self, name: str, uri: str, policy: MigrationPolicy) -> None:
+        """Source: apply ``policy`` and start sending the VM to ``uri`` (from migrate_incoming).
+
+        Every migration capability is set explicitly (auto-converge, xbzrle, multifd, post-copy,
+        events), and the parameters: the bandwidth always, the downtime limit, the xbzrle cache and
+        multifd channels. With ``policy.copy_storage`` each local overlay is first mirrored to the
+        destination's NBD export (``blockdev-mirror sync=top``), and this call blocks until every
+        mirror is ready, however long the copy takes (it fails when no disk byte moves for
+        ``policy.no_progress_s``). Then QMP ``migrate``; this returns once QEMU has taken it (at most
+        about a second later: a destination that is not listening fails here). A VM whose migration is
+        under way or completed is left alone (a restarted agent re-sending attaches).
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the VM is not running, is the destination of a migration, or is migrating to
+                another URI.
+            InvalidRequest: the policy or the URI is invalid; the VM has local disks and the policy
+                does not copy storage, or the URI names no NBD server for them.
+            EngineError: QEMU refused, the mirror failed, or the migration failed at once; the VM
+                keeps running here.
+        """
+        vm = self._get(name)
+        async with vm.lock:
+            qemu = vm.qemu
+            if vm.state == "incoming":
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r} is incoming (the destination of a migration); "
+                    "migrate_send needs it running; finish that migration first (migrate_finish)"
+                )
+            if qemu is None:
+                self._require_state(vm, "migrate_send", frozenset({"running"}))
+            assert qemu is not None
+            qmp = await self._qmp(vm, qemu)
+            status = _migration_status(await qmp.execute("query-migrate"))
+            if status in _MIGRATING or status == "completed":
+                if vm.migration_uri and vm.migration_uri != uri:
+                    raise InvalidState(
+                        f"vm {name!r} on host {self.host_id!r} is already migrating to {vm.migration_uri} "
+                        f"(qemu: {status}), not to {uri}; cancel it first (migrate_cancel), or pass the "
+                        "same URI to follow it"
+                    )
+                qemu.migrating = status != "completed"
+                return
+            if status == "cancelling":
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r}: its previous migration is still being "
+                    "cancelled; retry in a moment"
+                )
+            self._require_state(vm, "migrate_send", frozenset({"running"}))
+            if problems := check_policy(policy):
+                raise InvalidRequest(f"vm {name!r}: migration policy rejected: " + "; ".join(problems))
+            target = migration.parse_uri(name, uri)
+            copied = migration.copied_disks(vm.spec)
+            if copied and not policy.copy_storage:
+                raise InvalidRequest(_local_disks_message(name, copied))
+            if copied and not target.has_nbd:
+                raise InvalidRequest(
+                    f"vm {name!r}: its local disks are to be copied (copy_storage), but {uri!r} names no "
+                    "NBD server of the destination; pass the URI that migrate_incoming returned for this "
+                    "VM's spec (it exports the disks when the spec has overlay disks)"
+                )
+            copy = bool(copied)
+            await qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": migration.source_capabilities(policy, copy_storage=copy)},
+            )
+            await qmp.execute("migrate-set-parameters", migration.source_parameters(policy))
+            qemu.switchover_done = False
+            if copy:
+                await self._mirror_disks(vm, qmp, target, copied, policy)
+            vm.migration_uri = uri
+            self._save(vm)
+            qemu.migrating = True
+            try:
+                await qmp.execute("migrate", {"uri": target.qemu_uri})
+                await self._check_started(vm, qemu, qmp, uri)
+            except BaseException:
+                qemu.migrating = False
+                if copy and not qemu.exited:
+                    with contextlib.suppress(EngineError):
+                        await self._drop_mirrors(vm, qmp)
+                raise
+
+    async def migrate_sample(self, name: str) -> MigrationSample:
+        """Source: the migration now (QMP ``query-migrate``); status ``none`` when none was started.
+
+        QEMU's inner steps fold into the engines' statuses (``pre-switchover`` and ``device`` are
+        ``active``). When storage is copied and QEMU waits before the switchover, the sample first
+        completes the mirrors and lets QEMU go on (a background task does the same on QEMU's event).
+        Once it is ``completed``, the VM is ``paused`` here ("migrated away"). A source whose QEMU
+        died reports ``failed``.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            EngineError: QEMU does not answer.
+        """
+        vm = self._get(name)
+        qemu = vm.qemu
+        if qemu is None or qemu.exited:
+            if not vm.migration_uri:
+                return MigrationSample(status="none")
+            return MigrationSample(status="failed", error=f"the source's qemu is gone: {vm.reason}")
+        qmp = await self._qmp(vm, qemu)
+        info = await qmp.execute("query-migrate")
+        if isinstance(info, dict) and info.get("status") == "pre-switchover":
+            try:
+                await self._switchover(vm, qemu)
+            except EngineError as exc:
+                log.warning("vm %s: the switchover of its migration failed: %s", name, exc)
+            info = await qmp.execute("query-migrate")
+        sample = migration.sample_from_query(info if isinstance(info, dict) else {})
+        if sample.status == "completed" and vm.migration_uri and not vm.incoming_uri:
+            self._migrated_away(vm, qemu)
+        elif sample.status in ("failed", "cancelled"):
+            qemu.migrating = False
+        return sample
+
+    async def migrate_tune(self, name: str, *, downtime_ms: int) -> None:
+        """Source: change the allowed downtime of the running pre-copy (``downtime-limit``).
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidRequest: ``downtime_ms`` is below 1.
+            InvalidState: no pre-copy migration is under way.
+            EngineError: QEMU refused or does not answer.
+        """
+        vm = self._get(name)
+        if downtime_ms < 1:
+            raise InvalidRequest(f"vm {name!r}: downtime_ms must be at least 1, got {downtime_ms}")
+        _, qmp, status = await self._source_migration(vm, "migrate_tune")
+        if status not in _MIGRATING or status in _POSTCOPY:
+            raise InvalidState(
+                f"vm {name!r} on host {self.host_id!r} has no pre-copy migration under way (qemu: "
+                f"{status}); migrate_tune changes a running one, so start it with migrate_send first"
+            )
+        await qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
+
+    async def migrate_postcopy(self, name: str) -> None:
+        """Source: switch the running migration to post-copy (``migrate-start-postcopy``); from here
+        it cannot be rolled back. A migration in post-copy already is left as it is.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: no migration is under way, or its policy did not allow post-copy.
+            EngineError: QEMU refused or does not answer.
+        """
+        vm = self._get(name)
+        _, qmp, status = await self._source_migration(vm, "migrate_postcopy")
+        if status in _POSTCOPY:
+            return
+        if status not in _MIGRATING:
+            raise InvalidState(
+                f"vm {name!r} on host {self.host_id!r} has no migration under way (qemu: {status}); "
+                "start one with migrate_send first"
+            )
+        caps = await qmp.execute("query-migrate-capabilities")
+        allowed = any(
+            isinstance(c, dict) and c.get("capability") == "postcopy-ram" and c.get("state") is True
+            for c in (caps if isinstance(caps, builtins.list) else [])
+        )
+        if not allowed:
+            raise InvalidState(
+                f"vm {name!r} on host {self.host_id!r}: its migration's policy does not allow post-copy "
+                "(postcopy=False), and QEMU cannot switch without it; let it converge, or cancel it and "
+                "send it again with postcopy allowed"
+            )
+        await qmp.execute("migrate-start-postcopy")
+
+    async def migrate_cancel(self, name: str) -> VmStatus:
+        """Source: cancel a pre-copy migration (QMP ``migrate_cancel``, then wait until QEMU says
+        cancelled or failed), drop the storage mirrors, and make sure the guest runs here: QEMU
+        resumes a guest it stopped for the switchover, and the driver sends ``cont`` if it does not
+        within a moment. Also the rollback after a migration that failed on its own (the destination
+        died, say); a VM with no migration is just made to run.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the migration completed or is in post-copy (the guest runs on the
+                destination); the VM is powered off or is the destination of a migration.
+            EngineError: QEMU did not settle the cancel in time or does not answer.
+        """
+        vm = self._get(name)
+        async with vm.lock:
+            qemu, qmp, status = await self._source_migration(vm, "migrate_cancel")
+            if status in _MIGRATING - _POSTCOPY or status == "cancelling":
+                with contextlib.suppress(EngineError):  # it may have ended on its own meanwhile
+                    await qmp.execute("migrate_cancel")
+                status = await self._wait_migration_ended(vm, qmp)
+            if status == "completed":
+                self._migrated_away(vm, qemu)
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r} has already migrated to "
+                    f"{vm.migration_uri or 'its destination'}: the guest runs there, so it is too late to "
+                    "cancel; destroy and undefine this copy"
+                )
+            if status in _POSTCOPY:
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r} is in post-copy: the guest runs on the "
+                    "destination and this host no longer holds all of its memory, so it cannot be rolled "
+                    "back; wait until the migration completes"
+                )
+            qemu.migrating = False
+            await self._drop_mirrors(vm, qmp)
+            await self._ensure_running(vm, qemu, qmp)
+            vm.state = "running"
+            vm.reason = ""
+            self._save(vm)
+            return vm.status()
+
+    async def migrate_finish(self, name: str) -> VmStatus:
+        """Destination: the stream has completed; stop the NBD exports (when disks were copied) and
+        ``cont`` a copy that waits paused. The VM is an ordinary running VM from then on; one that
+        runs already is returned as it is.
+
+        Raises:
+            UnknownVm: no VM of that name.
+            InvalidState: the copy is still receiving (QEMU ``inmigrate``), or its QEMU died.
+            EngineError: QEMU refused, reports the guest unusable, or does not answer.
+        """
+        vm = self._get(name)
+        async with vm.lock:
+            qemu = vm.qemu
+            if qemu is None or qemu.exited:
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r} is {vm.state} ({vm.reason or 'no reason known'}); "
+                    "there is no received copy to finish; destroy and undefine it here, the guest stays on "
+                    "its source"
+                )
+            if vm.state == "running" and not vm.incoming_uri:
+                return vm.status()
+            if vm.state != "incoming" and not vm.incoming_uri:
+                self._require_state(vm, "migrate_finish", frozenset({"running"}))
+            qmp = await self._qmp(vm, qemu)
+            status = await self._received(qmp)
+            if status == "inmigrate":
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r} is still receiving its migration (qemu: "
+                    "inmigrate); call migrate_finish once the source reports the migration completed"
+                )
+            if vm.incoming_uri and migration.parse_uri(name, vm.incoming_uri).has_nbd:
+                await self._stop_exports(vm, qmp)
+            if status != "running":
+                if status not in ("paused", "postmigrate", "prelaunch"):
+                    raise EngineError(
+                        f"vm {name!r}: qemu reports the received guest as {status}, so it cannot run; "
+                        "destroy and undefine this copy, and cancel the migration on the source"
+                    )
+                await self._own_cont(qemu, qmp)
+            self._require_alive(vm, qemu, "migrate_finish")
+            vm.state = "running"
+            vm.reason = ""
+            vm.incoming_uri = ""
+            self._save(vm)
+            return vm.status()
+
+    # -- migration helpers --------------------------------------------------------------------------
+
+    async def _received(self, qmp: QmpSession) -> str:
+        """The destination's run state, once the stream it is reading has been loaded.
+
+        The source reports ``completed`` when it has sent the last byte; the destination may still
+        be loading the device state for a moment. While its stream is ``active`` that moment is
+        waited out (at most :data:`_LOAD_WAIT_S`); a copy whose stream has not even begun is not.
+        """
+        deadline = time.monotonic() + _LOAD_WAIT_S
+        while True:
+            status = _qmp_status(await qmp.execute("query-status"))
+            if status != "inmigrate" or time.monotonic() > deadline:
+                return status
+            if _migration_status(await qmp.execute("query-migrate")) not in ("active", "completed"):
+                return status
+            await asyncio.sleep(_POLL_S)
+
+    async def _launch_incoming(
+        self,
+        vm: _Vm,
+        listen_host: str,
+        policy: MigrationPolicy | None,
+        copied: Sequence[DiskSpec],
+    ) -> str:
+        """Launch the waiting copy; returns its URI. The caller forgets the VM if this raises."""
+        plan = dataclasses.replace(await self._plan(vm), incoming=True, start_paused=bool(copied))
+        argv = command_line.build_argv(self.qemu_binary, plan)
+        self._prepare_runtime_files(vm, argv)
+        qemu = await self._launch(vm, argv)
+        vm.qemu = qemu
+        qemu.expected_exit = True  # until it waits, a failure is this call's to report
+        try:
+            qmp = await self._connect_qmp(vm, qemu, self.start_timeout_s)
+            await self._incoming_capabilities(vm, qmp, policy)
+            nbd_port = await self._export_disks(vm, qmp, listen_host, copied) if copied else None
+            port = await self._listen_incoming(vm, qmp, listen_host)
+        except EngineError as exc:
+            raise EngineError(
+                f"vm {vm.name!r} cannot wait for its migration on host {self.host_id!r}: {exc}; "
+                f"{self._qemu_says(vm)}"
+            ) from exc
+        qemu.expected_exit = False
+        if qemu.exited:
+            raise EngineError(
+                f"vm {vm.name!r} cannot wait for its migration: qemu exited right away; {self._qemu_says(vm)}"
+            )
+        uri = migration.format_uri(listen_host, port, listen_host if nbd_port else None, nbd_port)
+        vm.state = "incoming"
+        vm.started_at = time.time()
+        vm.reason = f"waiting for the migration stream on {uri}"
+        vm.incoming_uri = uri
+        vm.migration_uri = ""
+        self._save(vm)
+        return uri
+
+    async def _incoming_capabilities(self, vm: _Vm, qmp: QmpSession, policy: MigrationPolicy | None) -> None:
+        """Multifd and post-copy must be on at both ends before ``migrate-incoming``."""
+        postcopy = policy is None or policy.postcopy
+        try:
+            await qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": migration.destination_capabilities(policy, postcopy=postcopy)},
+            )
+        except EngineError as exc:
+            if not postcopy or policy is not None:
+                raise
+            # The policy is unknown, so post-copy was only a maybe: a host without userfaultfd
+            # still takes pre-copy.
+            log.info("vm %s: this host cannot receive post-copy (%s); pre-copy only", vm.name, exc)
+            await qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": migration.destination_capabilities(policy, postcopy=False)},
+            )
+        if policy is not None and policy.multifd:
+            await qmp.execute("migrate-set-parameters", {"multifd-channels": policy.multifd_channels})
+
+    async def _export_disks(
+        self, vm: _Vm, qmp: QmpSession, listen_host: str, copied: Sequence[DiskSpec]
+    ) -> int:
+        """Start the NBD server on a free port; export each copied disk's fresh overlay, writable."""
+        port = await self._on_free_port(
+            vm,
+            listen_host,
+            lambda p: qmp.execute(
+                "nbd-server-start", {"addr": {"type": "inet", "data": {"host": listen_host, "port": str(p)}}}
+            ),
+        )
+        for disk in copied:
+            await qmp.execute(
+                "block-export-add",
+                {
+                    "type": "nbd",
+                    "id": migration.JOB_PREFIX + disk.target,
+                    "node-name": command_line.top_node_name(disk.target),
+                    "name": disk.target,
+                    "writable": True,
+                },
+            )
+        return port
+
+    async def _listen_incoming(self, vm: _Vm, qmp: QmpSession, listen_host: str) -> int:
+        return await self._on_free_port(
+            vm,
+            listen_host,
+            lambda p: qmp.execute("migrate-incoming", {"uri": migration.format_uri(listen_host, p)}),
+        )
+
+    async def _on_free_port(self, vm: _Vm, host_addr: str, listen: Callable[[int], Awaitable[object]]) -> int:
+        """Run ``listen`` on a port that was free a moment ago; another pick if it was taken since."""
+        for attempt in range(3):
+            try:
+                port = migration.free_port(host_addr)
+            except OSError as exc:
+                raise InvalidRequest(
+                    f"vm {vm.name!r}: cannot listen for the migration on {host_addr!r}: "
+                    f"{exc.strerror or exc}; give an address of host {self.host_id!r}"
+                ) from exc
+            try:
+                await listen(port)
+            except EngineError as exc:
+                if attempt == 2 or "in use" not in str(exc).lower():
+                    raise
+                continue
+            return port
+        raise AssertionError("unreachable")
+
+    async def _stop_exports(self, vm: _Vm, qmp: QmpSession) -> None:
+        """Destination: remove the NBD exports and stop the server, before the guest may write."""
+        ours = await self._exports(qmp)
+        for export in ours:
+            with contextlib.suppress(EngineError):  # already going away
+                await qmp.execute("block-export-del", {"id": export, "mode": "hard"})
+        await self._poll(vm, lambda: self._exports(qmp), lambda left: not left, "its NBD exports to close")
+        with contextlib.suppress(EngineError):  # not running (a re-sent migrate_finish)
+            await qmp.execute("nbd-server-stop")
+
+    async def _exports(self, qmp: QmpSession) -> builtins.list[str]:
+        result = await qmp.execute("query-block-exports")
+        return [
+            str(e["id"])
+            for e in (result if isinstance(result, builtins.list) else [])
+            if isinstance(e, dict) and str(e.get("id", "")).startswith(migration.JOB_PREFIX)
+        ]
+
+    async def _mirror_disks(
+        self,
+        vm: _Vm,
+        qmp: QmpSession,
+        target: migration.MigrationUri,
+        copied: Sequence[DiskSpec],
+        policy: MigrationPolicy,
+    ) -> None:
+        """Mirror each local overlay to the destination's export and wait until all are ready.
+
+        A mirror still running from an earlier call (an agent restarted meanwhile) is kept; the
+        remains of one that ended are removed first.
+        """
+        jobs = {j["id"]: j for j in await self._mirror_jobs(qmp)}
+        if any(j.get("status") == "concluded" for j in jobs.values()):
+            await self._drop_mirrors(vm, qmp)
+            jobs = {}
+        nodes = await self._nbd_nodes(qmp)
+        try:
+            for disk in copied:
+                job, node = migration.JOB_PREFIX + disk.target, migration.NBD_NODE_PREFIX + disk.target
+                if job in jobs:
+                    continue
+                if node not in nodes:
+                    await qmp.execute(
+                        "blockdev-add",
+                        {
+                            "driver": "nbd",
+                            "node-name": node,
+                            "server": {"type": "inet", "host": target.nbd_host, "port": str(target.nbd_port)},
+                            "export": disk.target,
+                        },
+                    )
+                await qmp.execute(
+                    "blockdev-mirror",
+                    {
+                        "job-id": job,
+                        "device": command_line.top_node_name(disk.target),
+                        "target": node,
+                        "sync": "top",
+                        "auto-dismiss": False,
+                    },
+                )
+            await self._wait_mirrors_ready(vm, qmp, [migration.JOB_PREFIX + d.target for d in copied], policy)
+        except BaseException:
+            with contextlib.suppress(EngineError):
+                await asyncio.shield(self._drop_mirrors(vm, qmp))
+            raise
+
+    async def _wait_mirrors_ready(
+        self, vm: _Vm, qmp: QmpSession, ids: Sequence[str], policy: MigrationPolicy
+    ) -> None:
+        moved_at, copied_so_far = time.monotonic(), -1
+        while True:
+            jobs = {j["id"]: j for j in await self._mirror_jobs(qmp)}
+            for job_id in ids:
+                job = jobs.get(job_id)
+                if job is None or job.get("status") == "concluded":
+                    why = (job or {}).get("error") or "the job ended early"
+                    raise EngineError(
+                        f"vm {vm.name!r}: copying disk {job_id.removeprefix(migration.JOB_PREFIX)} to the "
+                        f"destination failed: {why}; the migration did not start and the VM runs here; "
+                        "check the destination (is it still waiting?) and migrate again"
+                    )
+            if all(jobs[j].get("status") == "ready" for j in ids):
+                return
+            progress = sum(int(jobs[j].get("current-progress", 0)) for j in ids)
+            now = time.monotonic()
+            if progress != copied_so_far:
+                moved_at, copied_so_far = now, progress
+            elif now - moved_at >= policy.no_progress_s:
+                raise EngineError(
+                    f"vm {vm.name!r}: no disk data moved to the destination for {policy.no_progress_s:g}s "
+                    "while copying its disks; the link or the destination is down; the migration did not "
+                    "start and the VM runs here"
+                )
+            await asyncio.sleep(0.1)
+
+    async def _mirror_jobs(self, qmp: QmpSession) -> builtins.list[dict[str, Any]]:
+        result = await qmp.execute("query-jobs")
+        return [
+            j
+            for j in (result if isinstance(result, builtins.list) else [])
+            if isinstance(j, dict) and str(j.get("id", "")).startswith(migration.JOB_PREFIX)
+        ]
+
+    async def _nbd_nodes(self, qmp: QmpSession) -> set[str]:
+        result = await qmp.execute("query-named-block-nodes", {"flat": True})
+        return {
+            str(n.get("node-name"))
+            for n in (result if isinstance(result, builtins.list) else [])
+            if isinstance(n, dict) and str(n.get("node-name", "")).startswith(migration.NBD_NODE_PREFIX)
+        }
+
+    async def _drop_mirrors(self, vm: _Vm, qmp: QmpSession) -> None:
+        """Cancel the storage mirrors at once and remove them and their NBD connections."""
+        for job in await self._mirror_jobs(qmp):
+            if job.get("status") != "concluded":
+                with contextlib.suppress(EngineError):  # it concluded meanwhile
+                    await qmp.execute("block-job-cancel", {"device": job["id"], "force": True})
+        jobs = await self._poll(
+            vm,
+            lambda: self._mirror_jobs(qmp),
+            lambda js: all(j.get("status") == "concluded" for j in js),
+            "its storage mirrors to stop",
+        )
+        await self._remove_mirrors(qmp, jobs)
+
+    async def _remove_mirrors(self, qmp: QmpSession, jobs: Sequence[Mapping[str, Any]]) -> None:
+        for job in jobs:
+            with contextlib.suppress(EngineError):
+                await qmp.execute("job-dismiss", {"id": job["id"]})
+        for node in await self._nbd_nodes(qmp):
+            with contextlib.suppress(EngineError):
+                await qmp.execute("blockdev-del", {"node-name": node})
+
+    async def _switchover(self, vm: _Vm, qemu: _Qemu) -> None:
+        """Source copying storage: QEMU stopped the guest and waits (``pre-switchover``). Complete
+        each ready mirror (a soft cancel copies what is left, then ends without error), then let QEMU
+        send the device state. A mirror that failed cancels the migration instead: the destination
+        would miss writes, and QEMU resumes the guest here."""
+        async with qemu.switchover_lock:
+            if qemu.switchover_done or vm.qemu is not qemu or qemu.exited:
+                return
+            qmp = await self._qmp(vm, qemu)
+            if _migration_status(await qmp.execute("query-migrate")) != "pre-switchover":
+                return
+            for job in await self._mirror_jobs(qmp):
+                if job.get("status") != "concluded":
+                    await qmp.execute("block-job-cancel", {"device": job["id"]})
+            jobs = await self._poll(
+                vm,
+                lambda: self._mirror_jobs(qmp),
+                lambda js: all(j.get("status") == "concluded" for j in js),
+                "its storage mirrors to copy their last writes",
+            )
+            failed = [
+                f"{j['id'].removeprefix(migration.JOB_PREFIX)}: {j['error']}" for j in jobs if j.get("error")
+            ]
+            await self._remove_mirrors(qmp, jobs)
+            if failed:
+                log.error(
+                    "vm %s: a storage mirror failed at the switchover (%s); cancelling the migration, the "
+                    "guest resumes here",
+                    vm.name,
+                    "; ".join(failed),
+                )
+                await qmp.execute("migrate_cancel")
+            else:
+                await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+            qemu.switchover_done = True
+
+    async def _switchover_logged(self, vm: _Vm, qemu: _Qemu) -> None:
+        try:
+            await self._switchover(vm, qemu)
+        except EngineError as exc:
+            # migrate_sample tries again; the agent's guard aborts a migration that stays stuck.
+            log.warning("vm %s: the switchover of its migration failed: %s", vm.name, exc)
+
+    async def _check_started(self, vm: _Vm, qemu: _Qemu, qmp: QmpSession, uri: str) -> None:
+        """Wait a moment for QEMU to connect: a destination that is not listening fails here."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            info = await qmp.execute("query-migrate")
+            status = _migration_status(info)
+            if status == "failed":
+                error = info.get("error-desc", "no reason given") if isinstance(info, dict) else ""
+                raise EngineError(
+                    f"vm {vm.name!r}: the migration to {uri} failed at once: {error}; is the destination "
+                    "waiting for it (migrate_incoming) and reachable from this host? The VM runs here"
+                )
+            if status != "setup" or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(_POLL_S)
+
+    async def _wait_migration_ended(self, vm: _Vm, qmp: QmpSession) -> str:
+        info = await self._poll(
+            vm,
+            lambda: qmp.execute("query-migrate"),
+            lambda i: _migration_status(i) not in (_MIGRATING - _POSTCOPY) | {"cancelling"},
+            "its migration to end after migrate_cancel",
+        )
+        return _migration_status(info)
+
+    async def _ensure_running(self, vm: _Vm, qemu: _Qemu, qmp: QmpSession) -> None:
+        """After a cancelled or failed migration: QEMU resumes a guest it stopped for the switchover
+        by itself (a moment later); a guest still stopped after that gets a ``cont``."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            status = _qmp_status(await qmp.execute("query-status"))
+            if status == "running":
+                break
+            if status not in ("finish-migrate", "inmigrate") and time.monotonic() > deadline:
+                await self._own_cont(qemu, qmp)
+                break
+            if time.monotonic() > deadline + _SETTLE_TIMEOUT_S:
+                raise EngineError(
+                    f"vm {vm.name!r}: qemu stays {status} after the migration ended; destroy and start the VM"
+                )
+            await asyncio.sleep(_POLL_S)
+        qemu.migration_stopped = False
+        self._require_alive(vm, qemu, "migrate_cancel")
+
+    async def _source_migration(self, vm: _Vm, operation: str) -> tuple[_Qemu, QmpSession, str]:
+        """The QEMU of a migration's source, its QMP session and QEMU's migration status."""
+        if vm.state == "incoming":
+            raise InvalidState(
+                f"vm {vm.name!r} on host {self.host_id!r} is incoming (the destination of a migration); "
+                f"{operation} acts on the source; roll a destination back with destroy and undefine"
+            )
+        qemu = vm.qemu
+        if qemu is None:
+            self._require_state(vm, operation, frozenset({"running", "paused"}))
+        assert qemu is not None
+        qmp = await self._qmp(vm, qemu)
+        return qemu, qmp, _migration_status(await qmp.execute("query-migrate"))
+
+    async def _poll(
+        self,
+        vm: _Vm,
+        get: Callable[[], Awaitable[T]],
+        done: Callable[[T], bool],
+        what: str,
+    ) -> T:
+        """``get()`` every 50 ms until ``done`` says so.
+
+        Raises:
+            EngineError: not within 30 s.
+        """
+        deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+        while True:
+            value = await get()
+            if done(value):
+                return value
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"vm {vm.name!r}: waited {_SETTLE_TIMEOUT_S:g}s for {what} in vain; qemu may be hung; "
+                    "destroy the VM if this persists"
+                )
+            await asyncio.sleep(_POLL_S)
+
+    async def _forget(self, vm: _Vm) -> None:
+        """Undo a migrate_incoming that failed: kill its QEMU, remove its directory and record."""
+        qemu = vm.qemu
+        if qemu is not None:
+            qemu.expected_exit = True
+            if qemu.watch is not None:
+                qemu.watch.send_signal(signal.SIGKILL)
+                await qemu.watch.wait(5.0)
+            if qemu.qmp is not None:
+                await qemu.qmp.close()
+            vm.qemu = None
+        await asyncio.to_thread(shutil.rmtree, vm.dir, True)
+        self._vms.pop(vm.name, None)
 
     # ---------------------------------------------------------------------------------------------
     # Extras of this engine (not part of Driver)
@@ -952,6 +1704,19 @@ class QemuDriver(Driver):
         state: Literal["stopped", "crashed"]
         if qemu.panicked:
             event, state, reason = "crashed", "crashed", "the guest kernel panicked"
+        elif vm.state == "incoming" and wait_status is not None and os.WIFEXITED(wait_status):
+            # QEMU ends an incoming migration that failed (or that the source cancelled) by exiting.
+            event, state = "stopped", "stopped"
+            reason = (
+                f"the incoming migration ended without a guest: qemu exited ({describe_wait_status(wait_status)}), "
+                "as it does when the stream fails or the source cancels; destroy and undefine this copy"
+            )
+        elif vm.state == "incoming":
+            event, state = "crashed", "crashed"
+            reason = (
+                f"qemu (pid {qemu.pid}) died while receiving the migration: {describe_wait_status(wait_status)}; "
+                "destroy and undefine this copy (the source still runs the guest)"
+            )
         elif why in _GUEST_POWEROFF:
             event, state, reason = "shutdown", "stopped", "the guest powered itself off"
         elif data:
@@ -981,6 +1746,25 @@ class QemuDriver(Driver):
             self.emit(
                 DriverEvent(vm=vm.name, event="rebooted", state=vm.state, reason="the guest rebooted itself")
             )
+        elif name == "MIGRATION":
+            self._on_migration_event(vm, qemu, str(data.get("status", "")))
+        elif name == "STOP" and qemu.migrating and vm.state == "running":
+            # QEMU stops the source for the switchover (or post-copy): that is the migration working.
+            qemu.migration_stopped = True
+            vm.state = "paused"
+            vm.reason = "stopped for the switchover to the destination"
+            self._save(vm, errors="log")
+        elif name == "RESUME" and vm.state == "incoming":
+            # The stream completed (or post-copy began) and QEMU started the guest here on its own.
+            vm.state = "running"
+            vm.reason = ""
+            self._save(vm, errors="log")
+        elif name == "RESUME" and qemu.migration_stopped and vm.state == "paused":
+            # The migration failed or was cancelled after the guest was stopped; QEMU resumed it here.
+            qemu.migration_stopped = False
+            vm.state = "running"
+            vm.reason = ""
+            self._save(vm, errors="log")
         elif name == "STOP" and not (qemu.own_stop or qemu.expected_exit) and vm.state == "running":
             vm.state = "paused"
             vm.reason = (
@@ -995,6 +1779,36 @@ class QemuDriver(Driver):
             vm.reason = "resumed outside fleetvisor"
             self._save(vm, errors="log")
             self.emit(DriverEvent(vm=vm.name, event="resumed", state="running", reason=vm.reason))
+
+    def _on_migration_event(self, vm: _Vm, qemu: _Qemu, status: str) -> None:
+        """QMP ``MIGRATION`` (the ``events`` capability is on at both ends). Runs in the QMP reader."""
+        if not vm.migration_uri or vm.incoming_uri:
+            return  # a destination (only migrate_send sets migration_uri): its RESUME or exit tells
+        if status == "pre-switchover":
+            self._spawn(self._switchover_logged(vm, qemu), f"switchover-{vm.name}")
+        elif status == "completed":
+            self._migrated_away(vm, qemu)
+        elif status in _POSTCOPY:
+            qemu.migration_stopped = False  # no way back: the guest runs on the destination now
+            if vm.state == "running":
+                vm.state = "paused"
+            vm.reason = f"post-copy to {vm.migration_uri or 'the destination'}: the guest runs there now"
+            self._save(vm, errors="log")
+        elif status in ("failed", "cancelled"):
+            qemu.migrating = False
+
+    def _migrated_away(self, vm: _Vm, qemu: _Qemu) -> None:
+        """The source after a completed migration: QEMU idles in ``postmigrate``; the VM is paused."""
+        qemu.migrating = qemu.migration_stopped = False
+        reason = (
+            f"migrated away to {vm.migration_uri or 'another host'}: the guest runs there now; "
+            "destroy and undefine this copy"
+        )
+        if vm.state == "paused" and vm.reason == reason:
+            return
+        vm.state = "paused"
+        vm.reason = reason
+        self._save(vm, errors="log")
 
     async def _reattach(self, vm: _Vm) -> None:
         """Find a VM's QEMU from an earlier driver again, or record that it is gone."""
@@ -1033,11 +1847,36 @@ class QemuDriver(Driver):
             return
         if qemu.exited:
             return  # _on_exit has recorded why
-        vm.state = "running" if status == "running" else "paused"
-        if status not in ("running", "paused"):
-            vm.reason = f"qemu reports the guest as {status}"
+        if vm.state == "incoming" and status != "running":
+            pass  # still receiving, or received and waiting for migrate_finish (-S)
+        else:
+            vm.state = "running" if status == "running" else "paused"
+            if status not in ("running", "paused"):
+                vm.reason = f"qemu reports the guest as {status}"
+        if vm.state != "incoming" and vm.migration_uri:
+            await self._reattach_migration(vm, qemu, qmp)
         self._save(vm, errors="log")
         log.info("vm %s: re-attached to qemu pid %d (%s)", vm.name, qemu.pid, vm.state)
+
+    async def _reattach_migration(self, vm: _Vm, qemu: _Qemu, qmp: QmpSession) -> None:
+        """A source re-attached while (or after) migrating: pick the migration up where QEMU is."""
+        try:
+            info = await qmp.execute("query-migrate")
+        except EngineError as exc:
+            log.warning("vm %s: cannot see its migration after re-attaching: %s", vm.name, exc)
+            return
+        status = str(info.get("status", "none")) if isinstance(info, dict) else "none"
+        if status in _MIGRATING:
+            qemu.migrating = True
+            qemu.migration_stopped = vm.state == "paused" and status not in _POSTCOPY
+            if vm.state == "paused":
+                vm.reason = "stopped for the switchover to the destination"
+            if status == "pre-switchover":
+                self._spawn(self._switchover_logged(vm, qemu), f"switchover-{vm.name}")
+            if status in _POSTCOPY:
+                vm.reason = f"post-copy to {vm.migration_uri}: the guest runs there now"
+        elif status == "completed":
+            self._migrated_away(vm, qemu)
 
     async def _sample(self, vm: _Vm) -> VmStats | None:
         qemu = vm.qemu
@@ -1124,6 +1963,7 @@ class QemuDriver(Driver):
         vm.state = state
         vm.started_at = None
         vm.reason = reason
+        vm.incoming_uri = ""
         self._save(vm, errors=save_errors)
 
     def _save(self, vm: _Vm, *, errors: Literal["raise", "log"] = "raise") -> None:
@@ -1242,6 +2082,22 @@ def _without_timestamp(line: str) -> str:
         line = rest
     program, sep, message = line.partition(": ")
     return message if sep and os.path.basename(program).startswith("qemu") else line
+
+
+def _migration_status(result: object) -> str:
+    """QEMU's own ``query-migrate`` status (``none`` before any migration)."""
+    if isinstance(result, dict):
+        return str(result.get("status", "none"))
+    return "none"
+
+
+def _local_disks_message(name: str, disks: Sequence[DiskSpec]) -> str:
+    listed = ", ".join(f"{d.target} (an overlay on {d.source})" for d in disks)
+    return (
+        f"vm {name!r} has local disks the destination does not have: {listed}; migrate with "
+        "copy_storage=True to copy them with a block mirror, or keep such VMs on shared storage "
+        "(disks with overlay=False, at the same path on both hosts)"
+    )
 
 
 def _qmp_status(result: object) -> str:

@@ -6,7 +6,7 @@
     cache/                   qemu-info.json (QEMU's answers), accel-probe.json (the KVM verdict)
     images/                  the default image directory: kernels, initrds and disks VMs may use
     vms/NAME/                one private (0700) runtime directory per VM:
-        spec.json state.json    the spec, and the last power state with QEMU's pid
+        spec.json state.json    the spec, and the last power state with QEMU's pid (and migration URIs)
         qmp.sock qemu.pid       QMP socket and QEMU's pid file
         serial.log console.log  the serial port (COM1) and the virtio console, as files
         qemu.log                QEMU's own stdout/stderr
@@ -27,6 +27,12 @@ How it fits together:
 - **Safety.** QEMU runs from an argument list under ``-sandbox on``; a spec's paths must resolve
   inside the image directories, backing chains included (:mod:`hv.qemu.image_policy`).
 - **Acceleration** is probed, not assumed (:mod:`hv.qemu.accel`).
+- **Live migration** (:mod:`hv.qemu.migration` has the URI and the QMP mappings). The destination
+  runs the same command line plus ``-incoming defer`` in state ``incoming``; the source keeps
+  sending while no agent watches, and ``state.json`` keeps each side's URI so a new driver picks
+  the migration up again. QEMU's own stop and restart of the guest around the switchover are not
+  reported as events; after a completed migration the source idles ``paused`` ("migrated away")
+  until the agent destroys it.
 
 Calls on one VM are serialised by a per-VM lock; calls on different VMs run concurrently.
 """
@@ -608,7 +614,7 @@ class QemuDriver(Driver):
 
         Raises:
             UnknownVm: no VM of that name.
-            InvalidState: the VM is not paused.
+            InvalidState: the VM is not paused, or it migrated away (its guest runs elsewhere now).
             EngineError: QEMU refused or did not answer, or the driver is not open.
         """
         vm = self._get(name)
@@ -616,7 +622,14 @@ class QemuDriver(Driver):
             self._require_state(vm, "resume", frozenset({"paused"}))
             qemu = vm.qemu
             assert qemu is not None
-            await self._own_cont(qemu, await self._qmp(vm, qemu))
+            qmp = await self._qmp(vm, qemu)
+            if _qmp_status(await qmp.execute("query-status")) == "postmigrate":
+                raise InvalidState(
+                    f"vm {name!r} on host {self.host_id!r} migrated away: its guest runs on "
+                    f"{vm.migration_uri or 'another host'}, and resuming this stale copy would run it twice; "
+                    "destroy and undefine it here"
+                )
+            await self._own_cont(qemu, qmp)
             self._require_alive(vm, qemu, "resume")
             vm.state = "running"
             vm.reason = ""
@@ -783,9 +796,9 @@ class QemuDriver(Driver):
                 self._require_state(vm, "migrate_send", frozenset({"running"}))
             assert qemu is not None
             qmp = await self._qmp(vm, qemu)
-            status = _migration_status(await qmp.execute("query-migrate"))
+            status = await self._outgoing_status(vm, qmp)
             if status in _MIGRATING or status == "completed":
-                if vm.migration_uri and vm.migration_uri != uri:
+                if vm.migration_uri != uri:
                     raise InvalidState(
                         f"vm {name!r} on host {self.host_id!r} is already migrating to {vm.migration_uri} "
                         f"(qemu: {status}), not to {uri}; cancel it first (migrate_cancel), or pass the "
@@ -848,9 +861,11 @@ class QemuDriver(Driver):
         """
         vm = self._get(name)
         qemu = vm.qemu
+        if not vm.migration_uri:
+            # No outgoing migration was started here. QEMU may still say "completed": that is the
+            # incoming migration that brought this VM here.
+            return MigrationSample(status="none")
         if qemu is None or qemu.exited:
-            if not vm.migration_uri:
-                return MigrationSample(status="none")
             return MigrationSample(status="failed", error=f"the source's qemu is gone: {vm.reason}")
         qmp = await self._qmp(vm, qemu)
         info = await qmp.execute("query-migrate")
@@ -1337,7 +1352,9 @@ class QemuDriver(Driver):
     async def _ensure_running(self, vm: _Vm, qemu: _Qemu, qmp: QmpSession) -> None:
         """After a cancelled or failed migration: QEMU resumes a guest it stopped for the switchover
         by itself (a moment later); a guest still stopped after that gets a ``cont``."""
-        deadline = time.monotonic() + 2.0
+        # Only a guest the migration stopped gets that moment: a cont racing QEMU's own restart would
+        # show as a pause and a resume from outside.
+        deadline = time.monotonic() + (2.0 if qemu.migration_stopped else 0.0)
         while True:
             status = _qmp_status(await qmp.execute("query-status"))
             if status == "running":
@@ -1365,7 +1382,18 @@ class QemuDriver(Driver):
             self._require_state(vm, operation, frozenset({"running", "paused"}))
         assert qemu is not None
         qmp = await self._qmp(vm, qemu)
-        return qemu, qmp, _migration_status(await qmp.execute("query-migrate"))
+        return qemu, qmp, await self._outgoing_status(vm, qmp)
+
+    async def _outgoing_status(self, vm: _Vm, qmp: QmpSession) -> str:
+        """QEMU's status of the migration this VM sends; ``none`` when it sent none.
+
+        Until a QEMU sends, ``query-migrate`` reports how it *arrived*: a copy that came by migration
+        says ``completed`` for good. Only :meth:`migrate_send` sets ``migration_uri``, so without one
+        there is nothing outgoing to speak of.
+        """
+        if not vm.migration_uri:
+            return "none"
+        return _migration_status(await qmp.execute("query-migrate"))
 
     async def _poll(
         self,

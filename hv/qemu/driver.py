@@ -1577,6 +1577,7 @@ class QemuDriver(Driver):
             initrd=initrd,
             disks=tuple(disks),
             sandbox=self.sandbox,
+            ram_pad_kib=command_line.TCG_RAM_PAD_KIB if self.accel.accel == "tcg" else 0,
         )
 
     # ---------------------------------------------------------------------------------------------

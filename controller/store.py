@@ -23,7 +23,7 @@ import msgspec
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Steps from one schema version to the next; each runs once, in order, inside a transaction.
 _MIGRATIONS: dict[int, str] = {
@@ -35,6 +35,10 @@ _MIGRATIONS: dict[int, str] = {
     # 2 -> 3: the destination a VM is migrating to holds a claim too.
     2: """
     ALTER TABLE vms ADD COLUMN migrating_to TEXT;
+    """,
+    # 3 -> 4: a host the power manager put in standby (switched off, not placeable), and since when.
+    3: """
+    ALTER TABLE hosts ADD COLUMN standby_since REAL;
     """,
 }
 
@@ -128,6 +132,8 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     #: Labels the host's agent reports (``agent --label``), and those an operator set; the operator's win.
     agent_labels: dict[str, str] = {}
     operator_labels: dict[str, str] = {}
+    #: When the power manager put the host in standby (switched off, not placeable); None while it is on.
+    standby_since: float | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -289,6 +295,10 @@ class Store:
                 (_encoder.encode(operator_labels), host_id),
             )
 
+    def set_host_standby(self, host_id: str, since: float | None) -> None:
+        """Record that the power manager put the host in standby at ``since`` (None: it is on again)."""
+        self._db.execute("UPDATE hosts SET standby_since=? WHERE host_id=?", (since, host_id))
+
     def set_host_online(self, host_id: str, online: bool, reason: str) -> bool:
         """Record liveness; returns True when it changed."""
         cur = self._db.execute(
@@ -447,6 +457,14 @@ class Store:
         ).fetchone()
         return None if row is None else _op(row)
 
+    def latest_operation_times(self, kind: OpKind, since: float) -> dict[str, float]:
+        """When each VM's newest operation of ``kind`` created after ``since`` was created, by VM."""
+        rows = self._db.execute(
+            "SELECT vm, MAX(created_at) FROM operations WHERE kind=? AND created_at>? GROUP BY vm",
+            (kind, since),
+        )
+        return {r[0]: r[1] for r in rows}
+
     def running_operations(self) -> list[OperationRecord]:
         return [
             _op(r)
@@ -497,6 +515,7 @@ def _host(row: tuple[Any, ...]) -> HostRecord:
         last_seen=row[9],
         agent_labels=_labels_decoder.decode(row[10]),
         operator_labels=_labels_decoder.decode(row[11]),
+        standby_since=row[12],
     )
 
 

@@ -84,7 +84,7 @@ def test_store_refuses_a_file_from_another_schema_version(tmp_path):
 
 
 def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
-    """Opening a schema-1 file adds the label and migration columns, keeps every row, records version 3."""
+    """Opening a schema-1 file adds the label, migration and standby columns, keeps every row, records version 4."""
     path = tmp_path / "old.sqlite"
     store = Store(path)
     store.upsert_host(
@@ -112,7 +112,10 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     migrated.set_host_admin("h1", operator_labels={"zone": "a"})
     assert migrated.host("h1").labels == {"zone": "a"}  # type: ignore[union-attr]
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
     migrated.insert_vm(VmSpec(name="v", memory_mib=256), "h1", "running", None)
     migrated.update_vm("v", migrating_to="h1")
     assert migrated.vm("v").migrating_to == "h1"  # type: ignore[union-attr]
+    assert migrated.host("h1").standby_since is None  # type: ignore[union-attr]
+    migrated.set_host_standby("h1", 1234.5)
+    assert migrated.host("h1").standby_since == 1234.5  # type: ignore[union-attr]

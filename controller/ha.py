@@ -25,6 +25,11 @@ Fencing methods (``controller --ha-fencing``):
 
 If a fenced host comes back and still reports a VM that now runs elsewhere, the controller tells it to
 undefine that stale copy, so a VM runs exactly once.
+
+A host the power manager put in standby (:mod:`controller.power_manager`) is switched off on purpose
+and holds no VM: its silence is expected. The power manager lists such hosts in
+:attr:`HaManager.standby_hosts`, and HA skips them: no suspect, no failure, no BMC check, no fencing,
+no restart. The host is judged again once it speaks (power-on) and leaves standby.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class HaManager:
         self._task: asyncio.Task[None] | None = None
         self._bmc_checks: dict[str, asyncio.Task[None]] = {}
         self._bmc_checked: dict[str, float] = {}
+        #: Hosts in standby (kept by the power manager): switched off on purpose, never failed.
+        self.standby_hosts: set[str] = set()
 
     # -- inputs (called from bus handlers; quick) -----------------------------------------------
 
@@ -94,7 +101,8 @@ class HaManager:
             self.last_heartbeat[host_id] = now
             self.detector.heartbeat(host_id, now)
             self._report(self.detector.revive(host_id, now))
-        elif reason == "agent stopped":
+        elif reason == "agent stopped" or host_id in self.standby_hosts:
+            # A host going to standby may lose its agent either way (SIGTERM, or power cut first).
             self.detector.stopped_cleanly(host_id, now)
         else:
             self.detector.connection_lost(host_id, now, reason)
@@ -149,7 +157,7 @@ class HaManager:
         """
         now = time.monotonic()
         for host_id, config in self.settings.bmcs.items():
-            if self.detector.state(host_id) not in ("suspect", "offline"):
+            if host_id in self.standby_hosts or self.detector.state(host_id) not in ("suspect", "offline"):
                 continue
             running = self._bmc_checks.get(host_id)
             if (running is not None and not running.done()) or now - self._bmc_checked.get(
@@ -167,12 +175,19 @@ class HaManager:
         except PowerError as exc:
             log.info("BMC of %s did not answer: %s", host_id, exc)
             return
-        if status == "off" and self.detector.state(host_id) in ("suspect", "offline"):
+        if (
+            status == "off"
+            and host_id not in self.standby_hosts
+            and self.detector.state(host_id) in ("suspect", "offline")
+        ):
             reason = f"its BMC at {config.address}:{config.port} reports power off"
             self._report(self.detector.declare_failed(host_id, time.monotonic(), reason))
 
     def _report(self, change: Transition | None) -> None:
         if change is None:
+            return
+        if change.host_id in self.standby_hosts and change.new in ("suspect", "failed"):
+            log.info("host %s is in standby; not %s (%s)", change.host_id, change.new, change.reason)
             return
         self.service.events.emit(
             f"host.{change.new}",

@@ -26,7 +26,7 @@ from controller.power.energy import (
 )
 from controller.power.ipmi import BmcConfig, IpmiDriver
 from controller.power.sim import SimPowerDriver
-from controller.power.wol import WakeOnLanDriver, WolConfig
+from controller.power.wol import WakeOnLanDriver, WolConfig, load_wol_config
 
 __all__ = [
     "BmcConfig",
@@ -46,4 +46,5 @@ __all__ = [
     "WakeCheck",
     "WakeOnLanDriver",
     "WolConfig",
+    "load_wol_config",
 ]

@@ -62,6 +62,8 @@ class FallbackPower(PowerDriver):
         self.can_wake = any(driver.can_wake for driver in self.drivers)
         #: The method that carried out the last successful power_on / power_off.
         self.last_used: str | None = None
+        #: The methods that failed before ``last_used`` succeeded, with their errors (for reports).
+        self.last_failures: list[PowerError] = []
 
     def __repr__(self) -> str:
         return f"FallbackPower({self.drivers!r})"
@@ -146,6 +148,7 @@ class FallbackPower(PowerDriver):
                         len(failures),
                     )
                 self.last_used = driver.method
+                self.last_failures = failures
                 return
             log.warning("host %s: %s via %s failed: %s", self.host_id, action, driver.method, failures[-1])
         if not candidates:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import pathlib
 import re
 import socket
 from dataclasses import dataclass
 
+import msgspec
+
 from controller.power.driver import PowerDriver, PowerError, PowerState, WakeCheck
 
-__all__ = ["WakeOnLanDriver", "WolConfig", "magic_packet", "parse_mac"]
+__all__ = ["WakeOnLanDriver", "WolConfig", "load_wol_config", "magic_packet", "parse_mac"]
 
 _MAC_RE = re.compile(
     r"(?:[0-9a-f]{2}([:-])(?:[0-9a-f]{2}\1){4}[0-9a-f]{2})"  # aa:bb:cc:dd:ee:ff or aa-bb-...
@@ -216,3 +219,42 @@ class WakeOnLanDriver(PowerDriver):
             "check that this controller has a route to that broadcast address and that no firewall "
             "drops outgoing UDP to it",
         )
+
+
+class _WolEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    mac: str
+    broadcast: str = "255.255.255.255"
+    port: int = 9
+    interface: str | None = None
+
+
+def load_wol_config(path: pathlib.Path) -> dict[str, WolConfig]:
+    """Per-host Wake-on-LAN settings from a JSON or YAML file (the sibling of the BMC file)::
+
+        {"h1": {"mac": "52:54:00:12:34:56", "broadcast": "10.0.0.255", "port": 9, "interface": "eth1"}}
+
+    Only ``mac`` is required.
+
+    Raises:
+        ValueError: the file is unreadable or malformed, or a MAC or broadcast address is not valid.
+    """
+    try:
+        raw = path.read_bytes()
+        data = msgspec.yaml.decode(raw) if path.suffix in (".yaml", ".yml") else msgspec.json.decode(raw)
+        entries = msgspec.convert(data, dict[str, _WolEntry])
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(
+            f"Wake-on-LAN config {str(path)!r}: {exc}; see `fleetvisor controller --help`"
+        ) from None
+    configs = {}
+    for host_id, entry in entries.items():
+        try:
+            parse_mac(entry.mac)
+            if ipaddress.ip_address(entry.broadcast).version != 4:
+                raise ValueError(f"broadcast {entry.broadcast!r} is not an IPv4 address")
+        except ValueError as exc:
+            raise ValueError(f"Wake-on-LAN config {str(path)!r}, host {host_id!r}: {exc}") from None
+        configs[host_id] = WolConfig(
+            mac=entry.mac, broadcast=entry.broadcast, port=entry.port, interface=entry.interface
+        )
+    return configs

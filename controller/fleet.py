@@ -32,6 +32,7 @@ from controller.errors import ApiError
 from controller.events import EventHub
 from controller.ha import HaManager, HaSettings
 from controller.migration import MigrationManager, MigrationSettings
+from controller.power_manager import PowerManager, PowerSettings
 from controller.rate_limit import InboundLimiter
 from controller.scheduler import (
     GROUP_LABEL,
@@ -80,6 +81,7 @@ class FleetSettings:
     command_retry_s: float = 5.0
     ha: HaSettings = field(default_factory=HaSettings)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
+    power: PowerSettings = field(default_factory=PowerSettings)
 
 
 _POWER_TO_VM_STATE: dict[VmPowerState, VmState] = {
@@ -136,6 +138,8 @@ class FleetService:
             capacity=self.settings.scheduler.capacity,
         )
         self.scheduler = Scheduler(self.fleet_state, self.settings.scheduler)
+        #: Balancing and power: consolidation, standby and power-on in one loop (see power_manager).
+        self.power = PowerManager(self, self.settings.power)
         for family, handler in (
             ("state", self._on_state),
             ("inventory", self._on_inventory),
@@ -149,8 +153,9 @@ class FleetService:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> int:
-        """Start background work (HA) and resume unfinished operations. Returns how many resumed."""
+        """Start background work (HA, power) and resume unfinished operations. Returns how many resumed."""
         self.ha.start()
+        self.power.start()
         self._drainer = asyncio.get_running_loop().create_task(self._drain_deferred(), name="deferred")
         return self.resume_operations()
 
@@ -166,6 +171,7 @@ class FleetService:
 
     async def close(self) -> None:
         self._closing = True
+        await self.power.close()
         await self.ha.close()
         if self._drainer is not None:
             self._drainer.cancel()

@@ -30,6 +30,8 @@ from controller.failure_detector import DetectorSettings
 from controller.fencing import load_bmc_config
 from controller.fleet import FleetSettings
 from controller.ha import HaSettings
+from controller.power import load_wol_config
+from controller.power_manager import PowerSettings
 from hv.driver import HvError
 from hv.engines import ENGINES, UnknownEngine, create_driver
 from protocols.bus import BrokerAddress, BusError, read_secret
@@ -84,6 +86,20 @@ def _bus_tls(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
+    bmcs = load_bmc_config(pathlib.Path(args.bmc_config)) if args.bmc_config else {}
+    power = PowerSettings(
+        mode=args.power_mode,
+        interval_s=args.power_interval,
+        spare_hosts=args.spare_hosts,
+        headroom=args.headroom,
+        idle_rounds=args.idle_rounds,
+        cooldown_s=args.power_cooldown,
+        bmcs=bmcs,
+        wol=load_wol_config(pathlib.Path(args.wol_config)) if args.wol_config else {},
+    )
+    problems = power.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     settings = ControllerSettings(
         username=args.username,
         password=_password(args),
@@ -108,9 +124,10 @@ def cmd_controller(args: argparse.Namespace) -> int:
                 fencing=args.ha_fencing,
                 lease_s=args.ha_lease,
                 fence_dir=pathlib.Path(args.fence_dir) if args.fence_dir else None,
-                bmcs=load_bmc_config(pathlib.Path(args.bmc_config)) if args.bmc_config else {},
+                bmcs=bmcs,
                 host_failures_to_tolerate=args.ha_tolerate,
             ),
+            power=power,
         ),
     )
 
@@ -433,6 +450,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bmc-config",
         help="JSON/YAML: {host: {address, port, username, password_file}} for BMC fencing and power control",
+    )
+    p.add_argument(
+        "--wol-config",
+        help="JSON/YAML: {host: {mac, broadcast, port, interface}}: Wake-on-LAN, tried after the BMC to power on",
+    )
+    p.add_argument(
+        "--power-mode",
+        choices=("manual", "recommend", "auto"),
+        default="manual",
+        help="power manager automation level: manual (plan only when asked, the default), recommend (plan "
+        "every interval and publish it), auto (consolidate, power hosts off and on by itself)",
+    )
+    p.add_argument(
+        "--power-interval", type=float, default=30.0, metavar="S", help="seconds between power manager rounds"
+    )
+    p.add_argument(
+        "--spare-hosts", type=int, default=1, metavar="N", help="empty hosts kept powered on (default 1)"
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=0.2,
+        metavar="SHARE",
+        help="share of powered-on CPU and memory kept free for the forecast demand (default 0.2)",
+    )
+    p.add_argument(
+        "--idle-rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="rounds a host must stay empty before it may go to standby (default 3)",
+    )
+    p.add_argument(
+        "--power-cooldown",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="the power manager moves no VM within this many seconds of its last migration (default 600)",
     )
     p.add_argument(
         "--ha-suspect-phi",

@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller import auth, views
+from controller import auth, power_manager, views
 from controller.errors import ApiError
 from controller.fleet import FleetService
 from controller.migration import MigrationPlan
@@ -57,6 +57,12 @@ _SCHEMA_TYPES: dict[str, Any] = {
     "new_token": auth.NewToken,
     "tokens": list[auth.TokenInfo],
     "audit": list[auth.AuditRecord],
+    "power_plan": power_manager.Plan,
+    "plan_outcome": power_manager.PlanOutcome,
+    "power_status": power_manager.PowerStatus,
+    "power_mode": power_manager.ModeRequest,
+    "host_power_request": power_manager.HostPowerRequest,
+    "host_power": power_manager.HostPowerReport,
 }
 _schemas, _components = msgspec.json.schema_components(
     tuple(_SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"
@@ -401,6 +407,61 @@ def create_app(service: FleetService, authority: auth.Authority | None = None) -
             request, views.EvacuateRequest, "evacuate request", required=False
         )
         return await _op_response(service.migrations.start_evacuation(host_id, body.policy).op_id, wait)
+
+    @app.get(
+        f"{PREFIX}/plan",
+        summary="The power manager's current recommendation: moves and power actions, each with its reason",
+        responses=_responses(200, "power_plan"),
+    )
+    async def show_plan() -> Response:
+        return _json(service.power.current_plan())
+
+    @app.post(
+        f"{PREFIX}/plan/apply",
+        summary="Execute the current recommendation once (automation levels manual and recommend)",
+        responses=_responses(200, "plan_outcome", 409),
+    )
+    async def apply_plan() -> Response:
+        return _json(await service.power.apply())
+
+    @app.get(
+        f"{PREFIX}/power",
+        summary="The power manager: automation level, settings, each host's power and energy",
+        responses=_responses(200, "power_status"),
+    )
+    async def show_power() -> Response:
+        return _json(service.power.status())
+
+    @app.put(
+        f"{PREFIX}/power/mode",
+        summary="Switch the power manager's automation level (manual, recommend, auto)",
+        responses=_responses(200, "power_status", 400),
+        openapi_extra=_body("power_mode"),
+    )
+    async def set_power_mode(request: Request) -> Response:
+        body: power_manager.ModeRequest = await _read_body(request, power_manager.ModeRequest, "power mode")
+        service.power.set_mode(body.mode)
+        return _json(service.power.status())
+
+    @app.get(
+        f"{PREFIX}/hosts/{{host_id}}/power",
+        summary="A host's power as its methods read it, and whether its wake path verifies",
+        responses=_responses(200, "host_power", 404, 409),
+    )
+    async def host_power_status(host_id: str) -> Response:
+        return _json(await service.power.host_status(host_id))
+
+    @app.post(
+        f"{PREFIX}/hosts/{{host_id}}/power",
+        summary="Power a host on, or put an empty host in standby (off), through its power methods",
+        responses=_responses(200, "host_power", 400, 404, 409, 502),
+        openapi_extra=_body("host_power_request"),
+    )
+    async def host_power_action(request: Request, host_id: str) -> Response:
+        body: power_manager.HostPowerRequest = await _read_body(
+            request, power_manager.HostPowerRequest, "host power request"
+        )
+        return _json(await service.power.host_action(host_id, body.action))
 
     @app.get(
         f"{PREFIX}/operations/{{op_id}}",

@@ -47,6 +47,9 @@ class ApiClient:
             base_url=f"{self.base_url}/api/v1", timeout=timeout, headers=headers, verify=verify
         )
 
+    def close(self) -> None:
+        self._http.close()
+
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
@@ -98,10 +101,11 @@ def _render_hosts(hosts: list[dict[str, Any]]) -> str:
     for h in hosts:
         caps = h["capabilities"]
         load = h.get("load") or {}
+        power_state = h.get("power_state", "on")
         rows.append(
             [
                 h["host_id"],
-                "online" if h["online"] else "offline",
+                power_state if power_state != "on" else ("online" if h["online"] else "offline"),
                 f"{caps['engine']}/{caps['accel']}",
                 caps["arch"],
                 f"{h['allocated_vcpus']}/{caps['cores']}",
@@ -134,8 +138,19 @@ def _render_host(h: dict[str, Any]) -> str:
         f"agent:         {h['agent_version']}",
         f"health:        {h.get('health', 'up')}" + (", in maintenance" if h["maintenance"] else ""),
         "labels:        " + (", ".join(f"{k}={v}" for k, v in sorted(h.get("labels", {}).items())) or "-"),
+        f"power:         {_power_line(h)}",
+        f"energy:        {h.get('energy_kwh', 0.0):.4f} kWh since the controller started"
+        + (f" ({h['energy_source']})" if h.get("energy_source") else " (no sample yet)"),
     ]
     return "\n".join(lines)
+
+
+def _power_line(h: dict[str, Any]) -> str:
+    state = h.get("power_state", "on")
+    if state == "standby" and h.get("standby_since"):
+        state += " since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["standby_since"]))
+    method = h.get("power_method")
+    return f"{state}, via {method}" if method else f"{state} (no power method configured)"
 
 
 def cmd_host_list(client: ApiClient, args: argparse.Namespace) -> int:
@@ -170,6 +185,108 @@ def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
 
 def cmd_host_show(client: ApiClient, args: argparse.Namespace) -> int:
     _print(args, client.request("GET", f"/hosts/{args.host}"), _render_host)
+    return 0
+
+
+def _render_host_power(r: dict[str, Any]) -> str:
+    power = r["power"]
+    lines = [
+        f"host {r['host_id']}: {r['action']}: {r['detail']}",
+        f"  power (read by its methods): {r['status']}",
+        f"  managed state:               {power['state']}"
+        + (f", via {power['method']}" if power["method"] else ""),
+        f"  energy:                      {power['energy_kwh']:.4f} kWh since the controller started",
+    ]
+    check = r.get("wake_check")
+    if check:
+        lines.append(
+            f"  wake path:                   {'verified' if check['ok'] else 'NOT verified'} ({check['method']})"
+        )
+        lines.append(f"    {check['detail']}")
+    return "\n".join(lines)
+
+
+def cmd_host_power(client: ApiClient, args: argparse.Namespace) -> int:
+    if args.action_name == "status":
+        report = client.request("GET", f"/hosts/{args.host}/power")
+    else:
+        report = client.request("POST", f"/hosts/{args.host}/power", json={"action": args.action_name})
+    _print(args, report, _render_host_power)
+    check = report.get("wake_check")
+    return EXIT_FAILED if check is not None and not check["ok"] else 0
+
+
+# -- the power manager -----------------------------------------------------------------------------
+
+
+def _render_plan(plan: dict[str, Any]) -> str:
+    lines = [f"plan (round {plan['round']}, automation level {plan['mode']}): {plan['summary']}"]
+    if plan["moves"]:
+        lines.append("moves:")
+        for m in plan["moves"]:
+            lines.append(f"  {m['vm']}: {m['source']} -> {m['target']} ({m['kind']})")
+            lines.append(f"      {m['reason']}")
+    if plan["power"]:
+        lines.append("power:")
+        for a in plan["power"]:
+            lines.append(f"  {a['host_id']}: {a['action'].replace('_', ' ')}")
+            lines.append(f"      {a['reason']}")
+    if plan["notes"]:
+        lines.append("left alone:")
+        lines.extend(f"  - {note}" for note in plan["notes"])
+    return "\n".join(lines)
+
+
+def _render_outcome(outcome: dict[str, Any]) -> str:
+    lines = [_render_plan(outcome["plan"]), "results:"]
+    if not outcome["results"]:
+        lines.append("  nothing was done")
+    for r in outcome["results"]:
+        mark = (
+            "ok  " if r["ok"] else "FAIL" if not r["detail"].startswith(("deferred", "skipped")) else "--  "
+        )
+        lines.append(f"  {mark} {r['kind'].replace('_', ' ')} {r['subject']}: {r['detail']}")
+    return "\n".join(lines)
+
+
+def cmd_plan(client: ApiClient, args: argparse.Namespace) -> int:
+    if not args.apply:
+        _print(args, client.request("GET", "/plan"), _render_plan)
+        return 0
+    outcome = client.request("POST", "/plan/apply", timeout=args.timeout)
+    _print(args, outcome, _render_outcome)
+    failed = [
+        r for r in outcome["results"] if not r["ok"] and not r["detail"].startswith(("deferred", "skipped"))
+    ]
+    return EXIT_FAILED if failed else 0
+
+
+def _render_power(status: dict[str, Any]) -> str:
+    lines = [
+        f"automation level: {status['mode']} (round {status['round']}, every {status['interval_s']:g}s)",
+        f"spare hosts {status['spare_hosts']}, headroom {status['headroom'] * 100:.0f}%, idle rounds "
+        f"{status['idle_rounds']}, cooldown {status['cooldown_s']:g}s, at most "
+        f"{status['max_migrations_per_round']} migrations per round",
+    ]
+    rows = [
+        [h["host_id"], h["state"], h["method"] or "-", f"{h['energy_kwh']:.4f}", h["energy_source"] or "-"]
+        for h in status["hosts"]
+    ]
+    lines.append(_table(rows, ["host", "power", "method", "kwh", "source"]))
+    return "\n".join(lines)
+
+
+def cmd_power_mode(client: ApiClient, args: argparse.Namespace) -> int:
+    status = client.request("PUT", "/power/mode", json={"mode": args.mode})
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(f"power manager: automation level {status['mode']}")
+    return 0
+
+
+def cmd_power_status(client: ApiClient, args: argparse.Namespace) -> int:
+    _print(args, client.request("GET", "/power"), _render_power)
     return 0
 
 
@@ -679,7 +796,7 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``vm``, ``host``, ``op`` and ``events`` under the top-level parser."""
+    """Register ``vm``, ``host``, ``op``, ``events``, ``plan`` and ``power`` under the top-level parser."""
     vm = sub.add_parser("vm", help="create, inspect and control VMs").add_subparsers(
         dest="action", required=True
     )
@@ -802,6 +919,38 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     _waiting(p)
     p.set_defaults(handler=cmd_host_evacuate, timeout=3600.0)
 
+    p = host.add_parser(
+        "power",
+        help="a host's power: status (and whether its wake path verifies), on, or off (standby; it must be empty)",
+    )
+    p.add_argument("host")
+    p.add_argument("action_name", metavar="on|off|status", choices=("on", "off", "status"))
+    _common(p)
+    p.set_defaults(handler=cmd_host_power)
+
+    p = sub.add_parser(
+        "plan", help="the power manager's recommendation, each move and power action with its reason"
+    )
+    p.add_argument(
+        "--apply", action="store_true", help="execute it once (automation levels manual and recommend)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait for --apply to finish (default 3600)"
+    )
+    _common(p)
+    p.set_defaults(handler=cmd_plan)
+
+    power = sub.add_parser("power", help="the power manager: automation level and status").add_subparsers(
+        dest="action", required=True
+    )
+    p = power.add_parser("mode", help="switch the automation level: manual, recommend or auto")
+    p.add_argument("mode", choices=("manual", "recommend", "auto"))
+    _common(p)
+    p.set_defaults(handler=cmd_power_mode)
+    p = power.add_parser("status", help="automation level, settings, and each host's power and energy")
+    _common(p)
+    p.set_defaults(handler=cmd_power_status)
+
     op = sub.add_parser("op", help="inspect operations").add_subparsers(dest="action", required=True)
     p = op.add_parser("show", help="show an operation")
     p.add_argument("op_id")
@@ -850,6 +999,8 @@ def run_operator_command(args: argparse.Namespace) -> int:
     except CliError as exc:
         print(f"fleetvisor: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        client.close()
 
 
-OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audit")
+OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audit", "plan", "power")

@@ -53,6 +53,15 @@ class HostView(msgspec.Struct, frozen=True, kw_only=True):
     health: str = "up"
     #: What the host itself last reported running (the store may know better during operations).
     reported_vms: list[ReportedVm] = []
+    #: ``on``, ``standby`` (switched off by the power manager, not placeable) or ``powering-on``.
+    power_state: str = "on"
+    #: The host's power methods in the order they are tried (``ipmi+wol``...), if it has any.
+    power_method: str | None = None
+    standby_since: float | None = None
+    #: Energy counted since the controller started, in kWh, and the source of its latest sample:
+    #: ``measured`` (the BMC), ``model`` (the host's power model at its CPU use) or ``standby``.
+    energy_kwh: float = 0.0
+    energy_source: str | None = None
 
 
 class VmLoad(msgspec.Struct, frozen=True, kw_only=True):
@@ -165,6 +174,7 @@ def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView
             vms_running=len(sample.vms),
         )
     reported = service.inventories.get(host.host_id)
+    power = service.power.host_power(host.host_id, host)
     return HostView(
         host_id=host.host_id,
         online=host.online,
@@ -183,6 +193,11 @@ def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView
         health=service.ha.detector.state(host.host_id),
         labels=host.labels,
         reported_vms=[ReportedVm(name=vm.name, state=vm.state) for vm in reported.vms] if reported else [],
+        power_state=power.state,
+        power_method=power.method,
+        standby_since=power.standby_since,
+        energy_kwh=power.energy_kwh,
+        energy_source=power.energy_source,
     )
 
 

@@ -1,0 +1,159 @@
+"""The power manager through the REST API and the CLI: plans with reasons, apply, automation levels,
+operator power actions and energy per host, on in-process fleets with sim power."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+import fleetvisor
+from controller import auth
+from controller import cli as operator_cli
+from controller.power import SimPowerDriver
+from tests.controller.test_power_manager import SIM, make_vm, power_fleet, spread_light, standby
+from tests.support.fleet import Fleet, eventually
+from tests.support.power import AgentPower
+
+
+async def _cli(fleet: Fleet, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run an operator command against the fleet's API (in a thread: the API serves on this loop)."""
+    args = fleetvisor.build_parser().parse_args([*argv, "--url", fleet.api_url])
+    code = await asyncio.to_thread(operator_cli.run_operator_command, args)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+async def test_plan_gives_each_move_a_reason_and_apply_executes_it_once(mosquitto, tmp_path, capsys):
+    """GET /plan explains every move; `fleetvisor plan --apply` carries it out once; later rounds do not."""
+    async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2"), spare_hosts=0) as fleet:
+        await spread_light(fleet, per_host=1)
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=f"{fleet.api_url}/api/v1", timeout=30) as client:
+            plan = (await client.get("/plan")).json()
+            assert plan["mode"] == "manual" and len(plan["moves"]) == 1, plan
+            (move,) = plan["moves"]
+            assert move["kind"] == "consolidate" and move["reason"].startswith(
+                f"consolidate {move['source']}: "
+            )
+            assert "kWh over an hour for 1 migration(s)" in move["reason"]
+            code, text = await _cli(fleet, capsys, "plan")
+            assert code == 0 and move["reason"] in text
+            code, text = await _cli(fleet, capsys, "plan", "--apply", "--json")
+            assert code == 0, text
+            outcome = json.loads(text)
+            assert [(r["kind"], r["ok"]) for r in outcome["results"]] == [("move", True)], outcome
+            vms = {v["name"]: v["host_id"] for v in (await client.get("/vms")).json()}
+            assert set(vms.values()) == {move["target"]}
+            await asyncio.sleep(1.0)  # manual: nothing more happens on its own
+            assert standby(fleet) == set()
+            # The emptied host has been empty for idle_rounds now: the next plan puts it in standby.
+            plan = (await client.get("/plan")).json()
+            assert [(a["host_id"], a["action"]) for a in plan["power"]] == [(move["source"], "standby")], plan
+            outcome = (await client.post("/plan/apply")).json()
+            assert [(r["kind"], r["ok"]) for r in outcome["results"]] == [("standby", True)], outcome
+            assert standby(fleet) == {move["source"]}
+            host = (await client.get(f"/hosts/{move['source']}")).json()
+            assert (
+                host["power_state"] == "standby" and host["standby_since"] and host["power_method"] == "sim"
+            )
+
+
+async def test_automation_levels_switch_through_the_api_and_apply_is_refused_at_auto(
+    mosquitto, tmp_path, capsys
+):
+    """PUT /power/mode and `fleetvisor power mode` switch levels; apply at auto is a 409 that says what to do."""
+    async with power_fleet(mosquitto.url, tmp_path, ("h1",)) as fleet:
+        async with httpx.AsyncClient(base_url=f"{fleet.api_url}/api/v1", timeout=10) as client:
+            r = await client.put("/power/mode", json={"mode": "auto"})
+            assert r.status_code == 200 and r.json()["mode"] == "auto"
+            r = await client.post("/plan/apply")
+            assert r.status_code == 409 and "switch to recommend or manual" in r.json()["error"]["message"]
+            r = await client.put("/power/mode", json={"mode": "turbo"})
+            assert r.status_code == 400 and "mode" in r.json()["error"]["message"]
+            code, text = await _cli(fleet, capsys, "power", "mode", "recommend")
+            assert code == 0 and "recommend" in text
+            assert fleet.service.power.mode == "recommend"
+            code, text = await _cli(fleet, capsys, "power", "status")
+            assert code == 0 and "automation level: recommend" in text and "h1" in text
+        kinds = [e.message for e in fleet.service.store.events_since(0, 1000) if e.type == "power.mode"]
+        assert kinds == [
+            "power manager automation level: manual -> auto",
+            "power manager automation level: auto -> recommend",
+        ]
+
+
+def test_power_routes_that_change_something_need_the_operator_role():
+    """Reading plans and power is for viewers; apply, mode and host power actions need an operator."""
+    assert auth.required_role("GET", "/api/v1/plan") == "viewer"
+    assert auth.required_role("GET", "/api/v1/hosts/h1/power") == "viewer"
+    for path in ("/api/v1/plan/apply", "/api/v1/hosts/h1/power"):
+        assert auth.required_role("POST", path) == "operator"
+    assert auth.required_role("PUT", "/api/v1/power/mode") == "operator"
+
+
+async def test_operator_power_actions_check_the_host_and_go_through_the_same_drivers(
+    mosquitto, tmp_path, capsys
+):
+    """off needs an empty host and a verified wake path; on brings the agent back; no method is a 409."""
+
+    def drivers(fleet: Fleet) -> dict[str, Any]:
+        return {"h1": AgentPower(fleet, "h1", sim=SIM), "h2": AgentPower(fleet, "h2", sim=SIM)}
+
+    async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2", "h3"), drivers=drivers) as fleet:
+        await make_vm(fleet, "busy", "h1")
+        async with httpx.AsyncClient(base_url=f"{fleet.api_url}/api/v1", timeout=30) as client:
+            r = await client.post("/hosts/h1/power", json={"action": "off"})
+            assert r.status_code == 409 and "busy" in r.json()["error"]["message"]
+            assert "host evacuate h1" in r.json()["error"]["message"]
+            r = await client.post("/hosts/h3/power", json={"action": "off"})
+            assert r.status_code == 409 and "--bmc-config" in r.json()["error"]["message"]
+            r = await client.post("/hosts/nope/power", json={"action": "on"})
+            assert r.status_code == 404
+            h2 = fleet.service.power.drivers["h2"]
+            assert isinstance(h2, SimPowerDriver)
+            h2.wake_ok = False
+            r = await client.post("/hosts/h2/power", json={"action": "off"})
+            assert r.status_code == 409 and "wake path" in r.json()["error"]["message"]
+            assert "h2" in fleet.agents and "power_off" not in h2.calls
+            h2.wake_ok = True
+            code, text = await _cli(fleet, capsys, "host", "power", "h2", "status")
+            assert code == 0 and "verified" in text and "power (read by its methods): on" in text
+            code, text = await _cli(fleet, capsys, "host", "power", "h2", "off")
+            assert code == 0 and "standby" in text, text
+            assert standby(fleet) == {"h2"} and "h2" not in fleet.agents
+            code, text = await _cli(fleet, capsys, "host", "list")
+            assert code == 0 and any(
+                line.startswith("h2") and "standby" in line for line in text.splitlines()
+            )
+            r = await client.post("/hosts/h2/power", json={"action": "on"})
+            assert r.status_code == 200 and r.json()["power"]["state"] == "powering-on", r.text
+            await eventually(lambda: standby(fleet) == set(), 10, "h2 out of standby")
+            assert (await client.get("/hosts/h2")).json()["power_state"] == "on"
+
+
+async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say(mosquitto, tmp_path, capsys):
+    """A host whose power method reads watts counts them as measured; the others use their power model."""
+
+    def drivers(fleet: Fleet) -> dict[str, Any]:
+        return {"h1": AgentPower(fleet, "h1", sim=SIM, watts=180.0), "h2": AgentPower(fleet, "h2", sim=SIM)}
+
+    async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2"), drivers=drivers) as fleet:
+        await eventually(
+            lambda: all(fleet.service.power.meter.kwh(h) > 0 for h in ("h1", "h2")), 10, "energy counted"
+        )
+        async with httpx.AsyncClient(base_url=f"{fleet.api_url}/api/v1", timeout=10) as client:
+            hosts = {h["host_id"]: h for h in (await client.get("/hosts")).json()}
+        assert hosts["h1"]["energy_source"] == "measured" and hosts["h2"]["energy_source"] == "model"
+        assert hosts["h1"]["energy_kwh"] > 0 and hosts["h2"]["energy_kwh"] > 0
+        report = fleet.service.power.meter.host("h1")
+        assert set(report.kwh_by_source) == {"measured"}
+        code, text = await _cli(fleet, capsys, "host", "show", "h2")
+        assert (
+            code == 0
+            and "kWh since the controller started (model)" in text
+            and "power:         on, via sim" in text
+        )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -17,6 +19,7 @@ from controller.power import SimPowerDriver
 from tests.controller.test_power_manager import SIM, make_vm, power_fleet, spread_light, standby
 from tests.support.fleet import Fleet, eventually
 from tests.support.power import AgentPower
+from tests.support.processes import ROOT
 
 
 async def _cli(fleet: Fleet, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -157,3 +160,17 @@ async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say(mosquit
             and "kWh since the controller started (model)" in text
             and "power:         on, via sim" in text
         )
+
+
+def test_controller_refuses_bad_power_flags_with_the_reason(tmp_path):
+    """`controller --headroom 1.5` (or a broken --wol-config) exits 1 and says what is wrong before starting."""
+
+    def run(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "fleetvisor", "controller", "--db", str(tmp_path / "c.sqlite"), *flags]
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+
+    bad = run("--headroom", "1.5")
+    assert bad.returncode == 1 and "headroom must be within 0..1" in bad.stderr, bad.stderr
+    (tmp_path / "wol.json").write_text('{"h1": {"mac": "zz"}}')
+    bad = run("--wol-config", str(tmp_path / "wol.json"))
+    assert bad.returncode == 1 and "Wake-on-LAN config" in bad.stderr and "'zz'" in bad.stderr, bad.stderr

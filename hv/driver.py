@@ -82,7 +82,7 @@ class EngineError(HvError):
 
 #: Power states in lifecycle order, for messages that list what an operation accepts.
 STATE_ORDER: tuple[VmPowerState, ...] = (
-    "defined", "starting", "running", "paused", "stopping", "stopped", "crashed",
+    "defined", "starting", "running", "paused", "stopping", "stopped", "crashed", "incoming",
 )  # fmt: skip
 
 
@@ -112,6 +112,11 @@ def require_state(
 
 def fix_hint(operation: str, state: VmPowerState) -> str:
     """What the caller should do instead, for an operation refused in ``state``."""
+    if state == "incoming":
+        return (
+            "it is the destination of a live migration; wait for the migration to finish, or discard "
+            "this copy with destroy and undefine"
+        )
     if operation == "start":
         return "resume it instead" if state == "paused" else "it is already powered on"
     if operation == "undefine":

@@ -43,7 +43,7 @@ log = logging.getLogger("fleetvisor")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     for noisy in ("amqtt", "transitions", "httpx", "uvicorn", "uvicorn.error"):

@@ -1,7 +1,7 @@
 """The source side of a live migration: start or re-attach, watch, steer, report.
 
 The controller sends :class:`~protocols.messages.MigrateVm` and waits for its one reply. Meanwhile this
-runner samples the engine every 50 ms (so the end is noticed at once), feeds each sample to the
+runner samples the engine every 20 ms (so the end is noticed at once), feeds each sample to the
 :class:`~protocols.migration.ConvergenceGuard` and carries out what it asks (raise the downtime limit,
 switch to post-copy, abort), and reports progress about twice a second. The engine keeps migrating
 while the agent is away (QEMU outlives it), so a restarted agent that receives the same operation again
@@ -44,7 +44,7 @@ class MigrationRunner:
         command: MigrateVm,
         progress: ProgressSink,
         *,
-        sample_every_s: float = 0.05,
+        sample_every_s: float = 0.02,
         report_every_s: float = 0.5,
     ) -> None:
         self.driver = driver

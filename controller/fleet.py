@@ -419,6 +419,8 @@ class FleetService:
                 return
             if record.migrating_to == host_id:
                 return  # the incoming copy of a migration under way
+            if record.op_id is not None and self.migrations.source_of(record.op_id) == host_id:
+                return  # the paused husk a migration is about to clean up
             if self.migrations.leftover_of(host_id, status.name):
                 self.ha.clean_stale_copy(host_id, status.name)  # a migration's husk or discarded copy
                 return

@@ -417,6 +417,13 @@ class MigrationManager:
             op_id=op.op_id,
         )
 
+    def source_of(self, op_id: str) -> str | None:
+        """The source host of migration ``op_id`` while it runs (None for any other operation)."""
+        op = self.service.store.operation(op_id)
+        if op is None or op.kind != "migrate" or op.state != "running":
+            return None
+        return str(op.params.get("from_host"))
+
     def leftover_of(self, host_id: str, vm: str) -> bool:
         """Whether ``host_id`` reporting ``vm`` (recorded elsewhere) is a migration's leftover copy."""
         op = self.service.store.last_operation(vm, "migrate")

@@ -111,7 +111,7 @@ _MIGRATING = frozenset(
 _POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 #: How long the driver waits for QEMU to settle a cancel, a mirror's last copy or an export's removal.
 _SETTLE_TIMEOUT_S = 30.0
-_POLL_S = 0.05
+_POLL_S = 0.01
 #: How long migrate_finish waits for a destination that is still loading the end of its stream.
 _LOAD_WAIT_S = 3.0
 

@@ -159,3 +159,24 @@ def test_demo_with_real_qemu_guests_prints_its_summary_and_cleans_up(tmp_path):
     for pid_file in tmp_path.rglob("qemu.pid"):
         pid = int(pid_file.read_text().split()[0])
         assert not os.path.exists(f"/proc/{pid}"), f"QEMU {pid} outlived the demo"
+
+
+def test_cli_migrate_shows_progress_predicts_with_dry_run_and_evacuate_reports(mosquitto, procs, tmp_path):
+    """`vm migrate --dry-run` predicts; `vm migrate` draws progress and reports; `host evacuate` lists each VM."""
+    url = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1", "h2")).url
+    created = _cli(url, "vm", "create", "mover", "--memory", "1024", "--host", "h1")
+    assert created.returncode == 0, created.stderr
+    dry = _cli(url, "vm", "migrate", "mover", "--to", "h2", "--dry-run", "--bandwidth", "200")
+    assert dry.returncode == 0, dry.stderr
+    assert "h1 -> h2" in dry.stdout and "pre-copy converges" in dry.stdout and "predicted:" in dry.stdout
+    moved = _cli(url, "vm", "migrate", "mover", "--to", "h2", "--bandwidth", "200")
+    assert moved.returncode == 0, moved.stderr
+    assert "mover: h1 -> h2 in" in moved.stdout and "migrate vm mover: done" in moved.stdout
+    bars = [line for line in moved.stderr.splitlines() if "MiB left" in line]
+    assert bars and "[" in bars[-1] and "#" in bars[-1], moved.stderr  # the progress bar, line by line
+    assert json.loads(_cli(url, "vm", "show", "mover", "--json").stdout)["host_id"] == "h2"
+    nothing = _cli(url, "vm", "migrate-cancel", "mover")
+    assert nothing.returncode == 1 and "is not migrating; nothing to cancel" in nothing.stderr
+    evacuated = _cli(url, "host", "evacuate", "h2")
+    assert evacuated.returncode == 0, evacuated.stderr
+    assert "mover: moved to h1" in evacuated.stdout and "evacuate host h2: done" in evacuated.stdout

@@ -160,6 +160,46 @@ def test_migrate_moves_a_running_guest_between_agent_processes_and_it_keeps_coun
     assert result["status"] == "completed" and 0 <= result["downtime_ms"] <= 300 and result["total_ms"] > 0
 
 
+def test_the_linux_guest_migrates_between_agent_processes_and_keeps_counting(
+    mosquitto, procs, tmp_path, images
+):
+    """Debian's kernel with the busybox initramfs: after the move its counter goes on on h2, one copy runs."""
+    from tests.support.qemu import build_guests, linux_cmdline
+
+    guests = build_guests()
+    if isinstance(guests, str) or guests.linux_kernel is None or guests.linux_initrd is None:
+        pytest.skip(f"the Linux guest is not built: {guests if isinstance(guests, str) else 'no kernel'}")
+    for path in (guests.linux_kernel, guests.linux_initrd):
+        shutil.copy(path, images / path.name)
+    fleet = _fleet(procs, mosquitto, tmp_path, images)
+    body = {
+        "name": "tux",
+        "memory_mib": 256,
+        "machine": "microvm",
+        "boot": {
+            "kernel": str(images / guests.linux_kernel.name),
+            "initrd": str(images / guests.linux_initrd.name),
+            "cmdline": linux_cmdline("microvm"),
+        },
+        "scheduling": {"hosts": ["h1"]},
+    }
+    r = httpx.post(f"{fleet.url}/api/v1/vms", json=body, params={"wait": 60}, timeout=70)
+    assert r.status_code == 200, r.text
+    wait_for(
+        lambda: len(_counts(tmp_path / "h1", "tux")) >= 2, 60, "the Linux guest counting on h1", fleet.all
+    )
+    before = _counts(tmp_path / "h1", "tux")[-1]
+    op = _migrate(fleet.url, "tux", "h2", wait=90)
+    assert op["state"] == "succeeded", op
+    wait_for(
+        lambda: len(_counts(tmp_path / "h2", "tux")) >= 2, 30, "the Linux guest counting on h2", fleet.all
+    )
+    after = _counts(tmp_path / "h2", "tux")
+    assert after[0] >= before and after == sorted(after), (before, after)
+    assert "READY" not in _serial(tmp_path / "h2", "tux"), "it moved; it did not boot again"
+    wait_for(lambda: _settled_on(fleet.url, "tux", "h2"), 20, "one copy on h2", fleet.all)
+
+
 # -- faults ------------------------------------------------------------------------------------------
 
 

@@ -121,12 +121,16 @@ class HaManager:
     async def _loop(self) -> None:
         was_storm = False
         observer_down = False
+        heard_before = False
         while True:
             await asyncio.sleep(self.settings.tick_s)
             try:
                 if not all(b.connected.is_set() for b in (self.service.bus, self.service.telemetry_bus)):
-                    observer_down = True  # we hear nothing (or no heartbeats), so we judge nothing
+                    # We hear nothing (or no heartbeats), so we judge nothing. Only a connection we had
+                    # and lost calls for a rearm: at the first connect there is no silence to forgive.
+                    observer_down = heard_before
                     continue
+                heard_before = True
                 if observer_down:
                     observer_down = False
                     self.detector.rearm(time.monotonic())

@@ -157,8 +157,9 @@ class ConvergenceGuard:
     A *stall* is ``policy.stall_rounds`` consecutive sync rounds whose remaining bytes did not shrink by
     10%, or a dirty rate at or above the measured bandwidth once round 2 has begun. The steps, in order:
     raise the allowed downtime to what the remainder needs (capped by the ceiling); wait for
-    auto-converge's throttle while it still climbs; post-copy if allowed; else abort. Independently, no
-    byte moved for ``no_progress_s`` aborts at once: the link is gone, and waiting helps nothing.
+    auto-converge's throttle while it still climbs (it may pause for up to ``stall_rounds`` rounds);
+    post-copy if allowed; else abort. Independently, no byte moved for ``no_progress_s`` aborts at
+    once: the link is gone, and waiting helps nothing.
     """
 
     #: QEMU's default ``max-cpu-throttle``.
@@ -223,7 +224,9 @@ class ConvergenceGuard:
             climbing = sample.throttle_pct > self._throttle_seen
             self._throttle_seen = max(self._throttle_seen, sample.throttle_pct)
             self._throttle_rounds_flat = 0 if climbing else self._throttle_rounds_flat + 1
-            if self._throttle_seen < self.THROTTLE_MAX_PCT and self._throttle_rounds_flat < 2:
+            if self._throttle_seen < self.THROTTLE_MAX_PCT and self._throttle_rounds_flat < max(
+                2, p.stall_rounds
+            ):
                 self.stage = "throttling"
                 return NOTHING
         tried = f"downtime {self.downtime_ms} ms" + (

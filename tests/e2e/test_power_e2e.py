@@ -143,6 +143,9 @@ def test_load_falls_hosts_power_off_over_ipmi_load_rises_they_power_on_and_no_vm
             _create(url, f"busy-{host}", 0.9, 2, host)
         agent_pids = {host: sim.started_pids() for host, sim in bmcs.items()}
         assert all(len(pids) == 1 for pids in agent_pids.values()), agent_pids
+        # The manager runs in auto mode while the VMs arrive: one may be on the move right now.
+        assert len(_api(url, "GET", "/vms")) == 12
+        wait_for(lambda: _settled(url), 30, "the 12 VMs running, none on the move", [controller])
         light = sorted(_api(url, "GET", "/vms"), key=lambda v: v["name"])
         assert len(light) == 12 and all(v["state"] == "running" for v in light)
         _no_vm_lost(url)

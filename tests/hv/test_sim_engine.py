@@ -231,8 +231,16 @@ async def test_sync_controls_raise_unknown_vm_too(driver: SimDriver) -> None:
         (["start", "pause"], "pause", "is paused; pause needs it running; it is already paused"),
         (["start", "pause"], "reboot", "is paused; reboot needs it running; resume it first"),
         (["start", "pause"], "start", "is paused; start needs it defined, stopped or crashed; resume it"),
-        (["start"], "undefine", "is running; undefine needs it defined, stopped or crashed; stop it"),
-        (["start", "pause"], "undefine", "is paused; undefine needs it defined, stopped or crashed; stop"),
+        (
+            ["start"],
+            "undefine",
+            "is running; undefine needs it defined, stopped, crashed or incoming; stop it",
+        ),
+        (
+            ["start", "pause"],
+            "undefine",
+            "is paused; undefine needs it defined, stopped, crashed or incoming; stop",
+        ),
     ],
 )
 async def test_invalid_state_names_the_state_and_the_fix(

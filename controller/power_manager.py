@@ -621,9 +621,10 @@ class PowerManager:
             power_tables=tables,
             vm_mips=vm_mips,
             vm_ram_mb=np.array([vm.spec.memory_mib for vm in vms], dtype=np.float64),
-            # The planner checks RAM against one host size (the largest here); the scheduler checks
-            # each host's own when the move starts. A live host has no fixed count of VM slots.
+            # Each host's schedulable RAM, as the scheduler counts it. A live host has no fixed count
+            # of VM slots.
             host_ram_mb=float(max((h.memory_mib for h in hosts), default=0.0)),
+            host_ram_each=np.array([h.memory_mib for h in hosts], dtype=np.float64),
             host_bw_kbit_s=float(2**40),
             vm_bw_kbit_s=1.0,
             interval_s=settings.interval_s,

@@ -49,6 +49,12 @@ class Fleet:
     #: live fleet). The literature's CloudSim setup models a running VM's RAM and bandwidth requests
     #: as zero (``UtilizationModelNull``) and checks them only at creation; ``standard_fleet`` does too.
     binding_ram: bool = True
+    #: RAM of each host, MB, where hosts differ (a live fleet); None: ``host_ram_mb`` for every host.
+    host_ram_each: FloatArray | None = None
+
+    def ram_of(self, hosts: IntArray) -> FloatArray | float:
+        """The RAM of ``hosts`` (one figure for all when every host has the same)."""
+        return self.host_ram_mb if self.host_ram_each is None else self.host_ram_each[hosts]
 
     @property
     def hosts(self) -> int:

@@ -223,7 +223,7 @@ class _Round:
         vm_peak = float(self.vm_series[vm, : self.s.peak_window].max())
         fits = (peak <= limit) & (self._upper(combined) <= limit) & (fleet.host_core_mips[hosts] >= vm_peak)
         if fleet.binding_ram:
-            fits &= (self.host_ram[hosts] + fleet.vm_ram_mb[vm] <= fleet.host_ram_mb) & (
+            fits &= (self.host_ram[hosts] + fleet.vm_ram_mb[vm] <= fleet.ram_of(hosts)) & (
                 self.host_count[hosts] < self.max_vms
             )
         return np.asarray(fits)

@@ -70,3 +70,16 @@ def test_fleetvisor_on_the_standard_setup_is_gated_and_the_baselines_are_not():
     ours = simulate(trace(rows), make_policy("fleetvisor"), fleet=small_fleet([3000] * 4, [500] * 4)).metrics
     base = simulate(trace(rows), make_policy("thr-mmt"), fleet=small_fleet([3000] * 4, [500] * 4)).metrics
     assert ours.gated and not base.gated
+
+
+def test_the_planner_checks_each_hosts_own_ram_where_hosts_differ():
+    """host_ram_each: a move that fits the largest host but not its target is not proposed."""
+    fleet = dataclasses.replace(
+        small_fleet([1000, 1000, 1000], [100, 100, 100], vm_ram_mb=[1500, 1500, 1000]),
+        host_ram_mb=4096.0,
+        host_ram_each=np.array([2000.0, 2000.0, 4096.0]),
+    )
+    snap = snapshot(fleet, [[0], [1], [2]], [50, 50, 50], history=[[0.5] * 12] * 3)
+    moves = FleetvisorPolicy().plan(snap)
+    assert all(not (target in (0, 1) and vm != 2) for vm, target in moves), moves
+    assert (0, 2) in moves or (1, 2) in moves, moves  # the big host takes them

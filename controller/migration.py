@@ -272,7 +272,10 @@ class MigrationManager:
                         policy=policy,
                     ),
                 )
-                if reply is not None and reply.ok:
+                cancelled = self._current(op).params.get("cancel")
+                if reply is not None and reply.ok and cancelled:
+                    op = self._phase(op, "rollback", uri=reply.uri, error="cancelled by the operator")
+                elif reply is not None and reply.ok:
                     op = self._phase(op, "send", uri=reply.uri)
                 else:
                     why = reply.error if reply is not None else f"host {target} did not answer"
@@ -286,13 +289,21 @@ class MigrationManager:
         elif op.params["phase"] == "rollback":
             await self._rollback(op, source, target)
 
+    def _current(self, op: OperationRecord) -> OperationRecord:
+        """``op`` as the store has it now (a cancel may have marked it meanwhile)."""
+        return self.service.store.operation(op.op_id) or op
+
     def _phase(self, op: OperationRecord, phase: str, **more: Any) -> OperationRecord:
-        return self.service.store.update_operation(op.op_id, {**op.params, **more, "phase": phase})
+        params = {**self._current(op).params, **more, "phase": phase}
+        return self.service.store.update_operation(op.op_id, params)
 
     async def _send(
         self, op: OperationRecord, source: str, target: str, policy: MigrationPolicy
     ) -> OperationRecord:
         s = self.service
+        op = self._current(op)
+        if op.params.get("cancel") and "send_started" not in op.params:
+            return self._phase(op, "rollback", error="cancelled by the operator before the stream started")
         started = op.params.get("send_started") or time.time()
         if "send_started" not in op.params:
             op = s.store.update_operation(op.op_id, {**op.params, "send_started": started})

@@ -230,3 +230,36 @@ def _migrations(fleet: Fleet) -> list[Any]:
     db = fleet.service.store.connection
     ids = [row[0] for row in db.execute("SELECT op_id FROM operations WHERE kind='migrate'")]
     return [fleet.service.store.operation(i) for i in ids]
+
+
+async def test_a_cancel_while_the_destination_prepares_stops_the_migration_before_the_stream(
+    mosquitto, tmp_path
+):
+    """Cancel lands during prepare: no stream starts, h2's incoming copy is discarded, the VM stays on h1."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "early", "h1")
+        driver = fleet.drivers["h2"]
+        incoming = driver.migrate_incoming
+
+        async def slow_incoming(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.5)  # a destination still starting its copy
+            return await incoming(*args, **kwargs)
+
+        driver.migrate_incoming = slow_incoming  # type: ignore[method-assign]
+        op = fleet.service.migrations.start("early", "h2", MigrationPolicy())
+        await asyncio.sleep(0.1)
+        assert fleet.service.store.operation(op.op_id).params["phase"] == "prepare"  # type: ignore[union-attr]
+        await fleet.service.migrations.cancel("early")
+        done = await fleet.service.wait_operation(op.op_id, 15)
+        assert done.state == "failed" and "cancelled by the operator" in done.error, done
+        assert "result" not in done.params  # the source never sent a byte
+        assert await _names(fleet, "h1") == {"early": "running"}
+        assert await _names(fleet, "h2") == {}
+        record = fleet.service.store.vm("early")
+        assert record is not None and (record.host_id, record.op_id, record.migrating_to) == (
+            "h1",
+            None,
+            None,
+        )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,9 +60,13 @@ class MigrationSettings:
     send_timeout_s: float = 3600.0
     #: How long to keep trying to reach a host for finish, cleanup and rollback.
     settle_timeout_s: float = 120.0
-    #: Evacuation waves: migrations at once off one host, and in the whole fleet.
+    #: Evacuation waves: migrations at once off one host; sends at once in the whole fleet.
     per_host: int = 2
     fleet_wide: int = 4
+    #: Each host's link budget for migrations, MiB/s (10 GbE less overhead). A migration that starts
+    #: while others send from or to its hosts gets an equal share: its policy's bandwidth is capped at
+    #: ``host_link_mib_s / (1 + migrations already using the busier of its two hosts)``.
+    host_link_mib_s: float = 1170.0
 
 
 class MigrationPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,6 +89,8 @@ class MigrationManager:
         #: Latest progress by operation id (kept in memory; the events carry the history).
         self.progress: dict[str, MigrationProgress] = {}
         self._fleet_slots = asyncio.Semaphore(self.settings.fleet_wide)
+        #: Migrations sending from or to each host right now: they share its link.
+        self._sending: Counter[str] = Counter()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -304,19 +311,36 @@ class MigrationManager:
         op = self._current(op)
         if op.params.get("cancel") and "send_started" not in op.params:
             return self._phase(op, "rollback", error="cancelled by the operator before the stream started")
-        started = op.params.get("send_started") or time.time()
-        if "send_started" not in op.params:
-            op = s.store.update_operation(op.op_id, {**op.params, "send_started": started})
-        command = MigrateVm(
-            op_id=f"{op.op_id}:send",
-            deadline=started + self.settings.send_timeout_s,
-            vm=op.vm,
-            uri=op.params["uri"],
-            dest_host=target,
-            policy=policy,
-        )
         async with self._fleet_slots:
-            reply = await s.exchange(source, command)
+            if "send_started" not in op.params:
+                # The bandwidth budget is fixed when the stream starts; a resumed send re-uses it, so
+                # the re-sent command is the same command.
+                share = self.settings.host_link_mib_s / (
+                    1 + max(self._sending[source], self._sending[target])
+                )
+                op = s.store.update_operation(
+                    op.op_id,
+                    {
+                        **op.params,
+                        "send_started": time.time(),
+                        "bandwidth_mib_s": min(policy.bandwidth_mib_s, share),
+                    },
+                )
+            command = MigrateVm(
+                op_id=f"{op.op_id}:send",
+                deadline=op.params["send_started"] + self.settings.send_timeout_s,
+                vm=op.vm,
+                uri=op.params["uri"],
+                dest_host=target,
+                policy=msgspec.structs.replace(policy, bandwidth_mib_s=op.params["bandwidth_mib_s"]),
+            )
+            self._sending[source] += 1
+            self._sending[target] += 1
+            try:
+                reply = await s.exchange(source, command)
+            finally:
+                self._sending[source] -= 1
+                self._sending[target] -= 1
         if reply is not None and reply.ok:
             result = msgspec.to_builtins(reply.migration) if reply.migration else {}
             return self._phase(op, "finish", result=result)

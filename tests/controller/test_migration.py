@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from controller.fleet import FleetSettings
+from controller.migration import MigrationSettings
 from protocols.migration import MigrationPolicy
 from protocols.vmspec import VmSpec, VmWorkload
 from tests.support.fleet import Fleet, eventually
@@ -263,3 +265,21 @@ async def test_a_cancel_while_the_destination_prepares_stops_the_migration_befor
             None,
             None,
         )
+
+
+async def test_concurrent_migrations_share_a_hosts_link_budget(mosquitto, tmp_path):
+    """Two sends off h1 at once with a 400 MiB/s link budget: the first gets 400, the second its share, 200."""
+    settings = FleetSettings(migration=MigrationSettings(host_link_mib_s=400.0))
+    async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
+        for host in ("h1", "h2", "h3"):
+            await fleet.add_agent(host)
+        await _make(fleet, "a", "h1", memory=1024, dirty=1)
+        await _make(fleet, "b", "h1", memory=1024, dirty=1)
+        first = fleet.service.migrations.start("a", "h2", MigrationPolicy())
+        await eventually(lambda: first.op_id in fleet.service.migrations.progress, 10, "a sending")
+        second = fleet.service.migrations.start("b", "h3", MigrationPolicy())
+        done = [await fleet.service.wait_operation(op.op_id, 30) for op in (first, second)]
+        assert [op.state for op in done] == ["succeeded", "succeeded"], [op.error for op in done]
+        assert [op.params["bandwidth_mib_s"] for op in done] == [400.0, 200.0]
+        # The sim moves 1024 MiB at the granted rate: the second took about twice as long.
+        assert done[1].params["result"]["total_ms"] > 1.8 * done[0].params["result"]["total_ms"]

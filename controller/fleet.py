@@ -164,7 +164,7 @@ class FleetService:
         ops = self.store.running_operations()
         for op in ops:
             log.info("resuming operation %s (%s %s)", op.op_id, op.kind, op.vm)
-            self._start_runner(op)
+            self.start_runner(op)
         if ops:
             self.events.emit("controller.resumed", f"resumed {len(ops)} unfinished operation(s)")
         return len(ops)
@@ -415,14 +415,14 @@ class FleetService:
         if record.host_id != host_id:
             moved = self.store.last_operation(status.name, "restart")
             if moved is not None and moved.params.get("from_host") == host_id and moved.state != "failed":
-                self.ha.clean_stale_copy(host_id, status.name)  # the fenced host's copy; the VM lives on
+                self.ha.clean_stale_copy(host_id, status.name, "it was restarted elsewhere")
                 return
             if record.migrating_to == host_id:
                 return  # the incoming copy of a migration under way
             if record.op_id is not None and self.migrations.source_of(record.op_id) == host_id:
                 return  # the paused husk a migration is about to clean up
             if self.migrations.leftover_of(host_id, status.name):
-                self.ha.clean_stale_copy(host_id, status.name)  # a migration's husk or discarded copy
+                self.ha.clean_stale_copy(host_id, status.name, f"it migrated and runs on {record.host_id}")
                 return
         if record.host_id != host_id:
             self.events.emit(
@@ -533,7 +533,7 @@ class FleetService:
         except BaseException:
             self.fleet_state.release(spec.name, host_id)
             raise
-        self._start_runner(op)
+        self.start_runner(op)
         return record, op, decision
 
     def create_batch(
@@ -580,7 +580,7 @@ class FleetService:
                 vm=record.name,
                 op_id=op.op_id,
             )
-            self._start_runner(op)
+            self.start_runner(op)
         return created
 
     @staticmethod
@@ -702,7 +702,7 @@ class FleetService:
         self.events.emit(
             f"vm.{kind}", f"{kind} vm {name}", host_id=record.host_id or "", vm=name, op_id=op.op_id
         )
-        self._start_runner(op)
+        self.start_runner(op)
         return op
 
     def start_restart(self, record: VmRecord, new_host: str, failed_host: str) -> OperationRecord:
@@ -725,7 +725,7 @@ class FleetService:
             vm=record.name,
             op_id=op.op_id,
         )
-        self._start_runner(op)
+        self.start_runner(op)
         return op
 
     async def wait_operation(self, op_id: str, timeout: float) -> OperationRecord:
@@ -738,7 +738,8 @@ class FleetService:
 
     # -- the operation runner -------------------------------------------------------------------
 
-    def _start_runner(self, op: OperationRecord) -> None:
+    def start_runner(self, op: OperationRecord) -> None:
+        """Run ``op`` in the background; :meth:`wait_operation` waits for it."""
         self._op_done[op.op_id] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(self._run_operation(op), name=f"op:{op.kind}:{op.vm}")
         self._op_tasks[op.op_id] = task
@@ -761,10 +762,6 @@ class FleetService:
             return ShutdownVm(vm=op.vm, timeout_s=float(op.params.get("timeout_s", 30.0)), **common)  # type: ignore[arg-type]
         return UndefineVm(vm=op.vm, **common)  # type: ignore[arg-type]
 
-    def start_runner(self, op: OperationRecord) -> None:
-        """Run ``op`` in the background; :meth:`wait_operation` waits for it."""
-        self._start_runner(op)
-
     async def _run_operation(self, op: OperationRecord) -> None:
         try:
             if op.kind == "migrate":
@@ -783,7 +780,7 @@ class FleetService:
                 self._finish(op, ok=True)
                 return
             assert op.host_id is not None
-            reply = await self._exchange(op, self._command_for(op, record))
+            reply = await self.exchange(op.host_id, self._command_for(op, record))
             if reply is None:
                 self._apply_failure(op, "timeout", self._timeout_message(op))
             elif reply.ok or self._counts_as_success(op, reply):
@@ -805,11 +802,6 @@ class FleetService:
             done = self._op_done.get(op.op_id)
             if done is not None and not self._closing:
                 done.set()
-
-    async def _exchange(self, op: OperationRecord, command: Command) -> Reply | None:
-        """Send ``command`` until its reply arrives or the operation's deadline passes."""
-        assert op.host_id is not None
-        return await self.exchange(op.host_id, command)
 
     async def exchange(self, host_id: str, command: Command) -> Reply | None:
         """Send ``command`` to ``host_id`` until its reply arrives (or None once its deadline passes).

@@ -269,12 +269,13 @@ class HaManager:
         service.scheduler.claim(decision, request)
         service.start_restart(record, decision.host_id, failed_host)
 
-    def clean_stale_copy(self, host_id: str, vm: str) -> None:
-        """A host that was fenced still reports ``vm``, which now runs elsewhere: remove the stale copy."""
+    def clean_stale_copy(self, host_id: str, vm: str, why: str) -> None:
+        """``host_id`` still reports ``vm``, which runs elsewhere (``why``: restarted by HA, migrated):
+        remove the stale copy."""
         command = UndefineVm(op_id=f"cleanup-{uuid.uuid4().hex}", deadline=time.time() + 30, vm=vm)
         self.service.events.emit(
             "ha.stale_copy",
-            f"vm {vm} is reported by {host_id}, but it was restarted elsewhere; undefining the stale copy",
+            f"vm {vm} is reported by {host_id}, but {why}; undefining the stale copy",
             host_id=host_id,
             vm=vm,
         )

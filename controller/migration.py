@@ -40,6 +40,7 @@ from protocols.messages import (
     MigrateVm,
     MigrationProgress,
     PrepareMigration,
+    Reply,
     UndefineVm,
 )
 from protocols.migration import MIB, MigrationPolicy, MigrationPrediction, check_policy, predict
@@ -285,7 +286,7 @@ class MigrationManager:
                 elif reply is not None and reply.ok:
                     op = self._phase(op, "send", uri=reply.uri)
                 else:
-                    why = reply.error if reply is not None else f"host {target} did not answer"
+                    why = self._why(reply, target)
                     op = self._phase(op, "rollback", error=f"destination {target} could not prepare: {why}")
         if op.params["phase"] == "send":
             op = await self._send(op, source, target, policy)
@@ -295,6 +296,24 @@ class MigrationManager:
             await self._cleanup(op, source, target)
         elif op.params["phase"] == "rollback":
             await self._rollback(op, source, target)
+
+    async def _settle(
+        self,
+        host: str,
+        op: OperationRecord,
+        step: str,
+        kind: type[FinishMigration | UndefineVm | AbortMigration],
+    ) -> Reply | None:
+        """Send step ``step`` (a ``kind`` command for the VM) to ``host``, retrying for the settle time."""
+        deadline = time.time() + self.settings.settle_timeout_s
+        return await self.service.exchange(
+            host, kind(op_id=f"{op.op_id}:{step}", deadline=deadline, vm=op.vm)
+        )
+
+    @staticmethod
+    def _why(reply: Reply | None, host: str) -> str:
+        """What went wrong with a step that did not succeed."""
+        return reply.error if reply is not None else f"host {host} did not answer"
 
     def _current(self, op: OperationRecord) -> OperationRecord:
         """``op`` as the store has it now (a cancel may have marked it meanwhile)."""
@@ -354,17 +373,11 @@ class MigrationManager:
         return self._phase(op, "rollback", error=why, result=result)
 
     async def _finish_on(self, op: OperationRecord, target: str) -> OperationRecord:
-        s = self.service
-        reply = await s.exchange(
-            target,
-            FinishMigration(
-                op_id=f"{op.op_id}:finish", deadline=time.time() + self.settings.settle_timeout_s, vm=op.vm
-            ),
-        )
+        reply = await self._settle(target, op, "finish", FinishMigration)
         if reply is None or not reply.ok:
             # The stream completed, so the source holds only a stopped husk: the VM is the
             # destination's copy, whatever state it is in. Record it there and say what went wrong.
-            why = reply.error if reply is not None else f"host {target} did not answer"
+            why = self._why(reply, target)
             log.error("migration %s: finishing on %s failed: %s", op.op_id, target, why)
             return self._switch(
                 op, target, "error", error=f"the migrated copy on {target} did not confirm: {why}"
@@ -399,15 +412,11 @@ class MigrationManager:
 
     async def _cleanup(self, op: OperationRecord, source: str, target: str) -> None:
         s = self.service
-        reply = await s.exchange(
-            source,
-            UndefineVm(
-                op_id=f"{op.op_id}:cleanup", deadline=time.time() + self.settings.settle_timeout_s, vm=op.vm
-            ),
-        )
+        self.progress.pop(op.op_id, None)
+        reply = await self._settle(source, op, "cleanup", UndefineVm)
         note = ""
         if reply is None or not (reply.ok or reply.code == "unknown_vm"):
-            why = reply.error if reply is not None else f"host {source} did not answer"
+            why = self._why(reply, source)
             note = f"; the paused copy on {source} was not removed ({why}); it is removed when {source} reports it"
         error = op.params.get("switch_error", "")
         current = s.store.vm(op.vm)
@@ -426,15 +435,11 @@ class MigrationManager:
 
     async def _rollback(self, op: OperationRecord, source: str, target: str) -> None:
         s = self.service
-        reply = await s.exchange(
-            target,
-            AbortMigration(
-                op_id=f"{op.op_id}:abort", deadline=time.time() + self.settings.settle_timeout_s, vm=op.vm
-            ),
-        )
+        self.progress.pop(op.op_id, None)
+        reply = await self._settle(target, op, "abort", AbortMigration)
         leftover = ""
         if reply is None or not reply.ok:
-            why = reply.error if reply is not None else f"host {target} did not answer"
+            why = self._why(reply, target)
             leftover = f"; the incoming copy on {target} could not be discarded yet ({why})"
         current = s.store.vm(op.vm)
         state = op.params.get("from_state", "running")

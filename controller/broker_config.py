@@ -136,6 +136,8 @@ def generate(
         f"acl_file {acl}",
         "max_queued_messages 10000",
         "max_packet_size 1048576",
+        # Commands and replies are small and waited for: send them at once, not after a delayed ACK.
+        "set_tcp_nodelay true",
     ]
     if persistence:
         conf_lines += ["persistence true", f"persistence_location {out_dir}/"]

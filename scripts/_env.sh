@@ -125,7 +125,8 @@ fv_ensure_venv() {
             fv_die "pip install -e '.[dev]' failed; see the output above"
         printf '%s\n' "$want" >"$stamp"
     fi
-    exec 9>&- 2>/dev/null || true
+    # The braces matter: a bare `exec 9>&- 2>/dev/null` would send all later stderr to /dev/null.
+    { exec 9>&-; } 2>/dev/null || true
     export VIRTUAL_ENV="$FV_VENV"
     export PATH="$FV_BIN:$PATH"
 }

@@ -85,6 +85,12 @@ def test_generated_files_are_private_and_list_every_host(tmp_path):
     )
 
 
+def test_generated_broker_config_turns_nagle_off(tmp_path):
+    """The generated mosquitto.conf sets TCP_NODELAY: a command or reply must not wait for a delayed ACK."""
+    config = broker_config.generate(["h1"], tmp_path, iterations=1000)
+    assert "set_tcp_nodelay true" in config.conf.read_text().splitlines()
+
+
 def test_regenerating_keeps_existing_passwords_and_adds_new_hosts(tmp_path):
     """Adding a host later does not rotate the passwords the other hosts already use."""
     first = broker_config.generate(["h1"], tmp_path, iterations=1000)

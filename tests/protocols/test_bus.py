@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +86,19 @@ async def test_round_trip_and_mqtt5_with_mosquitto(mosquitto: MosquittoBroker, u
     assert codec.InboundDecoder().decode(received_topic, payload) == event
     assert publisher.counters.published == 1
     assert subscriber.counters.received == 1
+
+
+async def test_bus_socket_sends_small_messages_at_once(
+    mosquitto: MosquittoBroker, unique: UniqueName
+) -> None:
+    """Pins TCP_NODELAY on the bus's socket: with Nagle's algorithm on, a command sent behind an
+    unacknowledged packet waits for the broker's delayed ACK (40 ms) on every hop."""
+    async with Bus(bus_settings(mosquitto.url, unique("c"))) as bus:
+        await bus.wait_connected(WAIT_S)
+        assert bus._client is not None
+        sock = bus._client._client.socket()
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 async def test_forced_mqtt311_works_with_mosquitto(mosquitto: MosquittoBroker, unique: UniqueName) -> None:

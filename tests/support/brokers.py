@@ -122,6 +122,8 @@ class MosquittoBroker:
         lines = [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
+            # Small messages leave at once, not after the client's delayed ACK (see docs/protocol.md).
+            "set_tcp_nodelay true",
             f"persistence {'true' if self.persistence else 'false'}",
             "log_dest stderr",
             "log_type all",

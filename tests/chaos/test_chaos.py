@@ -1,7 +1,8 @@
-"""Chaos: kill agents, the controller and the broker at random while creates and deletes run.
+"""Chaos: kill agents, the controller and the broker at random while creates, deletes, live
+migrations and evacuations run.
 
 Afterwards an invariant checker asserts that every VM exists exactly once, that the store matches what
-the agents report, and that no operation is stuck. The run is bounded: ``FV_CHAOS_SECONDS``
+the agents report, and that no operation is stuck (evacuations included). The run is bounded: ``FV_CHAOS_SECONDS``
 (default 25) of chaos, then up to 60 s to settle. Run it longer by hand, e.g.
 ``FV_CHAOS_SECONDS=600 ./scripts/test tests/chaos``.
 
@@ -9,6 +10,7 @@ Every process is real (controller, agents, Mosquitto with persistence) and is ki
 PID. Two hosts use the sim engine, whose VMs outlive the agent (its state file is the "hypervisor").
 Where QEMU and the test guests are available, the third host runs real tiny guests under QEMU, and
 its QEMU processes are killed too; a few VMs are pinned there so that TCG does not swamp the machine.
+Migrations and evacuations run between the two sim hosts (a migration keeps its engine).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ SECONDS = float(os.environ.get("FV_CHAOS_SECONDS", "25"))
 SEED = int(os.environ.get("FV_CHAOS_SEED", str(int(time.time()))))
 HOSTS = ("h1", "h2", "q1")
 QEMU_VMS = 3  # at most this many live guests on the qemu host
+#: A 64 MiB VM at 32 MiB/s takes about 2 s to move, so kills land in the middle of migrations.
+SLOW_MIGRATION = {"policy": {"bandwidth_mib_s": 32}}
 
 
 @pytest.mark.timeout(SECONDS + 180)
@@ -99,13 +103,31 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
 
     stop = threading.Event()
     log: list[str] = []
+    evacuations: list[str] = []  # operation ids
+    migrations: list[str] = []
+
+    def migrate_one() -> None:
+        vms = httpx.get(f"{url}/api/v1/vms", timeout=3).json()
+        movable = [v for v in vms if v["host_id"] in ("h1", "h2") and v["state"] == "running"]
+        if movable:
+            name = rng.choice(movable)["name"]
+            reply = httpx.post(f"{url}/api/v1/vms/{name}/migrate", json=SLOW_MIGRATION, timeout=3)
+            if reply.status_code == 202:
+                migrations.append(reply.json()["op_id"])
+
+    def evacuate_one() -> None:
+        host = rng.choice(["h1", "h2"])
+        reply = httpx.post(f"{url}/api/v1/hosts/{host}/evacuate", json=SLOW_MIGRATION, timeout=3)
+        if reply.status_code == 202:
+            evacuations.append(reply.json()["op_id"])
 
     def workload() -> None:
         n = 0
         while not stop.is_set():
             n += 1
             try:
-                if rng.random() < 0.7:
+                roll = rng.random()
+                if roll < 0.55:
                     body: dict[str, Any] = {"name": f"c-{n}", "memory_mib": 64}
                     if real_guests:  # the sim hosts ignore devices; the qemu host boots the tiny guest
                         body.update(
@@ -123,10 +145,14 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
                         )
                         body["scheduling"] = pin
                     httpx.post(f"{url}/api/v1/vms", json=body, timeout=3)
-                else:
+                elif roll < 0.8:
                     vms = httpx.get(f"{url}/api/v1/vms", timeout=3).json()
                     if vms:
                         httpx.delete(f"{url}/api/v1/vms/{rng.choice(vms)['name']}", timeout=3)
+                elif roll < 0.99:
+                    migrate_one()
+                else:
+                    evacuate_one()
             except (httpx.HTTPError, ValueError):
                 pass  # the controller may be down right now; that is the point
             time.sleep(0.05)
@@ -165,7 +191,12 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
     def settled() -> bool:
         hosts = httpx.get(f"{url}/api/v1/hosts", timeout=3).json()
         vms = httpx.get(f"{url}/api/v1/vms", timeout=3).json()
-        return all(h["online"] for h in hosts) and all(v["operation"] is None for v in vms)
+        evacuating = [
+            op_id
+            for op_id in evacuations
+            if httpx.get(f"{url}/api/v1/operations/{op_id}", timeout=3).json()["state"] == "running"
+        ]
+        return all(h["online"] for h in hosts) and all(v["operation"] is None for v in vms) and not evacuating
 
     context = f"seed {SEED}; chaos log: {log}"
     wait_for(settled, 60, f"the fleet to settle ({context})", list(running.values()))
@@ -199,5 +230,10 @@ def test_random_kills_never_lose_or_duplicate_a_vm_and_leave_no_operation_stuck(
             problems.append(f"{name}: store says {vm['state']}, host says {copies[0][1]}")
     ops = [e for e in httpx.get(f"{url}/api/v1/events", params={"limit": 1000}, timeout=3).json()]
     assert ops, "the workload must have produced events"
+    assert migrations, f"the workload must have started migrations ({context})"
+    ended = Counter(
+        httpx.get(f"{url}/api/v1/operations/{op_id}", timeout=3).json()["state"] for op_id in migrations
+    )
+    assert ended["succeeded"] > 0, f"no migration succeeded: {ended} ({context})"
     assert problems == [], f"{context}\n" + "\n".join(problems)
     assert len(log) >= SECONDS / 3 - 1, "chaos must actually have happened"

@@ -228,6 +228,31 @@ async def test_evacuate_moves_every_running_vm_off_a_host_in_waves_and_reports(m
         assert overlap <= 2, f"{overlap} migrations off h1 at once; the per-host limit is 2"
 
 
+async def test_a_controller_restart_mid_evacuation_resumes_it_to_the_end(mosquitto, tmp_path):
+    """Stop the controller while the first wave sends: the next one resumes the evacuation, every VM
+    leaves h1 exactly once and the report counts each."""
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        for host in ("h1", "h2", "h3"):
+            await fleet.add_agent(host)
+        for i in range(4):
+            await _make(fleet, f"r{i}", "h1", memory=1024, dirty=1)
+        op = fleet.service.migrations.start_evacuation("h1", MigrationPolicy(bandwidth_mib_s=400))
+        await eventually(lambda: fleet.service.migrations.progress, 10, "the first wave's progress")
+        await fleet.stop_controller()
+        await asyncio.sleep(1.0)  # the first wave goes on without a controller
+        await fleet.start_controller()
+        done = await fleet.service.wait_operation(op.op_id, 60)
+        assert done.state == "succeeded", done.error
+        assert "4 moved, 0 failed" in done.error and "h1 is empty" in done.error
+        assert await _names(fleet, "h1") == {}
+        copies = [n for h in ("h2", "h3") for n, s in (await _names(fleet, h)).items() if s == "running"]
+        assert sorted(copies) == [f"r{i}" for i in range(4)]
+        for name in copies:
+            record = fleet.service.store.vm(name)
+            assert record is not None and record.host_id in ("h2", "h3") and record.op_id is None
+        assert all(m.state == "succeeded" for m in _migrations(fleet))
+
+
 def _migrations(fleet: Fleet) -> list[Any]:
     db = fleet.service.store.connection
     ids = [row[0] for row in db.execute("SELECT op_id FROM operations WHERE kind='migrate'")]

@@ -458,9 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--power-mode",
         choices=("manual", "recommend", "auto"),
-        default="manual",
-        help="power manager automation level: manual (plan only when asked, the default), recommend (plan "
-        "every interval and publish it), auto (consolidate, power hosts off and on by itself)",
+        default=None,
+        help="power manager automation level: manual (plan only when asked), recommend (plan every interval "
+        "and publish it), auto (consolidate, power hosts off and on by itself). Default: the level last set "
+        "with `fleetvisor power mode`, else manual; a level given here replaces that one",
     )
     p.add_argument(
         "--power-interval", type=float, default=30.0, metavar="S", help="seconds between power manager rounds"

@@ -111,6 +111,8 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 AutomationLevel = Literal["manual", "recommend", "auto"]
 AUTOMATION_LEVELS: tuple[AutomationLevel, ...] = ("manual", "recommend", "auto")
+#: The store's setting that keeps the level set at run time.
+MODE_SETTING = "power.mode"
 
 #: Power model assumed for a host that reports none (``power_max_w`` 0), so the planner can still
 #: weigh a consolidation; energy is never counted from it.
@@ -129,7 +131,9 @@ class PowerSettings:
     """Settings of the power manager; see the module docstring for what each rule does."""
 
     #: ``manual``: plan only when asked; ``recommend``: plan every round and publish; ``auto``: act.
-    mode: AutomationLevel = "manual"
+    #: None: the level last set at run time (``fleetvisor power mode``, kept in the store), else manual.
+    #: A level given here replaces the stored one.
+    mode: AutomationLevel | None = None
     #: Seconds between rounds.
     interval_s: float = 30.0
     #: Empty hosts kept powered on, ready for new VMs.
@@ -180,7 +184,7 @@ class PowerSettings:
     def problems(self) -> list[str]:
         """What is wrong with these settings, for a person (empty when nothing is)."""
         out = []
-        if self.mode not in AUTOMATION_LEVELS:
+        if self.mode is not None and self.mode not in AUTOMATION_LEVELS:
             out.append(f"mode {self.mode!r} is not one of {', '.join(AUTOMATION_LEVELS)}")
         if not self.interval_s > 0:
             out.append(f"interval_s must be positive, got {self.interval_s}")
@@ -377,7 +381,7 @@ class PowerManager:
             raise ValueError("power settings: " + "; ".join(problems))
         self.service = service
         self.settings = settings
-        self.mode: AutomationLevel = settings.mode
+        self.mode: AutomationLevel = self._initial_mode(settings.mode)
         self.meter = EnergyMeter(settings.energy)
         self.drivers: dict[str, PowerDriver] = self._build_drivers(settings)
         self.round = 0
@@ -1293,6 +1297,24 @@ class PowerManager:
             message = f"host {host_id} came back on outside the power manager; it takes VMs again"
         self.service.events.emit("power.on", message, host_id=host_id)
 
+    def _initial_mode(self, configured: AutomationLevel | None) -> AutomationLevel:
+        """The configured level, else the one last set at run time, else manual. A configured level
+        that differs from the stored one replaces it, and the log says so."""
+        stored = self.service.store.setting(MODE_SETTING)
+        kept: AutomationLevel | None = stored if stored in AUTOMATION_LEVELS else None
+        if configured is None:
+            if kept is not None:
+                log.info("power manager: automation level %s (set at run time, kept in the store)", kept)
+            return kept or "manual"
+        if kept is not None and kept != configured:
+            log.info(
+                "power manager: automation level %s from the configuration replaces %s, set at run time",
+                configured,
+                kept,
+            )
+        self.service.store.set_setting(MODE_SETTING, configured)
+        return configured
+
     def _alert(self, host_id: str, message: str) -> str:
         self.service.events.emit("power.alert", message, host_id=host_id)
         return message
@@ -1300,7 +1322,9 @@ class PowerManager:
     # -- operator actions ---------------------------------------------------------------------------
 
     def set_mode(self, mode: AutomationLevel) -> None:
-        """Switch the automation level (effective from the next round)."""
+        """Switch the automation level (effective from the next round); a restarted controller keeps it
+        unless its configuration names a level."""
+        self.service.store.set_setting(MODE_SETTING, mode)
         if mode != self.mode:
             old, self.mode = self.mode, mode
             self._published = None

@@ -447,6 +447,17 @@ class Store:
         assert op is not None, op_id
         return op
 
+    def setting(self, key: str) -> str | None:
+        """A setting an operator changed at run time (kept in ``meta`` under ``setting.<key>``)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (f"setting.{key}",)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (f"setting.{key}", value),
+        )
+
     def operation(self, op_id: str) -> OperationRecord | None:
         row = self._db.execute("SELECT * FROM operations WHERE op_id=?", (op_id,)).fetchone()
         return None if row is None else _op(row)

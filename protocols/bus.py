@@ -53,7 +53,7 @@ def _no_delay(client: aiomqtt.Client) -> None:
     waits for it. With Nagle on, a command sent while an earlier packet is unacknowledged waits for
     the peer's delayed ACK, 40 ms on Linux, on every hop (paho leaves the socket as it is)."""
     sock = client._client.socket()  # aiomqtt's paho client; paho has no option for this
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 

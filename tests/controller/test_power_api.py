@@ -4,6 +4,7 @@ operator power actions and energy per host, on in-process fleets with sim power.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import fleetvisor
 from controller import auth
 from controller import cli as operator_cli
+from controller.fleet import FleetSettings
 from controller.power import SimPowerDriver
 from tests.controller.test_power_manager import SIM, make_vm, power_fleet, spread_light, standby
 from tests.support.fleet import Fleet, eventually
@@ -87,6 +89,29 @@ async def test_automation_levels_switch_through_the_api_and_apply_is_refused_at_
             "power manager automation level: manual -> auto",
             "power manager automation level: auto -> recommend",
         ]
+
+
+async def test_the_level_set_at_run_time_survives_a_restart_unless_the_configuration_names_one(
+    mosquitto, tmp_path
+):
+    """PUT /power/mode is kept in the store: a restarted controller comes back at that level; one
+    started with --power-mode uses that level instead, and keeps it for the next restart."""
+    async with power_fleet(mosquitto.url, tmp_path, ("h1",)) as fleet:
+        async with httpx.AsyncClient(base_url=f"{fleet.api_url}/api/v1", timeout=10) as client:
+            r = await client.put("/power/mode", json={"mode": "recommend"})
+            assert r.status_code == 200
+        await fleet.stop_controller()
+        await fleet.start_controller()
+        assert fleet.service.power.mode == "recommend"
+        power = fleet.fleet_settings.power
+        await fleet.stop_controller()
+        fleet.fleet_settings = FleetSettings(power=dataclasses.replace(power, mode="manual"))
+        await fleet.start_controller()
+        assert fleet.service.power.mode == "manual"
+        await fleet.stop_controller()
+        fleet.fleet_settings = FleetSettings(power=power)  # no level configured: the stored one
+        await fleet.start_controller()
+        assert fleet.service.power.mode == "manual"
 
 
 def test_power_routes_that_change_something_need_the_operator_role():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 
@@ -45,10 +46,19 @@ async def test_concurrent_creates_never_overbook_and_every_refusal_explains(mosq
         # Each host: 4096 MiB - 512 reserved = 3584 MiB = room for 7 VMs of 512 MiB.
         await fleet.add_agent("h1", memory_mib=4096)
         await fleet.add_agent("h2", memory_mib=4096)
-        limits = httpx.Limits(max_connections=requests)
-        async with httpx.AsyncClient(base_url=fleet.api_url, limits=limits, timeout=120) as client:
+        # Many clients of 50 connections each: one httpx pool of hundreds of connections spends
+        # quadratic time choosing a connection (most of a minute at 500 on a busy machine).
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=fleet.api_url, limits=httpx.Limits(max_connections=50), timeout=120
+                    )
+                )
+                for _ in range(requests // 50)
+            ]
             responses = await asyncio.gather(
-                *(_create(client, f"vm-{i:03d}", wait=60) for i in range(requests))
+                *(_create(clients[i % len(clients)], f"vm-{i:03d}", wait=60) for i in range(requests))
             )
         codes = Counter(r.status_code for r in responses)
         assert codes == Counter({200: 14, 409: requests - 14}), codes

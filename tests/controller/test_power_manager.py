@@ -355,6 +355,8 @@ async def test_standby_is_remembered_across_a_controller_restart(mosquitto, tmp_
     async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2"), spare_hosts=0) as fleet:
         await make_vm(fleet, "only", "h1")
         await _into_standby(fleet, ["only"], 1)
+        fleet.service.power.set_mode("manual")  # the next controller keeps this level and stays passive
+        await fleet.service.power.settle()
         await fleet.stop_controller()
         await fleet.start_controller()
         service = fleet.service

@@ -139,10 +139,16 @@ def _render_host(h: dict[str, Any]) -> str:
         f"health:        {h.get('health', 'up')}" + (", in maintenance" if h["maintenance"] else ""),
         "labels:        " + (", ".join(f"{k}={v}" for k, v in sorted(h.get("labels", {}).items())) or "-"),
         f"power:         {_power_line(h)}",
-        f"energy:        {h.get('energy_kwh', 0.0):.4f} kWh since the controller started"
+        f"energy:        {h.get('energy_kwh', 0.0):.4f} kWh{_energy_since(h.get('energy_since'))}"
         + (f" ({h['energy_source']})" if h.get("energy_source") else " (no sample yet)"),
     ]
     return "\n".join(lines)
+
+
+def _energy_since(since: float | None) -> str:
+    if since is None:
+        return ""
+    return " since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
 
 
 def _power_line(h: dict[str, Any]) -> str:
@@ -195,7 +201,7 @@ def _render_host_power(r: dict[str, Any]) -> str:
         f"  power (read by its methods): {r['status']}",
         f"  managed state:               {power['state']}"
         + (f", via {power['method']}" if power["method"] else ""),
-        f"  energy:                      {power['energy_kwh']:.4f} kWh since the controller started",
+        f"  energy:                      {power['energy_kwh']:.4f} kWh{_energy_since(power.get('energy_since'))}",
     ]
     check = r.get("wake_check")
     if check:

@@ -268,9 +268,11 @@ class HostPower(msgspec.Struct, frozen=True, kw_only=True):
     #: The host's power methods in order (``ipmi+wol``, ``sim``...), or None when it has none.
     method: str | None
     standby_since: float | None
-    #: Energy counted since the controller started, and where its latest sample came from.
+    #: Energy counted since ``energy_since`` (kept across controller restarts, which are not counted),
+    #: and where its latest sample came from.
     energy_kwh: float
     energy_source: str | None
+    energy_since: float | None = None
 
 
 class WakeCheckView(msgspec.Struct, frozen=True, kw_only=True):
@@ -383,6 +385,11 @@ class PowerManager:
         self.settings = settings
         self.mode: AutomationLevel = self._initial_mode(settings.mode)
         self.meter = EnergyMeter(settings.energy)
+        #: When counting began for each host (kept in the store with its counters).
+        self._energy_since: dict[str, float] = {}
+        for saved in service.store.energy().values():
+            self.meter.restore(saved.host_id, saved.joules)
+            self._energy_since[saved.host_id] = saved.since
         self.drivers: dict[str, PowerDriver] = self._build_drivers(settings)
         self.round = 0
         #: The latest plan (computed each round in recommend and auto, on request in manual) and the
@@ -1458,6 +1465,7 @@ class PowerManager:
             standby_since=since,
             energy_kwh=round(self.meter.kwh(host_id), 6),
             energy_source=self.meter.source(host_id),
+            energy_since=self._energy_since.get(host_id),
         )
 
     def status(self) -> PowerStatus:
@@ -1520,6 +1528,10 @@ class PowerManager:
         for host in hosts:
             if host.standby_since is not None and not host.online:
                 self.meter.record(host.host_id, now, powered_on=False)
+        counted = self.meter.joules()
+        s.store.save_energy(counted)
+        if counted.keys() - self._energy_since.keys():
+            self._energy_since = {h: saved.since for h, saved in s.store.energy().items()}
 
 
 def _efficiency(host: HostRecord) -> float:

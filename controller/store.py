@@ -14,7 +14,7 @@ import pathlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import msgspec
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Steps from one schema version to the next; each runs once, in order, inside a transaction.
 _MIGRATIONS: dict[int, str] = {
@@ -39,6 +39,15 @@ _MIGRATIONS: dict[int, str] = {
     # 3 -> 4: a host the power manager put in standby (switched off, not placeable), and since when.
     3: """
     ALTER TABLE hosts ADD COLUMN standby_since REAL;
+    """,
+    # 4 -> 5: each host's energy counters (joules by source), kept across controller restarts.
+    4: """
+    CREATE TABLE energy (
+        host_id TEXT PRIMARY KEY,
+        joules BLOB NOT NULL,
+        since REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
     """,
 }
 
@@ -177,6 +186,15 @@ class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
     message: str
 
 
+class HostEnergyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A host's energy counters: joules by source (``measured``, ``model``, ``standby``)."""
+
+    host_id: str
+    joules: dict[str, float]
+    #: When counting began for this host (its first saved sample).
+    since: float
+
+
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
     """Resources claimed on one host by the VMs assigned to it."""
 
@@ -190,6 +208,7 @@ _caps_decoder = msgspec.msgpack.Decoder(Capabilities)
 _spec_decoder = msgspec.msgpack.Decoder(VmSpec)
 _params_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _labels_decoder = msgspec.msgpack.Decoder(dict[str, str])
+_energy_decoder = msgspec.msgpack.Decoder(dict[str, float])
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -446,6 +465,24 @@ class Store:
         op = self.operation(op_id)
         assert op is not None, op_id
         return op
+
+    def energy(self) -> dict[str, HostEnergyRecord]:
+        """Every host's energy counters, by host id."""
+        rows = self._db.execute("SELECT host_id, joules, since FROM energy").fetchall()
+        return {
+            row[0]: HostEnergyRecord(host_id=row[0], joules=_energy_decoder.decode(row[1]), since=row[2])
+            for row in rows
+        }
+
+    def save_energy(self, joules: Mapping[str, Mapping[str, float]]) -> None:
+        """Replace these hosts' counters; a host saved for the first time is counted from now."""
+        now = time.time()
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO energy (host_id, joules, since, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(host_id) DO UPDATE SET joules=excluded.joules, updated_at=excluded.updated_at",
+                [(host_id, _encoder.encode(dict(j)), now, now) for host_id, j in joules.items()],
+            )
 
     def setting(self, key: str) -> str | None:
         """A setting an operator changed at run time (kept in ``meta`` under ``setting.<key>``)."""

@@ -58,10 +58,12 @@ class HostView(msgspec.Struct, frozen=True, kw_only=True):
     #: The host's power methods in the order they are tried (``ipmi+wol``...), if it has any.
     power_method: str | None = None
     standby_since: float | None = None
-    #: Energy counted since the controller started, in kWh, and the source of its latest sample:
-    #: ``measured`` (the BMC), ``model`` (the host's power model at its CPU use) or ``standby``.
+    #: Energy counted since ``energy_since``, in kWh (kept across controller restarts, which are not
+    #: counted), and the source of its latest sample: ``measured`` (the BMC), ``model`` (the host's
+    #: power model at its CPU use) or ``standby``.
     energy_kwh: float = 0.0
     energy_source: str | None = None
+    energy_since: float | None = None
 
 
 class VmLoad(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,6 +200,7 @@ def host_view(service: FleetService, host: HostRecord, usage: Usage) -> HostView
         standby_since=power.standby_since,
         energy_kwh=power.energy_kwh,
         energy_source=power.energy_source,
+        energy_since=power.energy_since,
     )
 
 

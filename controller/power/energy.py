@@ -10,17 +10,20 @@ power model otherwise." Each sample is valued in this order:
 
 Between two samples of a host the energy is the trapezoid under them, and each half is counted
 against the source of its own sample, so ``kwh_by_source`` says how much of the total was measured.
-Nothing is invented across a hole: an interval longer than ``max_gap_s`` (a controller restart, lost
-telemetry) is skipped and counted in ``gaps``; a sample that cannot be valued ends the interval too,
-and one older than the last is dropped and counted. Memory is one small record per host.
+Nothing is invented across a hole: an interval longer than ``max_gap_s`` (lost telemetry) is skipped
+and counted in ``gaps``; a sample that cannot be valued ends the interval too,
+and one older than the last is dropped and counted. Memory is one small record per host. The
+totals can be saved (:meth:`EnergyMeter.joules`) and restored (:meth:`EnergyMeter.restore`): a
+restarted controller goes on counting, and the time it was down is a hole too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from controller.power.driver import PowerDriver, PowerError
 
@@ -36,6 +39,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EnergySource = Literal["measured", "model", "standby"]
+_SOURCES: frozenset[str] = frozenset(get_args(EnergySource))
 _JOULES_PER_KWH = 3_600_000.0
 
 
@@ -111,6 +115,22 @@ class EnergyMeter:
     def set_model(self, host_id: str, model: HostPowerModel) -> None:
         """The power model that values this host's samples when nothing is measured."""
         self._hosts.setdefault(host_id, _Host()).model = model
+
+    def restore(self, host_id: str, joules: Mapping[str, float]) -> None:
+        """Start ``host_id``'s counters from saved totals (a restarted controller). The interval
+        across the restart is a hole: nothing is counted for it."""
+        host = self._hosts.setdefault(host_id, _Host())
+        for source, value in joules.items():
+            if source in _SOURCES and math.isfinite(value) and value >= 0:
+                host.joules[source] = value  # type: ignore[index]  # checked against _SOURCES
+
+    def joules(self) -> dict[str, dict[str, float]]:
+        """Every counted host's joules by source, to be saved."""
+        return {
+            host_id: {str(source): j for source, j in host.joules.items()}
+            for host_id, host in self._hosts.items()
+            if host.joules
+        }
 
     def forget(self, host_id: str) -> None:
         """Drop a host that left the fleet."""

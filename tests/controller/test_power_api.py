@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -163,8 +164,11 @@ async def test_operator_power_actions_check_the_host_and_go_through_the_same_dri
             assert (await client.get("/hosts/h2")).json()["power_state"] == "on"
 
 
-async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say(mosquitto, tmp_path, capsys):
-    """A host whose power method reads watts counts them as measured; the others use their power model."""
+async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say_and_survives_a_restart(
+    mosquitto, tmp_path, capsys
+):
+    """A host whose power method reads watts counts them as measured; the others use their power model.
+    The counters and their start are kept in the store: a restarted controller counts on top of them."""
 
     def drivers(fleet: Fleet) -> dict[str, Any]:
         return {"h1": AgentPower(fleet, "h1", sim=SIM, watts=180.0), "h2": AgentPower(fleet, "h2", sim=SIM)}
@@ -179,11 +183,22 @@ async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say(mosquit
         assert hosts["h1"]["energy_kwh"] > 0 and hosts["h2"]["energy_kwh"] > 0
         report = fleet.service.power.meter.host("h1")
         assert set(report.kwh_by_source) == {"measured"}
+        since = hosts["h2"]["energy_since"]
+        assert since is not None and abs(since - time.time()) < 60
         code, text = await _cli(fleet, capsys, "host", "show", "h2")
-        assert (
-            code == 0
-            and "kWh since the controller started (model)" in text
-            and "power:         on, via sim" in text
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        assert code == 0 and f"kWh since {stamp} (model)" in text and "power:         on, via sim" in text
+
+        # A restarted controller goes on from the saved counters, and counts from the same moment.
+        before = {h: fleet.service.power.meter.kwh(h) for h in ("h1", "h2")}
+        await fleet.stop_controller()
+        await fleet.start_controller()
+        assert fleet.service.power.host_power("h2").energy_since == since
+        assert all(fleet.service.power.meter.kwh(h) >= kwh > 0 for h, kwh in before.items())
+        await eventually(
+            lambda: all(fleet.service.power.meter.kwh(h) > kwh for h, kwh in before.items()),
+            10,
+            "energy counted on top of the saved totals",
         )
 
 

@@ -84,7 +84,8 @@ def test_store_refuses_a_file_from_another_schema_version(tmp_path):
 
 
 def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
-    """Opening a schema-1 file adds the label, migration and standby columns, keeps every row, records version 4."""
+    """Opening a schema-1 file adds the label, migration and standby columns and the energy table, keeps
+    every row, records version 5."""
     path = tmp_path / "old.sqlite"
     store = Store(path)
     store.upsert_host(
@@ -105,6 +106,7 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
         raw.execute("DROP TABLE hosts")
         raw.execute("ALTER TABLE hosts_v1 RENAME TO hosts")
         raw.execute("ALTER TABLE vms DROP COLUMN migrating_to")
+        raw.execute("DROP TABLE energy")
         raw.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     migrated = Store(path)
     host = migrated.host("h1")
@@ -112,10 +114,15 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     migrated.set_host_admin("h1", operator_labels={"zone": "a"})
     assert migrated.host("h1").labels == {"zone": "a"}  # type: ignore[union-attr]
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "5"
     migrated.insert_vm(VmSpec(name="v", memory_mib=256), "h1", "running", None)
     migrated.update_vm("v", migrating_to="h1")
     assert migrated.vm("v").migrating_to == "h1"  # type: ignore[union-attr]
     assert migrated.host("h1").standby_since is None  # type: ignore[union-attr]
     migrated.set_host_standby("h1", 1234.5)
     assert migrated.host("h1").standby_since == 1234.5  # type: ignore[union-attr]
+    assert migrated.energy() == {}
+    migrated.save_energy({"h1": {"model": 3600.0}})
+    migrated.save_energy({"h1": {"model": 7200.0, "measured": 10.0}})
+    saved = migrated.energy()["h1"]
+    assert saved.joules == {"model": 7200.0, "measured": 10.0} and saved.since > 0

@@ -1,9 +1,11 @@
 """The source side of a live migration: start or re-attach, watch, steer, report.
 
 The controller sends :class:`~protocols.messages.MigrateVm` and waits for its one reply. Meanwhile this
-runner samples the engine every 20 ms (so the end is noticed at once), feeds each sample to the
-:class:`~protocols.migration.ConvergenceGuard` and carries out what it asks (raise the downtime limit,
-switch to post-copy, abort), and reports progress about twice a second. The engine keeps migrating
+runner samples the engine every 20 ms, and at once when the engine has news of the migration
+(:meth:`~hv.driver.Driver.migrate_wait`: QEMU's ``MIGRATION`` event), so its end is noticed when it
+happens. It feeds each sample to the :class:`~protocols.migration.ConvergenceGuard`, carries out what
+it asks (raise the downtime limit, switch to post-copy, abort), and reports progress about twice a
+second. The engine keeps migrating
 while the agent is away (QEMU outlives it), so a restarted agent that receives the same operation again
 attaches to the migration under way instead of starting another.
 """
@@ -112,9 +114,24 @@ class MigrationRunner:
                 )
             if sample.status in ("failed", "cancelled"):
                 return await self._rolled_back(sample, abort_reason)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.sample_every_s)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Until the next sample: ``sample_every_s``, or sooner when the engine reports news of the
+        migration (its end, above all) or :meth:`cancel` is called."""
+        self._wake.clear()
+        waits = {
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self.driver.migrate_wait(self.command.vm, self.sample_every_s)),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            for waiting in waits:
+                with contextlib.suppress(asyncio.CancelledError, HvError):
+                    await waiting
 
     async def _abort(self, reason: str) -> None:
         try:

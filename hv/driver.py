@@ -22,6 +22,7 @@ Live migration, driven by the agent for the controller's migration state machine
 from __future__ import annotations
 
 import abc
+import asyncio
 import builtins
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
@@ -270,6 +271,15 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def migrate_sample(self, name: str) -> MigrationSample:
         """Source: the migration's progress now; status ``none`` when none was started. Raises UnknownVm."""
+
+    async def migrate_wait(self, name: str, timeout_s: float) -> None:
+        """Source: return when the migration's status may have changed, or after ``timeout_s``.
+
+        An engine that hears of status changes (QEMU's ``MIGRATION`` event) returns at once, so the
+        end of a migration is noticed when it happens rather than at the next sample; this default
+        just sleeps. Returning early is always allowed: the caller samples after each return.
+        """
+        await asyncio.sleep(timeout_s)
 
     @abc.abstractmethod
     async def migrate_tune(self, name: str, *, downtime_ms: int) -> None:

@@ -112,6 +112,8 @@ _POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"}
 #: How long the driver waits for QEMU to settle a cancel, a mirror's last copy or an export's removal.
 _SETTLE_TIMEOUT_S = 30.0
 _POLL_S = 0.01
+#: How long a "completed" migration may lack its total time and downtime in ``query-migrate``.
+_COMPLETED_FIGURES_S = 0.5
 #: How long migrate_finish waits for a destination that is still loading the end of its stream.
 _LOAD_WAIT_S = 3.0
 
@@ -172,6 +174,8 @@ class _Qemu:
         #: Source with storage copy: one switchover (mirrors completed, migrate-continue) at a time.
         self.switchover_lock = asyncio.Lock()
         self.switchover_done = False
+        #: Source: set by each QMP ``MIGRATION`` event; :meth:`QemuDriver.migrate_wait` waits on it.
+        self.migration_news = asyncio.Event()
 
     @property
     def exited(self) -> bool:
@@ -846,6 +850,24 @@ class QemuDriver(Driver):
                         await self._drop_mirrors(vm, qmp)
                 raise
 
+    async def migrate_wait(self, name: str, timeout_s: float) -> None:
+        """Source: return on QEMU's next ``MIGRATION`` event (one since the previous call counts), or
+        after ``timeout_s``.
+
+        Raises:
+            UnknownVm: no VM of that name.
+        """
+        qemu = self._get(name).qemu
+        if qemu is None or qemu.exited:
+            await asyncio.sleep(timeout_s)
+            return
+        try:
+            await asyncio.wait_for(qemu.migration_news.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            qemu.migration_news.clear()
+
     async def migrate_sample(self, name: str) -> MigrationSample:
         """Source: the migration now (QMP ``query-migrate``); status ``none`` when none was started.
 
@@ -874,6 +896,17 @@ class QemuDriver(Driver):
                 await self._switchover(vm, qemu)
             except EngineError as exc:
                 log.warning("vm %s: the switchover of its migration failed: %s", name, exc)
+            info = await qmp.execute("query-migrate")
+        # QEMU announces "completed" a moment before it has computed the total time and downtime;
+        # a sample taken on that event asks again until they are there (a few milliseconds).
+        settle = time.monotonic() + _COMPLETED_FIGURES_S
+        while (
+            isinstance(info, dict)
+            and info.get("status") == "completed"
+            and not info.get("total-time")
+            and time.monotonic() < settle
+        ):
+            await asyncio.sleep(0.002)
             info = await qmp.execute("query-migrate")
         sample = migration.sample_from_query(info if isinstance(info, dict) else {})
         if sample.status == "completed" and vm.migration_uri and not vm.incoming_uri:
@@ -1776,6 +1809,7 @@ class QemuDriver(Driver):
                 DriverEvent(vm=vm.name, event="rebooted", state=vm.state, reason="the guest rebooted itself")
             )
         elif name == "MIGRATION":
+            qemu.migration_news.set()
             self._on_migration_event(vm, qemu, str(data.get("status", "")))
         elif name == "STOP" and qemu.migrating and vm.state == "running":
             # QEMU stops the source for the switchover (or post-copy): that is the migration working.

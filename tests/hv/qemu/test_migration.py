@@ -215,6 +215,29 @@ async def test_tiny_guest_moves_to_the_destination_and_its_counter_goes_on_there
     assert events == [], "outcomes of the driver's own calls are not events"
 
 
+async def test_migrate_wait_returns_on_qemus_migration_events_not_at_its_timeout(
+    make_driver: MakeDriver, guests: Guests
+) -> None:
+    """The source hears each status change (QMP MIGRATION) through migrate_wait, so the end of a
+    migration is seen when it happens: no wait of 60 s lasts anywhere near that long. A sample taken
+    right on the "completed" event still carries QEMU's total time."""
+    src, dst = await pair(make_driver)
+    spec = tiny_spec("mig-w", guests)
+    await running_tiny(src, spec)
+    _, uri = await dst.migrate_incoming(spec, HOST)
+    await src.migrate_send("mig-w", uri, MigrationPolicy())
+    samples: list[MigrationSample] = []
+    while not samples or samples[-1].status not in ENDED:
+        # A lost event would leave this wait hanging for its whole 60 s: the outer bound fails first.
+        await asyncio.wait_for(src.migrate_wait("mig-w", 60), 20)
+        samples.append(await src.migrate_sample("mig-w"))
+    assert samples[-1].status == "completed", samples
+    assert samples[-1].total_ms > 0, samples[-1]
+    await src.migrate_wait("mig-w", 0.05)  # no news after the end: it waits out its timeout, no more
+    with pytest.raises(UnknownVm):
+        await src.migrate_wait("nope", 0.05)
+
+
 async def test_linux_guest_moves_to_the_destination_and_keeps_counting(
     make_driver: MakeDriver, guests: Guests
 ) -> None:

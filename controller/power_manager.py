@@ -172,6 +172,9 @@ class PowerSettings:
     migration_timeout_s: float = 600.0
     #: Seconds between energy samples (at most ``interval_s``).
     energy_interval_s: float = 5.0
+    #: Seconds between saves of the energy counters (also saved when a host is first counted and when
+    #: the controller stops; a crash loses at most this much counting).
+    energy_save_s: float = 60.0
     energy: EnergySettings = field(default_factory=EnergySettings)
     #: The policy of the manager's migrations.
     migration_policy: MigrationPolicy = field(default_factory=MigrationPolicy)
@@ -387,6 +390,7 @@ class PowerManager:
         self.meter = EnergyMeter(settings.energy)
         #: When counting began for each host (kept in the store with its counters).
         self._energy_since: dict[str, float] = {}
+        self._energy_saved = float("-inf")
         for saved in service.store.energy().values():
             self.meter.restore(saved.host_id, saved.joules)
             self._energy_since[saved.host_id] = saved.since
@@ -443,6 +447,7 @@ class PowerManager:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._save_energy()
 
     async def _guard(self, body: Callable[[], Awaitable[None]], name: str) -> None:
         """Run a long-lived loop; log if it ever ends or fails (it should not)."""
@@ -1528,10 +1533,18 @@ class PowerManager:
         for host in hosts:
             if host.standby_since is not None and not host.online:
                 self.meter.record(host.host_id, now, powered_on=False)
+        if (
+            now - self._energy_saved >= self.settings.energy_save_s
+            or self.meter.counted() - self._energy_since.keys()
+        ):
+            self._save_energy()
+
+    def _save_energy(self) -> None:
         counted = self.meter.joules()
-        s.store.save_energy(counted)
+        self.service.store.save_energy(counted)
+        self._energy_saved = time.monotonic()
         if counted.keys() - self._energy_since.keys():
-            self._energy_since = {h: saved.since for h, saved in s.store.energy().items()}
+            self._energy_since = {h: saved.since for h, saved in self.service.store.energy().items()}
 
 
 def _efficiency(host: HostRecord) -> float:

@@ -124,6 +124,10 @@ class EnergyMeter:
             if source in _SOURCES and math.isfinite(value) and value >= 0:
                 host.joules[source] = value  # type: ignore[index]  # checked against _SOURCES
 
+    def counted(self) -> set[str]:
+        """The hosts with energy counted."""
+        return {host_id for host_id, host in self._hosts.items() if host.joules}
+
     def joules(self) -> dict[str, dict[str, float]]:
         """Every counted host's joules by source, to be saved."""
         return {

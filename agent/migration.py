@@ -5,9 +5,9 @@ runner samples the engine every 20 ms, and at once when the engine has news of t
 (:meth:`~hv.driver.Driver.migrate_wait`: QEMU's ``MIGRATION`` event), so its end is noticed when it
 happens. It feeds each sample to the :class:`~protocols.migration.ConvergenceGuard`, carries out what
 it asks (raise the downtime limit, switch to post-copy, abort), and reports progress about twice a
-second. The engine keeps migrating
-while the agent is away (QEMU outlives it), so a restarted agent that receives the same operation again
-attaches to the migration under way instead of starting another.
+second. The engine keeps migrating while the agent is away (QEMU outlives it), so a restarted agent
+that receives the same operation again attaches to the migration under way instead of starting
+another.
 """
 
 from __future__ import annotations

@@ -86,6 +86,12 @@ STATE_ORDER: tuple[VmPowerState, ...] = (
     "defined", "starting", "running", "paused", "stopping", "stopped", "crashed", "incoming",
 )  # fmt: skip
 
+#: States in which a VM's guest exists and holds its host's resources; shared by every engine so that
+#: "stopping" counts as on everywhere (a guest shutting down is still running until it stops).
+POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused", "stopping"})
+#: States in which a VM is defined but has no guest.
+POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
+
 
 def unknown_vm(host_id: str, name: str, known: Collection[str]) -> UnknownVm:
     """The error for a VM this host does not have, listing (a few of) those it has."""

@@ -59,6 +59,8 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from hv.driver import (
+    POWERED_OFF,
+    POWERED_ON,
     Driver,
     DriverEvent,
     EngineError,
@@ -98,10 +100,8 @@ MIB = 1024 * 1024
 
 T = TypeVar("T")
 
-_POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused", "stopping"})
-_POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
 #: States in which a VM has a QEMU the driver re-attaches to.
-_HAS_QEMU: frozenset[VmPowerState] = _POWERED_ON | {"incoming"}
+_HAS_QEMU: frozenset[VmPowerState] = POWERED_ON | {"incoming"}
 
 #: ``query-migrate`` statuses of a source whose migration is under way (QEMU's own names).
 _MIGRATING = frozenset(
@@ -498,7 +498,7 @@ class QemuDriver(Driver):
         """
         vm = self._get(name)
         async with vm.lock:
-            self._require_state(vm, "start", _POWERED_OFF)
+            self._require_state(vm, "start", POWERED_OFF)
             plan = await self._plan(vm)
             argv = command_line.build_argv(self.qemu_binary, plan)
             self._prepare_runtime_files(vm, argv)
@@ -544,7 +544,7 @@ class QemuDriver(Driver):
         """
         vm = self._get(name)
         async with vm.lock:
-            self._require_state(vm, "shutdown", _POWERED_ON)
+            self._require_state(vm, "shutdown", POWERED_ON)
             qemu = vm.qemu
             assert qemu is not None
             was = vm.state
@@ -669,7 +669,7 @@ class QemuDriver(Driver):
         """
         vm = self._get(name)
         async with vm.lock:
-            self._require_state(vm, "undefine", _POWERED_OFF)
+            self._require_state(vm, "undefine", POWERED_OFF)
             try:
                 await asyncio.to_thread(shutil.rmtree, vm.dir)
             except FileNotFoundError:

@@ -32,6 +32,8 @@ from typing import Literal, NamedTuple
 import msgspec
 
 from hv.driver import (
+    POWERED_OFF,
+    POWERED_ON,
     Driver,
     DriverEvent,
     EngineError,
@@ -86,8 +88,6 @@ DEFAULT_LINK_MIB_S = 1170.0
 WOBBLE = 0.10
 
 #: Lifecycle order, for messages that list states.
-_POWERED_ON: frozenset[VmPowerState] = frozenset({"starting", "running", "paused"})
-_POWERED_OFF: frozenset[VmPowerState] = frozenset({"defined", "stopped", "crashed"})
 _URI_SCHEME = "sim://"
 #: What the source VM's ``reason`` starts with once its guest runs on the destination.
 MIGRATED_REASON = "migrated to "
@@ -352,7 +352,7 @@ class SimDriver(Driver):
             EngineError: the driver is not open, or the state file cannot be written.
         """
         vm = self._get(name)
-        self._require_state(vm, "start", _POWERED_OFF)
+        self._require_state(vm, "start", POWERED_OFF)
         now = self.clock.now()
         vm.started_at = now
         vm.reason = ""
@@ -375,7 +375,7 @@ class SimDriver(Driver):
             EngineError: the driver is not open, or the state file cannot be written.
         """
         vm = self._get(name)
-        self._require_state(vm, "shutdown", _POWERED_ON)
+        self._require_state(vm, "shutdown", POWERED_ON)
         self._power_off(vm, "stopped")
         return vm.status()
 
@@ -445,7 +445,7 @@ class SimDriver(Driver):
             EngineError: the driver is not open, or the state file cannot be written.
         """
         vm = self._get(name)
-        self._require_state(vm, "undefine", _POWERED_OFF | {"incoming"})
+        self._require_state(vm, "undefine", POWERED_OFF | {"incoming"})
         del self._vms[name]
         self._save()
 
@@ -709,7 +709,7 @@ class SimDriver(Driver):
             EngineError: the driver is not open, or the state file cannot be written.
         """
         vm = self._get(name)
-        self._require_state(vm, "a crash", _POWERED_ON)
+        self._require_state(vm, "a crash", POWERED_ON)
         self._power_off(vm, "crashed", reason=reason)
         self.emit(DriverEvent(vm=name, event="crashed", state="crashed", reason=reason))
         return vm.status()
@@ -730,7 +730,7 @@ class SimDriver(Driver):
         busy_cores = 0.0
         memory_used = 0
         for vm in self._vms.values():
-            if vm.state in _POWERED_ON or vm.state == "incoming":
+            if vm.state in POWERED_ON or vm.state == "incoming":
                 memory_used += vm.spec.memory_mib
             if vm.state == "running":
                 busy_cores += self._cpu_util(vm, now) * vm.spec.vcpus
@@ -807,7 +807,7 @@ class SimDriver(Driver):
         if run.handover_at is None or run.saved.handed_over:
             return
         run.mark_handed_over()
-        if vm.state in _POWERED_ON:
+        if vm.state in POWERED_ON:
             vm.cancel_boot()
             vm.state = "paused"
             vm.reason = f"{MIGRATED_REASON}{run.saved.uri}"

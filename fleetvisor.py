@@ -346,20 +346,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from controller import balancer
+    from controller.balancer import evaluation
 
     try:
-        metrics = balancer.run(args.trace, args.policy, plot_path=args.plot)
-    except (balancer.TraceError, balancer.UnknownPolicyError) as exc:
+        metrics = evaluation.run(args.trace, args.policy, plot_path=args.plot)
+    except (evaluation.TraceError, evaluation.UnknownPolicyError) as exc:
         print(f"fleetvisor simulate: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        print(f"fleetvisor simulate: --plot needs {exc.name}; install it with pip", file=sys.stderr)
+        print(f"fleetvisor simulate: --plot: {exc}", file=sys.stderr)
         return 2
-    print(balancer.format_summary(metrics))
+    print(evaluation.format_summary(metrics))
     if args.plot:
         print(f"plot: {args.plot}")
-    print(balancer.format_metrics(metrics))
+    print(evaluation.format_metrics(metrics))
     return 0
 
 

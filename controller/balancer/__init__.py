@@ -1,49 +1,29 @@
-"""Power management and load balancing: consolidation policies and the trace-driven simulator.
+"""Power management and load balancing: the live consolidation planner and its model of the fleet.
 
 The balancer decides, once per interval, which VMs to move where so that fewer hosts stay on
-without starving any VM. :mod:`.policy` puts the CloudSim baselines (THR/MAD/LR with MMT selection
-and PABFD placement) and Fleetvisor's planner (:mod:`.planner`) behind one interface;
-:mod:`.simulation` replays a PlanetLab day on the literature's 800-host datacenter and reports
-CloudSim's metrics, which is how policies are compared (``fleetvisor simulate``, ``bench/consolidate``).
+without starving any VM. The live controller (``controller.power_manager``) uses three modules:
+:mod:`.model` (the fleet, a snapshot per decision, a migration), :mod:`.overload` (the predictive
+overload detector) and :mod:`.planner` (Fleetvisor's planner); :mod:`.power_model` holds the
+SPECpower tables they price power with.
+
+The offline trace evaluation (the CloudSim baselines, the PlanetLab simulation and its plot) lives in
+:mod:`.evaluation`, which imports these modules and is never imported by them or by the live
+controller. This package imports only its own modules.
 """
 
 from __future__ import annotations
 
-from controller.balancer.model import Fleet, PlanningState, Snapshot
-from controller.balancer.policy import BASELINES, POLICIES, Migration, Policy, UnknownPolicyError, make_policy
-from controller.balancer.simulation import (
-    Metrics,
-    Series,
-    SimulationResult,
-    Trace,
-    TraceError,
-    format_metrics,
-    format_summary,
-    load_trace,
-    run,
-    simulate,
-    standard_fleet,
-)
+from controller.balancer.model import Fleet, Migration, Snapshot
+from controller.balancer.overload import OverloadDetector, PredictiveDetector
+from controller.balancer.planner import FleetvisorPolicy, FleetvisorSettings, MigrationCostModel
 
 __all__ = [
-    "BASELINES",
-    "POLICIES",
     "Fleet",
-    "Metrics",
+    "FleetvisorPolicy",
+    "FleetvisorSettings",
     "Migration",
-    "PlanningState",
-    "Policy",
-    "Series",
-    "SimulationResult",
+    "MigrationCostModel",
+    "OverloadDetector",
+    "PredictiveDetector",
     "Snapshot",
-    "Trace",
-    "TraceError",
-    "UnknownPolicyError",
-    "format_metrics",
-    "format_summary",
-    "load_trace",
-    "make_policy",
-    "run",
-    "simulate",
-    "standard_fleet",
 ]

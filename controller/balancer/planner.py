@@ -26,6 +26,10 @@ model (host sizes, migration times, an hour's horizon), not fitted to a trace. T
 worked out on the PlanetLab days 20110303, 20110309 and 20110403 and checked, unchanged, on
 20110306, 20110325, 20110411 and 20110412 (and on those days with their VMs reshuffled, which
 changes the VM type mix); ``bench/consolidate`` reports all seven.
+
+The live controller (``controller.power_manager``) runs this planner; the trace evaluation registers
+it as the ``fleetvisor`` policy. It imports only :mod:`controller.balancer.model` and
+:mod:`controller.balancer.overload`.
 """
 
 from __future__ import annotations
@@ -35,9 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from controller.balancer.model import Fleet, Snapshot
+from controller.balancer.model import Fleet, Migration, Snapshot
 from controller.balancer.overload import PredictiveDetector
-from controller.balancer.policy import Migration
 
 __all__ = ["FleetvisorPolicy", "FleetvisorSettings", "MigrationCostModel"]
 

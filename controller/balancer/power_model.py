@@ -3,8 +3,9 @@
 The balancer and the trace-driven simulator share this model, so a planner's idea of what a move
 saves and the simulator's energy bill agree. Between two measured points power is interpolated
 linearly, as CloudSim's ``PowerModelSpecPower`` does; a host with nothing on it is switched off and
-draws nothing, which is the simulator's business (see :mod:`controller.balancer.simulation`), not
-this table's: ``power(0.0)`` is the idle power of a host that is on.
+draws nothing, which is the simulator's business (see :mod:`controller.balancer.evaluation.simulation`),
+not this table's: ``power(0.0)`` is the idle power of a host that is on. It imports nothing of the
+project.
 """
 
 from __future__ import annotations

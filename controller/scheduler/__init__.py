@@ -15,12 +15,13 @@ Typical use in the controller (no await between select, claim and the store writ
     claim = scheduler.claim(decision, request)
     ...persist the VM on decision.host_id; on failure: state.release(spec.name, decision.host_id)
 
-:func:`place` has the shape of the first placement's ``place`` for a drop-in switch.
+The package re-exports its modules' public names; no module of it imports one that imports it back
+(the batch planner reaches the scheduler only through :class:`~.batch.RequestScheduler`).
 """
 
 from __future__ import annotations
 
-from controller.scheduler.compat import Candidate, Placement, free_capacity, place
+from controller.scheduler.evaluation import Evaluation
 from controller.scheduler.explanation import BatchDecision, Decision, Explanation, NoValidHost, ScoredHost
 from controller.scheduler.fleet_state import (
     GROUP_LABEL,
@@ -30,9 +31,9 @@ from controller.scheduler.fleet_state import (
     HostArrays,
     OverbookError,
 )
-from controller.scheduler.host_view import HostView
+from controller.scheduler.host_view import HostView, free_capacity
 from controller.scheduler.request import GroupPolicy, PlacementRequest, SchedulingHints
-from controller.scheduler.scheduler import Evaluation, Scheduler
+from controller.scheduler.scheduler import Scheduler
 from controller.scheduler.settings import (
     POLICIES,
     CapacitySettings,
@@ -46,7 +47,6 @@ __all__ = [
     "GROUP_LABEL",
     "POLICIES",
     "BatchDecision",
-    "Candidate",
     "CapacitySettings",
     "Claim",
     "Decision",
@@ -60,7 +60,6 @@ __all__ = [
     "MigrationSettings",
     "NoValidHost",
     "OverbookError",
-    "Placement",
     "PlacementRequest",
     "PowerSettings",
     "Scheduler",
@@ -69,5 +68,4 @@ __all__ = [
     "ScoredHost",
     "UnknownPolicyError",
     "free_capacity",
-    "place",
 ]

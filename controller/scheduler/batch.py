@@ -21,24 +21,27 @@ planner works in units:
 Claims are made on the live state as the plan goes and released at the end, so planning leaves the
 state exactly as it found it; the caller claims the plan with ``Scheduler.commit_batch``. A request
 that is not ``best_effort`` and gets no host makes the whole batch fail.
+
+The planner asks a :class:`RequestScheduler` (in practice ``controller.scheduler.scheduler.Scheduler``,
+which calls :func:`plan`) about one request at a time. It imports :mod:`.evaluation`, the explanation,
+fleet state, request and settings modules, never the scheduler itself.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 
+from controller.scheduler.evaluation import Evaluation
 from controller.scheduler.explanation import BatchDecision, Decision, Explanation, NoValidHost
 from controller.scheduler.fleet_state import Claim, FleetState
 from controller.scheduler.request import PlacementRequest
+from controller.scheduler.settings import SchedulerSettings
 
-if TYPE_CHECKING:
-    from controller.scheduler.scheduler import Evaluation, Scheduler
-
-__all__ = ["MAX_REORDERED", "ORDERS", "match", "plan"]
+__all__ = ["MAX_REORDERED", "ORDERS", "RequestScheduler", "match", "plan"]
 
 #: How many refusals a failed batch's message quotes.
 _QUOTED = 3
@@ -48,7 +51,36 @@ MAX_REORDERED = 256
 _HARD = ("affinity", "anti-affinity")
 
 
-def plan(scheduler: Scheduler, state: FleetState, requests: Sequence[PlacementRequest]) -> BatchDecision:
+class RequestScheduler(Protocol):
+    """What the batch planner needs from a scheduler: its settings and its one-request steps."""
+
+    @property
+    def settings(self) -> SchedulerSettings:
+        """The scheduler's settings (the planner reads the policies' multipliers)."""
+        ...
+
+    def select(self, request: PlacementRequest) -> Decision:
+        """Choose a host for ``request`` without claiming it."""
+        ...
+
+    def evaluate(self, request: PlacementRequest) -> Evaluation:
+        """Run the filters and weighers for ``request``."""
+        ...
+
+    def decide(self, evaluation: Evaluation, host_index: int | None = None) -> Decision:
+        """The decision for an evaluation: its best host, or ``host_index``."""
+        ...
+
+    def refusal(
+        self, evaluation: Evaluation, subject: str | None = None, extra: Sequence[str] = ()
+    ) -> NoValidHost:
+        """Why no host can take the evaluated request."""
+        ...
+
+
+def plan(
+    scheduler: RequestScheduler, state: FleetState, requests: Sequence[PlacementRequest]
+) -> BatchDecision:
     """Plan ``requests`` together (see the module doc); ``state`` is unchanged afterwards."""
     best: tuple[tuple[int, int], list[Decision]] | None = None
     consolidate = any(
@@ -73,7 +105,7 @@ def plan(scheduler: Scheduler, state: FleetState, requests: Sequence[PlacementRe
 
 
 def _plan_once(
-    scheduler: Scheduler, state: FleetState, requests: Sequence[PlacementRequest], order: str
+    scheduler: RequestScheduler, state: FleetState, requests: Sequence[PlacementRequest], order: str
 ) -> tuple[list[Decision], int]:
     """One plan in ``order``; returns the decisions and how many empty hosts it opened."""
     decisions: list[Decision | None] = [None] * len(requests)
@@ -178,7 +210,7 @@ def _combine(members: Sequence[PlacementRequest]) -> tuple[PlacementRequest, str
 
 
 def _place_affinity(
-    scheduler: Scheduler,
+    scheduler: RequestScheduler,
     state: FleetState,
     requests: Sequence[PlacementRequest],
     members: list[int],
@@ -210,7 +242,7 @@ def _place_affinity(
 
 
 def _place_anti_affinity(
-    scheduler: Scheduler,
+    scheduler: RequestScheduler,
     state: FleetState,
     requests: Sequence[PlacementRequest],
     members: list[int],
@@ -234,7 +266,7 @@ def _place_anti_affinity(
             decisions[i] = _taken_by_siblings(scheduler, ev, k)
 
 
-def _taken_by_siblings(scheduler: Scheduler, ev: Evaluation, members: int) -> Decision:
+def _taken_by_siblings(scheduler: RequestScheduler, ev: Evaluation, members: int) -> Decision:
     """A member whose every candidate host went to another member of its anti-affinity group."""
     request = ev.request
     taken = ev.count

@@ -3,6 +3,8 @@
 A small frozen value: the host's capabilities, state flags, labels, what its VMs claim, and how many
 members of each VM group it runs. The per-host predicates read only this, which keeps them pure and
 easy to test; the hot path reads the same facts from :class:`~controller.scheduler.fleet_state.HostArrays`.
+:func:`free_capacity` reads a host's free room from its store record (admission and the API's host
+views use it). It imports the settings and the store's record types.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from controller.scheduler.settings import CapacitySettings
+from controller.scheduler.settings import CapacitySettings, SchedulerSettings
 from controller.store import HostRecord, Usage
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
@@ -88,10 +90,22 @@ class HostView:
         return arch == self.arch or arch in self.guest_arches
 
     def free_vcpus(self, capacity: CapacitySettings) -> int:
+        """vCPUs left after the claims, under ``capacity``'s allocation ratio."""
         return capacity.vcpus(self.cores) - self.used_vcpus
 
     def free_memory_mib(self, capacity: CapacitySettings) -> int:
+        """MiB of memory left after the claims and ``capacity``'s reservation."""
         return capacity.memory_mib(self.memory_mib) - self.used_memory_mib
 
     def free_disk_gib(self, capacity: CapacitySettings) -> int:
+        """GiB of disk left after the claims, under ``capacity``'s allocation ratio."""
         return capacity.disk_gib(self.disk_gib) - self.used_disk_gib
+
+
+def free_capacity(
+    host: HostRecord, used: Usage, settings: CapacitySettings | SchedulerSettings
+) -> tuple[int, int, int]:
+    """(free vCPUs, free MiB, free GiB of disk) on ``host`` after its claims."""
+    capacity = settings.capacity if isinstance(settings, SchedulerSettings) else settings
+    view = HostView.from_record(host, used)
+    return view.free_vcpus(capacity), view.free_memory_mib(capacity), view.free_disk_gib(capacity)

@@ -7,7 +7,9 @@ explanation. Nothing changes until the caller claims (:meth:`Scheduler.claim`, o
 ``FleetState.claim``); the controller selects, claims and persists without an await in between, so
 no other request can slip in.
 
-:meth:`Scheduler.select_batch` plans several requests as a whole (see :mod:`.batch`).
+:meth:`Scheduler.select_batch` plans several requests as a whole (see :mod:`.batch`). The scheduler
+imports the batch planner and :mod:`.evaluation`, the filters, the weighers, the fleet state and the
+request; none of them imports it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import msgspec
 import numpy as np
 
 from controller.scheduler import batch as batch_planner
+from controller.scheduler.evaluation import Evaluation, Rejection, sum_reasons
 from controller.scheduler.explanation import BatchDecision, Decision, Explanation, NoValidHost, ScoredHost
 from controller.scheduler.filters import HostFilter, default_filters
 from controller.scheduler.fleet_state import (
@@ -36,17 +39,8 @@ from controller.scheduler.weighers import HostWeigher, default_weighers, normali
 
 #: Cache-key entry of a static filter the request does not use.
 _OFF = "-"
-#: Up to this many top candidates, ranking uses repeated argmax instead of a partition.
-_ARGMAX_TOP = 8
 _EMPTY_SLOTS: IntArray = np.zeros(0, dtype=np.int64)
 _EMPTY_SCORES: FloatArray = np.zeros(0, dtype=np.float64)
-
-
-@dataclass(frozen=True, slots=True)
-class _Rejection:
-    reason: str
-    count: int
-    owner: HostFilter
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,57 +49,7 @@ class _StaticResult:
     mask: BoolArray
     eligible: int
     filtered: tuple[tuple[str, int], ...]
-    rejected: tuple[_Rejection, ...]
-
-
-@dataclass(slots=True)
-class Evaluation:
-    """Everything :meth:`Scheduler.evaluate` found out about one request (the batch planner reads it)."""
-
-    request: PlacementRequest
-    policy: str
-    hosts: int
-    filtered: dict[str, int]
-    rejected: list[_Rejection]
-    #: Slots that passed every filter, and how many.
-    alive: BoolArray
-    count: int
-    #: The passing slots in ascending order, and their total scores (same order).
-    slots: IntArray
-    score: FloatArray
-    #: (weigher name, multiplier, normalised weights in ``slots`` order) of each weigher that told
-    #: candidates apart.
-    parts: list[tuple[str, float, FloatArray]]
-    #: Slots alive just before the capacity filter (for "the most free memory on any host").
-    before_capacity: BoolArray | None
-
-    def rejected_counts(self) -> dict[str, int]:
-        """Rejected hosts by reason code."""
-        return _sum_reasons(self.rejected)
-
-    def ranked(self, limit: int) -> list[int]:
-        """Up to ``limit`` candidate slots, best first (ties: lower slot first)."""
-        return [int(self.slots[p]) for p in self.ranked_positions(limit)]
-
-    def ranked_positions(self, limit: int) -> list[int]:
-        """Like :meth:`ranked`, as positions in ``slots``."""
-        k = min(limit, self.count)
-        if k <= 0:
-            return []
-        if k <= _ARGMAX_TOP:
-            # A few argmax passes beat a partition for the handful an explanation shows.
-            score = self.score
-            best = [int(score.argmax())]
-            if k > 1:
-                score = score.copy()
-                for _ in range(k - 1):
-                    score[best[-1]] = -np.inf
-                    best.append(int(score.argmax()))
-            positions = best
-        else:
-            top = np.argpartition(self.score, self.count - k)[self.count - k :]
-            positions = sorted((int(p) for p in top), key=lambda p: (-self.score[p], p))
-        return positions
+    rejected: tuple[Rejection, ...]
 
 
 class Scheduler:
@@ -202,7 +146,7 @@ class Scheduler:
             if n != count:
                 removed = alive & ~passed
                 rejected.extend(
-                    _Rejection(r, c, f) for r, c in f.reason_counts(state, request, removed).items()
+                    Rejection(r, c, f) for r, c in f.reason_counts(state, request, removed).items()
                 )
             alive, count = passed, n
         parts: list[tuple[str, float, FloatArray]] = []
@@ -242,7 +186,7 @@ class Scheduler:
             policy=ev.policy,
             hosts=ev.hosts,
             filtered=ev.filtered,
-            rejected=_sum_reasons(ev.rejected),
+            rejected=sum_reasons(ev.rejected),
             candidates=ev.count,
             top=[self._scored(ev, p) for p in top],
         )
@@ -273,7 +217,7 @@ class Scheduler:
         request = ev.request
         what = subject or f"vm {request.vm!r}"
         head = f"no host can take {what} ({request.describe()})"
-        rejected = _sum_reasons(ev.rejected)
+        rejected = sum_reasons(ev.rejected)
         if ev.hosts == 0:
             return NoValidHost(
                 vm=request.vm,
@@ -354,7 +298,7 @@ class Scheduler:
         alive = state.present.copy()
         hosts = count = int(np.count_nonzero(alive))
         filtered: list[tuple[str, int]] = []
-        rejected: list[_Rejection] = []
+        rejected: list[Rejection] = []
         for f in self._static_filters:
             if not f.applies(request):
                 continue
@@ -364,7 +308,7 @@ class Scheduler:
             if n != count:
                 removed = alive & ~passed
                 rejected.extend(
-                    _Rejection(r, c, f) for r, c in f.reason_counts(state, request, removed).items()
+                    Rejection(r, c, f) for r, c in f.reason_counts(state, request, removed).items()
                 )
             alive, count = passed, n
         result = _StaticResult(hosts, alive, count, tuple(filtered), tuple(rejected))
@@ -383,10 +327,3 @@ class Scheduler:
             free_vcpus=int(free_vcpus[i]),
             free_memory_mib=int(free_memory[i]),
         )
-
-
-def _sum_reasons(rejections: Iterable[_Rejection]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in rejections:
-        out[r.reason] = out.get(r.reason, 0) + r.count
-    return out

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from controller.balancer import Fleet, Migration, Snapshot, Trace
+from controller.balancer.evaluation import Trace
+from controller.balancer.model import Fleet, Migration, Snapshot
 
 #: A made-up linear power table: 100 W idle, +10 W per 10 % load.
 LINEAR_W = tuple(100.0 + 10.0 * i for i in range(11))

@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from controller.balancer import make_policy, simulate
-from controller.balancer.gate import SchedulerGate
+from controller.balancer.evaluation import make_policy, simulate
+from controller.balancer.evaluation.gate import SchedulerGate
 from controller.balancer.planner import FleetvisorPolicy
 from tests.controller.balancer.support import ScriptedPolicy, small_fleet, snapshot, trace
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller.balancer.overload import (
+from controller.balancer.evaluation.detectors import (
     LocalRegressionDetector,
     MadDetector,
-    PredictiveDetector,
     ThresholdDetector,
     mad,
     trim_zero_tail,
     trimmed_lengths,
 )
+from controller.balancer.overload import PredictiveDetector
 
 
 def _history(newest_first: list[float], size: int = 30) -> np.ndarray:

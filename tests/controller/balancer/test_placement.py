@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.balancer.model import PlanningState
-from controller.balancer.overload import LocalRegressionDetector, ThresholdDetector
-from controller.balancer.placement import find_host
+from controller.balancer.evaluation.detectors import LocalRegressionDetector, ThresholdDetector
+from controller.balancer.evaluation.placement import find_host
+from controller.balancer.evaluation.planning_state import PlanningState
 from tests.controller.balancer.support import LINEAR_W, small_fleet, snapshot
 
 FLAT_W = tuple(100.0 + 2.0 * i for i in range(11))

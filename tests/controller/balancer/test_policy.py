@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller.balancer import make_policy, standard_fleet
-from controller.balancer.overload import ThresholdDetector
+from controller.balancer.evaluation import make_policy, standard_fleet
+from controller.balancer.evaluation.detectors import ThresholdDetector
+from controller.balancer.evaluation.policy import CloudSimPolicy, UnknownPolicyError
 from controller.balancer.planner import FleetvisorPolicy, FleetvisorSettings, MigrationCostModel
-from controller.balancer.policy import CloudSimPolicy, UnknownPolicyError
 from tests.controller.balancer.support import small_fleet, snapshot
 
 THR = CloudSimPolicy("THR-MMT-0.8", ThresholdDetector(0.8))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.balancer.selection import minimum_migration_time
+from controller.balancer.evaluation.selection import minimum_migration_time
 
 RAM = np.array([1740.0, 613.0, 870.0, 613.0])
 

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from controller.balancer import (
+from controller.balancer.evaluation import (
     Metrics,
     TraceError,
     format_metrics,

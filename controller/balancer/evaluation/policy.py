@@ -5,12 +5,17 @@ A policy does two things:
 - :meth:`Policy.place_initial` puts every VM on a host when the datacenter starts (VMs are created
   at their full nominal size, before any of them has reported load);
 - :meth:`Policy.plan` looks at a :class:`~controller.balancer.model.Snapshot` once per interval and
-  returns the migrations to start now, in order, as ``(vm, target host)`` pairs.
+  returns the migrations to start now, in order, as ``(vm, target host)`` pairs
+  (:data:`~controller.balancer.model.Migration`).
 
 The baselines (:class:`CloudSimPolicy`) are THR-MMT-0.8, MAD-MMT-2.5 and LR-MMT-1.2 exactly as
 CloudSim 3.0.3's ``PowerVmAllocationPolicyMigrationAbstract`` runs them, quirks included, because
 their published figures are the yardstick. Fleetvisor's own policy lives in
 :mod:`controller.balancer.planner` and is registered here as ``fleetvisor``.
+
+Part of the trace evaluation: it imports the live balancer's :mod:`~controller.balancer.model`,
+:mod:`~controller.balancer.overload` and :mod:`~controller.balancer.planner`, and the baselines'
+parts (:mod:`.detectors`, :mod:`.placement`, :mod:`.planning_state`, :mod:`.selection`).
 """
 
 from __future__ import annotations
@@ -22,21 +27,18 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from controller.balancer.model import Fleet, PlanningState, Snapshot
-from controller.balancer.overload import (
-    LocalRegressionDetector,
-    MadDetector,
-    OverloadDetector,
-    ThresholdDetector,
-)
-from controller.balancer.placement import find_host
-from controller.balancer.selection import minimum_migration_time
+from controller.balancer.evaluation.detectors import LocalRegressionDetector, MadDetector, ThresholdDetector
+from controller.balancer.evaluation.placement import find_host
+from controller.balancer.evaluation.planning_state import PlanningState
+from controller.balancer.evaluation.selection import minimum_migration_time
+from controller.balancer.model import Fleet, Migration, Snapshot
+from controller.balancer.overload import OverloadDetector
+from controller.balancer.planner import FleetvisorPolicy
 
 __all__ = [
     "BASELINES",
     "POLICIES",
     "CloudSimPolicy",
-    "Migration",
     "Policy",
     "UnknownPolicyError",
     "make_policy",
@@ -44,13 +46,11 @@ __all__ = [
 
 IntArray = npt.NDArray[np.intp]
 BoolArray = npt.NDArray[np.bool_]
-
-#: A migration to start: (VM index, target host index).
-Migration = tuple[int, int]
+FloatArray = npt.NDArray[np.float64]
 
 
 class Policy(Protocol):
-    """What the simulator (and later the live balancer) needs from a consolidation policy."""
+    """What the simulator needs from a consolidation policy (Fleetvisor's planner is one too)."""
 
     name: str
 
@@ -186,21 +186,27 @@ class CloudSimPolicy:
             source = int(np.argmin(masked))
             not_source[source] = True
             not_target[source] = True
-            moving = self._by_decreasing_request(snapshot, list(plan.host_vms[source]))
-            placed: list[Migration] = []
-            for vm in moving:
-                target = find_host(plan, vm, not_target, self.detector, power_now)
-                if target is None:
-                    for undo_vm, undo_host in placed:
-                        plan.destroy(undo_vm, undo_host)
-                    placed = []
-                    break
-                plan.create(vm, target)
-                placed.append((vm, target))
+            placed = self._move_all(plan, source, not_target, power_now)
             for _, target in placed:
                 not_source[target] = True
             migrations.extend(placed)
         return migrations
+
+    def _move_all(
+        self, plan: PlanningState, source: int, not_target: BoolArray, power_now: FloatArray
+    ) -> list[Migration]:
+        """Every VM of ``source`` placed off it by PABFD, or none (the plan undone) if one fits nowhere."""
+        moving = self._by_decreasing_request(plan.snapshot, list(plan.host_vms[source]))
+        placed: list[Migration] = []
+        for vm in moving:
+            target = find_host(plan, vm, not_target, self.detector, power_now)
+            if target is None:
+                for undo_vm, undo_host in placed:
+                    plan.destroy(undo_vm, undo_host)
+                return []
+            plan.create(vm, target)
+            placed.append((vm, target))
+        return placed
 
     def _overloaded(self, plan: PlanningState, host: int) -> bool:
         requested = plan.requested[host] / plan.fleet.host_mips[host]
@@ -225,8 +231,6 @@ def _lr() -> Policy:
 
 
 def _fleetvisor() -> Policy:
-    from controller.balancer.planner import FleetvisorPolicy
-
     return FleetvisorPolicy()
 
 

@@ -16,6 +16,9 @@ capacity, one vCPU per VM. CPU load is the planner's business (MIPS and forecast
 checks what must never be overbooked. In the literature's setup (``Fleet.binding_ram`` False) a running
 VM requests no RAM or bandwidth, as CloudSim models it, so its claims carry none and only the
 scheduler's other filters (host state, engine, pinning) can refuse a move.
+
+Part of the trace evaluation; it imports :mod:`controller.balancer.model`, the scheduler
+(:mod:`controller.scheduler`) and the store's record types.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from controller.balancer.model import Fleet
-from controller.balancer.policy import Migration
+from controller.balancer.model import Fleet, Migration
 from controller.scheduler import CapacitySettings, FleetState, PlacementRequest, Scheduler
 from controller.scheduler.settings import SchedulerSettings
 from controller.store import HostRecord
@@ -78,10 +80,12 @@ class SchedulerGate:
 
     @staticmethod
     def host_id(host: int) -> str:
+        """The scheduler's id of simulated host ``host``."""
         return f"h{host}"
 
     @staticmethod
     def vm_id(vm: int) -> str:
+        """The scheduler's id of simulated VM ``vm``."""
         return f"vm{vm}"
 
     def _request(self, vm: int, target: int | None = None, source: int | None = None) -> PlacementRequest:

@@ -9,6 +9,9 @@ Ties go to the lowest host id. Callers place VMs in decreasing order of requeste
 
 The "power before" is deliberately the measured one, not the planned one: CloudSim does it that way,
 which is why a switched-off host (0 % measured) costs only its dynamic power increase here.
+
+Part of the trace evaluation; it imports :mod:`.planning_state`, :mod:`.detectors` and
+:mod:`controller.balancer.overload`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from controller.balancer.model import PlanningState
-from controller.balancer.overload import OverloadDetector, ThresholdDetector
+from controller.balancer.evaluation.detectors import ThresholdDetector
+from controller.balancer.evaluation.planning_state import PlanningState
+from controller.balancer.overload import OverloadDetector
 
 __all__ = ["find_host", "overloaded_after"]
 

@@ -1,10 +1,8 @@
 """Trace-driven evaluation: a day of PlanetLab VMs on 800 hosts, any policy, CloudSim's metrics.
 
-The datacenter is the standard one of Beloglazov & Buyya (CCPE 2012) and CloudSim 3.0.3's PlanetLab
-examples (see ``shared/data/README.md``): 800 hosts alternating HP ProLiant ML110 G4 (2 x 1860 MIPS)
-and G5 (2 x 2660 MIPS), 4 GB and 1 Gbit/s each; VMs of one core in four types by trace order; one
-decision every 300 s over 24 h. Its mechanics are CloudSim's, because the baselines must reproduce
-CloudSim's published figures:
+The datacenter is the standard one (:func:`~.trace.standard_fleet`), with one decision every 300 s
+over 24 h. Its mechanics are CloudSim's, because the baselines must reproduce CloudSim's published
+figures:
 
 - Time. VMs are created at 0 s at full size; their workload starts at 0.1 s; the datacenter is
   measured and the policy asked at 300.1 s, 600.1 s, ... up to 86 100.1 s (287 decisions). A VM's
@@ -21,45 +19,30 @@ CloudSim's published figures:
 - The datacenter is re-measured at every migration's end, so energy and SLA are integrated over
   those instants too, trapezoidally for power.
 
-Metrics (CloudSim's ``Helper``): energy in kWh; SLATAH, the share of active host time during which a
-host got less CPU than its VMs asked; PDM, the CPU lost to migrations over all CPU requested; SLAV =
-SLATAH x PDM; ESV = energy x SLAV; and the number of migrations.
+The metrics are CloudSim's (see :mod:`.metrics`). Entry points: :func:`run` (a trace file and a
+policy name, optionally a plot) and :func:`simulate` (objects, a step limit for tests).
 
-Entry points: :func:`run` (a trace file and a policy name, optionally a plot) and :func:`simulate`
-(objects, a step limit for tests). :func:`format_summary` is a line for people and
-:func:`format_metrics` the CLI's machine-readable last line.
+Part of the trace evaluation; it imports :mod:`controller.balancer.model`, and of the evaluation
+:mod:`.gate`, :mod:`.metrics`, :mod:`.plot`, :mod:`.policy` and :mod:`.trace`.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from controller.balancer.gate import SchedulerGate
-from controller.balancer.model import Fleet, Snapshot
-from controller.balancer.policy import Migration, Policy, make_policy
-from controller.balancer.power_model import HP_PROLIANT_ML110_G4, HP_PROLIANT_ML110_G5
+from controller.balancer.evaluation.gate import SchedulerGate
+from controller.balancer.evaluation.metrics import Metrics, Series, SimulationResult
+from controller.balancer.evaluation.plot import plot_series
+from controller.balancer.evaluation.policy import Policy, make_policy
+from controller.balancer.evaluation.trace import Trace, load_trace, standard_fleet
+from controller.balancer.model import Fleet, Migration, Snapshot
 
-__all__ = [
-    "HISTORY_SAMPLES",
-    "Metrics",
-    "Series",
-    "SimulationResult",
-    "Trace",
-    "TraceError",
-    "format_metrics",
-    "format_summary",
-    "load_trace",
-    "run",
-    "simulate",
-    "standard_fleet",
-]
+__all__ = ["HISTORY_SAMPLES", "START_OFFSET_S", "run", "simulate"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
@@ -69,148 +52,6 @@ BoolArray = npt.NDArray[np.bool_]
 HISTORY_SAMPLES = 30
 #: Delay between VM creation and the start of their workload (CloudSim's minimum event gap).
 START_OFFSET_S = 0.1
-STANDARD_HOSTS = 800
-#: VM types as (MIPS, RAM MB), one core each.
-VM_TYPES: tuple[tuple[float, float], ...] = ((2500, 870), (2000, 1740), (1000, 1740), (500, 613))
-#: Host types as (MIPS per core, cores); host i is type i % 2.
-HOST_TYPES: tuple[tuple[float, int], ...] = ((1860, 2), (2660, 2))
-
-
-class TraceError(ValueError):
-    """A trace file that cannot be read as one VM per line of percentages."""
-
-
-@dataclass(frozen=True, eq=False)
-class Trace:
-    """A day of VM CPU utilisation: ``utilization[v, i]`` is VM v's load (0..1) at ``i * 300`` s.
-
-    One column past the samples repeats the last one, as CloudSim pads its in-memory model.
-    """
-
-    name: str
-    vm_names: tuple[str, ...]
-    utilization: FloatArray
-
-    @property
-    def vms(self) -> int:
-        """Number of VMs."""
-        return len(self.vm_names)
-
-    @property
-    def samples(self) -> int:
-        """Samples per VM in the file."""
-        return int(self.utilization.shape[1]) - 1
-
-
-def load_trace(path: str | pathlib.Path) -> Trace:
-    """Read a ``.csv`` or ``.csv.gz`` trace: ``vm_name,u0,u1,...`` with u in percent, one VM a line.
-
-    Raises:
-        TraceError: the file is missing, empty, ragged or holds values outside 0..100.
-    """
-    path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            lines = [line.strip() for line in handle if line.strip()]
-    except OSError as exc:
-        raise TraceError(
-            f"trace {str(path)!r}: cannot read it ({exc}); pass a .csv.gz from shared/data"
-        ) from exc
-    if not lines:
-        raise TraceError(f"trace {str(path)!r}: no VMs in it; expected lines of vm_name,u0,u1,...")
-    names: list[str] = []
-    rows: list[list[float]] = []
-    for number, line in enumerate(lines, start=1):
-        name, *values = line.split(",")
-        try:
-            rows.append([float(value) for value in values])
-        except ValueError as exc:
-            raise TraceError(f"trace {str(path)!r} line {number} (vm {name!r}): {exc}") from exc
-        names.append(name)
-    width = len(rows[0])
-    if width < 2 or any(len(row) != width for row in rows):
-        raise TraceError(f"trace {str(path)!r}: every VM needs the same number (>= 2) of samples")
-    percent = np.asarray(rows)
-    if percent.min() < 0 or percent.max() > 100:
-        raise TraceError(f"trace {str(path)!r}: utilisation must be a percentage 0..100")
-    utilization = np.concatenate([percent, percent[:, -1:]], axis=1) / 100.0
-    day = path.name.split(".")[0]
-    return Trace(name=day, vm_names=tuple(names), utilization=utilization)
-
-
-def standard_fleet(vms: int, hosts: int = STANDARD_HOSTS) -> Fleet:
-    """The literature's datacenter for ``vms`` VMs: VM i gets type ``i // ceil(vms / 4)``."""
-    kinds = np.arange(hosts, dtype=np.intp) % len(HOST_TYPES)
-    core = np.array([HOST_TYPES[k][0] for k in kinds], dtype=np.float64)
-    cores = np.array([HOST_TYPES[k][1] for k in kinds], dtype=np.float64)
-    per_type = math.ceil(vms / len(VM_TYPES))
-    vm_type = np.arange(vms) // per_type
-    return Fleet(
-        host_mips=core * cores,
-        host_core_mips=core,
-        host_kind=kinds,
-        power_tables=np.array([HP_PROLIANT_ML110_G4.watts, HP_PROLIANT_ML110_G5.watts]),
-        vm_mips=np.array([VM_TYPES[t][0] for t in vm_type], dtype=np.float64),
-        vm_ram_mb=np.array([VM_TYPES[t][1] for t in vm_type], dtype=np.float64),
-        binding_ram=False,
-    )
-
-
-class Metrics(msgspec.Struct, frozen=True, kw_only=True):
-    """The outcome of one simulated day (fractions, not percent)."""
-
-    policy: str
-    trace: str
-    vms: int
-    hosts: int
-    steps: int
-    energy_kwh: float
-    slatah: float
-    pdm: float
-    slav: float
-    esv: float
-    migrations: int
-    #: Runs through the live scheduler (Fleetvisor's policy): planned moves its filters refused.
-    gated: bool = False
-    vetoed: int = 0
-
-
-def format_summary(metrics: Metrics) -> str:
-    """A line for people, printed before :func:`format_metrics`."""
-    return (
-        f"{metrics.policy} on {metrics.trace}: {metrics.vms} VMs, {metrics.hosts} hosts, {metrics.steps} intervals: "
-        f"{metrics.energy_kwh:.2f} kWh, SLATAH {metrics.slatah:.3%}, PDM {metrics.pdm:.4%}, "
-        f"SLAV {metrics.slav:.3g}, ESV {metrics.esv:.3g}, {metrics.migrations} migrations"
-        + (f"; the live scheduler vetted every move and refused {metrics.vetoed}" if metrics.gated else "")
-    )
-
-
-def format_metrics(metrics: Metrics) -> str:
-    """The CLI's last line: ``energy_kwh=.. slatah=.. pdm=.. slav=.. esv=.. migrations=..``."""
-    return (
-        f"energy_kwh={metrics.energy_kwh:.2f} slatah={metrics.slatah:.6g} pdm={metrics.pdm:.6g} "
-        f"slav={metrics.slav:.6g} esv={metrics.esv:.6g} migrations={metrics.migrations}"
-    )
-
-
-@dataclass
-class Series:
-    """Per decision interval, for plots: what the datacenter did between one decision and the next."""
-
-    time_s: list[float] = field(default_factory=list)
-    active_hosts: list[int] = field(default_factory=list)
-    power_w: list[float] = field(default_factory=list)  #: mean power over the interval
-    sla_violation: list[float] = field(default_factory=list)  #: share of active host time violating
-    migrations: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SimulationResult:
-    """Metrics plus the time series behind them."""
-
-    metrics: Metrics
-    series: Series
 
 
 @dataclass
@@ -510,15 +351,21 @@ def simulate(
             dc.settle(end, dc.measure(at_end))
     if series.time_s:
         _add_point(series, point)
+    return SimulationResult(metrics=_metrics(policy.name, dc, len(series.time_s)), series=series)
+
+
+def _metrics(policy: str, dc: _Datacenter, steps: int) -> Metrics:
+    """CloudSim's metrics from the integrals of a finished run."""
+    fleet, gate = dc.fleet, dc.gate
     slatah = dc.violation_s / dc.active_s if dc.active_s > 0 else 0.0
     pdm = dc.migration_loss_mips_s / dc.requested_mips_s if dc.requested_mips_s > 0 else 0.0
     energy_kwh = dc.energy_ws / 3.6e6
-    metrics = Metrics(
-        policy=policy.name,
-        trace=trace.name,
+    return Metrics(
+        policy=policy,
+        trace=dc.trace.name,
         vms=fleet.vms,
         hosts=fleet.hosts,
-        steps=len(series.time_s),
+        steps=steps,
         energy_kwh=energy_kwh,
         slatah=slatah,
         pdm=pdm,
@@ -528,7 +375,6 @@ def simulate(
         gated=gate is not None,
         vetoed=gate.vetoed if gate is not None else 0,
     )
-    return SimulationResult(metrics=metrics, series=series)
 
 
 def _add_point(series: Series, point: _Segment) -> None:
@@ -548,7 +394,5 @@ def run(
     trace = load_trace(trace_path)
     result = simulate(trace, make_policy(policy_name))
     if plot_path is not None:
-        from controller.balancer.plot import plot_series
-
         plot_series(result, plot_path)
     return result.metrics

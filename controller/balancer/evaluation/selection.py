@@ -2,7 +2,8 @@
 
 Minimum Migration Time (MMT, Beloglazov & Buyya 2012) takes the VM that migrates fastest, i.e. the
 one with the least RAM, since a migration lasts RAM / bandwidth; among equals, the one listed first
-on the host. The caller removes it and asks again until the host is no longer overloaded.
+on the host. The caller removes it and asks again until the host is no longer overloaded. Part of
+the trace evaluation (the CloudSim baselines' MMT); it imports nothing of the project.
 """
 
 from __future__ import annotations

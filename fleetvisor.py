@@ -31,7 +31,7 @@ from controller.fencing import load_bmc_config
 from controller.fleet import FleetSettings
 from controller.ha import HaSettings
 from controller.power import load_wol_config
-from controller.power_manager import PowerSettings
+from controller.services.power import PowerSettings
 from hv.driver import HvError
 from hv.engines import ENGINES, UnknownEngine, create_driver
 from protocols.bus import BrokerAddress, BusError, read_secret

@@ -17,7 +17,7 @@ from typing import Any
 
 from controller.fleet import FleetSettings
 from controller.power import FallbackPower, PowerDriver, SimPowerDriver
-from controller.power_manager import PowerSettings
+from controller.services.power import PowerSettings
 from controller.scheduler import SchedulingHints
 from protocols.vmspec import VmSpec, VmWorkload
 from tests.support.fleet import Fleet, eventually

@@ -11,6 +11,8 @@ version and the probe itself, so the probe runs once per host and upgrade.
 
 ``kvm`` and ``tcg`` modes skip the probe: ``kvm`` is an operator's override (it still needs
 ``/dev/kvm``), ``tcg`` never touches KVM.
+
+Imports: :mod:`hv.driver` (errors), :mod:`hv.storage` and :mod:`hv.qemu.host` only.
 """
 
 from __future__ import annotations

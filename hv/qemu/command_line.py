@@ -15,6 +15,9 @@ created), and :func:`build_argv` turns a :class:`LaunchPlan` into an argument li
 - QMP listens on the socket the driver binds and passes in as fd :data:`hv.qemu.process.QMP_FD`.
 - The destination of a live migration is the same command line plus ``-incoming defer``: the
   device model must match the source's exactly, so both come from the same spec through here.
+
+Pure. Imports: :mod:`hv.qemu.host`, :mod:`hv.qemu.image_policy` and :mod:`hv.qemu.process`
+(constants and types) and :mod:`protocols.vmspec` only.
 """
 
 from __future__ import annotations
@@ -115,19 +118,33 @@ def spec_problems(spec: VmSpec, *, machine_types: Sequence[str], cpu_models: Seq
     problems: list[str] = []
     if spec.machine not in machine_types:
         problems.append(f"machine type {spec.machine!r} is not offered by this QEMU; use pc or q35")
-    if spec.cpu_mode == "custom":
-        if not spec.cpu_model:
-            problems.append("cpu_mode 'custom' needs a cpu_model, e.g. 'Skylake-Server'")
-        elif cpu_models and spec.cpu_model not in cpu_models:
-            problems.append(
-                f"cpu_model {spec.cpu_model!r} is unknown to this QEMU; `qemu-system-x86_64 -cpu help` "
-                "lists the models"
-            )
+    problems += _cpu_problems(spec, cpu_models)
     if spec.current_memory_mib is not None and spec.current_memory_mib > spec.memory_mib:
         problems.append(
             f"current_memory_mib ({spec.current_memory_mib}) exceeds memory_mib ({spec.memory_mib}); "
             "the balloon can only give memory back"
         )
+    problems += _boot_problems(spec)
+    problems += _disk_problems(spec)
+    problems += _nic_problems(spec)
+    return problems
+
+
+def _cpu_problems(spec: VmSpec, cpu_models: Sequence[str]) -> list[str]:
+    if spec.cpu_mode != "custom":
+        return []
+    if not spec.cpu_model:
+        return ["cpu_mode 'custom' needs a cpu_model, e.g. 'Skylake-Server'"]
+    if cpu_models and spec.cpu_model not in cpu_models:
+        return [
+            f"cpu_model {spec.cpu_model!r} is unknown to this QEMU; `qemu-system-x86_64 -cpu help` "
+            "lists the models"
+        ]
+    return []
+
+
+def _boot_problems(spec: VmSpec) -> list[str]:
+    problems: list[str] = []
     boot = spec.boot
     if boot.kernel is None:
         if boot.initrd is not None:
@@ -141,6 +158,11 @@ def spec_problems(spec: VmSpec, *, machine_types: Sequence[str], cpu_models: Seq
             problems.append(
                 f"{what} {path!r} contains a comma or newline, which QEMU would misread; rename it"
             )
+    return problems
+
+
+def _disk_problems(spec: VmSpec) -> list[str]:
+    problems: list[str] = []
     targets = [disk.target for disk in spec.disks]
     for target in sorted({t for t in targets if targets.count(t) > 1}):
         problems.append(f"disk target {target!r} is used twice; give every disk its own target")
@@ -154,6 +176,11 @@ def spec_problems(spec: VmSpec, *, machine_types: Sequence[str], cpu_models: Seq
             problems.append(
                 f"disk {disk.target}: QEMU's SATA disk (ide-hd) cannot be read-only; use bus=virtio"
             )
+    return problems
+
+
+def _nic_problems(spec: VmSpec) -> list[str]:
+    problems: list[str] = []
     for index, nic in enumerate(spec.nics):
         if nic.model == "e1000" and is_mmio(spec.machine):
             problems.append(

@@ -4,6 +4,8 @@
 image directories, a backing file that escapes them, a device the machine type cannot carry. It is
 an :class:`hv.driver.InvalidRequest` (reply code ``invalid_request``), so the agent reports it as
 bad input rather than as an engine failure, and callers may catch either.
+
+Imports: :mod:`hv.driver` only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Private directories for the qemu engine's per-VM state (atomic writes live in :mod:`hv.storage`)."""
+"""Private directories for the qemu engine's per-VM state (atomic writes live in :mod:`hv.storage`).
+
+Imports: the standard library only.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ The parsers (:func:`parse_cpuinfo`, :func:`parse_meminfo_mib`, :func:`guest_arch
 ``query-machines`` and ``query-cpu-definitions``, and quits (about 50 ms). A QEMU built without
 seccomp refuses ``-sandbox``; that is detected here, not assumed. The answer is cached in a file
 keyed by the binary's path, size and modification time.
+
+Imports: :mod:`hv.driver` (errors), :mod:`hv.storage` and :mod:`hv.qemu.qmp` only.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ SUPPORTED_ARCHES = ("x86_64", "i386")
 
 @dataclass(frozen=True, slots=True)
 class CpuInfo:
+    """The host CPU as /proc/cpuinfo describes it."""
+
     vendor: str
     model: str
     #: ``flags`` plus the ``vmx flags`` line newer kernels print separately (ept, vpid, ...).

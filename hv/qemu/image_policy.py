@@ -16,6 +16,8 @@ chain is then given to QEMU layer by layer as explicit ``-blockdev`` nodes (see
 
 What remains is a race: an operator with write access to an image directory could swap a file
 between the check and QEMU opening it. The image directories are the trust boundary.
+
+Imports: :mod:`hv.driver` and :mod:`hv.qemu.errors` only.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class ImagePolicy:
 
     @property
     def dirs_text(self) -> str:
+        """The image directories, for messages."""
         return ", ".join(str(d) for d in self.image_dirs)
 
     def inside(self, path: Path) -> bool:

@@ -1,6 +1,8 @@
 """Live migration for the qemu engine: the URI both sides agree on, and QMP's answers as our types.
 
-Pure apart from :func:`free_port`: no QMP here. :class:`hv.qemu.driver.QemuDriver` runs the steps.
+Pure apart from :func:`free_port`: no QMP here. :mod:`hv.qemu.migration_source`,
+:mod:`hv.qemu.migration_destination` and :mod:`hv.qemu.storage_copy` run the steps. Imports:
+:mod:`hv.driver` (errors) and :mod:`protocols` only.
 
 **The URI** the destination hands out (and the source parses) is QEMU's own migration URI, with the
 NBD server of the storage copy appended when the destination exports disks::
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +36,16 @@ from protocols.vmspec import DiskSpec, VmSpec
 
 __all__ = [
     "JOB_PREFIX",
+    "MIGRATING",
     "NBD_NODE_PREFIX",
+    "POSTCOPY",
     "MigrationUri",
     "copied_disks",
     "destination_capabilities",
     "format_uri",
     "free_port",
+    "local_disks_message",
+    "migration_status",
     "parse_uri",
     "sample_from_query",
     "source_capabilities",
@@ -50,6 +56,13 @@ __all__ = [
 #: Block jobs and NBD client nodes the driver creates on a source are named with these prefixes.
 JOB_PREFIX = "migrate-"
 NBD_NODE_PREFIX = "migrate-nbd-"
+
+#: ``query-migrate`` statuses of a source whose migration is under way (QEMU's own names).
+MIGRATING = frozenset(
+    {"setup", "active", "pre-switchover", "device", "wait-unplug", "postcopy-active", "postcopy-paused",
+     "postcopy-recover"}
+)  # fmt: skip
+POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 
 #: QEMU ``query-migrate`` statuses that are steps inside pre-copy, as the engines report them.
 _ACTIVE_STEPS = frozenset({"active", "pre-switchover", "device", "wait-unplug", "colo"})
@@ -75,6 +88,7 @@ class MigrationUri:
 
     @property
     def has_nbd(self) -> bool:
+        """Whether the URI names the destination's NBD server (for the storage copy)."""
         return self.nbd_host is not None and self.nbd_port is not None
 
     def __str__(self) -> str:
@@ -193,6 +207,23 @@ def source_parameters(policy: MigrationPolicy) -> dict[str, object]:
     if policy.multifd:
         params["multifd-channels"] = policy.multifd_channels
     return params
+
+
+def migration_status(result: object) -> str:
+    """QEMU's own ``query-migrate`` status (``none`` before any migration)."""
+    if isinstance(result, dict):
+        return str(result.get("status", "none"))
+    return "none"
+
+
+def local_disks_message(name: str, disks: Sequence[DiskSpec]) -> str:
+    """The error for local disks that a migration without storage copy would leave behind."""
+    listed = ", ".join(f"{d.target} (an overlay on {d.source})" for d in disks)
+    return (
+        f"vm {name!r} has local disks the destination does not have: {listed}; migrate with "
+        "copy_storage=True to copy them with a block mirror, or keep such VMs on shared storage "
+        "(disks with overlay=False, at the same path on both hosts)"
+    )
 
 
 def status_of(qemu_status: str) -> MigrationStatus:

@@ -11,6 +11,8 @@ still runs warns and keeps a zombie bookkeeping entry, and the whole point here 
 running when the driver goes away. Instead a :class:`ProcessWatch` (a pidfd in the event loop)
 tells when the process ends, for our own children and for processes a previous agent started
 alike; our children are reaped with ``waitpid`` then.
+
+Imports: the standard library only.
 """
 
 from __future__ import annotations
@@ -97,10 +99,12 @@ class ProcStat:
 
     @property
     def cpu_s(self) -> float:
+        """CPU time used, in seconds."""
         return self.cpu_ticks / CLOCK_TICKS
 
     @property
     def start_s(self) -> float:
+        """Start time, in seconds after boot."""
         return self.start_ticks / CLOCK_TICKS
 
 

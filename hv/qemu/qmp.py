@@ -9,6 +9,9 @@ Events are handed to a callback as they arrive, instead of going through the lib
 listener: that one keeps every event in an unbounded history, which is right for a tool and a
 leak in an agent that runs for months. The callback runs inside the library's reader task, so it
 must not await QMP itself (it would wait for the very reader that is calling it).
+
+:func:`run_status` reads ``query-status`` answers; :func:`poll` repeats a QMP query until its
+answer is what the caller waits for. Imports: ``qemu.qmp`` and :mod:`hv.driver` (errors) only.
 """
 
 from __future__ import annotations
@@ -17,15 +20,23 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Mapping
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 
 from hv.driver import EngineError
 
-__all__ = ["EventHandler", "QmpSession"]
+__all__ = ["POLL_S", "SETTLE_TIMEOUT_S", "EventHandler", "QmpSession", "poll", "run_status"]
+
+T = TypeVar("T")
+
+#: How long the driver waits for QEMU to settle a cancel, a mirror's last copy or an export's removal.
+SETTLE_TIMEOUT_S = 30.0
+#: How often it asks meanwhile.
+POLL_S = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +81,7 @@ class QmpSession:
 
     @property
     def connected(self) -> bool:
+        """Whether the session is up."""
         return self._client.runstate == Runstate.RUNNING
 
     async def connect(self, sock: socket.socket, timeout_s: float) -> None:
@@ -135,3 +147,29 @@ class QmpSession:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def run_status(result: object) -> str:
+    """The run state in a ``query-status`` answer (``unknown`` when it has none)."""
+    if isinstance(result, dict):
+        return str(result.get("status", "unknown"))
+    return "unknown"
+
+
+async def poll(vm: str, get: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str) -> T:
+    """``get()`` every :data:`POLL_S` until ``done`` says so.
+
+    Raises:
+        EngineError: not within :data:`SETTLE_TIMEOUT_S`.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        value = await get()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise EngineError(
+                f"vm {vm!r}: waited {SETTLE_TIMEOUT_S:g}s for {what} in vain; qemu may be hung; "
+                "destroy the VM if this persists"
+            )
+        await asyncio.sleep(POLL_S)

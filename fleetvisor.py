@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import logging
 import pathlib
 import shutil
@@ -19,21 +20,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeAlias
 
 from agent.daemon import Agent, AgentSettings, default_state_dir
-from controller import broker_config, pki
 from controller import cli as operator_cli
-from controller.daemon import Controller, ControllerSettings, default_db_path
-from controller.embedded_broker import EmbeddedBroker
-from controller.errors import ApiError
-from controller.failure_detector import DetectorSettings
-from controller.fencing import load_bmc_config
-from controller.fleet import FleetSettings
-from controller.ha import HaSettings
-from controller.power import load_wol_config
-from controller.services.power import PowerSettings
+from controller.broker import acl_config as broker_config
+from controller.broker.embedded import EmbeddedBroker
+from controller.common.errors import DomainError
+from controller.daemon import Controller, ControllerSettings, controller_settings
+from controller.daemon import add_arguments as add_controller_arguments
+from controller.security import pki
 from hv.driver import HvError
 from hv.engines import ENGINES, UnknownEngine, create_driver
+from hv.sim.driver import SimDriver
 from protocols.bus import BrokerAddress, BusError, read_secret
 from protocols.vmspec import HOST_ID_RE, BootSpec, VmSpec, VmWorkload
 
@@ -86,50 +85,7 @@ def _bus_tls(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
-    bmcs = load_bmc_config(pathlib.Path(args.bmc_config)) if args.bmc_config else {}
-    power = PowerSettings(
-        mode=args.power_mode,
-        interval_s=args.power_interval,
-        spare_hosts=args.spare_hosts,
-        headroom=args.headroom,
-        idle_rounds=args.idle_rounds,
-        cooldown_s=args.power_cooldown,
-        bmcs=bmcs,
-        wol=load_wol_config(pathlib.Path(args.wol_config)) if args.wol_config else {},
-    )
-    problems = power.problems()
-    if problems:
-        raise ValueError("; ".join(problems))
-    settings = ControllerSettings(
-        username=args.username,
-        password=_password(args),
-        broker_url=args.broker,
-        embedded_broker=args.embedded_broker,
-        embedded_broker_port=args.broker_port,
-        db_path=pathlib.Path(args.db),
-        api_host=args.listen,
-        api_port=args.port,
-        auth=args.auth,
-        tls_cert=pathlib.Path(args.tls_cert) if args.tls_cert else None,
-        tls_key=pathlib.Path(args.tls_key) if args.tls_key else None,
-        bus_overrides=_bus_tls(args),
-        fleet=FleetSettings(
-            operation_timeout_s=args.operation_timeout,
-            ha=HaSettings(
-                detector=DetectorSettings(
-                    suspect_phi=args.ha_suspect_phi,
-                    fail_phi=args.ha_fail_phi,
-                    will_confirm_s=args.ha_will_confirm,
-                ),
-                fencing=args.ha_fencing,
-                lease_s=args.ha_lease,
-                fence_dir=pathlib.Path(args.fence_dir) if args.fence_dir else None,
-                bmcs=bmcs,
-                host_failures_to_tolerate=args.ha_tolerate,
-            ),
-            power=power,
-        ),
-    )
+    settings = controller_settings(args, password=_password(args), bus_overrides=_bus_tls(args))
 
     async def main(stop: asyncio.Event) -> int:
         async with Controller(settings) as controller:
@@ -230,8 +186,6 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 )
             )
         )
-        assert controller.service is not None
-        service = controller.service
         say(f"controller up, store {state_root / 'controller.sqlite'}, API {controller.api_url}/api/v1")
         images = state_root / "images"
         kernel: pathlib.Path | None = None
@@ -249,11 +203,11 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 )
             )
         deadline = time.monotonic() + 15
-        while service.online_host_count() < args.hosts and time.monotonic() < deadline:  # noqa: ASYNC110
+        while controller.hosts.online_count() < args.hosts and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # hosts join through the store; a short poll is simplest here
         say(
-            f"{service.online_host_count()} {args.hv} agents joined: "
-            + ", ".join(h.host_id for h in service.store.hosts())
+            f"{controller.hosts.online_count()} {args.hv} agents joined: "
+            + ", ".join(h.host_id for h in controller.store.hosts())
         )
         ops = []
         for i in range(args.vms):
@@ -274,13 +228,13 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                     balloon=False,
                 )
             try:
-                record, op, _ = service.create_vm(spec)
-            except ApiError as exc:
+                record, op, _ = controller.vms.create(spec)
+            except DomainError as exc:
                 say(f"create {spec.name} refused: {exc.message}")
                 continue
             ops.append(op.op_id)
             say(f"create {spec.name} ({vcpus} vCPU, {memory} MiB) -> {record.host_id}")
-        results = await asyncio.gather(*(service.wait_operation(op_id, 30) for op_id in ops))
+        results = await asyncio.gather(*(controller.operations.wait(op_id, 30) for op_id in ops))
         failed = [op for op in results if op.state != "succeeded"]
         say(
             f"{len(results) - len(failed)} of {len(results)} creates succeeded"
@@ -302,15 +256,17 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
         else:
             say("running until Ctrl-C")
             await stop.wait()
-        hosts, running = service.online_host_count(), service.running_vm_count()
+        hosts, running = controller.hosts.online_count(), controller.vms.running_count()
         engine = args.hv
         if args.hv == "qemu":
-            accels = sorted({h.capabilities.accel for h in service.store.hosts()})
+            accels = sorted({h.capabilities.accel for h in controller.store.hosts()})
             engine = f"qemu/{'+'.join(accels) or '?'}"
-        say(f"telemetry: {service.telemetry_count} samples ingested; shutting down")
+        say(f"telemetry: {controller.live.telemetry_count} samples ingested; shutting down")
         if args.hv == "qemu":  # real guests outlive their agents by design; the demo cleans up after itself
-            deletes = [service.delete_vm(vm.name).op_id for vm in service.store.vms() if vm.op_id is None]
-            done = await asyncio.gather(*(service.wait_operation(op_id, 30) for op_id in deletes))
+            deletes = [
+                controller.vms.delete(vm.name).op_id for vm in controller.store.vms() if vm.op_id is None
+            ]
+            done = await asyncio.gather(*(controller.operations.wait(op_id, 30) for op_id in deletes))
             say(f"deleted {sum(op.state == 'succeeded' for op in done)} of {len(done)} guests")
     print(f"demo: {hosts} hosts, {running} VMs running ({engine})", flush=True)
     return 0
@@ -419,132 +375,52 @@ def _broker_url(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole ``fleetvisor`` command line: daemons, tools and the operator commands."""
     parser = argparse.ArgumentParser(prog="fleetvisor", description="Fleet manager for virtual machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_controller_parser(sub)
+    _add_agent_parser(sub)
+    _add_tool_parsers(sub)
+    operator_cli.add_operator_commands(sub)
+    return parser
 
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_controller_parser(sub: Subparsers) -> None:
+    """``fleetvisor controller``; the controller knows its own flags (controller.daemon.add_arguments)."""
     p = sub.add_parser("controller", help="run the controller (store, scheduler, API)")
-    p.add_argument("--broker", type=_broker_url, default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
-    p.add_argument(
-        "--embedded-broker", action="store_true", help="run an embedded MQTT broker (amqtt) in-process"
-    )
-    p.add_argument("--broker-port", type=int, default=1883, help="port of the embedded broker (default 1883)")
-    p.add_argument("--db", default=str(default_db_path()), help="SQLite state store (default %(default)s)")
-    p.add_argument("--listen", default="127.0.0.1", help="API address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
-    p.add_argument("--tls-cert", help="serve the API over HTTPS with this certificate (see `fleetvisor ca`)")
-    p.add_argument("--tls-key", help="the key of --tls-cert")
-    p.add_argument(
-        "--auth",
-        action="store_true",
-        help="require API tokens; the first start writes an admin token next to the store (admin.token)",
-    )
-    p.add_argument(
-        "--ha-fencing",
-        choices=("none", "process", "lease", "bmc"),
-        default="none",
-        help="how a failed host is fenced before its HA VMs restart: none (alert only, the default), "
-        "process (kill its processes; hosts on this machine), lease (agents run with --ha-lease), "
-        "bmc (IPMI power-off confirmed by the BMC; needs --bmc-config)",
-    )
-    p.add_argument(
-        "--bmc-config",
-        help="JSON/YAML: {host: {address, port, username, password_file}} for BMC fencing and power control",
-    )
-    p.add_argument(
-        "--wol-config",
-        help="JSON/YAML: {host: {mac, broadcast, port, interface}}: Wake-on-LAN, tried after the BMC to power on",
-    )
-    p.add_argument(
-        "--power-mode",
-        choices=("manual", "recommend", "auto"),
-        default=None,
-        help="power manager automation level: manual (plan only when asked), recommend (plan every interval "
-        "and publish it), auto (consolidate, power hosts off and on by itself). Default: the level last set "
-        "with `fleetvisor power mode`, else manual; a level given here replaces that one",
-    )
-    p.add_argument(
-        "--power-interval", type=float, default=30.0, metavar="S", help="seconds between power manager rounds"
-    )
-    p.add_argument(
-        "--spare-hosts", type=int, default=1, metavar="N", help="empty hosts kept powered on (default 1)"
-    )
-    p.add_argument(
-        "--headroom",
-        type=float,
-        default=0.2,
-        metavar="SHARE",
-        help="share of powered-on CPU and memory kept free for the forecast demand (default 0.2)",
-    )
-    p.add_argument(
-        "--idle-rounds",
-        type=int,
-        default=3,
-        metavar="N",
-        help="rounds a host must stay empty before it may go to standby (default 3)",
-    )
-    p.add_argument(
-        "--power-cooldown",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="the power manager moves no VM within this many seconds of its last migration (default 600)",
-    )
-    p.add_argument(
-        "--ha-suspect-phi",
-        type=float,
-        default=5.0,
-        metavar="PHI",
-        help="heartbeat suspicion to mark a host suspect",
-    )
-    p.add_argument(
-        "--ha-fail-phi",
-        type=float,
-        default=10.0,
-        metavar="PHI",
-        help="heartbeat suspicion to mark a host failed (higher: fewer false alarms, slower detection)",
-    )
-    p.add_argument(
-        "--ha-will-confirm",
-        type=float,
-        default=1.0,
-        metavar="S",
-        help="after a Last Will, how long a host must stay away before it is failed",
-    )
-    p.add_argument(
-        "--ha-tolerate",
-        type=int,
-        default=0,
-        metavar="N",
-        help="admission control: refuse placements that leave no room to restart HA VMs after N host failures",
-    )
-    p.add_argument(
-        "--operation-timeout",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="an operation without a reply fails after this long and releases its claim (default 60)",
-    )
-    p.add_argument(
-        "--fence-dir", help="process fencing: the directory that holds each host's state directory"
-    )
-    p.add_argument(
-        "--ha-lease", type=float, default=3.0, metavar="S", help="HA lease; must match the agents'"
-    )
+    add_controller_arguments(p, broker_url=_broker_url)
     _add_credentials(p)
     p.set_defaults(func=cmd_controller)
 
+
+def _add_agent_parser(sub: Subparsers) -> None:
+    """``fleetvisor agent``; its defaults are the agent's and the sim engine's own."""
+    agent = AgentSettings(host_id="-", broker_url="")
+    sim = {name: param.default for name, param in inspect.signature(SimDriver).parameters.items()}
     p = sub.add_parser("agent", help="run a host agent")
     p.add_argument("--host-id", required=True, help="this host's id (unique in the fleet)")
-    p.add_argument("--broker", type=_broker_url, default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
+    p.add_argument(
+        "--broker",
+        type=_broker_url,
+        default=ControllerSettings().broker_url,
+        help="MQTT broker URL (default %(default)s)",
+    )
     p.add_argument("--hv", choices=ENGINES, default="sim", help="hypervisor engine (default sim)")
     p.add_argument(
         "--state-dir", help="where the agent keeps its state (default ~/.local/state/fleetvisor/agent/ID)"
     )
     p.add_argument(
-        "--telemetry-interval", type=float, default=1.0, metavar="S", help="seconds between samples"
+        "--telemetry-interval",
+        type=float,
+        default=agent.telemetry_interval_s,
+        metavar="S",
+        help="seconds between samples",
     )
-    p.add_argument("--address", default="127.0.0.1", help="address other hosts reach this one on")
+    p.add_argument("--address", default=agent.address, help="address other hosts reach this one on")
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="a label this host reports"
     )
@@ -562,8 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--power-idle-w", type=float, help="the host's power model: watts at idle")
     p.add_argument("--power-max-w", type=float, help="the host's power model: watts at full load")
-    p.add_argument("--cores", type=int, default=16, help="sim engine: cores of the simulated host")
-    p.add_argument("--memory-mib", type=int, default=65536, help="sim engine: memory of the simulated host")
+    p.add_argument("--cores", type=int, default=sim["cores"], help="sim engine: cores of the simulated host")
+    p.add_argument(
+        "--memory-mib", type=int, default=sim["memory_mib"], help="sim engine: memory of the simulated host"
+    )
     p.add_argument(
         "--ha-lease",
         type=float,
@@ -574,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_credentials(p)
     p.set_defaults(func=cmd_agent)
 
+
+def _add_tool_parsers(sub: Subparsers) -> None:
+    """``simulate``, ``ca``, ``broker-config`` and ``demo``."""
     p = sub.add_parser(
         "simulate", help="replay a PlanetLab trace day through a consolidation policy (800 sim hosts)"
     )
@@ -585,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", help="write active hosts, power and SLA violations over the day to this PNG")
     p.set_defaults(func=cmd_simulate)
-
     ca = sub.add_parser("ca", help="a small CA for TLS on the bus and the API").add_subparsers(
         dest="action", required=True
     )
@@ -598,7 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", action="append", default=[], help="IP subject alternative name (repeatable)")
     p.add_argument("--dns", action="append", default=[], help="DNS subject alternative name (repeatable)")
     p.set_defaults(func=cmd_ca)
-
     p = sub.add_parser("broker-config", help="write a Mosquitto config with per-host credentials and ACLs")
     p.add_argument("--hosts", required=True, help="comma-separated host ids, e.g. h1,h2,h3")
     p.add_argument("--out", default="deploy/broker", help="output directory (default deploy/broker)")
@@ -606,9 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883, help="listener port (default 1883)")
     p.add_argument("--no-persistence", action="store_true", help="do not persist sessions to disk")
     p.set_defaults(func=cmd_broker_config)
-
     p = sub.add_parser("demo", help="run a whole fleet in one process: broker, controller, sim agents, VMs")
-    p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    p.add_argument(
+        "--port", type=int, default=ControllerSettings().api_port, help="API port (default %(default)s)"
+    )
     p.add_argument("--broker-port", type=int, default=0, help="embedded broker port (default: a free one)")
     p.add_argument("--hosts", type=int, default=0, help="agents to run (default 4 for sim, 2 for qemu)")
     p.add_argument("--vms", type=int, default=0, help="VMs to create (default 12 for sim, 4 for qemu)")
@@ -618,9 +498,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--state-dir", help="keep the demo's state here (default: a new temporary directory)")
     p.set_defaults(func=cmd_demo)
-
-    operator_cli.add_operator_commands(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -588,9 +588,3 @@ def _expired_message(command: Command) -> str:
 def default_state_dir(host_id: str) -> pathlib.Path:
     base = os.environ.get("XDG_STATE_HOME") or str(pathlib.Path.home() / ".local" / "state")
     return pathlib.Path(base) / "fleetvisor" / "agent" / host_id
-
-
-async def run_agent(settings: AgentSettings, driver: Driver, stop: asyncio.Event) -> None:
-    """Run an agent until ``stop`` is set (SIGTERM sets it in the CLI)."""
-    async with Agent(settings, driver):
-        await stop.wait()

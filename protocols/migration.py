@@ -106,6 +106,11 @@ def check_policy(policy: MigrationPolicy) -> list[str]:
     return problems
 
 
+def policy_problems(subject: str, problems: list[str]) -> str:
+    """The one wording of a refused migration policy: ``subject`` names what it was for."""
+    return f"{subject}: the migration policy is invalid: " + "; ".join(problems)
+
+
 class MigrationSample(msgspec.Struct, frozen=True, kw_only=True):
     """One look at a running migration from its source (QEMU ``query-migrate``, or the sim model)."""
 

@@ -1,7 +1,7 @@
 """Power management and load balancing: the live consolidation planner and its model of the fleet.
 
 The balancer decides, once per interval, which VMs to move where so that fewer hosts stay on
-without starving any VM. The live controller (``controller.power_manager``) uses three modules:
+without starving any VM. The live controller (``controller.services.power``) uses three modules:
 :mod:`.model` (the fleet, a snapshot per decision, a migration), :mod:`.overload` (the predictive
 overload detector) and :mod:`.planner` (Fleetvisor's planner); :mod:`.power_model` holds the
 SPECpower tables they price power with.

@@ -8,7 +8,7 @@
   each host's measured utilisation.
 - :data:`Migration` is what a policy answers with: a ``(vm, target host)`` pair.
 
-The live controller (``controller.power_manager``) builds these from telemetry and the offline trace
+The live controller (``controller.services.power``) builds these from telemetry and the offline trace
 evaluation (:mod:`controller.balancer.evaluation`) from a trace. This module imports only
 :mod:`controller.balancer.power_model`.
 """

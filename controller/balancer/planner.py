@@ -27,7 +27,7 @@ worked out on the PlanetLab days 20110303, 20110309 and 20110403 and checked, un
 20110306, 20110325, 20110411 and 20110412 (and on those days with their VMs reshuffled, which
 changes the VM type mix); ``bench/consolidate`` reports all seven.
 
-The live controller (``controller.power_manager``) runs this planner; the trace evaluation registers
+The live controller (``controller.services.power``) runs this planner; the trace evaluation registers
 it as the ``fleetvisor`` policy. It imports only :mod:`controller.balancer.model` and
 :mod:`controller.balancer.overload`.
 """

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from controller.scheduler.settings import CapacitySettings, SchedulerSettings
-from controller.store import HostRecord, Usage
+from controller.state.store import HostRecord, Usage
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})

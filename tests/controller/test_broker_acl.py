@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from controller import broker_config
+from controller.broker import acl_config as broker_config
 from protocols import codec, topics
 from protocols.bus import Bus, BusSettings, read_secret
 from protocols.messages import HostState
@@ -176,7 +176,7 @@ async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_p
     """Controller and agent authenticate with their generated secrets, and a VM gets created."""
     from agent.daemon import Agent, AgentSettings
     from controller.daemon import Controller, ControllerSettings
-    from hv.sim.engine import SimDriver
+    from hv.sim.driver import SimDriver
     from protocols.vmspec import VmSpec
 
     creds = secured.config.credentials
@@ -189,7 +189,7 @@ async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_p
         bus_overrides=FAST_BUS,
     )
     async with Controller(settings) as controller:
-        assert controller.service is not None and controller.bus is not None
+        assert controller.vms is not None and controller.bus is not None
         await controller.bus.wait_connected(10)
         agent = Agent(
             AgentSettings(
@@ -203,8 +203,8 @@ async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_p
             SimDriver(host_id="h1", state_dir=tmp_path / "h1"),
         )
         async with agent:
-            service = controller.service
-            await eventually(lambda: service.online_host_count() == 1, 10, "h1 online")
-            await eventually(lambda: service.telemetry_count > 0, 10, "telemetry through the ACL")
-            _, op, _ = service.create_vm(VmSpec(name="secure-1", memory_mib=256))
-            assert (await service.wait_operation(op.op_id, 10)).state == "succeeded"
+            ctl = controller
+            await eventually(lambda: ctl.hosts.online_count() == 1, 10, "h1 online")
+            await eventually(lambda: ctl.live.telemetry_count > 0, 10, "telemetry through the ACL")
+            _, op, _ = ctl.vms.create(VmSpec(name="secure-1", memory_mib=256))
+            assert (await ctl.operations.wait(op.op_id, 10)).state == "succeeded"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from controller.failure_detector import DetectorSettings, FailureDetector, PhiAccrual
+from controller.services.ha.detector import DetectorSettings, FailureDetector, PhiAccrual
 
 
 def _beat(detector: FailureDetector, host: str, start: float, count: int, every: float = 1.0) -> float:

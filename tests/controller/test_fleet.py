@@ -11,8 +11,8 @@ import httpx
 import msgspec
 import pytest
 
-from controller.errors import ApiError
-from controller.fleet import FleetSettings
+from controller.common.errors import Conflict
+from controller.daemon import FleetSettings
 from protocols import codec, topics
 from protocols.vmspec import VmSpec
 from tests.support.fleet import Fleet, eventually
@@ -67,12 +67,12 @@ async def test_concurrent_creates_never_overbook_and_every_refusal_explains(mosq
                 error = r.json()["error"]
                 assert error["code"] == "no_valid_host"
                 assert "2 hosts lack memory" in error["message"]
-        usage = fleet.service.store.usage()
+        usage = fleet.ctl.store.usage()
         assert usage["h1"].memory_mib <= 3584 and usage["h2"].memory_mib <= 3584
         for host_id, driver in fleet.drivers.items():
             running = [vm for vm in await driver.list() if vm.state == "running"]
             assert sum(vm.spec.memory_mib for vm in running) <= 3584, host_id
-        assert fleet.service.running_vm_count() == 14
+        assert fleet.ctl.vms.running_count() == 14
 
 
 async def test_bad_api_input_gets_4xx_that_says_what_to_fix_and_changes_nothing(mosquitto, tmp_path):
@@ -114,7 +114,7 @@ async def test_bad_api_input_gets_4xx_that_says_what_to_fix_and_changes_nothing(
             assert r.status_code == 409 and "dup" in r.json()["error"]["message"]
             r = await client.get("/api/v1/no/such/endpoint")
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-        assert [vm.name for vm in fleet.service.store.vms()] == ["dup"]
+        assert [vm.name for vm in fleet.ctl.store.vms()] == ["dup"]
 
 
 async def test_vm_lifecycle_stop_start_delete_releases_the_claim(mosquitto, tmp_path):
@@ -130,11 +130,11 @@ async def test_vm_lifecycle_stop_start_delete_releases_the_claim(mosquitto, tmp_
             assert r.json()["state"] == "succeeded"
             r = await client.post("/api/v1/vms/life/stop", params={"wait": 10}, json={"force": True})
             assert r.json()["state"] == "succeeded"
-            assert fleet.service.store.usage()["h1"].memory_mib == 2048
+            assert fleet.ctl.store.usage()["h1"].memory_mib == 2048
             r = await client.delete("/api/v1/vms/life", params={"wait": 10})
             assert r.json()["state"] == "succeeded"
             assert (await client.get("/api/v1/vms/life")).status_code == 404
-        assert fleet.service.store.usage() == {}
+        assert fleet.ctl.store.usage() == {}
         assert await fleet.drivers["h1"].list() == []
 
 
@@ -146,9 +146,9 @@ async def test_controller_restart_keeps_state_and_reconciles_with_agents_that_ke
         await fleet.add_agent("h1")
         await fleet.add_agent("h2")
         for name in ("a", "b", "c"):
-            _, op, _ = fleet.service.create_vm(VmSpec(name=name, memory_mib=512))
-            assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
-        placed = {vm.name: vm.host_id for vm in fleet.service.store.vms()}
+            _, op, _ = fleet.ctl.vms.create(VmSpec(name=name, memory_mib=512))
+            assert (await fleet.ctl.operations.wait(op.op_id, 10)).state == "succeeded"
+        placed = {vm.name: vm.host_id for vm in fleet.ctl.store.vms()}
         await fleet.stop_controller()
 
         # While the controller is away: one guest crashes, one VM appears that it never created.
@@ -158,7 +158,7 @@ async def test_controller_restart_keeps_state_and_reconciles_with_agents_that_ke
         await fleet.drivers["h2"].define(VmSpec(name="stray", memory_mib=256))
 
         await fleet.start_controller()
-        store = fleet.service.store
+        store = fleet.ctl.store
         await eventually(lambda: (vm := store.vm("b")) is not None and vm.state == "crashed", 5, "b crashed")
         await eventually(lambda: store.vm("stray") is not None, 5, "stray adopted")
         assert {vm.name: vm.host_id for vm in store.vms() if vm.name != "stray"} == placed
@@ -175,21 +175,21 @@ async def test_operation_interrupted_by_a_controller_restart_is_resumed(mosquitt
     async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
         await fleet.add_agent("h1")
         await fleet.stop_agent("h1")
-        await eventually(lambda: not fleet.service.store.host("h1").online, 5, "h1 offline")  # type: ignore[union-attr]
+        await eventually(lambda: not fleet.ctl.store.host("h1").online, 5, "h1 offline")  # type: ignore[union-attr]
         # Placement needs an online host, so mark it online in the store as a stale record would be.
-        fleet.service.store.set_host_online("h1", True, "stale")
-        fleet.service.fleet_state.set_online("h1", True)
-        _, op, _ = fleet.service.create_vm(VmSpec(name="patient", memory_mib=256))
-        fleet.service.store.set_host_online("h1", False, "agent stopped")
+        fleet.ctl.store.set_host_online("h1", True, "stale")
+        fleet.ctl.fleet_state.set_online("h1", True)
+        _, op, _ = fleet.ctl.vms.create(VmSpec(name="patient", memory_mib=256))
+        fleet.ctl.store.set_host_online("h1", False, "agent stopped")
         await asyncio.sleep(0.3)
         await fleet.stop_controller()
         assert fleet_store_op_state(tmp_path, op.op_id) == "running"
 
         await fleet.start_controller()
         await fleet.add_agent("h1")
-        done = await fleet.service.wait_operation(op.op_id, 15)
+        done = await fleet.ctl.operations.wait(op.op_id, 15)
         assert done.state == "succeeded", done.error
-        assert fleet.service.store.vm("patient").state == "running"  # type: ignore[union-attr]
+        assert fleet.ctl.store.vm("patient").state == "running"  # type: ignore[union-attr]
         assert [vm.name for vm in await fleet.drivers["h1"].list()] == ["patient"]
 
 
@@ -206,15 +206,15 @@ async def test_create_on_a_host_that_never_answers_fails_and_releases_the_claim(
     async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
         await fleet.add_agent("h1")
         await fleet.stop_agent("h1")
-        fleet.service.store.set_host_online("h1", True, "stale")
-        fleet.service.fleet_state.set_online("h1", True)
-        _, op, _ = fleet.service.create_vm(VmSpec(name="lost", memory_mib=1024))
-        done = await fleet.service.wait_operation(op.op_id, 10)
+        fleet.ctl.store.set_host_online("h1", True, "stale")
+        fleet.ctl.fleet_state.set_online("h1", True)
+        _, op, _ = fleet.ctl.vms.create(VmSpec(name="lost", memory_mib=1024))
+        done = await fleet.ctl.operations.wait(op.op_id, 10)
         assert done.state == "failed"
         assert "did not answer" in done.error and "h1" in done.error
-        vm = fleet.service.store.vm("lost")
+        vm = fleet.ctl.store.vm("lost")
         assert vm is not None and vm.state == "error" and vm.host_id is None
-        assert fleet.service.store.usage() == {}
+        assert fleet.ctl.store.usage() == {}
 
 
 async def test_a_delete_whose_reply_comes_after_the_timeout_still_removes_the_record(mosquitto, tmp_path):
@@ -222,8 +222,8 @@ async def test_a_delete_whose_reply_comes_after_the_timeout_still_removes_the_re
     settings = FleetSettings(operation_timeout_s=1.0, command_retry_s=0.3)
     async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
         await fleet.add_agent("h1")
-        _, op, _ = fleet.service.create_vm(VmSpec(name="slow", memory_mib=256))
-        assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
+        _, op, _ = fleet.ctl.vms.create(VmSpec(name="slow", memory_mib=256))
+        assert (await fleet.ctl.operations.wait(op.op_id, 10)).state == "succeeded"
         driver = fleet.drivers["h1"]
         undefine = driver.undefine
 
@@ -232,40 +232,40 @@ async def test_a_delete_whose_reply_comes_after_the_timeout_still_removes_the_re
             await undefine(name)
 
         driver.undefine = slow_undefine  # type: ignore[method-assign]
-        delete = fleet.service.delete_vm("slow")
-        failed = await fleet.service.wait_operation(delete.op_id, 10)
+        delete = fleet.ctl.vms.delete("slow")
+        failed = await fleet.ctl.operations.wait(delete.op_id, 10)
         assert failed.state == "failed" and "did not answer" in failed.error
         await eventually(
-            lambda: fleet.service.store.vm("slow") is None, 5, "the late reply to settle the record"
+            lambda: fleet.ctl.store.vm("slow") is None, 5, "the late reply to settle the record"
         )
-        settled = fleet.service.store.operation(delete.op_id)
+        settled = fleet.ctl.store.operation(delete.op_id)
         assert settled is not None and settled.state == "succeeded" and "after the timeout" in settled.error
-        assert fleet.service.store.usage() == {}
+        assert fleet.ctl.store.usage() == {}
         await asyncio.sleep(0.5)  # the inventory after the delete must not resurrect or flag anything
-        assert fleet.service.store.vm("slow") is None
+        assert fleet.ctl.store.vm("slow") is None
 
 
 async def test_an_inventory_older_than_the_newest_seen_is_ignored(mosquitto, tmp_path):
     """A redelivered old inventory (lower seq, same agent run) does not mark VMs created since as missing."""
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         await fleet.add_agent("h1")
-        _, op, _ = fleet.service.create_vm(VmSpec(name="fresh", memory_mib=256))
-        assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
+        _, op, _ = fleet.ctl.vms.create(VmSpec(name="fresh", memory_mib=256))
+        assert (await fleet.ctl.operations.wait(op.op_id, 10)).state == "succeeded"
         await eventually(
-            lambda: any(vm.name == "fresh" for vm in fleet.service.inventories["h1"].vms), 5, "inventory"
+            lambda: any(vm.name == "fresh" for vm in fleet.ctl.live.inventories["h1"].vms), 5, "inventory"
         )
-        newest = fleet.service.inventories["h1"]
+        newest = fleet.ctl.live.inventories["h1"]
         stale = msgspec.structs.replace(newest, seq=newest.seq - 1, vms=[])
         bus = fleet.controller.bus  # type: ignore[union-attr]
         assert bus is not None
         topic = topics.host_topic("h1", "inventory")
-        rejected = fleet.service.decoder.stats.rejected
+        rejected = fleet.ctl.intake.decoder.stats.rejected
         await bus.publish(topic, codec.encode(stale), qos=1)
         await bus.publish(topic, b"\x00marker", qos=1)  # handled after the stale one: same topic, QoS 1
-        await eventually(lambda: fleet.service.decoder.stats.rejected > rejected, 5, "the marker")
-        vm = fleet.service.store.vm("fresh")
+        await eventually(lambda: fleet.ctl.intake.decoder.stats.rejected > rejected, 5, "the marker")
+        vm = fleet.ctl.store.vm("fresh")
         assert vm is not None and vm.state == "running"
-        assert fleet.service.inventories["h1"].seq == newest.seq
+        assert fleet.ctl.live.inventories["h1"].seq == newest.seq
 
 
 async def test_bad_bus_messages_are_counted_and_the_controller_keeps_working(mosquitto, tmp_path):
@@ -277,19 +277,19 @@ async def test_bad_bus_messages_are_counted_and_the_controller_keeps_working(mos
         await bus.publish(topics.host_topic("h9", "telemetry"), b"\x00\x01garbage", qos=1)
         await bus.publish(topics.host_topic("h9", "inventory"), b"\x93\x01", qos=1)
         await bus.publish(topics.host_topic("h9", "events"), b"x" * (1024 * 1024 + 1), qos=1)
-        stats = fleet.service.decoder.stats
+        stats = fleet.ctl.intake.decoder.stats
         await eventually(lambda: stats.rejected >= 3, 5, "3 rejections")
         assert stats.by_host["h9"] >= 3
-        assert fleet.service.store.host("h9") is None
-        _, op, _ = fleet.service.create_vm(VmSpec(name="after", memory_mib=256))
-        assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
+        assert fleet.ctl.store.host("h9") is None
+        _, op, _ = fleet.ctl.vms.create(VmSpec(name="after", memory_mib=256))
+        assert (await fleet.ctl.operations.wait(op.op_id, 10)).state == "succeeded"
 
 
 async def test_event_stream_delivers_live_events_and_replays_after_last_event_id(mosquitto, tmp_path):
     """The SSE stream sends new events as they happen, and Last-Event-ID replays what was missed."""
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         await fleet.add_agent("h1")
-        first_seq = fleet.service.store.last_event_seq()
+        first_seq = fleet.ctl.store.last_event_seq()
         async with httpx.AsyncClient(base_url=fleet.api_url, timeout=10) as client:
             seen: list[dict[str, object]] = []
 
@@ -302,7 +302,7 @@ async def test_event_stream_delivers_live_events_and_replays_after_last_event_id
                                 return
 
             reader = asyncio.create_task(read())
-            await eventually(lambda: fleet.service.events.subscriber_count == 1, 5, "subscriber")
+            await eventually(lambda: fleet.ctl.events.subscriber_count == 1, 5, "subscriber")
             await _create(client, "sse-1")
             await asyncio.wait_for(reader, 10)
             assert [e["vm"] for e in seen if e["type"] == "operation.succeeded"] == ["sse-1"]
@@ -353,8 +353,8 @@ async def test_controller_and_agents_work_over_both_mqtt_versions(mosquitto, tmp
         async with Fleet(mosquitto.url, tmp_path) as fleet:
             assert fleet.controller.bus.protocol_in_use == protocol  # type: ignore[union-attr]
             await fleet.add_agent("h1")
-            _, op, _ = fleet.service.create_vm(VmSpec(name="both", memory_mib=256))
-            assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
+            _, op, _ = fleet.ctl.vms.create(VmSpec(name="both", memory_mib=256))
+            assert (await fleet.ctl.operations.wait(op.op_id, 10)).state == "succeeded"
     finally:
         fleet_support.FAST_BUS.clear()
         fleet_support.FAST_BUS.update(original)
@@ -364,7 +364,7 @@ async def test_controller_with_its_embedded_broker_serves_agents_over_mqtt_3_1_1
     """`controller --embedded-broker`: amqtt in-process, agents negotiate MQTT 3.1.1 and VMs get created."""
     from agent.daemon import Agent, AgentSettings
     from controller.daemon import Controller, ControllerSettings
-    from hv.sim.engine import SimDriver
+    from hv.sim.driver import SimDriver
     from tests.support.fleet import FAST_BUS
 
     settings = ControllerSettings(
@@ -375,23 +375,23 @@ async def test_controller_with_its_embedded_broker_serves_agents_over_mqtt_3_1_1
         bus_overrides=FAST_BUS,
     )
     async with Controller(settings) as controller:
-        assert controller.broker is not None and controller.bus is not None and controller.service is not None
+        assert controller.broker is not None and controller.bus is not None and controller.vms is not None
         await controller.bus.wait_connected(10)
         assert controller.bus.protocol_in_use == "3.1.1"
         agent_settings = AgentSettings(
             host_id="h1", broker_url=controller.broker.url, state_dir=tmp_path / "h1", bus_overrides=FAST_BUS
         )
         async with Agent(agent_settings, SimDriver(host_id="h1", state_dir=tmp_path / "h1")) as agent:
-            service = controller.service
-            await eventually(lambda: service.online_host_count() == 1, 10, "h1 online")
+            ctl = controller
+            await eventually(lambda: ctl.hosts.online_count() == 1, 10, "h1 online")
             assert agent.bus.protocol_in_use == "3.1.1"
-            _, op, _ = service.create_vm(VmSpec(name="embedded", memory_mib=256))
-            assert (await service.wait_operation(op.op_id, 10)).state == "succeeded"
+            _, op, _ = ctl.vms.create(VmSpec(name="embedded", memory_mib=256))
+            assert (await ctl.operations.wait(op.op_id, 10)).state == "succeeded"
 
 
 async def test_ha_admission_control_refuses_what_one_host_failure_could_not_absorb(mosquitto, tmp_path):
     """With tolerate=1, HA VMs are admitted only while the other hosts could restart them; then 409 says why."""
-    from controller.ha import HaSettings
+    from controller.services.ha.manager import HaSettings
 
     settings = FleetSettings(ha=HaSettings(host_failures_to_tolerate=1))
     async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
@@ -400,7 +400,7 @@ async def test_ha_admission_control_refuses_what_one_host_failure_could_not_abso
         admitted = []
         for i in range(4):
             try:
-                _, op, _ = fleet.service.create_vm(VmSpec(name=f"ha-{i}", memory_mib=1024, ha=True))
+                _, op, _ = fleet.ctl.vms.create(VmSpec(name=f"ha-{i}", memory_mib=1024, ha=True))
                 admitted.append(op)
             except Exception as exc:
                 refusal = exc
@@ -410,10 +410,10 @@ async def test_ha_admission_control_refuses_what_one_host_failure_could_not_abso
         assert getattr(refusal, "code", None) == "admission_control"
         assert "--ha-tolerate" in refusal.message and "HA VMs need" in refusal.message  # type: ignore[attr-defined]
         # A VM without HA needs no restart room, but it still eats the spare: small fits, large does not.
-        _, op, _ = fleet.service.create_vm(VmSpec(name="small", memory_mib=256))
-        assert (await fleet.service.wait_operation(op.op_id, 10)).state == "succeeded"
-        with pytest.raises(ApiError, match="admission control"):
-            fleet.service.create_vm(VmSpec(name="large", memory_mib=1024))
+        _, op, _ = fleet.ctl.vms.create(VmSpec(name="small", memory_mib=256))
+        assert (await fleet.ctl.operations.wait(op.op_id, 10)).state == "succeeded"
+        with pytest.raises(Conflict, match="admission control"):
+            fleet.ctl.vms.create(VmSpec(name="large", memory_mib=1024))
 
 
 async def test_batch_with_anti_affinity_spreads_a_group_and_explain_and_dry_run_say_why(mosquitto, tmp_path):
@@ -437,15 +437,15 @@ async def test_batch_with_anti_affinity_spreads_a_group_and_explain_and_dry_run_
             body["scheduling"] = {"group": "web", "group_policy": "anti-affinity"}
             r = await client.post("/api/v1/vms", json=body)
             assert r.status_code == 409 and "anti-affinity" in r.json()["error"]["message"]
-            assert not [v for v in fleet.service.store.vms() if v.name.startswith("more")], "all or nothing"
+            assert not [v for v in fleet.ctl.store.vms() if v.name.startswith("more")], "all or nothing"
 
-            before = fleet.service.store.usage()
+            before = fleet.ctl.store.usage()
             r = await client.post(
                 "/api/v1/vms", json={"name": "maybe", "memory_mib": 1024}, params={"dry_run": "true"}
             )
             assert r.status_code == 200 and r.json()["host_id"] in ("h1", "h2", "h3")
             assert r.json()["explanation"]["candidates"] == 3
-            assert fleet.service.store.usage() == before and fleet.service.store.vm("maybe") is None
+            assert fleet.ctl.store.usage() == before and fleet.ctl.store.vm("maybe") is None
             r = await client.post(
                 "/api/v1/vms",
                 json={"name": "pinned", "scheduling": {"hosts": ["h2"]}},
@@ -466,28 +466,28 @@ async def test_labels_and_maintenance_steer_placement(mosquitto, tmp_path):
         await fleet.add_agent("h1")
         agent2 = await fleet.add_agent("h2", wait=True)
         del agent2
-        service = fleet.service
-        await eventually(lambda: service.store.host("h1") is not None, 5, "h1")
-        service.update_host("h1", labels={"zone": "a"})
-        service.update_host("h2", labels={"zone": "b"})
-        _, op, _ = service.create_vm(
+        ctl = fleet.ctl
+        await eventually(lambda: ctl.store.host("h1") is not None, 5, "h1")
+        ctl.hosts.update("h1", labels={"zone": "a"})
+        ctl.hosts.update("h2", labels={"zone": "b"})
+        _, op, _ = ctl.vms.create(
             VmSpec(name="in-b", memory_mib=256), hints=SchedulingHints(require={"zone": "b"})
         )
-        assert (await service.wait_operation(op.op_id, 10)).state == "succeeded"
-        assert service.store.vm("in-b").host_id == "h2"  # type: ignore[union-attr]
-        with pytest.raises(ApiError, match="no host can take vm 'in-c'"):
-            service.create_vm(
+        assert (await ctl.operations.wait(op.op_id, 10)).state == "succeeded"
+        assert ctl.store.vm("in-b").host_id == "h2"  # type: ignore[union-attr]
+        with pytest.raises(Conflict, match="no host can take vm 'in-c'"):
+            ctl.vms.create(
                 VmSpec(name="in-c", memory_mib=256), hints=SchedulingHints(require={"zone": "c"})
             )
-        service.update_host("h2", labels={"zone": None})
-        assert service.store.host("h2").labels == {}  # type: ignore[union-attr]
+        ctl.hosts.update("h2", labels={"zone": None})
+        assert ctl.store.host("h2").labels == {}  # type: ignore[union-attr]
 
-        service.update_host("h1", maintenance=True)
-        service.update_host("h2", maintenance=True)
-        with pytest.raises(ApiError, match="2 in maintenance"):
-            service.create_vm(VmSpec(name="nowhere", memory_mib=256))
-        service.update_host("h2", maintenance=False)
-        _, op, _ = service.create_vm(VmSpec(name="somewhere", memory_mib=256))
-        assert service.store.vm("somewhere").host_id == "h2"  # type: ignore[union-attr]
-        kinds = [e.type for e in service.store.events_since(0, 1000)]
+        ctl.hosts.update("h1", maintenance=True)
+        ctl.hosts.update("h2", maintenance=True)
+        with pytest.raises(Conflict, match="2 in maintenance"):
+            ctl.vms.create(VmSpec(name="nowhere", memory_mib=256))
+        ctl.hosts.update("h2", maintenance=False)
+        _, op, _ = ctl.vms.create(VmSpec(name="somewhere", memory_mib=256))
+        assert ctl.store.vm("somewhere").host_id == "h2"  # type: ignore[union-attr]
+        kinds = [e.type for e in ctl.store.events_since(0, 1000)]
         assert kinds.count("host.maintenance") == 3 and "host.labels" in kinds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from controller.rate_limit import InboundLimiter, RateLimits
+from controller.intake.rate_limit import InboundLimiter, RateLimits
 from protocols import codec, topics
 from protocols.bus import Bus, BusSettings
 from protocols.messages import HostTelemetry
@@ -35,20 +35,20 @@ async def test_a_flooding_host_is_limited_while_its_neighbour_keeps_reporting(mo
                 )
             )
             topic = topics.host_topic("rogue", "telemetry")
-            service = fleet.service
+            ctl = fleet.ctl
             calm_before = await eventually(
-                lambda: service.telemetry_seen.get("calm"), 5, "calm's first sample"
+                lambda: ctl.live.telemetry_seen.get("calm"), 5, "calm's first sample"
             )
             for i in range(20_000):
                 rogue.publish_nowait(topic, payload)
                 if i % 500 == 0:
                     await asyncio.sleep(0)
-            await eventually(lambda: service.limiter.dropped["rogue"] >= 15_000, 10, "the flood dropped")
+            await eventually(lambda: ctl.intake.limiter.dropped["rogue"] >= 15_000, 10, "the flood dropped")
             await eventually(
-                lambda: service.telemetry_seen["calm"] > calm_before + 0.5, 5, "calm still reporting"
+                lambda: ctl.live.telemetry_seen["calm"] > calm_before + 0.5, 5, "calm still reporting"
             )
-        assert service.limiter.dropped["calm"] == 0
-        assert service.ha.detector.state("calm") == "up"
+        assert ctl.intake.limiter.dropped["calm"] == 0
+        assert ctl.ha.detector.state("calm") == "up"
 
 
 async def test_an_inventory_over_the_rate_is_held_back_not_lost(mosquitto, tmp_path):
@@ -58,8 +58,8 @@ async def test_an_inventory_over_the_rate_is_held_back_not_lost(mosquitto, tmp_p
     from protocols.vmspec import VmSpec
 
     async with Fleet(mosquitto.url, tmp_path) as fleet:
-        service = fleet.service
-        service.limiter.limits.per_family["inventory"] = (2.0, 2.0)
+        ctl = fleet.ctl
+        ctl.intake.limiter.limits.per_family["inventory"] = (2.0, 2.0)
         caps = Capabilities(engine="sim", arch="x86_64", accel="sim", cores=4, memory_mib=8192)
         bus = Bus(BusSettings(url=mosquitto.url, client_id="burst", **FAST_BUS))  # type: ignore[arg-type]
         async with bus:
@@ -74,6 +74,6 @@ async def test_an_inventory_over_the_rate_is_held_back_not_lost(mosquitto, tmp_p
                 )  # fmt: skip
                 await bus.publish(topics.host_topic("burst", "inventory"), codec.encode(inventory), qos=1)
             await eventually(
-                lambda: (i := service.inventories.get("burst")) is not None and i.seq == 10, 5, "seq 10"
+                lambda: (i := ctl.live.inventories.get("burst")) is not None and i.seq == 10, 5, "seq 10"
             )
-        assert len(service.store.vms("burst")) == 10
+        assert len(ctl.store.vms("burst")) == 10

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from controller.fleet import FleetSettings
-from controller.migration import MigrationSettings
+from controller.daemon import FleetSettings
+from controller.services.migration.migrate import MigrationSettings
 from protocols.migration import MigrationPolicy
 from protocols.vmspec import VmSpec, VmWorkload
 from tests.support.fleet import Fleet, eventually
@@ -54,9 +54,9 @@ async def test_migrate_moves_a_running_vm_and_the_record_and_claims_follow(mosqu
             events = (await client.get("/api/v1/events", params={"limit": 1000})).json()
         assert await _names(fleet, "h2") == {"web": "running"}
         assert await _names(fleet, "h1") == {}
-        usage = fleet.service.store.usage()
+        usage = fleet.ctl.store.usage()
         assert "h1" not in usage and usage["h2"].memory_mib == 1024
-        assert fleet.service.fleet_state.usage("h1").memory_mib == 0
+        assert fleet.ctl.fleet_state.usage("h1").memory_mib == 0
         kinds = [e["type"] for e in events]
         assert "vm.migrated" in kinds and "migration.progress" in kinds
         assert "vm.conflict" not in kinds  # the husk on h1 before its cleanup is expected, not a conflict
@@ -79,9 +79,9 @@ async def test_dry_run_predicts_and_changes_nothing(mosquitto, tmp_path):
         assert plan["target"] == "h2" and plan["source"] == "h1"
         assert plan["prediction"]["converges"] is False and plan["prediction"]["stage"] == "aborting"
         assert "allow postcopy" in plan["prediction"]["summary"]
-        record = fleet.service.store.vm("db")
+        record = fleet.ctl.store.vm("db")
         assert record is not None and record.host_id == "h1" and record.op_id is None
-        assert "h2" not in fleet.service.store.usage()
+        assert "h2" not in fleet.ctl.store.usage()
 
 
 async def test_bad_migration_requests_are_refused_with_the_reason_and_change_nothing(mosquitto, tmp_path):
@@ -106,10 +106,10 @@ async def test_bad_migration_requests_are_refused_with_the_reason_and_change_not
                 r = await client.post(f"/api/v1/vms/{name}/migrate", json=body)
                 assert r.status_code == status, (name, body, r.text)
                 assert needle in r.json()["error"]["message"], (needle, r.text)
-        record = fleet.service.store.vm("big")
+        record = fleet.ctl.store.vm("big")
         assert record is not None and record.host_id == "h1" and record.state == "running"
         assert record.op_id is None and record.migrating_to is None
-        assert "h2" not in fleet.service.store.usage()
+        assert "h2" not in fleet.ctl.store.usage()
 
 
 async def test_a_migration_that_cannot_converge_aborts_and_the_vm_stays_on_its_source(mosquitto, tmp_path):
@@ -134,9 +134,9 @@ async def test_a_migration_that_cannot_converge_aborts_and_the_vm_stays_on_its_s
         assert op["params"]["result"]["stage"] == "aborting"
         assert await _names(fleet, "h1") == {"hot": "running"}
         assert await _names(fleet, "h2") == {}
-        record = fleet.service.store.vm("hot")
+        record = fleet.ctl.store.vm("hot")
         assert record is not None and (record.host_id, record.state, record.op_id) == ("h1", "running", None)
-        assert "h2" not in fleet.service.store.usage()
+        assert "h2" not in fleet.ctl.store.usage()
 
 
 async def test_cancel_stops_a_running_migration_and_the_vm_stays(mosquitto, tmp_path):
@@ -150,7 +150,7 @@ async def test_cancel_stops_a_running_migration_and_the_vm_stays(mosquitto, tmp_
                 "/api/v1/vms/slow/migrate", json={"to": "h2", "policy": {"bandwidth_mib_s": 100}}
             )
             op_id = r.json()["op_id"]
-            await eventually(lambda: op_id in fleet.service.migrations.progress, 10, "progress")
+            await eventually(lambda: op_id in fleet.ctl.migrations.progress, 10, "progress")
             r = await client.post("/api/v1/vms/slow/migrate/cancel")
             assert r.status_code in (200, 202), r.text
             op = (await client.get(f"/api/v1/operations/{op_id}", params={"wait": 20})).json()
@@ -159,7 +159,7 @@ async def test_cancel_stops_a_running_migration_and_the_vm_stays(mosquitto, tmp_
         assert again.status_code == 409 and "not migrating" in again.json()["error"]["message"]
         assert await _names(fleet, "h1") == {"slow": "running"}
         assert await _names(fleet, "h2") == {}
-        record = fleet.service.store.vm("slow")
+        record = fleet.ctl.store.vm("slow")
         assert record is not None and record.host_id == "h1" and record.state == "running"
 
 
@@ -169,16 +169,16 @@ async def test_a_controller_restart_mid_migration_resumes_it_to_the_end(mosquitt
         await fleet.add_agent("h1")
         await fleet.add_agent("h2")
         await _make(fleet, "long", "h1", memory=1024, dirty=1)
-        op = fleet.service.migrations.start("long", "h2", MigrationPolicy(bandwidth_mib_s=300))
-        await eventually(lambda: op.op_id in fleet.service.migrations.progress, 10, "progress")
+        op = fleet.ctl.migrations.start("long", "h2", MigrationPolicy(bandwidth_mib_s=300))
+        await eventually(lambda: op.op_id in fleet.ctl.migrations.progress, 10, "progress")
         await fleet.stop_controller()
         await asyncio.sleep(1.0)  # the migration goes on without a controller
         await fleet.start_controller()
-        done = await fleet.service.wait_operation(op.op_id, 30)
+        done = await fleet.ctl.operations.wait(op.op_id, 30)
         assert done.state == "succeeded", done.error
         assert await _names(fleet, "h2") == {"long": "running"}
         assert await _names(fleet, "h1") == {}
-        record = fleet.service.store.vm("long")
+        record = fleet.ctl.store.vm("long")
         assert record is not None and record.host_id == "h2" and record.migrating_to is None
 
 
@@ -190,16 +190,16 @@ async def test_the_destination_agent_dying_mid_migration_still_ends_with_one_run
         await fleet.add_agent("h1")
         await fleet.add_agent("h2")
         await _make(fleet, "mid", "h1", memory=1024, dirty=1)
-        op = fleet.service.migrations.start("mid", "h2", MigrationPolicy(bandwidth_mib_s=300))
-        await eventually(lambda: op.op_id in fleet.service.migrations.progress, 10, "progress")
+        op = fleet.ctl.migrations.start("mid", "h2", MigrationPolicy(bandwidth_mib_s=300))
+        await eventually(lambda: op.op_id in fleet.ctl.migrations.progress, 10, "progress")
         await fleet.stop_agent("h2")
         await asyncio.sleep(1.0)
         await fleet.add_agent("h2")
-        done = await fleet.service.wait_operation(op.op_id, 30)
+        done = await fleet.ctl.operations.wait(op.op_id, 30)
         assert done.state == "succeeded", done.error
         running = [h for h in ("h1", "h2") for n, s in (await _names(fleet, h)).items() if s == "running"]
         assert running == ["h2"]
-        assert fleet.service.store.vm("mid").host_id == "h2"  # type: ignore[union-attr]
+        assert fleet.ctl.store.vm("mid").host_id == "h2"  # type: ignore[union-attr]
 
 
 async def test_evacuate_moves_every_running_vm_off_a_host_in_waves_and_reports(mosquitto, tmp_path):
@@ -218,7 +218,7 @@ async def test_evacuate_moves_every_running_vm_off_a_host_in_waves_and_reports(m
         assert sorted(op["params"]["results"]) == [f"e{i}" for i in range(5)]
         assert all(v.startswith("moved to h") for v in op["params"]["results"].values())
         assert await _names(fleet, "h1") == {}
-        placed = {vm.name: vm.host_id for vm in fleet.service.store.vms()}
+        placed = {vm.name: vm.host_id for vm in fleet.ctl.store.vms()}
         assert set(placed.values()) <= {"h2", "h3"}
         progress = [e for e in events if e["type"] == "host.evacuate.progress"]
         assert len(progress) == 5 and progress[-1]["message"].startswith("evacuating h1: 5/5 done")
@@ -236,27 +236,27 @@ async def test_a_controller_restart_mid_evacuation_resumes_it_to_the_end(mosquit
             await fleet.add_agent(host)
         for i in range(4):
             await _make(fleet, f"r{i}", "h1", memory=1024, dirty=1)
-        op = fleet.service.migrations.start_evacuation("h1", MigrationPolicy(bandwidth_mib_s=400))
-        await eventually(lambda: fleet.service.migrations.progress, 10, "the first wave's progress")
+        op = fleet.ctl.evacuations.start("h1", MigrationPolicy(bandwidth_mib_s=400))
+        await eventually(lambda: fleet.ctl.migrations.progress, 10, "the first wave's progress")
         await fleet.stop_controller()
         await asyncio.sleep(1.0)  # the first wave goes on without a controller
         await fleet.start_controller()
-        done = await fleet.service.wait_operation(op.op_id, 60)
+        done = await fleet.ctl.operations.wait(op.op_id, 60)
         assert done.state == "succeeded", done.error
         assert "4 moved, 0 failed" in done.error and "h1 is empty" in done.error
         assert await _names(fleet, "h1") == {}
         copies = [n for h in ("h2", "h3") for n, s in (await _names(fleet, h)).items() if s == "running"]
         assert sorted(copies) == [f"r{i}" for i in range(4)]
         for name in copies:
-            record = fleet.service.store.vm(name)
+            record = fleet.ctl.store.vm(name)
             assert record is not None and record.host_id in ("h2", "h3") and record.op_id is None
         assert all(m.state == "succeeded" for m in _migrations(fleet))
 
 
 def _migrations(fleet: Fleet) -> list[Any]:
-    db = fleet.service.store.connection
+    db = fleet.ctl.store.connection
     ids = [row[0] for row in db.execute("SELECT op_id FROM operations WHERE kind='migrate'")]
-    return [fleet.service.store.operation(i) for i in ids]
+    return [fleet.ctl.store.operation(i) for i in ids]
 
 
 async def test_a_cancel_while_the_destination_prepares_stops_the_migration_before_the_stream(
@@ -275,16 +275,16 @@ async def test_a_cancel_while_the_destination_prepares_stops_the_migration_befor
             return await incoming(*args, **kwargs)
 
         driver.migrate_incoming = slow_incoming  # type: ignore[method-assign]
-        op = fleet.service.migrations.start("early", "h2", MigrationPolicy())
+        op = fleet.ctl.migrations.start("early", "h2", MigrationPolicy())
         await asyncio.sleep(0.1)
-        assert fleet.service.store.operation(op.op_id).params["phase"] == "prepare"  # type: ignore[union-attr]
-        await fleet.service.migrations.cancel("early")
-        done = await fleet.service.wait_operation(op.op_id, 15)
+        assert fleet.ctl.store.operation(op.op_id).params["phase"] == "prepare"  # type: ignore[union-attr]
+        await fleet.ctl.migrations.cancel("early")
+        done = await fleet.ctl.operations.wait(op.op_id, 15)
         assert done.state == "failed" and "cancelled by the operator" in done.error, done
         assert "result" not in done.params  # the source never sent a byte
         assert await _names(fleet, "h1") == {"early": "running"}
         assert await _names(fleet, "h2") == {}
-        record = fleet.service.store.vm("early")
+        record = fleet.ctl.store.vm("early")
         assert record is not None and (record.host_id, record.op_id, record.migrating_to) == (
             "h1",
             None,
@@ -300,10 +300,10 @@ async def test_concurrent_migrations_share_a_hosts_link_budget(mosquitto, tmp_pa
             await fleet.add_agent(host)
         await _make(fleet, "a", "h1", memory=1024, dirty=1)
         await _make(fleet, "b", "h1", memory=1024, dirty=1)
-        first = fleet.service.migrations.start("a", "h2", MigrationPolicy())
-        await eventually(lambda: first.op_id in fleet.service.migrations.progress, 10, "a sending")
-        second = fleet.service.migrations.start("b", "h3", MigrationPolicy())
-        done = [await fleet.service.wait_operation(op.op_id, 30) for op in (first, second)]
+        first = fleet.ctl.migrations.start("a", "h2", MigrationPolicy())
+        await eventually(lambda: first.op_id in fleet.ctl.migrations.progress, 10, "a sending")
+        second = fleet.ctl.migrations.start("b", "h3", MigrationPolicy())
+        done = [await fleet.ctl.operations.wait(op.op_id, 30) for op in (first, second)]
         assert [op.state for op in done] == ["succeeded", "succeeded"], [op.error for op in done]
         assert [op.params["bandwidth_mib_s"] for op in done] == [400.0, 200.0]
         # The sim moves 1024 MiB at the granted rate: the second took about twice as long.

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 import fleetvisor
-from controller import auth
 from controller import cli as operator_cli
-from controller.fleet import FleetSettings
-from controller.power import SimPowerDriver
+from controller.daemon import FleetSettings
+from controller.hardware import SimPowerDriver
+from controller.security import auth
 from tests.controller.test_power_manager import SIM, make_vm, power_fleet, spread_light, standby
 from tests.support.fleet import Fleet, eventually
 from tests.support.power import AgentPower
@@ -82,10 +82,10 @@ async def test_automation_levels_switch_through_the_api_and_apply_is_refused_at_
             assert r.status_code == 400 and "mode" in r.json()["error"]["message"]
             code, text = await _cli(fleet, capsys, "power", "mode", "recommend")
             assert code == 0 and "recommend" in text
-            assert fleet.service.power.mode == "recommend"
+            assert fleet.ctl.power.mode == "recommend"
             code, text = await _cli(fleet, capsys, "power", "status")
             assert code == 0 and "automation level: recommend" in text and "h1" in text
-        kinds = [e.message for e in fleet.service.store.events_since(0, 1000) if e.type == "power.mode"]
+        kinds = [e.message for e in fleet.ctl.store.events_since(0, 1000) if e.type == "power.mode"]
         assert kinds == [
             "power manager automation level: manual -> auto",
             "power manager automation level: auto -> recommend",
@@ -103,16 +103,16 @@ async def test_the_level_set_at_run_time_survives_a_restart_unless_the_configura
             assert r.status_code == 200
         await fleet.stop_controller()
         await fleet.start_controller()
-        assert fleet.service.power.mode == "recommend"
+        assert fleet.ctl.power.mode == "recommend"
         power = fleet.fleet_settings.power
         await fleet.stop_controller()
         fleet.fleet_settings = FleetSettings(power=dataclasses.replace(power, mode="manual"))
         await fleet.start_controller()
-        assert fleet.service.power.mode == "manual"
+        assert fleet.ctl.power.mode == "manual"
         await fleet.stop_controller()
         fleet.fleet_settings = FleetSettings(power=power)  # no level configured: the stored one
         await fleet.start_controller()
-        assert fleet.service.power.mode == "manual"
+        assert fleet.ctl.power.mode == "manual"
 
 
 def test_power_routes_that_change_something_need_the_operator_role():
@@ -142,7 +142,7 @@ async def test_operator_power_actions_check_the_host_and_go_through_the_same_dri
             assert r.status_code == 409 and "--bmc-config" in r.json()["error"]["message"]
             r = await client.post("/hosts/nope/power", json={"action": "on"})
             assert r.status_code == 404
-            h2 = fleet.service.power.drivers["h2"]
+            h2 = fleet.ctl.power.drivers["h2"]
             assert isinstance(h2, SimPowerDriver)
             h2.wake_ok = False
             r = await client.post("/hosts/h2/power", json={"action": "off"})
@@ -175,13 +175,13 @@ async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say_and_sur
 
     async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2"), drivers=drivers) as fleet:
         await eventually(
-            lambda: all(fleet.service.power.meter.kwh(h) > 0 for h in ("h1", "h2")), 10, "energy counted"
+            lambda: all(fleet.ctl.power.meter.kwh(h) > 0 for h in ("h1", "h2")), 10, "energy counted"
         )
         async with httpx.AsyncClient(base_url=f"{fleet.api_url}/api/v1", timeout=10) as client:
             hosts = {h["host_id"]: h for h in (await client.get("/hosts")).json()}
         assert hosts["h1"]["energy_source"] == "measured" and hosts["h2"]["energy_source"] == "model"
         assert hosts["h1"]["energy_kwh"] > 0 and hosts["h2"]["energy_kwh"] > 0
-        report = fleet.service.power.meter.host("h1")
+        report = fleet.ctl.power.meter.host("h1")
         assert set(report.kwh_by_source) == {"measured"}
         since = hosts["h2"]["energy_since"]
         assert since is not None and abs(since - time.time()) < 60
@@ -190,13 +190,13 @@ async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say_and_sur
         assert code == 0 and f"kWh since {stamp} (model)" in text and "power:         on, via sim" in text
 
         # A restarted controller goes on from the saved counters, and counts from the same moment.
-        before = {h: fleet.service.power.meter.kwh(h) for h in ("h1", "h2")}
+        before = {h: fleet.ctl.power.meter.kwh(h) for h in ("h1", "h2")}
         await fleet.stop_controller()
         await fleet.start_controller()
-        assert fleet.service.power.host_power("h2").energy_since == since
-        assert all(fleet.service.power.meter.kwh(h) >= kwh > 0 for h, kwh in before.items())
+        assert fleet.ctl.power.host_power("h2").energy_since == since
+        assert all(fleet.ctl.power.meter.kwh(h) >= kwh > 0 for h, kwh in before.items())
         await eventually(
-            lambda: all(fleet.service.power.meter.kwh(h) > kwh for h, kwh in before.items()),
+            lambda: all(fleet.ctl.power.meter.kwh(h) > kwh for h, kwh in before.items()),
             10,
             "energy counted on top of the saved totals",
         )

@@ -15,8 +15,8 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from controller.fleet import FleetSettings
-from controller.power import FallbackPower, PowerDriver, SimPowerDriver
+from controller.daemon import FleetSettings
+from controller.hardware import FallbackPower, PowerDriver, SimPowerDriver
 from controller.services.power import PowerSettings
 from controller.scheduler import SchedulingHints
 from protocols.vmspec import VmSpec, VmWorkload
@@ -55,14 +55,14 @@ async def power_fleet(
         finally:
             # Nothing may power an agent on while the fleet is being torn down.
             if fleet.controller is not None:
-                fleet.service.power.set_mode("manual")
-                await asyncio.wait_for(fleet.service.power.settle(), 30)
+                fleet.ctl.power.set_mode("manual")
+                await asyncio.wait_for(fleet.ctl.power.settle(), 30)
 
 
 async def make_vm(fleet: Fleet, name: str, host: str, cpu: float = 0.1, memory: int = 512) -> None:
     spec = VmSpec(name=name, memory_mib=memory, workload=VmWorkload(cpu_util=cpu, dirty_mib_s=2.0))
-    _, op, _ = fleet.service.create_vm(spec, hints=SchedulingHints(hosts=(host,)))
-    done = await fleet.service.wait_operation(op.op_id, 10)
+    _, op, _ = fleet.ctl.vms.create(spec, hints=SchedulingHints(hosts=(host,)))
+    done = await fleet.ctl.operations.wait(op.op_id, 10)
     assert done.state == "succeeded", done.error
 
 
@@ -90,26 +90,26 @@ async def hold_load(fleet: Fleet, load: dict[str, float]) -> AsyncIterator[dict[
 
 
 def placement(fleet: Fleet) -> dict[str, str | None]:
-    return {vm.name: vm.host_id for vm in fleet.service.store.vms()}
+    return {vm.name: vm.host_id for vm in fleet.ctl.store.vms()}
 
 
 def standby(fleet: Fleet) -> set[str]:
-    return {h.host_id for h in fleet.service.store.hosts() if h.standby_since is not None}
+    return {h.host_id for h in fleet.ctl.store.hosts() if h.standby_since is not None}
 
 
 def events(fleet: Fleet, prefix: str = "") -> list[tuple[str, str, str]]:
     return [
         (e.type, e.host_id, e.message)
-        for e in fleet.service.store.events_since(0, 10_000)
+        for e in fleet.ctl.store.events_since(0, 10_000)
         if e.type.startswith(prefix)
     ]
 
 
 def migrations(fleet: Fleet) -> list[Any]:
-    rows = fleet.service.store.connection.execute(
+    rows = fleet.ctl.store.connection.execute(
         "SELECT op_id FROM operations WHERE kind='migrate' ORDER BY created_at"
     ).fetchall()
-    return [fleet.service.store.operation(r[0]) for r in rows]
+    return [fleet.ctl.store.operation(r[0]) for r in rows]
 
 
 async def all_running_once(fleet: Fleet) -> None:
@@ -119,7 +119,7 @@ async def all_running_once(fleet: Fleet) -> None:
         for vm in await driver.list():
             if vm.state == "running":
                 reported.setdefault(vm.name, []).append(host_id)
-    for vm in fleet.service.store.vms():
+    for vm in fleet.ctl.store.vms():
         assert vm.state == "running" and reported.get(vm.name) == [vm.host_id], (vm, reported)
 
 
@@ -136,16 +136,16 @@ async def test_consolidation_empties_lightly_loaded_hosts_and_puts_them_in_stand
     """Six light VMs on three hosts end on one; the emptied hosts are verified, marked standby, powered off."""
     async with power_fleet(mosquitto.url, tmp_path, spare_hosts=0) as fleet:
         await spread_light(fleet)
-        fleet.service.power.set_mode("auto")
+        fleet.ctl.power.set_mode("auto")
         await eventually(lambda: len(standby(fleet)) == 2, 20, "two hosts in standby")
         (kept,) = set(placement(fleet).values())
-        service = fleet.service
+        ctl = fleet.ctl
         for host_id in standby(fleet):
             assert host_id not in fleet.agents, "sim power stopped the agent"
-            calls = service.settings.power.drivers[host_id].calls  # type: ignore[attr-defined]
+            calls = ctl.settings.fleet.power.drivers[host_id].calls  # type: ignore[attr-defined]
             assert [c for c in calls if c != "power_reading_w"] == ["verify_wake_path", "power_off"]
-            assert not service.fleet_state.host(host_id).powered_on
-            assert service.power.host_power(host_id).state == "standby"
+            assert not ctl.fleet_state.host(host_id).powered_on
+            assert ctl.power.host_power(host_id).state == "standby"
         await all_running_once(fleet)
         moves = [m for t, _, m in events(fleet, "power.move")]
         assert moves and all(m.startswith("consolidate ") and "kWh" in m for m in moves), moves
@@ -160,7 +160,7 @@ async def test_rising_load_powers_a_standby_host_on_and_the_planner_spreads(mosq
     async with power_fleet(mosquitto.url, tmp_path, spare_hosts=0) as fleet:
         names = await spread_light(fleet)
         async with hold_load(fleet, dict.fromkeys(names, 0.1)) as load:
-            fleet.service.power.set_mode("auto")
+            fleet.ctl.power.set_mode("auto")
             await eventually(lambda: len(standby(fleet)) == 2, 20, "two hosts in standby")
             woken = standby(fleet)
             load.update(dict.fromkeys(names, 0.9))  # 5.4 cores of demand on a 4-core host
@@ -171,7 +171,7 @@ async def test_rising_load_powers_a_standby_host_on_and_the_planner_spreads(mosq
             texts = [m for t, h, m in events(fleet, "power.on")]
             assert any("overloaded" in m or "forecast demand" in m for m in texts), texts
             assert any("reported in" in m for m in texts), texts
-            await eventually(lambda: not fleet.service.store.running_operations(), 10, "moves done")
+            await eventually(lambda: not fleet.ctl.store.running_operations(), 10, "moves done")
             await all_running_once(fleet)
 
 
@@ -179,12 +179,12 @@ async def test_spare_hosts_stay_on_when_empty(mosquitto, tmp_path):
     """With spare_hosts=1, of two empty hosts only one goes to standby; the other stays on for new VMs."""
     async with power_fleet(mosquitto.url, tmp_path, spare_hosts=1) as fleet:
         await make_vm(fleet, "only", "h1")
-        fleet.service.power.set_mode("auto")
+        fleet.ctl.power.set_mode("auto")
         await eventually(lambda: len(standby(fleet)) == 1, 10, "one host in standby")
         await asyncio.sleep(1.5)  # several more rounds
         assert len(standby(fleet)) == 1
         assert placement(fleet) == {"only": "h1"}
-        plan = fleet.service.power.plan
+        plan = fleet.ctl.power.plan
         assert plan is not None and any("spare host" in note for note in plan.notes), plan
 
 
@@ -193,10 +193,10 @@ async def test_headroom_keeps_enough_hosts_on_for_the_forecast_demand(mosquitto,
     async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2"), spare_hosts=0, headroom=0.4) as fleet:
         for i in range(4):  # 2.8 of h1's 4 cores busy: 30% free, under the 40% (+10%) wanted
             await make_vm(fleet, f"busy-{i}", "h1", cpu=0.7)
-        fleet.service.power.set_mode("auto")
+        fleet.ctl.power.set_mode("auto")
         await asyncio.sleep(2.0)
         assert standby(fleet) == set()
-        plan = fleet.service.power.plan
+        plan = fleet.ctl.power.plan
         assert plan is not None and any(
             "h2 is empty but stays on" in n and "headroom" in n for n in plan.notes
         )
@@ -210,10 +210,10 @@ async def test_a_host_whose_wake_path_cannot_be_verified_is_never_powered_off(mo
 
     async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2"), drivers=drivers, spare_hosts=0) as fleet:
         await make_vm(fleet, "only", "h1")
-        fleet.service.power.set_mode("auto")
+        fleet.ctl.power.set_mode("auto")
         await asyncio.sleep(2.0)
         assert standby(fleet) == set() and "h2" in fleet.agents
-        h2 = fleet.service.settings.power.drivers["h2"]
+        h2 = fleet.ctl.settings.fleet.power.drivers["h2"]
         assert isinstance(h2, SimPowerDriver)
         assert "verify_wake_path" in h2.calls and "power_off" not in h2.calls
         refused = events(fleet, "power.standby_refused")
@@ -231,7 +231,7 @@ def _two_methods(fleet: Fleet, host: str) -> FallbackPower:
 
 
 async def _into_standby(fleet: Fleet, names: list[str], count: int) -> None:
-    fleet.service.power.set_mode("auto")
+    fleet.ctl.power.set_mode("auto")
     await eventually(lambda: len(standby(fleet)) == count, 20, f"{count} host(s) in standby")
 
 
@@ -245,7 +245,7 @@ async def test_a_failed_power_on_falls_back_to_the_next_method(mosquitto, tmp_pa
         async with hold_load(fleet, dict.fromkeys(names, 0.1)) as load:
             await _into_standby(fleet, names, 1)
             (off,) = standby(fleet)
-            chain = fleet.service.power.drivers[off]
+            chain = fleet.ctl.power.drivers[off]
             assert isinstance(chain, FallbackPower)
             ipmi, wol = chain.drivers
             assert isinstance(ipmi, SimPowerDriver) and isinstance(wol, SimPowerDriver)
@@ -271,7 +271,7 @@ async def test_when_every_method_fails_an_alert_names_each_error_and_another_sta
             await _into_standby(fleet, names, 2)
             first = sorted(standby(fleet))[0]  # equal hosts: the planner wakes the lowest id first
             other = sorted(standby(fleet))[1]
-            chain = fleet.service.power.drivers[first]
+            chain = fleet.ctl.power.drivers[first]
             assert isinstance(chain, FallbackPower)
             for method in chain.drivers:
                 assert isinstance(method, SimPowerDriver)
@@ -292,16 +292,16 @@ async def test_recommend_mode_changes_nothing_but_publishes_the_plan(mosquitto, 
     async with power_fleet(mosquitto.url, tmp_path, spare_hosts=0) as fleet:
         await spread_light(fleet)
         await asyncio.sleep(0.5)  # the new VMs' telemetry is in
-        fleet.service.power.set_mode("recommend")
+        fleet.ctl.power.set_mode("recommend")
         plan = await eventually(
-            lambda: (p := fleet.service.power.plan) is not None and p.moves and p, 10, "a plan"
+            lambda: (p := fleet.ctl.power.plan) is not None and p.moves and p, 10, "a plan"
         )
         assert all(
             m.kind == "consolidate" and m.reason.startswith(f"consolidate {m.source}:") for m in plan.moves
         )
         await asyncio.sleep(2.0)
         assert migrations(fleet) == [] and standby(fleet) == set()
-        for driver in fleet.service.power.drivers.values():
+        for driver in fleet.ctl.power.drivers.values():
             assert isinstance(driver, SimPowerDriver)
             assert [c for c in driver.calls if c != "power_reading_w"] == []
         published = events(fleet, "power.")
@@ -315,7 +315,7 @@ async def test_manual_mode_does_nothing_on_its_own(mosquitto, tmp_path):
     async with power_fleet(mosquitto.url, tmp_path, spare_hosts=0) as fleet:
         await spread_light(fleet)
         await asyncio.sleep(2.0)
-        manager = fleet.service.power
+        manager = fleet.ctl.power
         assert manager.mode == "manual" and manager.round >= 4
         assert manager.plan is None and migrations(fleet) == [] and standby(fleet) == set()
         assert events(fleet, "power.") == []
@@ -330,7 +330,7 @@ async def test_a_fluctuating_load_never_moves_a_vm_twice_within_its_cooldown(mos
         names = [f"h1-vm{i}" for i in range(5)] + ["h2-vm0", "h3-vm0"]
         for name in names:
             await make_vm(fleet, name, name.split("-")[0])
-        manager = fleet.service.power
+        manager = fleet.ctl.power
         async with hold_load(fleet, dict.fromkeys(names, 0.05)) as load:
             manager.set_mode("auto")
             for _ in range(28):  # 7 s of rounds
@@ -346,7 +346,7 @@ async def test_a_fluctuating_load_never_moves_a_vm_twice_within_its_cooldown(mos
         for vm, times in by_vm.items():
             gaps = [b - a for a, b in itertools.pairwise(times)]
             assert all(gap >= cooldown for gap in gaps), (vm, gaps)
-        await eventually(lambda: not fleet.service.store.running_operations(), 10, "moves done")
+        await eventually(lambda: not fleet.ctl.store.running_operations(), 10, "moves done")
         await all_running_once(fleet)
 
 
@@ -355,15 +355,15 @@ async def test_standby_is_remembered_across_a_controller_restart(mosquitto, tmp_
     async with power_fleet(mosquitto.url, tmp_path, ("h1", "h2"), spare_hosts=0) as fleet:
         await make_vm(fleet, "only", "h1")
         await _into_standby(fleet, ["only"], 1)
-        fleet.service.power.set_mode("manual")  # the next controller keeps this level and stays passive
-        await fleet.service.power.settle()
+        fleet.ctl.power.set_mode("manual")  # the next controller keeps this level and stays passive
+        await fleet.ctl.power.settle()
         await fleet.stop_controller()
         await fleet.start_controller()
-        service = fleet.service
-        assert service.power.mode == "manual"
-        assert service.power.host_power("h2").state == "standby"
-        assert not service.fleet_state.host("h2").powered_on and "h2" in service.ha.standby_hosts
-        decision = service.plan_vm(VmSpec(name="new", memory_mib=256), SchedulingHints(hosts=("h2",)))
+        ctl = fleet.ctl
+        assert ctl.power.mode == "manual"
+        assert ctl.power.host_power("h2").state == "standby"
+        assert not ctl.fleet_state.host("h2").powered_on and "h2" in ctl.standby
+        decision = ctl.vms.plan(VmSpec(name="new", memory_mib=256), SchedulingHints(hosts=("h2",)))
         assert decision.host_id is None and "powered off" in decision.refusal.message  # type: ignore[union-attr]
         await asyncio.sleep(1.0)
         assert not [e for e in events(fleet, "host.") if e[0] in ("host.suspect", "host.failed")]

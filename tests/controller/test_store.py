@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from controller.store import HostRecord, Store, StoreError, Usage
+from controller.state.store import HostRecord, Store, StoreError, Usage
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from controller import pki
+from controller.security import pki
 from controller.daemon import Controller, ControllerSettings
 from protocols.bus import Bus, BusSettings
 from tests.support.fleet import FAST_BUS, eventually

@@ -16,9 +16,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.daemon import Agent, AgentSettings
-from controller.daemon import Controller, ControllerSettings
-from controller.fleet import FleetService, FleetSettings
-from hv.sim.engine import SimDriver
+from controller.daemon import Controller, ControllerSettings, FleetSettings
+from hv.sim.driver import SimDriver
 
 FAST_BUS = {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "keepalive_s": 2}
 
@@ -53,9 +52,10 @@ class Fleet:
         self.drivers: dict[str, SimDriver] = {}
 
     @property
-    def service(self) -> FleetService:
-        assert self.controller is not None and self.controller.service is not None
-        return self.controller.service
+    def ctl(self) -> Controller:
+        """The running controller (its parts are attributes: ``ctl.store``, ``ctl.vms``...)."""
+        assert self.controller is not None
+        return self.controller
 
     @property
     def api_url(self) -> str:
@@ -99,7 +99,7 @@ class Fleet:
         self.drivers[host_id] = driver
         if wait and self.controller is not None:
             await eventually(
-                lambda: (h := self.service.store.host(host_id)) is not None and h.online,
+                lambda: (h := self.ctl.store.host(host_id)) is not None and h.online,
                 10,
                 f"host {host_id} online",
             )

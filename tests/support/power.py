@@ -1,6 +1,6 @@
 """Sim power for in-process fleets: a power driver whose "power" is a sim agent in the test's process.
 
-:class:`AgentPower` is a :class:`~controller.power.SimPowerDriver` (so failures can be injected the
+:class:`AgentPower` is a :class:`~controller.hardware.SimPowerDriver` (so failures can be injected the
 same way) that also does what cutting a real host's power does: ``power_off`` stops the host's agent
 (it says goodbye on the bus, as an agent under SIGTERM does), and ``power_on`` starts a new agent for
 the host on the same state directory (a new boot, so a new ``boot_id``). The power manager cannot tell
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.power import SimPowerDriver
+from controller.hardware import SimPowerDriver
 from tests.support.fleet import Fleet
 
 

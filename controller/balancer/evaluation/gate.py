@@ -29,7 +29,7 @@ import numpy.typing as npt
 from controller.balancer.model import Fleet, Migration
 from controller.scheduler import CapacitySettings, FleetState, PlacementRequest, Scheduler
 from controller.scheduler.settings import SchedulerSettings
-from controller.store import HostRecord
+from controller.state.store import HostRecord
 from protocols.messages import Capabilities
 
 __all__ = ["SchedulerGate"]

@@ -23,7 +23,7 @@ from controller.scheduler import (
 )
 from controller.scheduler.filters import HostFilter
 from controller.scheduler.weighers import HostWeigher
-from controller.store import HostRecord, Usage
+from controller.state.store import HostRecord, Usage
 from protocols.messages import Capabilities
 
 ARCHES = ("x86_64", "aarch64", "i386")

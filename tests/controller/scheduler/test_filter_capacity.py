@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from controller.scheduler import CapacitySettings, PlacementRequest
 from controller.scheduler.filters import CapacityFilter
-from controller.store import Usage
+from controller.state.store import Usage
 from tests.controller.scheduler.support import assert_filter_agrees, fleet, record, request, view
 
 

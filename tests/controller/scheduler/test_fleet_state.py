@@ -13,7 +13,7 @@ from controller.scheduler import (
     OverbookError,
     PlacementRequest,
 )
-from controller.store import Store, Usage
+from controller.state.store import Store, Usage
 from protocols.vmspec import VmSpec
 from tests.controller.scheduler.support import caps, record
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from controller.scheduler import CapacitySettings, free_capacity
-from controller.store import Usage
+from controller.state.store import Usage
 from tests.controller.scheduler.support import record
 
 

@@ -14,7 +14,7 @@ import statistics
 import pytest
 
 from controller.scheduler import CapacitySettings, FleetState, PlacementRequest, Scheduler, SchedulerSettings
-from controller.store import HostRecord
+from controller.state.store import HostRecord
 from tests.controller.scheduler.support import record
 
 cp_model = pytest.importorskip("ortools.sat.python.cp_model")

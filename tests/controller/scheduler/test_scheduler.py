@@ -11,7 +11,7 @@ from controller.scheduler import (
     SchedulerSettings,
     UnknownPolicyError,
 )
-from controller.store import Usage
+from controller.state.store import Usage
 from tests.controller.scheduler.support import fleet, record, request
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controller.scheduler import FleetState, PlacementRequest, Scheduler, SchedulingHints
-from controller.store import Store, VmRecord
+from controller.state.store import Store, VmRecord
 from protocols.vmspec import VmSpec
 from tests.controller.scheduler.support import caps
 
@@ -25,7 +25,7 @@ class FlakyStore(Store):
 def _create(
     store: Store, scheduler: Scheduler, spec: VmSpec, hints: SchedulingHints | None = None
 ) -> str | None:
-    """What FleetService.create_vm does with the scheduler: no await from select to commit."""
+    """What VmService.create does with the scheduler: no await from select to commit."""
     request = PlacementRequest.from_spec(spec, hints)
     decision = scheduler.select_and_claim(request)
     if decision.refusal is not None:

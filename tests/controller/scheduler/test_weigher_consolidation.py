@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from controller.scheduler import CapacitySettings, PlacementRequest, Scheduler, SchedulerSettings
 from controller.scheduler.weighers import ConsolidationWeigher
-from controller.store import Usage
+from controller.state.store import Usage
 from tests.controller.scheduler.support import assert_weigher_agrees, fleet, record, request, view
 
 CAP = CapacitySettings(cpu_allocation_ratio=1.0, reserved_host_memory_mib=0)

@@ -10,7 +10,7 @@ from controller.scheduler import (
     SchedulerSettings,
 )
 from controller.scheduler.weighers import PowerWeigher
-from controller.store import Usage
+from controller.state.store import Usage
 from tests.controller.scheduler.support import assert_weigher_agrees, fleet, record, request, view
 
 CAP = CapacitySettings(cpu_allocation_ratio=1.0, reserved_host_memory_mib=0)

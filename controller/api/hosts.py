@@ -1,0 +1,58 @@
+"""Routes of ``/hosts``: list, show, labels and maintenance, and evacuation."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from controller.api import views
+from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
+from controller.api.operations import OperationResponses
+from controller.services.hosts import HostService
+from controller.services.migration.evacuation import Evacuations
+from controller.state.store import Store, Usage
+
+_ZERO = Usage()
+
+
+def router(
+    store: Store, hosts: HostService, evacuations: Evacuations, view: views.Views, ops: OperationResponses
+) -> APIRouter:
+    """The host routes."""
+    api = APIRouter()
+
+    @api.get(f"{PREFIX}/hosts", summary="List hosts", responses=responses(200, "hosts"))
+    async def list_hosts() -> Response:
+        usage = store.usage()
+        return json_response([view.host(h, usage.get(h.host_id, _ZERO)) for h in store.hosts()])
+
+    @api.get(f"{PREFIX}/hosts/{{host_id}}", summary="Show a host", responses=responses(200, "host", 404))
+    async def show_host(host_id: str) -> Response:
+        host = hosts.require(host_id)
+        return json_response(view.host(host, store.usage().get(host_id, _ZERO)))
+
+    @api.patch(
+        f"{PREFIX}/hosts/{{host_id}}",
+        summary="Set a host's labels and maintenance mode",
+        responses=responses(200, "host", 400, 404),
+        openapi_extra=body("host_update"),
+    )
+    async def update_host(request: Request, host_id: str) -> Response:
+        update: views.HostUpdate = await read_body(request, views.HostUpdate, "host update")
+        host = hosts.update(host_id, labels=update.labels, maintenance=update.maintenance)
+        return json_response(view.host(host, store.usage().get(host_id, _ZERO)))
+
+    @api.post(
+        f"{PREFIX}/hosts/{{host_id}}/evacuate",
+        summary="Live-migrate every running VM off a host, in waves",
+        status_code=202,
+        responses=responses(202, "operation", 400, 404, 409),
+        openapi_extra=body("evacuate", required=False),
+    )
+    async def evacuate_host(request: Request, host_id: str, wait: float = WAIT) -> Response:
+        asked: views.EvacuateRequest = await read_body(
+            request, views.EvacuateRequest, "evacuate request", required=False
+        )
+        return await ops.respond(evacuations.start(host_id, asked.policy).op_id, wait)
+
+    return api

@@ -1,0 +1,138 @@
+"""What every router shares: JSON responses, body decoding, the OpenAPI schema registry, and the one
+place where domain errors become HTTP statuses.
+
+Every error is JSON ``{"error": {"code", "message", "detail"}}`` where the message names the thing,
+the reason and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from fastapi import Query, Request
+from fastapi.responses import Response
+
+from controller.api import views
+from controller.common.errors import Conflict, DomainError, HardwareFailed, Invalid, NotFound
+from controller.security import auth
+from controller.services import power
+from controller.services.migration.migrate import MigrationPlan
+from controller.state.store import EventRecord
+from protocols.vmspec import explain_validation_error
+
+PREFIX = "/api/v1"
+#: Sequence numbers are SQLite integers; anything larger is a client error, not an overflow.
+MAX_SEQ = 2**63 - 1
+MAX_BODY_BYTES = 256 * 1024
+
+#: The HTTP status of each kind of domain error. The only place a status is chosen for one.
+STATUS_OF: dict[type[DomainError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, HardwareFailed: 502}
+
+
+class ApiError(Exception):
+    """A refusal made by the HTTP edge itself (auth, a bad body): status, stable code, message."""
+
+    def __init__(self, status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail or {}
+
+
+def status_of(exc: DomainError) -> int:
+    """The HTTP status a domain error maps to."""
+    for kind in type(exc).__mro__:
+        if kind in STATUS_OF:
+            return STATUS_OF[kind]
+    return 400
+
+
+#: Every type the API document describes, by the short name routes refer to.
+SCHEMA_TYPES: dict[str, Any] = {
+    "host": views.HostView,
+    "vm": views.VmView,
+    "operation": views.OperationView,
+    "created": views.CreateVmResponse,
+    "error": views.ErrorBody,
+    "stop": views.StopRequest,
+    "host_update": views.HostUpdate,
+    "migrate": views.MigrateRequest,
+    "evacuate": views.EvacuateRequest,
+    "migration_plan": MigrationPlan,
+    "spec": views.CreateVmRequest,
+    "plan": views.PlanResponse,
+    "batch": views.CreateBatchResponse,
+    "hosts": list[views.HostView],
+    "vms": list[views.VmView],
+    "events": list[EventRecord],
+    "token_request": auth.TokenRequest,
+    "new_token": auth.NewToken,
+    "tokens": list[auth.TokenInfo],
+    "audit": list[auth.AuditRecord],
+    "power_plan": power.Plan,
+    "plan_outcome": power.PlanOutcome,
+    "power_status": power.PowerStatus,
+    "power_mode": power.ModeRequest,
+    "host_power_request": power.HostPowerRequest,
+    "host_power": power.HostPowerReport,
+}
+_schemas, COMPONENTS = msgspec.json.schema_components(
+    tuple(SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"
+)
+_SCHEMA: dict[str, dict[str, Any]] = dict(zip(SCHEMA_TYPES, _schemas, strict=True))
+
+_encoder = msgspec.json.Encoder()
+
+#: The ``wait`` query parameter of every route that starts an operation.
+WAIT = Query(0.0, ge=0.0, le=600.0, description="seconds to wait for the operation to end")
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    """``content`` encoded by msgspec as a JSON response."""
+    return Response(_encoder.encode(content), status_code=status, media_type="application/json")
+
+
+def error_response(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> Response:
+    """The JSON error body every refusal has."""
+    body = views.ErrorBody(error=views.ErrorDetail(code=code, message=message, detail=detail or {}))
+    return json_response(body, status)
+
+
+def responses(ok_status: int, schema: str, *errors: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route: its success schema and its error statuses."""
+    out: dict[int | str, dict[str, Any]] = {
+        ok_status: {"description": "OK", "content": {"application/json": {"schema": _SCHEMA[schema]}}}
+    }
+    for status in errors:
+        out[status] = {"description": "error", "content": {"application/json": {"schema": _SCHEMA["error"]}}}
+    return out
+
+
+def body(schema: str, required: bool = True) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route."""
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": _SCHEMA[schema]}}}}
+
+
+async def read_body(request: Request, type_: type[Any], what: str, required: bool = True) -> Any:
+    """Decode a JSON body into ``type_``.
+
+    Raises:
+        ApiError: 413 over the size limit; 400 empty, not JSON, or a field is wrong (with its path).
+    """
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(
+            413, "body_too_large", f"{what}: the body is {len(raw)} bytes, over the {MAX_BODY_BYTES} byte limit"
+        )
+    if not raw.strip():
+        if not required:
+            return msgspec.json.decode(b"{}", type=type_)
+        raise ApiError(400, "invalid_body", f"{what}: the request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "invalid_body", f"{what}: {explain_validation_error(exc)}; fix that field and retry") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid_json", f"{what}: the body is not valid JSON ({exc})") from None

@@ -1,0 +1,259 @@
+"""What the REST API returns: msgspec Structs built from store records and live telemetry.
+
+These are the API's own contract (documented in the OpenAPI file), separate from the bus messages,
+so the wire and the API can evolve at their own pace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import msgspec
+
+from controller.scheduler import Explanation, SchedulerSettings, SchedulingHints, free_capacity
+from controller.services.power import HostPower
+from controller.state.live import LiveState
+from controller.state.store import HostRecord, OperationRecord, Store, Usage, VmRecord
+from protocols.messages import Capabilities, MigrationProgress
+from protocols.migration import MigrationPolicy
+from protocols.vmspec import VmSpec, VmSpecInput
+
+
+class HostLoad(msgspec.Struct, frozen=True, kw_only=True):
+    cpu_util: float
+    memory_used_mib: int
+    power_w: float
+    age_s: float
+    vms_running: int
+
+
+class ReportedVm(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    state: str
+
+
+class HostView(msgspec.Struct, frozen=True, kw_only=True):
+    host_id: str
+    online: bool
+    state_reason: str
+    maintenance: bool
+    address: str
+    agent_version: str
+    capabilities: Capabilities
+    vms: int
+    allocated_vcpus: int
+    allocated_memory_mib: int
+    free_vcpus: int
+    free_memory_mib: int
+    load: HostLoad | None
+    last_seen: float
+    #: Labels the scheduler matches on: the agent's, overridden by the operator's.
+    labels: dict[str, str] = {}
+    #: The health the failure detector gives the host: up, suspect, failed or offline.
+    health: str = "up"
+    #: What the host itself last reported running (the store may know better during operations).
+    reported_vms: list[ReportedVm] = []
+    #: ``on``, ``standby`` (switched off by the power manager, not placeable) or ``powering-on``.
+    power_state: str = "on"
+    #: The host's power methods in the order they are tried (``ipmi+wol``...), if it has any.
+    power_method: str | None = None
+    standby_since: float | None = None
+    #: Energy counted since ``energy_since``, in kWh (kept across controller restarts, which are not
+    #: counted), and the source of its latest sample: ``measured`` (the BMC), ``model`` (the host's
+    #: power model at its CPU use) or ``standby``.
+    energy_kwh: float = 0.0
+    energy_source: str | None = None
+    energy_since: float | None = None
+
+
+class VmLoad(msgspec.Struct, frozen=True, kw_only=True):
+    cpu_util: float
+    dirty_mib_s: float
+
+
+class VmView(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    uuid: str
+    state: str
+    host_id: str | None
+    host_online: bool | None
+    spec: VmSpec
+    operation: str | None
+    error: str
+    load: VmLoad | None
+    created_at: float
+    updated_at: float
+
+
+class OperationView(msgspec.Struct, frozen=True, kw_only=True):
+    op_id: str
+    kind: str
+    vm: str
+    host_id: str | None
+    state: str
+    error: str
+    params: dict[str, Any]
+    deadline: float
+    created_at: float
+    updated_at: float
+    #: For a migration under way: the source agent's latest account of it.
+    progress: MigrationProgress | None = None
+
+
+class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Move a running VM: to a host (the scheduler chooses when omitted), under a policy."""
+
+    to: str | None = None
+    policy: MigrationPolicy = MigrationPolicy()
+
+
+class EvacuateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Move every running VM off a host, in waves, under one policy."""
+
+    policy: MigrationPolicy = MigrationPolicy()
+
+
+class CreateVmRequest(VmSpecInput, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The create body: a VM spec, plus where it may go and how many to make."""
+
+    scheduling: SchedulingHints | None = None
+    #: Make this many VMs named ``<name>-1..N``, planned as a whole.
+    count: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+
+
+class CreateVmResponse(msgspec.Struct, frozen=True, kw_only=True):
+    vm: VmView
+    operation: OperationView
+    #: Why this host: filters, rejections, top candidates (with ``?explain=true``).
+    explanation: Explanation | None = None
+
+
+class CreateBatchResponse(msgspec.Struct, frozen=True, kw_only=True):
+    vms: list[CreateVmResponse]
+
+
+class PlanResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """A dry run: where the VM would go and why; nothing was claimed."""
+
+    vm: str
+    host_id: str
+    explanation: Explanation
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+    detail: dict[str, Any] = {}
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+class HostUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Operator settings of a host. A label set to null is removed."""
+
+    labels: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], str | None] | None = None
+    maintenance: bool | None = None
+
+
+class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    force: bool = False
+    timeout_s: float = msgspec.field(default=30.0)
+
+
+class Views:
+    """Builds the API's host and VM views from the store, live telemetry, health and power."""
+
+    def __init__(
+        self,
+        store: Store,
+        live: LiveState,
+        scheduler_settings: SchedulerSettings,
+        health: Callable[[str], str],
+        power_of: Callable[[str, HostRecord], HostPower],
+    ) -> None:
+        self.store = store
+        self.live = live
+        self.scheduler_settings = scheduler_settings
+        self.health = health
+        self.power_of = power_of
+
+    def host(self, host: HostRecord, usage: Usage) -> HostView:
+        """A host's record, claims, latest telemetry, health and power, as the API shows them."""
+        free_vcpus, free_memory, _ = free_capacity(host, usage, self.scheduler_settings)
+        sample = self.live.telemetry.get(host.host_id)
+        load = None
+        if sample is not None and host.online:
+            seen = self.live.telemetry_seen.get(host.host_id, 0.0)
+            load = HostLoad(
+                cpu_util=round(sample.cpu_util, 4),
+                memory_used_mib=sample.memory_used_mib,
+                power_w=round(sample.power_w, 1),
+                age_s=round(time.monotonic() - seen, 2),
+                vms_running=len(sample.vms),
+            )
+        reported = self.live.inventories.get(host.host_id)
+        power = self.power_of(host.host_id, host)
+        return HostView(
+            host_id=host.host_id,
+            online=host.online,
+            state_reason=host.state_reason,
+            maintenance=host.maintenance,
+            address=host.address,
+            agent_version=host.agent_version,
+            capabilities=host.capabilities,
+            vms=usage.vms,
+            allocated_vcpus=usage.vcpus,
+            allocated_memory_mib=usage.memory_mib,
+            free_vcpus=free_vcpus,
+            free_memory_mib=free_memory,
+            load=load,
+            last_seen=host.last_seen,
+            health=self.health(host.host_id),
+            labels=host.labels,
+            reported_vms=[ReportedVm(name=vm.name, state=vm.state) for vm in reported.vms] if reported else [],
+            power_state=power.state,
+            power_method=power.method,
+            standby_since=power.standby_since,
+            energy_kwh=power.energy_kwh,
+            energy_source=power.energy_source,
+            energy_since=power.energy_since,
+        )
+
+
+    def vm(self, vm: VmRecord, hosts_online: dict[str, bool] | None = None) -> VmView:
+        """A VM's record and latest load, and whether its host is online."""
+        load = None
+        host_online: bool | None = None
+        if vm.host_id is not None:
+            if hosts_online is None:
+                host = self.store.host(vm.host_id)
+                host_online = host.online if host else False
+            else:
+                host_online = hosts_online.get(vm.host_id, False)
+            sample = self.live.telemetry.get(vm.host_id)
+            if sample is not None:
+                for v in sample.vms:
+                    if v.name == vm.name:
+                        load = VmLoad(cpu_util=round(v.cpu_util, 4), dirty_mib_s=round(v.dirty_mib_s, 2))
+                        break
+        return VmView(
+            name=vm.name,
+            uuid=vm.uuid,
+            state=vm.state,
+            host_id=vm.host_id,
+            host_online=host_online,
+            spec=vm.spec,
+            operation=vm.op_id,
+            error=vm.error,
+            load=load,
+            created_at=vm.created_at,
+            updated_at=vm.updated_at,
+        )
+
+
+def operation_view(op: OperationRecord, progress: MigrationProgress | None = None) -> OperationView:
+    return OperationView(**msgspec.structs.asdict(op), progress=progress if op.state == "running" else None)

@@ -1,0 +1,118 @@
+"""Commands to agents and their replies: the correlation of each reply with the command that asked.
+
+:meth:`AgentRpc.exchange` sends a command until its reply arrives or its deadline passes, holding off
+while the host is offline. The intake layer hands every reply to :meth:`AgentRpc.deliver`; a reply
+that nobody waits for yet is kept (bounded) for the exchange that will ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Any
+
+from controller.state.store import Store
+from protocols import codec, topics
+from protocols.bus import Bus
+from protocols.messages import Command, Reply
+
+#: Replies kept for an exchange that has not started yet (a resumed operation's answer).
+EARLY_REPLIES = 10_000
+
+
+class AgentRpc:
+    """Sends commands to hosts and matches replies to them by operation id."""
+
+    def __init__(self, bus: Bus, store: Store, retry_s: float) -> None:
+        self.bus = bus
+        self.store = store
+        #: How long to wait for a reply before sending the command again (same operation id).
+        self.retry_s = retry_s
+        self._waiters: dict[str, asyncio.Future[Reply]] = {}
+        self._early: OrderedDict[str, Reply] = OrderedDict()
+        self._online: dict[str, asyncio.Event] = {}
+
+    def set_online(self, host_id: str, online: bool) -> None:
+        """Note whether ``host_id`` is connected; exchanges waiting for it go on when it is."""
+        event = self._online.setdefault(host_id, asyncio.Event())
+        if online:
+            event.set()
+        else:
+            event.clear()
+
+    def deliver(self, reply: Reply) -> bool:
+        """Hand ``reply`` to the exchange waiting for it. Returns False when none waits."""
+        waiter = self._waiters.get(reply.op_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
+            return True
+        return False
+
+    def keep_early(self, reply: Reply) -> None:
+        """Keep ``reply`` for an exchange that has not begun yet (bounded; the oldest go first)."""
+        self._early[reply.op_id] = reply
+        while len(self._early) > EARLY_REPLIES:
+            self._early.popitem(last=False)
+
+    async def send(self, host_id: str, command: Command, expiry_s: float) -> None:
+        """Publish ``command`` once to ``host_id``, expecting no reply (refreshes, clean-ups)."""
+        await self.bus.publish(topics.host_topic(host_id, "cmd"), codec.encode(command), qos=1, expiry_s=expiry_s)
+
+    async def exchange(self, host_id: str, command: Command) -> Reply | None:
+        """Send ``command`` to ``host_id`` until its reply arrives (or None once its deadline passes).
+
+        While the host is offline nothing is sent; its persistent session may still deliver an earlier
+        copy, and the command goes again when the host is back. The agent applies an operation id once.
+        """
+        early = self._early.pop(command.op_id, None)
+        if early is not None:
+            return early
+        topic = topics.host_topic(host_id, "cmd")
+        payload = codec.encode(command)
+        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiters[command.op_id] = waiter
+        online = self._online.setdefault(host_id, asyncio.Event())
+        host = self.store.host(host_id)
+        if host is not None and host.online:
+            online.set()
+        try:
+            while True:
+                remaining = command.deadline - time.time()
+                if remaining <= 0:
+                    return None
+                await self._attempt(topic, payload, waiter, online, remaining)
+                if waiter.done():
+                    return waiter.result()
+        finally:
+            self._waiters.pop(command.op_id, None)
+
+    async def _attempt(
+        self,
+        topic: str,
+        payload: bytes,
+        waiter: asyncio.Future[Reply],
+        online: asyncio.Event,
+        remaining: float,
+    ) -> None:
+        """One send (when the host is online) and one bounded wait for the reply or the host."""
+        if online.is_set():
+            await self.bus.publish(topic, payload, qos=1, expiry_s=remaining)
+            wait_for: asyncio.Future[Any] = waiter
+        else:
+            # Offline host: its persistent session may still deliver; re-send when it is back.
+            wait_for = asyncio.ensure_future(online.wait())
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(waiter) if wait_for is waiter else _first(waiter, wait_for),
+                min(remaining, self.retry_s),
+            )
+        except TimeoutError:
+            pass
+        finally:
+            if wait_for is not waiter and not wait_for.done():
+                wait_for.cancel()
+
+
+async def _first(*futures: asyncio.Future[Any]) -> None:
+    await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)

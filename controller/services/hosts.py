@@ -1,0 +1,152 @@
+"""Host use cases: what hosts say of themselves (online state, inventory) and what operators set
+(labels, maintenance).
+
+Each inventory is reconciled into the store (:func:`controller.state.reconcile.reconcile`); the
+scheduler's claims follow the VMs it adopted, and the stale copies it found go to
+:class:`~controller.services.cleanup.StaleCopies`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from controller.common.errors import NotFound
+from controller.scheduler import FleetState
+from controller.services.agent_rpc import AgentRpc
+from controller.services.cleanup import StaleCopies
+from controller.state.events import EventHub
+from controller.state.live import LiveState
+from controller.state.reconcile import reconcile
+from controller.state.store import HostRecord, Store
+from protocols.messages import HostInventory, HostState, RefreshInventory
+
+log = logging.getLogger(__name__)
+
+
+class HostService:
+    """Keeps host records true to what agents report, and applies operators' host settings."""
+
+    def __init__(
+        self,
+        store: Store,
+        events: EventHub,
+        live: LiveState,
+        fleet_state: FleetState,
+        rpc: AgentRpc,
+        stale: StaleCopies,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.live = live
+        self.fleet_state = fleet_state
+        self.rpc = rpc
+        self.stale = stale
+
+    def require(self, host_id: str) -> HostRecord:
+        """The record of host ``host_id``.
+
+        Raises:
+            NotFound: no such host.
+        """
+        record = self.store.host(host_id)
+        if record is None:
+            raise NotFound("unknown_host", f"host {host_id!r} is not known; list hosts with `fleetvisor host list`")
+        return record
+
+    def online_count(self) -> int:
+        """How many hosts are online."""
+        return sum(1 for host in self.store.hosts() if host.online)
+
+    # -- what hosts report ------------------------------------------------------------------------
+
+    def accepts_state(self, message: HostState) -> bool:
+        """Whether ``message`` is news about a known host (and not a stale offline of an earlier run)."""
+        known_boot = self.live.boot_ids.get(message.host_id)
+        if not message.online and known_boot is not None and message.boot_id != known_boot:
+            log.info("ignoring a stale offline state of %s from an earlier agent run", message.host_id)
+            return False
+        if message.online:
+            self.live.boot_ids[message.host_id] = message.boot_id
+        # The inventory (hello) creates the host; it follows the online state.
+        return self.store.host(message.host_id) is not None
+
+    def apply_state(self, message: HostState) -> None:
+        """Record that a known host went online or offline (after :meth:`accepts_state`)."""
+        host_id = message.host_id
+        self.fleet_state.set_online(host_id, message.online)
+        if self.store.set_host_online(host_id, message.online, message.reason):
+            if message.online:
+                self.events.emit("host.online", f"host {host_id} is online ({message.reason})", host_id=host_id)
+            else:
+                self.live.telemetry.pop(host_id, None)
+                self.events.emit("host.offline", f"host {host_id} is offline ({message.reason})", host_id=host_id)
+        self.rpc.set_online(host_id, message.online)
+
+    def on_inventory(self, message: HostInventory) -> None:
+        """Reconcile a host's inventory, unless a newer one was handled already."""
+        if self.live.is_stale(message):
+            # A QoS 1 retry or a restored retained copy overtook a newer picture; applying it would
+            # mark VMs created since as missing.
+            newest = self.live.inventories[message.host_id]
+            log.info(
+                "host %s: ignoring inventory #%d (%s): #%d from %s is newer",
+                message.host_id, message.seq, message.boot_id[:8], newest.seq, newest.boot_id[:8],
+            )  # fmt: skip
+            return
+        self.live.inventories[message.host_id] = message
+        self.live.boot_ids[message.host_id] = message.boot_id
+        done = reconcile(self.store, self.events, message)
+        host = self.store.host(message.host_id)
+        assert host is not None
+        self.fleet_state.upsert_host(host, host.labels)
+        for name in done.adopted:
+            found = self.store.vm(name)
+            if found is not None and found.host_id is not None:
+                spec = found.spec
+                self.fleet_state.adopt(name, found.host_id, spec.vcpus, spec.memory_mib, spec.disk_gib)
+        for copy in done.stale:
+            self.stale.remove(copy)
+        self.rpc.set_online(message.host_id, True)
+
+    async def refresh_inventories(self, first: bool) -> None:
+        """After every (re)connect, ask each known host for its full inventory (anti-entropy).
+
+        Retained inventories already arrive on subscribe, but they only reflect the last change the
+        agent noticed itself; this closes the gap for anything that changed while we were away.
+        """
+        drifted = self.fleet_state.resync(self.store.usage())
+        if drifted:
+            log.warning("scheduler state drifted from the store on %s; resynchronised", ", ".join(drifted))
+        deadline = time.time() + 30
+        for host in self.store.hosts():
+            command = RefreshInventory(op_id=f"refresh-{uuid.uuid4().hex}", deadline=deadline)
+            await self.rpc.send(host.host_id, command, expiry_s=30)
+
+    # -- what operators set -----------------------------------------------------------------------
+
+    def update(
+        self, host_id: str, *, labels: dict[str, str | None] | None = None, maintenance: bool | None = None
+    ) -> HostRecord:
+        """Set operator labels (a None value removes one) and maintenance mode.
+
+        Raises:
+            NotFound: an unknown host.
+        """
+        host = self.require(host_id)
+        operator_labels = None
+        if labels is not None:
+            operator_labels = {k: v for k, v in {**host.operator_labels, **labels}.items() if v is not None}
+        with self.store.transaction():
+            self.store.set_host_admin(host_id, maintenance=maintenance, operator_labels=operator_labels)
+        updated = self.require(host_id)
+        self.fleet_state.upsert_host(updated, updated.labels)
+        if maintenance is not None and maintenance != host.maintenance:
+            self.fleet_state.set_maintenance(host_id, maintenance)
+            what = "enters maintenance: no new VMs are placed there" if maintenance else "leaves maintenance"
+            self.events.emit("host.maintenance", f"host {host_id} {what}", host_id=host_id)
+        if operator_labels is not None and operator_labels != host.operator_labels:
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(updated.labels.items())) or "none"
+            self.events.emit("host.labels", f"host {host_id} labels: {shown}", host_id=host_id)
+        return updated

@@ -1,0 +1,135 @@
+"""Host evacuation: every running VM off a host, in waves, each VM as its own live migration.
+
+An evacuation (kind ``evacuate``) is a persistent operation that records each VM's outcome as it
+settles, so a controller restart resumes it where it was: settled VMs are not moved again, and a
+migration already under way is waited for. Waves stay within a per-host and a fleet-wide concurrency
+limit (:class:`~controller.services.migration.migrate.MigrationSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+
+from controller.common.errors import Conflict, DomainError, Invalid
+from controller.services.hosts import HostService
+from controller.services.migration.migrate import MigrationService, MigrationSettings
+from controller.services.operations import Operations
+from controller.state.events import EventHub
+from controller.state.store import OperationRecord, Store
+from protocols.migration import MigrationPolicy, check_policy, policy_problems
+
+
+class Evacuations:
+    """Starts and drives host evacuations."""
+
+    def __init__(
+        self,
+        store: Store,
+        events: EventHub,
+        operations: Operations,
+        hosts: HostService,
+        migrations: MigrationService,
+        settings: MigrationSettings,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.operations = operations
+        self.hosts = hosts
+        self.migrations = migrations
+        self.settings = settings
+        operations.register(("evacuate",), self.evacuate, migrations.stalled)
+
+    def start(self, host_id: str, policy: MigrationPolicy) -> OperationRecord:
+        """Begin moving every running or paused VM off ``host_id``. Returns the operation.
+
+        Raises:
+            Invalid: a bad policy. NotFound: an unknown host. Conflict: an evacuation of it is already under way.
+        """
+        problems = check_policy(policy)
+        if problems:
+            raise Invalid("invalid_policy", policy_problems(f"evacuating {host_id!r}", problems))
+        self.hosts.require(host_id)
+        for running in self.store.running_operations():
+            if running.kind == "evacuate" and running.host_id == host_id:
+                raise Conflict("busy", f"host {host_id!r} is already being evacuated by operation {running.op_id}"
+                )
+        vms = [v.name for v in self.store.vms(host_id) if v.state in ("running", "paused", "migrating")]
+        with self.store.transaction():
+            op = self.store.insert_operation(
+                kind="evacuate",
+                vm="",
+                host_id=host_id,
+                params={"policy": msgspec.to_builtins(policy), "vms": vms, "results": {}},
+                deadline=time.time(),
+            )
+        self.events.emit(
+            "host.evacuate",
+            f"evacuating host {host_id}: {len(vms)} VM(s) to move",
+            host_id=host_id,
+            op_id=op.op_id,
+        )
+        self.operations.start(op)
+        return op
+
+    async def evacuate(self, op: OperationRecord) -> None:
+        host_id = op.host_id
+        assert host_id is not None
+        policy = msgspec.convert(op.params["policy"], MigrationPolicy)
+        per_host = asyncio.Semaphore(self.settings.per_host)
+        results: dict[str, str] = dict(op.params.get("results", {}))
+        lock = asyncio.Lock()
+
+        async def record(name: str, outcome: str) -> None:
+            nonlocal op
+            async with lock:
+                results[name] = outcome
+                op = self.store.update_operation(op.op_id, {**op.params, "results": dict(results)})
+            self.events.emit(
+                "host.evacuate.progress",
+                f"evacuating {host_id}: {len(results)}/{len(op.params['vms'])} done; vm {name}: {outcome}",
+                host_id=host_id,
+                vm=name,
+                op_id=op.op_id,
+            )
+
+        async def move(name: str) -> None:
+            if name in results:
+                return  # settled before a controller restart
+            async with per_host:
+                vm = self.store.vm(name)
+                busy = self.store.operation(vm.op_id) if vm is not None and vm.op_id else None
+                if busy is not None and busy.kind != "migrate":
+                    await self.operations.wait(busy.op_id, self.settings.settle_timeout_s)
+                    vm, busy = self.store.vm(name), None
+                if vm is None or vm.host_id != host_id:
+                    await record(name, f"moved to {vm.host_id}" if vm is not None else "deleted meanwhile")
+                    return
+                if busy is None:  # else: a migration already under way (resumed after a restart)
+                    try:
+                        busy = self.migrations.start(name, None, policy, avoid=(host_id,))
+                    except DomainError as exc:
+                        await record(name, f"failed: {exc.message}")
+                        return
+                done = await self.operations.wait(busy.op_id, 10 * self.settings.send_timeout_s)
+                after = self.store.vm(name)
+                if done.state == "succeeded" and after is not None:
+                    await record(name, f"moved to {after.host_id}")
+                else:
+                    await record(name, f"failed: {done.error}")
+
+        await asyncio.gather(*(move(name) for name in op.params["vms"]))
+        failed = {n: r for n, r in results.items() if r.startswith("failed")}
+        left = [v.name for v in self.store.vms(host_id)]
+        report = f"{len(results) - len(failed)} moved, {len(failed)} failed" + (
+            f"; still on {host_id}: {', '.join(left)}" if left else f"; {host_id} is empty"
+        )
+        self.store.finish_operation(op.op_id, "failed" if failed else "succeeded", report)
+        self.events.emit(
+            "operation.failed" if failed else "operation.succeeded",
+            f"evacuate host {host_id}: {report}",
+            host_id=host_id,
+            op_id=op.op_id,
+        )

@@ -163,7 +163,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
 DEMO_SIZES = [(1, 512), (2, 1024), (2, 2048), (4, 4096)]
 
 
+Say = Callable[[str], None]
+
+
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """The demo: an embedded broker, a controller, agents and VMs in this process, until stopped."""
     state_root = (
         pathlib.Path(args.state_dir)
         if args.state_dir
@@ -180,9 +184,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
         controller = await stack.enter_async_context(
             Controller(
                 ControllerSettings(
-                    broker_url=broker.url,
-                    db_path=state_root / "controller.sqlite",
-                    api_port=args.port,
+                    broker_url=broker.url, db_path=state_root / "controller.sqlite", api_port=args.port
                 )
             )
         )
@@ -196,50 +198,9 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             host_id = f"host-{i}"
             options: dict[str, object] = {"image_dirs": [images]} if args.hv == "qemu" else {}
             driver = create_driver(args.hv, host_id=host_id, state_dir=state_root / host_id, **options)
-            await stack.enter_async_context(
-                Agent(
-                    AgentSettings(host_id=host_id, broker_url=broker.url, state_dir=state_root / host_id),
-                    driver,
-                )
-            )
-        deadline = time.monotonic() + 15
-        while controller.hosts.online_count() < args.hosts and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # hosts join through the store; a short poll is simplest here
-        say(
-            f"{controller.hosts.online_count()} {args.hv} agents joined: "
-            + ", ".join(h.host_id for h in controller.store.hosts())
-        )
-        ops = []
-        for i in range(args.vms):
-            vcpus, memory = DEMO_SIZES[i % len(DEMO_SIZES)]
-            spec = VmSpec(
-                name=f"vm-{i + 1:02d}",
-                vcpus=vcpus,
-                memory_mib=memory,
-                workload=VmWorkload(cpu_util=0.1 + 0.07 * (i % 10), dirty_mib_s=2.0 + i),
-            )
-            if kernel is not None:  # a real guest: the tiny one, small and quick to boot under TCG
-                spec = VmSpec(
-                    name=spec.name,
-                    memory_mib=64,
-                    boot=BootSpec(kernel=str(kernel), cmdline="dirty_mib_s=1"),
-                    console=False,
-                    rng=False,
-                    balloon=False,
-                )
-            try:
-                record, op, _ = controller.vms.create(spec)
-            except DomainError as exc:
-                say(f"create {spec.name} refused: {exc.message}")
-                continue
-            ops.append(op.op_id)
-            say(f"create {spec.name} ({vcpus} vCPU, {memory} MiB) -> {record.host_id}")
-        results = await asyncio.gather(*(controller.operations.wait(op_id, 30) for op_id in ops))
-        failed = [op for op in results if op.state != "succeeded"]
-        say(
-            f"{len(results) - len(failed)} of {len(results)} creates succeeded"
-            + (f"; failed: {[f.error for f in failed]}" if failed else "")
-        )
+            settings = AgentSettings(host_id=host_id, broker_url=broker.url, state_dir=state_root / host_id)
+            await stack.enter_async_context(Agent(settings, driver))
+        await _demo_vms(controller, args, kernel, say)
         print(
             "\nLook around while the demo runs:\n"
             f"  fleetvisor host list --url {controller.api_url}\n"
@@ -256,20 +217,68 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
         else:
             say("running until Ctrl-C")
             await stop.wait()
-        hosts, running = controller.hosts.online_count(), controller.vms.running_count()
-        engine = args.hv
-        if args.hv == "qemu":
-            accels = sorted({h.capabilities.accel for h in controller.store.hosts()})
-            engine = f"qemu/{'+'.join(accels) or '?'}"
-        say(f"telemetry: {controller.live.telemetry_count} samples ingested; shutting down")
-        if args.hv == "qemu":  # real guests outlive their agents by design; the demo cleans up after itself
-            deletes = [
-                controller.vms.delete(vm.name).op_id for vm in controller.store.vms() if vm.op_id is None
-            ]
-            done = await asyncio.gather(*(controller.operations.wait(op_id, 30) for op_id in deletes))
-            say(f"deleted {sum(op.state == 'succeeded' for op in done)} of {len(done)} guests")
-    print(f"demo: {hosts} hosts, {running} VMs running ({engine})", flush=True)
+        summary = await _demo_end(controller, args, say)
+    print(summary, flush=True)
     return 0
+
+
+async def _demo_vms(
+    controller: Controller, args: argparse.Namespace, kernel: pathlib.Path | None, say: Say
+) -> None:
+    """Wait for the demo's agents, then create its VMs and wait for the creates."""
+    deadline = time.monotonic() + 15
+    while controller.hosts.online_count() < args.hosts and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # hosts join through the store; a short poll is simplest here
+    say(
+        f"{controller.hosts.online_count()} {args.hv} agents joined: "
+        + ", ".join(h.host_id for h in controller.store.hosts())
+    )
+    ops = []
+    for i in range(args.vms):
+        vcpus, memory = DEMO_SIZES[i % len(DEMO_SIZES)]
+        spec = VmSpec(
+            name=f"vm-{i + 1:02d}",
+            vcpus=vcpus,
+            memory_mib=memory,
+            workload=VmWorkload(cpu_util=0.1 + 0.07 * (i % 10), dirty_mib_s=2.0 + i),
+        )
+        if kernel is not None:  # a real guest: the tiny one, small and quick to boot under TCG
+            spec = VmSpec(
+                name=spec.name,
+                memory_mib=64,
+                boot=BootSpec(kernel=str(kernel), cmdline="dirty_mib_s=1"),
+                console=False,
+                rng=False,
+                balloon=False,
+            )
+        try:
+            record, op, _ = controller.vms.create(spec)
+        except DomainError as exc:
+            say(f"create {spec.name} refused: {exc.message}")
+            continue
+        ops.append(op.op_id)
+        say(f"create {spec.name} ({vcpus} vCPU, {memory} MiB) -> {record.host_id}")
+    results = await asyncio.gather(*(controller.operations.wait(op_id, 30) for op_id in ops))
+    failed = [op for op in results if op.state != "succeeded"]
+    say(
+        f"{len(results) - len(failed)} of {len(results)} creates succeeded"
+        + (f"; failed: {[f.error for f in failed]}" if failed else "")
+    )
+
+
+async def _demo_end(controller: Controller, args: argparse.Namespace, say: Say) -> str:
+    """Count what runs, delete real guests (they outlive their agents by design), and return the summary."""
+    hosts, running = controller.hosts.online_count(), controller.vms.running_count()
+    engine = args.hv
+    if args.hv == "qemu":
+        accels = sorted({h.capabilities.accel for h in controller.store.hosts()})
+        engine = f"qemu/{'+'.join(accels) or '?'}"
+    say(f"telemetry: {controller.live.telemetry_count} samples ingested; shutting down")
+    if args.hv == "qemu":
+        deletes = [controller.vms.delete(vm.name).op_id for vm in controller.store.vms() if vm.op_id is None]
+        done = await asyncio.gather(*(controller.operations.wait(op_id, 30) for op_id in deletes))
+        say(f"deleted {sum(op.state == 'succeeded' for op in done)} of {len(done)} guests")
+    return f"demo: {hosts} hosts, {running} VMs running ({engine})"
 
 
 def _demo_guest(images: pathlib.Path) -> pathlib.Path:

@@ -350,24 +350,9 @@ class IpmiDriver(PowerDriver):
                     # poll instead of running on for confirm_s (and holding up interpreter exit).
                     stop.set()
         except TimeoutError as exc:
-            if not deadline.expired():  # a socket timeout inside pyghmi, not ours
-                raise self._fail(
-                    action,
-                    f"network timeout talking to the BMC: {exc}",
-                    f"check that the BMC is reachable from this controller on UDP port {self.config.port}",
-                ) from exc
-            if talking:
-                raise self._fail(
-                    action,
-                    f"no answer within {timeout_s:g}s",
-                    f"check that the BMC is powered and reachable from this controller on UDP port "
-                    f"{self.config.port}, and that its address is right",
-                ) from None
-            raise self._fail(
-                action,
-                f"the previous call to this BMC was still running after {timeout_s:g}s",
-                "retry later; if it keeps happening the BMC is unreachable or very slow",
-            ) from None
+            raise self._timeout(
+                action, exc, ours=deadline.expired(), talking=talking, timeout_s=timeout_s
+            ) from (None if deadline.expired() else exc)
         except _NotConfirmed as exc:
             raise self._fail(
                 action,
@@ -384,17 +369,7 @@ class IpmiDriver(PowerDriver):
             reason, fix = self._explain(action, exc)
             raise self._fail(action, reason, fix) from exc
         except OSError as exc:
-            if isinstance(exc, socket.gaierror):
-                raise self._fail(
-                    action,
-                    f"cannot resolve the BMC address {self.config.address!r} ({exc})",
-                    "fix the address in this host's BMC settings",
-                ) from exc
-            raise self._fail(
-                action,
-                f"network error talking to the BMC: {exc}",
-                "check this controller's route to the BMC network",
-            ) from exc
+            raise self._network(action, exc) from exc
         except Exception as exc:  # pyghmi trips over some malformed answers with plain Python errors
             log.warning("host %s: pyghmi failed on %s", self.host_id, action, exc_info=True)
             raise self._fail(
@@ -402,6 +377,43 @@ class IpmiDriver(PowerDriver):
                 f"the BMC's answer could not be handled ({exc!r})",
                 "retry; if it persists, capture the exchange with ipmitool -v and report it",
             ) from exc
+
+    def _timeout(
+        self, action: str, exc: TimeoutError, *, ours: bool, talking: bool, timeout_s: float
+    ) -> PowerError:
+        """The error of a call that timed out: inside pyghmi, waiting for the BMC, or behind another call."""
+        if not ours:  # a socket timeout inside pyghmi, not ours
+            return self._fail(
+                action,
+                f"network timeout talking to the BMC: {exc}",
+                f"check that the BMC is reachable from this controller on UDP port {self.config.port}",
+            )
+        if talking:
+            return self._fail(
+                action,
+                f"no answer within {timeout_s:g}s",
+                f"check that the BMC is powered and reachable from this controller on UDP port "
+                f"{self.config.port}, and that its address is right",
+            )
+        return self._fail(
+            action,
+            f"the previous call to this BMC was still running after {timeout_s:g}s",
+            "retry later; if it keeps happening the BMC is unreachable or very slow",
+        )
+
+    def _network(self, action: str, exc: OSError) -> PowerError:
+        """The error of a call that failed on the network (name resolution or the route)."""
+        if isinstance(exc, socket.gaierror):
+            return self._fail(
+                action,
+                f"cannot resolve the BMC address {self.config.address!r} ({exc})",
+                "fix the address in this host's BMC settings",
+            )
+        return self._fail(
+            action,
+            f"network error talking to the BMC: {exc}",
+            "check this controller's route to the BMC network",
+        )
 
     def _explain(self, action: str, exc: pyghmi_exceptions.PyghmiException) -> tuple[str, str]:
         """(reason, fix) for a pyghmi exception."""

@@ -451,6 +451,8 @@ class Agent:
 
     async def _run(self, command: Command) -> tuple[VmStatus | None, VmEventKind | None]:
         d = self.driver
+        if isinstance(command, FinishMigration | AbortMigration):
+            return await self._settle_migration(command)
         match command:
             case DefineVm(spec=spec, start=start):
                 status = await d.define(spec)
@@ -470,25 +472,31 @@ class Agent:
             case RebootVm(vm=vm):
                 return await d.reboot(vm), "rebooted"
             case UndefineVm(vm=vm):
-                current = {s.name: s for s in await d.list()}.get(vm)
-                if current is not None and current.state not in ("stopped", "defined", "crashed"):
-                    await d.destroy(vm)
-                await d.undefine(vm)
+                await self._remove(vm)
                 return None, "undefined"
             case RefreshInventory():
                 await self._publish_inventory("refresh")
                 return None, None
-            case FinishMigration(vm=vm):
-                return await d.migrate_finish(vm), "started"
-            case AbortMigration(vm=vm):
-                current = {s.name: s for s in await d.list()}.get(vm)
-                if current is None:
-                    return None, None  # nothing came, or it is cleaned up already
-                if current.state not in ("stopped", "defined", "crashed"):
-                    await d.destroy(vm)
-                await d.undefine(vm)
-                return None, "undefined"
         raise AssertionError(f"unhandled command {command!r}")
+
+    async def _settle_migration(
+        self, command: FinishMigration | AbortMigration
+    ) -> tuple[VmStatus | None, VmEventKind | None]:
+        """A migration's destination: run the copy that arrived, or discard it."""
+        if isinstance(command, FinishMigration):
+            return await self.driver.migrate_finish(command.vm), "started"
+        # Nothing came, or it is cleaned up already: then there is nothing to undefine.
+        return (None, "undefined") if await self._remove(command.vm, missing_ok=True) else (None, None)
+
+    async def _remove(self, vm: str, *, missing_ok: bool = False) -> bool:
+        """Power ``vm`` off if it runs, then undefine it. Returns False if it was not there (``missing_ok``)."""
+        current = {s.name: s for s in await self.driver.list()}.get(vm)
+        if current is None and missing_ok:
+            return False
+        if current is not None and current.state not in ("stopped", "defined", "crashed"):
+            await self.driver.destroy(vm)
+        await self.driver.undefine(vm)
+        return True
 
     # -- live migration (source side) ------------------------------------------------------------
 

@@ -118,7 +118,8 @@ class MigrationRunner:
 
     async def _pause(self) -> None:
         """Until the next sample: ``sample_every_s``, or sooner when the engine reports news of the
-        migration (its end, above all) or :meth:`cancel` is called."""
+        migration (its end, above all) or :meth:`cancel` is called.
+        """
         self._wake.clear()
         waits = {
             asyncio.ensure_future(self._wake.wait()),

@@ -51,7 +51,8 @@ _UNSUPPORTED_PROTOCOL_CODES: Final = {1, 132}  # 3.1.1 CONNACK 0x01, MQTT 5 reas
 def _no_delay(client: aiomqtt.Client) -> None:
     """Turn Nagle's algorithm off on the client's socket: every message here is small and someone
     waits for it. With Nagle on, a command sent while an earlier packet is unacknowledged waits for
-    the peer's delayed ACK, 40 ms on Linux, on every hop (paho leaves the socket as it is)."""
+    the peer's delayed ACK, 40 ms on Linux, on every hop (paho leaves the socket as it is).
+    """
     sock = client._client.socket()  # aiomqtt's paho client; paho has no option for this
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -69,7 +69,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A block device. With ``overlay`` (the default) the engine creates a qcow2 overlay on ``source``,
-    so the base image is shared and never written; without it the file is used as it is."""
+    so the base image is shared and never written; without it the file is used as it is.
+    """
 
     target: DiskTarget
     source: HostPath
@@ -142,7 +143,7 @@ _PATTERN_HINTS = {
 
 
 def explain_validation_error(error: msgspec.ValidationError) -> str:
-    """msgspec's message, with regular expressions replaced by what a person should type."""
+    """Msgspec's message, with regular expressions replaced by what a person should type."""
     text = str(error)
     for pattern, hint in _PATTERN_HINTS.items():
         text = text.replace(f"Expected `str` matching regex {pattern!r}", f"Expected {hint}")

@@ -77,7 +77,9 @@ def create_app(parts: ApiParts) -> FastAPI:
 
     def _openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(COMPONENTS)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -100,22 +102,29 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+            for err in exc.errors()
         )
         return error_response(400, "invalid_request", f"invalid request: {problems}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            return error_response(404, "not_found", f"no such endpoint {request.url.path}; see {PREFIX}/openapi.json")
+            return error_response(
+                404, "not_found", f"no such endpoint {request.url.path}; see {PREFIX}/openapi.json"
+            )
         if exc.status_code == 405:
-            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+            return error_response(
+                405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+            )
         return error_response(exc.status_code, "http_error", str(exc.detail))
 
 
 def _authentication(app: FastAPI, authority: auth.Authority) -> None:
     @app.middleware("http")
-    async def _authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _authenticate(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         """Every request is authenticated and authorised; every mutating one is audited."""
         method, path = request.method, request.url.path
         mutating = method not in ("GET", "HEAD", "OPTIONS")

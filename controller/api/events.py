@@ -32,12 +32,16 @@ def router(store: Store, events: EventHub) -> APIRouter:
         summary="Live event stream (Server-Sent Events); resumes after Last-Event-ID",
         response_class=StreamingResponse,
     )
-    async def stream_events(request: Request, since: int | None = Query(None, ge=0, le=MAX_SEQ)) -> StreamingResponse:
+    async def stream_events(
+        request: Request, since: int | None = Query(None, ge=0, le=MAX_SEQ)
+    ) -> StreamingResponse:
         header = request.headers.get("last-event-id")
         start = since
         if start is None and header is not None:
             if not header.isdigit() or int(header) > MAX_SEQ:
-                raise ApiError(400, "invalid_request", f"Last-Event-ID {header!r} is not an event sequence number")
+                raise ApiError(
+                    400, "invalid_request", f"Last-Event-ID {header!r} is not an event sequence number"
+                )
             start = int(header)
         return StreamingResponse(
             _sse(store, events, request.is_disconnected, start),

@@ -112,7 +112,9 @@ def responses(ok_status: int, schema: str, *errors: int) -> dict[int | str, dict
 
 def body(schema: str, required: bool = True) -> dict[str, Any]:
     """The OpenAPI ``requestBody`` of a route."""
-    return {"requestBody": {"required": required, "content": {"application/json": {"schema": _SCHEMA[schema]}}}}
+    return {
+        "requestBody": {"required": required, "content": {"application/json": {"schema": _SCHEMA[schema]}}}
+    }
 
 
 async def read_body(request: Request, type_: type[Any], what: str, required: bool = True) -> Any:
@@ -124,7 +126,9 @@ async def read_body(request: Request, type_: type[Any], what: str, required: boo
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(
-            413, "body_too_large", f"{what}: the body is {len(raw)} bytes, over the {MAX_BODY_BYTES} byte limit"
+            413,
+            "body_too_large",
+            f"{what}: the body is {len(raw)} bytes, over the {MAX_BODY_BYTES} byte limit",
         )
     if not raw.strip():
         if not required:
@@ -133,6 +137,8 @@ async def read_body(request: Request, type_: type[Any], what: str, required: boo
     try:
         return msgspec.json.decode(raw, type=type_)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, "invalid_body", f"{what}: {explain_validation_error(exc)}; fix that field and retry") from None
+        raise ApiError(
+            400, "invalid_body", f"{what}: {explain_validation_error(exc)}; fix that field and retry"
+        ) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"{what}: the body is not valid JSON ({exc})") from None

@@ -28,7 +28,9 @@ def router(migrations: MigrationService, ops: OperationResponses) -> APIRouter:
         wait: float = WAIT,
         dry_run: bool = Query(False, description="only choose the target and predict; change nothing"),
     ) -> Response:
-        asked: views.MigrateRequest = await read_body(request, views.MigrateRequest, "migrate request", required=False)
+        asked: views.MigrateRequest = await read_body(
+            request, views.MigrateRequest, "migrate request", required=False
+        )
         if dry_run:
             return json_response(migrations.plan(name, asked.to, asked.policy))
         return await ops.respond(migrations.start(name, asked.to, asked.policy).op_id, wait)

@@ -29,7 +29,11 @@ def router(ops: OperationResponses) -> APIRouter:
     """The operation routes."""
     api = APIRouter()
 
-    @api.get(f"{PREFIX}/operations/{{op_id}}", summary="Show an operation", responses=responses(200, "operation", 404))
+    @api.get(
+        f"{PREFIX}/operations/{{op_id}}",
+        summary="Show an operation",
+        responses=responses(200, "operation", 404),
+    )
     async def show_operation(op_id: str, wait: float = WAIT) -> Response:
         return await ops.respond(op_id, wait)
 

@@ -27,7 +27,9 @@ def router(authority: auth.Authority) -> APIRouter:
         except auth.AuthError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
 
-    @api.get(f"{PREFIX}/tokens", summary="List API tokens (admin)", responses=responses(200, "tokens", 401, 403))
+    @api.get(
+        f"{PREFIX}/tokens", summary="List API tokens (admin)", responses=responses(200, "tokens", 401, 403)
+    )
     async def list_tokens() -> Response:
         return json_response(authority.tokens())
 
@@ -39,8 +41,14 @@ def router(authority: auth.Authority) -> APIRouter:
             raise ApiError(exc.status, exc.code, exc.message) from None
         return Response(status_code=204)
 
-    @api.get(f"{PREFIX}/audit", summary="The audit log of mutating requests (admin)", responses=responses(200, "audit"))
-    async def list_audit(since: int = Query(0, ge=0, le=MAX_SEQ), limit: int = Query(100, ge=1, le=1000)) -> Response:
+    @api.get(
+        f"{PREFIX}/audit",
+        summary="The audit log of mutating requests (admin)",
+        responses=responses(200, "audit"),
+    )
+    async def list_audit(
+        since: int = Query(0, ge=0, le=MAX_SEQ), limit: int = Query(100, ge=1, le=1000)
+    ) -> Response:
         return json_response(authority.audit_since(since, limit))
 
     return api

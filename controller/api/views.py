@@ -214,7 +214,9 @@ class Views:
             last_seen=host.last_seen,
             health=self.health(host.host_id),
             labels=host.labels,
-            reported_vms=[ReportedVm(name=vm.name, state=vm.state) for vm in reported.vms] if reported else [],
+            reported_vms=[ReportedVm(name=vm.name, state=vm.state) for vm in reported.vms]
+            if reported
+            else [],
             power_state=power.state,
             power_method=power.method,
             standby_since=power.standby_since,
@@ -222,7 +224,6 @@ class Views:
             energy_source=power.energy_source,
             energy_since=power.energy_since,
         )
-
 
     def vm(self, vm: VmRecord, hosts_online: dict[str, bool] | None = None) -> VmView:
         """A VM's record and latest load, and whether its host is online."""

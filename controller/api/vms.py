@@ -67,7 +67,9 @@ def router(
         if wait:
             op = await operations.wait(op.op_id, wait)
             record = store.vm(record.name) or record
-        return views.CreateVmResponse(vm=view.vm(record), operation=views.operation_view(op), explanation=explanation)
+        return views.CreateVmResponse(
+            vm=view.vm(record), operation=views.operation_view(op), explanation=explanation
+        )
 
     @api.get(f"{PREFIX}/vms/{{name}}", summary="Show a VM", responses=responses(200, "vm", 404))
     async def show_vm(name: str) -> Response:
@@ -87,7 +89,10 @@ def router(
         return await ops.respond(vms.stop(name, force=asked.force, timeout_s=asked.timeout_s).op_id, wait)
 
     @api.delete(
-        f"{PREFIX}/vms/{{name}}", summary="Delete a VM", status_code=202, responses=responses(202, "operation", 404, 409)
+        f"{PREFIX}/vms/{{name}}",
+        summary="Delete a VM",
+        status_code=202,
+        responses=responses(202, "operation", 404, 409),
     )
     async def delete_vm(name: str, wait: float = WAIT) -> Response:
         return await ops.respond(vms.delete(name).op_id, wait)

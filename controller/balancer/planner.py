@@ -218,7 +218,8 @@ class _Round:
     def _fits(self, hosts: IntArray, vm: int) -> BoolArray:
         """Which ``hosts`` take ``vm`` with headroom: load, recent peak and forecast under target; on a
         fleet whose RAM binds (a live one), also room for its RAM and a network slot, which the
-        scheduler would otherwise refuse."""
+        scheduler would otherwise refuse.
+        """
         fleet = self.fleet
         combined = self.host_series[hosts] + self.vm_series[vm]
         limit = self.s.target_utilization * fleet.host_mips[hosts]

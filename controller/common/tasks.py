@@ -45,7 +45,9 @@ class TaskSet:
         if exc is not None:
             log.error("%s: task %s failed", self.owner, task.get_name(), exc_info=exc)
         elif forever and not self._closing:
-            log.error("%s: task %s returned; it should run until the controller stops", self.owner, task.get_name())
+            log.error(
+                "%s: task %s returned; it should run until the controller stops", self.owner, task.get_name()
+            )
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -72,7 +72,7 @@ class FallbackPower(PowerDriver):
         for driver in self.drivers:
             try:
                 state = await driver.status()
-            except Exception as exc:
+            except PowerError as exc:
                 log.warning("host %s: power status via %s failed: %s", self.host_id, driver.method, exc)
                 continue
             if state != "unknown":
@@ -111,7 +111,7 @@ class FallbackPower(PowerDriver):
         for driver in self.drivers:
             try:
                 watts = await driver.power_reading_w()
-            except Exception as exc:
+            except PowerError as exc:
                 log.warning("host %s: power reading via %s failed: %s", self.host_id, driver.method, exc)
                 continue
             if watts is not None:

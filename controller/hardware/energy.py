@@ -52,7 +52,8 @@ class HostPowerModel(Protocol):
 @dataclass(frozen=True, slots=True)
 class LinearPowerModel:
     """Power rising linearly from idle to full load, as the agents report it (``power_idle_w``,
-    ``power_max_w`` in the host's capabilities)."""
+    ``power_max_w`` in the host's capabilities).
+    """
 
     idle_w: float
     max_w: float
@@ -118,7 +119,8 @@ class EnergyMeter:
 
     def restore(self, host_id: str, joules: Mapping[str, float]) -> None:
         """Start ``host_id``'s counters from saved totals (a restarted controller). The interval
-        across the restart is a hole: nothing is counted for it."""
+        across the restart is a hole: nothing is counted for it.
+        """
         host = self._hosts.setdefault(host_id, _Host())
         for source, value in joules.items():
             if source in _SOURCES and math.isfinite(value) and value >= 0:
@@ -150,7 +152,8 @@ class EnergyMeter:
         powered_on: bool = True,
     ) -> float | None:
         """Add a sample taken at ``ts`` (seconds, one clock per host). Returns the watts it was
-        valued at, or None when it was dropped (see :class:`HostEnergy`)."""
+        valued at, or None when it was dropped (see :class:`HostEnergy`).
+        """
         host = self._hosts.setdefault(host_id, _Host())
         if host.last_ts is not None and ts <= host.last_ts:
             host.dropped += 1
@@ -190,7 +193,8 @@ class EnergyMeter:
         powered_on: bool = True,
     ) -> float | None:
         """Read the host's measured watts through ``driver`` (its BMC) and record them, falling back
-        to the model when the driver cannot measure or the reading fails."""
+        to the model when the driver cannot measure or the reading fails.
+        """
         try:
             measured = await driver.power_reading_w()
         except PowerError as exc:

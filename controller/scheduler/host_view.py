@@ -90,7 +90,7 @@ class HostView:
         return arch == self.arch or arch in self.guest_arches
 
     def free_vcpus(self, capacity: CapacitySettings) -> int:
-        """vCPUs left after the claims, under ``capacity``'s allocation ratio."""
+        """VCPUs left after the claims, under ``capacity``'s allocation ratio."""
         return capacity.vcpus(self.cores) - self.used_vcpus
 
     def free_memory_mib(self, capacity: CapacitySettings) -> int:

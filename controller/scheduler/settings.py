@@ -34,7 +34,7 @@ class CapacitySettings:
     reserved_host_disk_gib: int = 0
 
     def vcpus(self, cores: int) -> int:
-        """vCPUs a host with ``cores`` physical cores offers."""
+        """VCPUs a host with ``cores`` physical cores offers."""
         return math.trunc((cores - self.reserved_host_cpus) * self.cpu_allocation_ratio)
 
     def memory_mib(self, memory_mib: int) -> int:

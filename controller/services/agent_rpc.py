@@ -57,7 +57,9 @@ class AgentRpc:
 
     async def send(self, host_id: str, command: Command, expiry_s: float) -> None:
         """Publish ``command`` once to ``host_id``, expecting no reply (refreshes, clean-ups)."""
-        await self.bus.publish(topics.host_topic(host_id, "cmd"), codec.encode(command), qos=1, expiry_s=expiry_s)
+        await self.bus.publish(
+            topics.host_topic(host_id, "cmd"), codec.encode(command), qos=1, expiry_s=expiry_s
+        )
 
     async def exchange(self, host_id: str, command: Command) -> Reply | None:
         """Send ``command`` to ``host_id`` until its reply arrives (or None once its deadline passes).

@@ -36,7 +36,9 @@ class StaleCopies:
             vm=copy.vm,
         )
         command = UndefineVm(op_id=f"cleanup-{uuid.uuid4().hex}", deadline=time.time() + 30, vm=copy.vm)
-        self._tasks.spawn(self.rpc.send(copy.host_id, command, expiry_s=30), name=f"cleanup:{copy.host_id}:{copy.vm}")
+        self._tasks.spawn(
+            self.rpc.send(copy.host_id, command, expiry_s=30), name=f"cleanup:{copy.host_id}:{copy.vm}"
+        )
 
     async def close(self) -> None:
         """Cancel clean-ups still being sent."""

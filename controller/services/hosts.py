@@ -52,7 +52,9 @@ class HostService:
         """
         record = self.store.host(host_id)
         if record is None:
-            raise NotFound("unknown_host", f"host {host_id!r} is not known; list hosts with `fleetvisor host list`")
+            raise NotFound(
+                "unknown_host", f"host {host_id!r} is not known; list hosts with `fleetvisor host list`"
+            )
         return record
 
     def online_count(self) -> int:
@@ -78,10 +80,14 @@ class HostService:
         self.fleet_state.set_online(host_id, message.online)
         if self.store.set_host_online(host_id, message.online, message.reason):
             if message.online:
-                self.events.emit("host.online", f"host {host_id} is online ({message.reason})", host_id=host_id)
+                self.events.emit(
+                    "host.online", f"host {host_id} is online ({message.reason})", host_id=host_id
+                )
             else:
                 self.live.telemetry.pop(host_id, None)
-                self.events.emit("host.offline", f"host {host_id} is offline ({message.reason})", host_id=host_id)
+                self.events.emit(
+                    "host.offline", f"host {host_id} is offline ({message.reason})", host_id=host_id
+                )
         self.rpc.set_online(host_id, message.online)
 
     def on_inventory(self, message: HostInventory) -> None:

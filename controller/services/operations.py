@@ -112,7 +112,11 @@ class Operations:
         self.store.finish_operation(op.op_id, "succeeded" if ok else "failed", error)
         if ok:
             self.events.emit(
-                "operation.succeeded", f"{op.kind} vm {op.vm}: done", host_id=op.host_id or "", vm=op.vm, op_id=op.op_id
+                "operation.succeeded",
+                f"{op.kind} vm {op.vm}: done",
+                host_id=op.host_id or "",
+                vm=op.vm,
+                op_id=op.op_id,
             )
         else:
             self.events.emit(

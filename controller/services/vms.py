@@ -148,7 +148,9 @@ class VmService:
                 explanation). Invalid: an unknown policy.
         """
         if self.store.vm(spec.name) is not None:
-            raise Conflict("vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first")
+            raise Conflict(
+                "vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first"
+            )
         spec = _with_group(spec, hints)
         request = PlacementRequest.from_spec(spec, hints)
         # No await from here to the store write: in one event loop this is the claim lock.
@@ -234,7 +236,13 @@ class VmService:
         if tolerate <= 0:
             return
         why = admission.problem(
-            spec, host_id, self.store.hosts(), self.store.usage(), self.store.vms(), self.settings.scheduler, tolerate
+            spec,
+            host_id,
+            self.store.hosts(),
+            self.store.usage(),
+            self.store.vms(),
+            self.settings.scheduler,
+            tolerate,
         )
         if why is not None:
             raise Conflict("admission_control", why, {"tolerate": tolerate})
@@ -284,7 +292,8 @@ class VmService:
         record = self.require_idle(name)
         if allowed is not None and record.state not in allowed:
             raise Conflict(
-                "invalid_state", f"vm {name!r} is {record.state}; {kind} needs it to be one of: {', '.join(allowed)}"
+                "invalid_state",
+                f"vm {name!r} is {record.state}; {kind} needs it to be one of: {', '.join(allowed)}",
             )
         if kind != "delete" and record.host_id is None:
             raise Conflict(
@@ -296,7 +305,9 @@ class VmService:
                 kind=kind, vm=name, host_id=record.host_id, params=params, deadline=self._deadline()
             )
             self.store.update_vm(name, state=new_state, op_id=op.op_id, error="")
-        self.events.emit(f"vm.{kind}", f"{kind} vm {name}", host_id=record.host_id or "", vm=name, op_id=op.op_id)
+        self.events.emit(
+            f"vm.{kind}", f"{kind} vm {name}", host_id=record.host_id or "", vm=name, op_id=op.op_id
+        )
         self.operations.start(op)
         return op
 
@@ -368,7 +379,9 @@ class VmService:
         with self.store.transaction():
             self.store.delete_vm(op.vm)
             self.fleet_state.release(op.vm)
-            self.store.finish_operation(op.op_id, "succeeded", f"the host replied {late_s:.1f}s after the timeout")
+            self.store.finish_operation(
+                op.op_id, "succeeded", f"the host replied {late_s:.1f}s after the timeout"
+            )
         self.events.emit(
             "operation.succeeded",
             f"delete vm {op.vm}: done (host {reply.host_id} replied {late_s:.1f}s after the timeout)",
@@ -417,7 +430,9 @@ class VmService:
                 self.fleet_state.release(op.vm)
             else:
                 state: VmState = (
-                    POWER_TO_VM_STATE[reply.vm.state] if reply.vm else ("stopped" if op.kind == "stop" else "running")
+                    POWER_TO_VM_STATE[reply.vm.state]
+                    if reply.vm
+                    else ("stopped" if op.kind == "stop" else "running")
                 )
                 self.store.update_vm(op.vm, state=state, op_id=None, error="")
             self.operations.finish(op, ok=True)
@@ -431,7 +446,9 @@ class VmService:
                     self.fleet_state.release(op.vm)
                     self.store.update_vm(op.vm, state="error", host_id=None, op_id=None, error=error)
                 else:
-                    previous: VmState = "missing" if code == "unknown_vm" else op.params.get("from_state", "error")
+                    previous: VmState = (
+                        "missing" if code == "unknown_vm" else op.params.get("from_state", "error")
+                    )
                     self.store.update_vm(op.vm, state=previous, op_id=None, error=error)
             self.operations.finish(op, ok=False, error=f"{code}: {error}" if code else error)
 
@@ -459,14 +476,21 @@ def _with_group(spec: VmSpec, hints: SchedulingHints | None) -> VmSpec:
 
 def _counts_as_success(op: OperationRecord, reply: Reply) -> bool:
     # Deleting what is already gone is done; creating what already exists there is done.
-    return (op.kind == "delete" and reply.code == "unknown_vm") or (op.kind == "create" and reply.code == "vm_exists")
+    return (op.kind == "delete" and reply.code == "unknown_vm") or (
+        op.kind == "create" and reply.code == "vm_exists"
+    )
 
 
 def _command_for(op: OperationRecord, record: VmRecord) -> Command:
     common: dict[str, Any] = {"op_id": op.op_id, "deadline": op.deadline}
     if op.kind in ("create", "restart"):
         return DefineVm(spec=record.spec, start=bool(op.params.get("start", True)), **common)
-    simple: dict[str, type[Command]] = {"start": StartVm, "pause": PauseVm, "resume": ResumeVm, "reboot": RebootVm}
+    simple: dict[str, type[Command]] = {
+        "start": StartVm,
+        "pause": PauseVm,
+        "resume": ResumeVm,
+        "reboot": RebootVm,
+    }
     if op.kind in simple:
         return simple[op.kind](vm=op.vm, **common)  # type: ignore[call-arg]
     if op.kind == "stop":

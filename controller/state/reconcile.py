@@ -130,7 +130,8 @@ def _reconcile_reported(
 
 def _elsewhere(store: Store, host_id: str, vm: str) -> StaleCopy | None:
     """Why ``host_id`` may report ``vm`` while the record puts it elsewhere: a stale copy to remove
-    (``why`` set), an expected copy to leave alone (``why`` empty), or None for a real conflict."""
+    (``why`` set), an expected copy to leave alone (``why`` empty), or None for a real conflict.
+    """
     record = store.vm(vm)
     assert record is not None
     restart = store.last_operation(vm, "restart")

@@ -335,7 +335,8 @@ class Store:
 
     def usage(self) -> dict[str, Usage]:
         """Claimed resources per host: every VM with a host holds its claim, whatever its power state,
-        and a migrating VM holds one on its destination too."""
+        and a migrating VM holds one on its destination too.
+        """
         rows = self._db.execute(
             """SELECT host, SUM(vcpus), SUM(memory_mib), SUM(disk_gib), COUNT(*) FROM (
                    SELECT host_id AS host, vcpus, memory_mib, disk_gib FROM vms WHERE host_id IS NOT NULL

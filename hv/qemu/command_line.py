@@ -105,7 +105,8 @@ def is_mmio(machine: str) -> bool:
 
 def cpu_model_for(spec: VmSpec, accel: str) -> str:
     """QEMU's ``-cpu`` value: ``host`` only for host-passthrough under KVM; ``max`` (every feature
-    the accelerator can offer) otherwise; the named model for ``custom``."""
+    the accelerator can offer) otherwise; the named model for ``custom``.
+    """
     if spec.cpu_mode == "custom":
         return spec.cpu_model
     if spec.cpu_mode == "host-passthrough" and accel == "kvm":
@@ -194,7 +195,8 @@ def _nic_problems(spec: VmSpec) -> list[str]:
 
 def mac_address(vm: str, index: int) -> str:
     """A stable, locally administered MAC for NIC ``index`` of ``vm`` (QEMU's own default is the same
-    for every VM, which collides on a shared bridge)."""
+    for every VM, which collides on a shared bridge).
+    """
     digest = hashlib.blake2b(f"{vm}/{index}".encode(), digest_size=3).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest)
 

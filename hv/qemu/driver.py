@@ -552,7 +552,8 @@ def _check_options(
     start_timeout_s: float,
 ) -> None:
     """Raises ValueError for an invalid host id, a missing state directory, an unknown accel or a
-    non-positive deadline."""
+    non-positive deadline.
+    """
     if not HOST_ID_RE.fullmatch(host_id):
         raise ValueError(
             f"host id {host_id!r} is invalid: use 1-64 letters, digits, '.', '_' and '-', "

@@ -264,7 +264,8 @@ def read_pid(path: Path) -> int | None:
 
 def is_qemu_of(pid: int, vm_dir: Path) -> bool:
     """Whether process ``pid`` is a QEMU whose pid file is in ``vm_dir`` (not a process that reused
-    the pid)."""
+    the pid).
+    """
     argv = cmdline_of(pid)
     if not argv or "qemu" not in Path(argv[0]).name or "-pidfile" not in argv[:-1]:
         return False
@@ -283,7 +284,8 @@ def reap(pid: int) -> None:
 
 def _dir_path(vm_dir: Path, name: str) -> tuple[int, str]:
     """A short path to ``vm_dir/name`` through /proc/self/fd: unix socket paths are limited to 108
-    bytes, state directories are not. The caller closes the returned descriptor."""
+    bytes, state directories are not. The caller closes the returned descriptor.
+    """
     fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     return fd, f"/proc/self/fd/{fd}/{name}"
 

@@ -59,7 +59,8 @@ class Launcher:
 
     def check_resources(self, spec: VmSpec, defined: Collection[VmSpec]) -> None:
         """Raises InsufficientResources when the arch is not run here or the memory does not fit
-        beside that of the ``defined`` VMs."""
+        beside that of the ``defined`` VMs.
+        """
         caps = self._facts().caps
         if spec.arch not in caps.guest_arches:
             raise InsufficientResources(

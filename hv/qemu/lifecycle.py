@@ -270,7 +270,8 @@ class Lifecycle:
 
     def _abandon_stop(self, vm: Vm, qemu: QemuInstance, was: VmPowerState) -> None:
         """A shutdown or destroy ended early (cancelled, or QEMU would not die): from now on an exit
-        of this QEMU is news again, and one that happened meanwhile is recorded."""
+        of this QEMU is news again, and one that happened meanwhile is recorded.
+        """
         qemu.calls = CallPhase.IDLE
         if vm.qemu is not qemu:
             return

@@ -167,7 +167,8 @@ def _is_ipv6(host: str) -> bool:
 
 def copied_disks(spec: VmSpec) -> list[DiskSpec]:
     """The disks a migration must copy: those with a local overlay (a read-only disk has none, and a
-    disk without an overlay is the shared image itself, at the same path on both hosts)."""
+    disk without an overlay is the shared image itself, at the same path on both hosts).
+    """
     return [disk for disk in spec.disks if disk.overlay and not disk.readonly]
 
 
@@ -177,7 +178,8 @@ def _caps(**states: bool) -> list[dict[str, object]]:
 
 def source_capabilities(policy: MigrationPolicy, *, copy_storage: bool) -> list[dict[str, object]]:
     """``migrate-set-capabilities`` for the source: every one set, so nothing of an earlier attempt
-    lingers."""
+    lingers.
+    """
     return _caps(
         events=True,
         auto_converge=policy.auto_converge,
@@ -190,14 +192,16 @@ def source_capabilities(policy: MigrationPolicy, *, copy_storage: bool) -> list[
 
 def destination_capabilities(policy: MigrationPolicy | None, *, postcopy: bool) -> list[dict[str, object]]:
     """``migrate-set-capabilities`` for the destination, before ``migrate-incoming``. Multifd and
-    post-copy must be on at both ends; the rest is the source's business."""
+    post-copy must be on at both ends; the rest is the source's business.
+    """
     multifd = policy is not None and policy.multifd
     return _caps(events=True, multifd=multifd, postcopy_ram=postcopy)
 
 
 def source_parameters(policy: MigrationPolicy) -> dict[str, object]:
     """``migrate-set-parameters`` for the source. The bandwidth is always set: QEMU's own default
-    (128 MiB/s) is nobody's choice."""
+    (128 MiB/s) is nobody's choice.
+    """
     params: dict[str, object] = {
         "max-bandwidth": max(1, int(policy.bandwidth_mib_s * 1024 * 1024)),
         "downtime-limit": policy.max_downtime_ms,
@@ -228,7 +232,8 @@ def local_disks_message(name: str, disks: Sequence[DiskSpec]) -> str:
 
 def status_of(qemu_status: str) -> MigrationStatus:
     """QEMU's ``query-migrate`` status in the engines' vocabulary (its inner steps fold into
-    ``active`` and ``postcopy-active``)."""
+    ``active`` and ``postcopy-active``).
+    """
     if qemu_status in _ACTIVE_STEPS:
         return "active"
     if qemu_status in _POSTCOPY_STEPS:
@@ -242,7 +247,8 @@ def sample_from_query(
     info: Mapping[str, Any], *, disk_total: int = 0, disk_remaining: int = 0
 ) -> MigrationSample:
     """A :class:`MigrationSample` from ``query-migrate``'s answer; ``disk_*`` add what the storage
-    mirrors still have to copy."""
+    mirrors still have to copy.
+    """
     status = status_of(str(info.get("status", "none")))
     ram = info.get("ram")
     ram = ram if isinstance(ram, Mapping) else {}

@@ -125,7 +125,8 @@ class MigrationSource:
 
     async def wait(self, name: str, timeout_s: float) -> None:
         """Return on QEMU's next ``MIGRATION`` event (one since the previous call counts), or after
-        ``timeout_s``."""
+        ``timeout_s``.
+        """
         qemu = self.table.get(name).qemu
         if qemu is None or qemu.exited:
             await asyncio.sleep(timeout_s)
@@ -212,7 +213,8 @@ class MigrationSource:
 
     async def cancel(self, name: str) -> VmStatus:
         """Cancel a pre-copy migration and make the guest run here (errors: see
-        QemuDriver.migrate_cancel)."""
+        QemuDriver.migrate_cancel).
+        """
         vm = self.table.get(name)
         async with vm.lock:
             qemu, qmp, status = await self._source_migration(vm, "migrate_cancel")
@@ -303,7 +305,8 @@ class MigrationSource:
 
     async def _ensure_running(self, vm: Vm, qemu: QemuInstance, qmp: QmpSession) -> None:
         """After a cancelled or failed migration: QEMU resumes a guest it stopped for the switchover
-        by itself (a moment later); a guest still stopped after that gets a ``cont``."""
+        by itself (a moment later); a guest still stopped after that gets a ``cont``.
+        """
         # Only a guest the migration stopped gets that moment: a cont racing QEMU's own restart would
         # show as a pause and a resume from outside.
         deadline = time.monotonic() + (2.0 if qemu.migration.guest_stopped else 0.0)

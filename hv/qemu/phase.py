@@ -170,7 +170,8 @@ class VmFacts:
 @dataclass(frozen=True, kw_only=True)
 class Change:
     """What an event changes: the VM's new facts, and the effects the caller carries out in order
-    (restart time, save, event, switchover)."""
+    (restart time, save, event, switchover).
+    """
 
     state: VmPowerState
     reason: str

@@ -133,7 +133,8 @@ class QmpSession:
 
     async def close(self) -> None:
         """Disconnect (once, however often it is called); errors of a connection that is already
-        gone (QEMU exited) are expected and dropped."""
+        gone (QEMU exited) are expected and dropped.
+        """
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._disconnect())
         # Shielded: a cancelled caller must not leave the library's reader tasks half torn down.

@@ -199,8 +199,9 @@ _ATTR_ESCAPES: Final = str.maketrans(
 
 @dataclass
 class _Out:
-    """An element to write. A tiny serializer of our own keeps the output exact: libvirt's quoting
-    style, a fixed prefix for our namespace, and escapes ElementTree does not make (``\\r`` in text)."""
+    r"""An element to write. A tiny serializer of our own keeps the output exact: libvirt's quoting
+    style, a fixed prefix for our namespace, and escapes ElementTree does not make (``\r`` in text).
+    """
 
     tag: str
     attrs: list[tuple[str, str]] = field(default_factory=list)

@@ -22,7 +22,7 @@ def _bearer(token: str) -> dict[str, str]:
 
 
 async def test_roles_gate_reads_changes_and_token_management(mosquitto, tmp_path):
-    """viewer reads, operator changes VMs, admin manages tokens; each refusal names the role it needs."""
+    """Viewer reads, operator changes VMs, admin manages tokens; each refusal names the role it needs."""
     async with Controller(_settings(tmp_path, mosquitto.url)) as controller:
         admin_file = tmp_path / "admin.token"
         assert stat.S_IMODE(admin_file.stat().st_mode) == 0o600

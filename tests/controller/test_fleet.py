@@ -235,9 +235,7 @@ async def test_a_delete_whose_reply_comes_after_the_timeout_still_removes_the_re
         delete = fleet.ctl.vms.delete("slow")
         failed = await fleet.ctl.operations.wait(delete.op_id, 10)
         assert failed.state == "failed" and "did not answer" in failed.error
-        await eventually(
-            lambda: fleet.ctl.store.vm("slow") is None, 5, "the late reply to settle the record"
-        )
+        await eventually(lambda: fleet.ctl.store.vm("slow") is None, 5, "the late reply to settle the record")
         settled = fleet.ctl.store.operation(delete.op_id)
         assert settled is not None and settled.state == "succeeded" and "after the timeout" in settled.error
         assert fleet.ctl.store.usage() == {}
@@ -402,7 +400,7 @@ async def test_ha_admission_control_refuses_what_one_host_failure_could_not_abso
             try:
                 _, op, _ = fleet.ctl.vms.create(VmSpec(name=f"ha-{i}", memory_mib=1024, ha=True))
                 admitted.append(op)
-            except Exception as exc:
+            except Conflict as exc:
                 refusal = exc
                 break
         # 1 GiB HA VMs: after three, one host holds >= 2 GiB that the other cannot take back.
@@ -476,9 +474,7 @@ async def test_labels_and_maintenance_steer_placement(mosquitto, tmp_path):
         assert (await ctl.operations.wait(op.op_id, 10)).state == "succeeded"
         assert ctl.store.vm("in-b").host_id == "h2"  # type: ignore[union-attr]
         with pytest.raises(Conflict, match="no host can take vm 'in-c'"):
-            ctl.vms.create(
-                VmSpec(name="in-c", memory_mib=256), hints=SchedulingHints(require={"zone": "c"})
-            )
+            ctl.vms.create(VmSpec(name="in-c", memory_mib=256), hints=SchedulingHints(require={"zone": "c"}))
         ctl.hosts.update("h2", labels={"zone": None})
         assert ctl.store.host("h2").labels == {}  # type: ignore[union-attr]
 

@@ -203,7 +203,7 @@ async def test_the_destination_agent_dying_mid_migration_still_ends_with_one_run
 
 
 async def test_evacuate_moves_every_running_vm_off_a_host_in_waves_and_reports(mosquitto, tmp_path):
-    """host evacuate: 5 VMs leave h1 (at most 2 at a time), the report lists each, h1 ends empty."""
+    """Host evacuate: 5 VMs leave h1 (at most 2 at a time), the report lists each, h1 ends empty."""
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         for host in ("h1", "h2", "h3"):
             await fleet.add_agent(host)
@@ -230,7 +230,8 @@ async def test_evacuate_moves_every_running_vm_off_a_host_in_waves_and_reports(m
 
 async def test_a_controller_restart_mid_evacuation_resumes_it_to_the_end(mosquitto, tmp_path):
     """Stop the controller while the first wave sends: the next one resumes the evacuation, every VM
-    leaves h1 exactly once and the report counts each."""
+    leaves h1 exactly once and the report counts each.
+    """
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         for host in ("h1", "h2", "h3"):
             await fleet.add_agent(host)

@@ -1,5 +1,6 @@
 """The power manager through the REST API and the CLI: plans with reasons, apply, automation levels,
-operator power actions and energy per host, on in-process fleets with sim power."""
+operator power actions and energy per host, on in-process fleets with sim power.
+"""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ async def test_the_level_set_at_run_time_survives_a_restart_unless_the_configura
     mosquitto, tmp_path
 ):
     """PUT /power/mode is kept in the store: a restarted controller comes back at that level; one
-    started with --power-mode uses that level instead, and keeps it for the next restart."""
+    started with --power-mode uses that level instead, and keeps it for the next restart.
+    """
     async with power_fleet(mosquitto.url, tmp_path, ("h1",)) as fleet:
         async with httpx.AsyncClient(base_url=f"{fleet.api_url}/api/v1", timeout=10) as client:
             r = await client.put("/power/mode", json={"mode": "recommend"})
@@ -127,7 +129,7 @@ def test_power_routes_that_change_something_need_the_operator_role():
 async def test_operator_power_actions_check_the_host_and_go_through_the_same_drivers(
     mosquitto, tmp_path, capsys
 ):
-    """off needs an empty host and a verified wake path; on brings the agent back; no method is a 409."""
+    """Off needs an empty host and a verified wake path; on brings the agent back; no method is a 409."""
 
     def drivers(fleet: Fleet) -> dict[str, Any]:
         return {"h1": AgentPower(fleet, "h1", sim=SIM), "h2": AgentPower(fleet, "h2", sim=SIM)}
@@ -168,7 +170,8 @@ async def test_energy_is_counted_per_host_measured_where_the_bmc_can_say_and_sur
     mosquitto, tmp_path, capsys
 ):
     """A host whose power method reads watts counts them as measured; the others use their power model.
-    The counters and their start are kept in the store: a restarted controller counts on top of them."""
+    The counters and their start are kept in the store: a restarted controller counts on top of them.
+    """
 
     def drivers(fleet: Fleet) -> dict[str, Any]:
         return {"h1": AgentPower(fleet, "h1", sim=SIM, watts=180.0), "h2": AgentPower(fleet, "h2", sim=SIM)}

@@ -17,8 +17,8 @@ from typing import Any
 
 from controller.daemon import FleetSettings
 from controller.hardware import FallbackPower, PowerDriver, SimPowerDriver
-from controller.services.power import PowerSettings
 from controller.scheduler import SchedulingHints
+from controller.services.power import PowerSettings
 from protocols.vmspec import VmSpec, VmWorkload
 from tests.support.fleet import Fleet, eventually
 from tests.support.power import AgentPower

@@ -85,7 +85,8 @@ def test_store_refuses_a_file_from_another_schema_version(tmp_path):
 
 def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     """Opening a schema-1 file adds the label, migration and standby columns and the energy table, keeps
-    every row, records version 5."""
+    every row, records version 5.
+    """
     path = tmp_path / "old.sqlite"
     store = Store(path)
     store.upsert_host(

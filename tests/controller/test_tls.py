@@ -9,8 +9,8 @@ import httpx
 import pytest
 from cryptography import x509
 
-from controller.security import pki
 from controller.daemon import Controller, ControllerSettings
+from controller.security import pki
 from protocols.bus import Bus, BusSettings
 from tests.support.fleet import FAST_BUS, eventually
 

@@ -13,7 +13,7 @@ from tests.support.processes import start_process_fleet, wait_for
 
 
 def test_controller_killed_mid_creates_resumes_every_operation_to_success(mosquitto_factory, procs, tmp_path):
-    """kill -9 the controller with 20 creates in flight; the next one finishes all 20, each VM on one host."""
+    """Kill -9 the controller with 20 creates in flight; the next one finishes all 20, each VM on one host."""
     broker = mosquitto_factory(persistence=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

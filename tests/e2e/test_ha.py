@@ -56,7 +56,7 @@ def _create(url: str, name: str, **spec: Any) -> dict[str, Any]:
 def test_killed_host_is_detected_fenced_and_its_ha_vms_restart_elsewhere_exactly_once(
     mosquitto, procs, tmp_path
 ):
-    """kill -9 an agent: failed within 3 s, fenced, HA VMs run elsewhere by priority, exactly once."""
+    """Kill -9 an agent: failed within 3 s, fenced, HA VMs run elsewhere by priority, exactly once."""
     url, agents, _ = _start_fleet(
         procs, mosquitto, tmp_path, "--ha-fencing", "process", "--fence-dir", str(tmp_path)
     )

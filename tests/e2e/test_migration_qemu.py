@@ -206,7 +206,7 @@ def test_the_linux_guest_migrates_between_agent_processes_and_keeps_counting(
 def test_destination_qemu_killed_mid_migration_leaves_the_vm_running_on_its_source(
     mosquitto, procs, tmp_path, images
 ):
-    """kill -9 the incoming QEMU during the send: the op fails, the guest counts on h1, h2 holds nothing."""
+    """Kill -9 the incoming QEMU during the send: the op fails, the guest counts on h1, h2 holds nothing."""
     fleet = _fleet(procs, mosquitto, tmp_path, images)
     _create_dirty(fleet, tmp_path, images)
     op = _migrate(fleet.url, "mover", "h2", SLOW)
@@ -224,7 +224,7 @@ def test_destination_qemu_killed_mid_migration_leaves_the_vm_running_on_its_sour
 def test_destination_agent_killed_mid_migration_still_ends_with_one_running_copy(
     mosquitto, procs, tmp_path, images
 ):
-    """kill -9 h2's agent during the send, start it again: the VM runs once (on h2), the store agrees."""
+    """Kill -9 h2's agent during the send, start it again: the VM runs once (on h2), the store agrees."""
     fleet = _fleet(procs, mosquitto, tmp_path, images)
     _create_dirty(fleet, tmp_path, images)
     op = _migrate(fleet.url, "mover", "h2", SLOW)
@@ -246,7 +246,7 @@ def test_destination_agent_killed_mid_migration_still_ends_with_one_running_copy
 
 
 def test_controller_killed_mid_migration_is_resumed_by_the_next_one(mosquitto, procs, tmp_path, images):
-    """kill -9 the controller during the send and start another on the same store: the migration ends on h2."""
+    """Kill -9 the controller during the send and start another on the same store: the migration ends on h2."""
     fleet = _fleet(procs, mosquitto, tmp_path, images)
     _create_dirty(fleet, tmp_path, images)
     op = _migrate(fleet.url, "mover", "h2", SLOW)

@@ -153,7 +153,8 @@ def test_both_guests_through_the_api_pause_resume_shut_down_and_report_a_killed_
     mosquitto: Any, procs: Callable[..., Proc], tmp_path: Path
 ) -> None:
     """Tiny guest: pause stops its counter, resume restarts it, kill -9 of QEMU is reported as crashed.
-    Linux guest: READY and its virtio devices on the serial log, then a graceful ACPI shutdown."""
+    Linux guest: READY and its virtio devices on the serial log, then a graceful ACPI shutdown.
+    """
     reason = qemu_skip_reason()
     if reason:
         pytest.skip(reason)

@@ -18,7 +18,7 @@ def test_every_state_can_be_required_alone_and_the_refusal_names_it(state: VmPow
 
 
 def test_an_incoming_copy_is_refused_with_the_migration_fix_not_start_it_first():
-    """start on an incoming VM says to wait for the migration or discard the copy."""
+    """Start on an incoming VM says to wait for the migration or discard the copy."""
     with pytest.raises(InvalidState) as caught:
         require_state("web", "h1", "incoming", "start", ["stopped", "defined"])
     message = str(caught.value)

@@ -92,7 +92,8 @@ async def test_bus_socket_sends_small_messages_at_once(
     mosquitto: MosquittoBroker, unique: UniqueName
 ) -> None:
     """Pins TCP_NODELAY on the bus's socket: with Nagle's algorithm on, a command sent behind an
-    unacknowledged packet waits for the broker's delayed ACK (40 ms) on every hop."""
+    unacknowledged packet waits for the broker's delayed ACK (40 ms) on every hop.
+    """
     async with Bus(bus_settings(mosquitto.url, unique("c"))) as bus:
         await bus.wait_connected(WAIT_S)
         assert bus._client is not None

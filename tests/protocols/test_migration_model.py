@@ -60,7 +60,7 @@ def test_check_policy_lists_every_problem() -> None:
 
 
 def test_settings_that_do_not_apply_are_not_checked() -> None:
-    """xbzrle's cache and multifd's channels are checked only when the feature is on."""
+    """Xbzrle's cache and multifd's channels are checked only when the feature is on."""
     assert check_policy(MigrationPolicy(xbzrle_cache_mib=0, multifd_channels=0)) == []
 
 

@@ -298,7 +298,7 @@ class IpmiSim:
 
 
 def stub_agent_command(pid_file: Path) -> list[str]:
-    """argv of :data:`AGENT_STUB`, writing its PID to ``pid_file``."""
+    """Argv of :data:`AGENT_STUB`, writing its PID to ``pid_file``."""
     script = pid_file.parent / "agent_stub.py"
     script.write_text(AGENT_STUB)
     return [sys.executable, str(script), str(pid_file)]

@@ -106,7 +106,8 @@ def start_process_fleet(
     port: int | None = None,
 ) -> ProcessFleet:
     """Start a controller (API on a free port, store in ``root``) and one agent per host; wait until
-    every host is online."""
+    every host is online.
+    """
     from tests.support import free_port
 
     port = port or free_port()

@@ -94,7 +94,8 @@ def tiny_spec(
     """A VM booting the tiny guest (READY, then count=N every second), with only the devices asked for.
 
     The tiny guest has no drivers, so by default it gets no virtio devices (console, rng, balloon).
-    ``extra_cmdline`` adds to its command line, e.g. ``reset_after_s=1``."""
+    ``extra_cmdline`` adds to its command line, e.g. ``reset_after_s=1``.
+    """
     options: dict[str, object] = {"console": False, "rng": False, "balloon": False, **fields}
     return VmSpec(
         name=name,
@@ -111,7 +112,8 @@ def linux_cmdline(machine: str) -> str:
     """The Linux guest's kernel command line for ``machine``.
 
     Under TCG, microvm offers the kernel nothing to calibrate its TSC against (no PIT gate, HPET or
-    PM timer) and the boot may hang there, so the frequency is given (``tsc_early_khz``)."""
+    PM timer) and the boot may hang there, so the frequency is given (``tsc_early_khz``).
+    """
     cmdline = "console=ttyS0 quiet panic=-1"
     if machine == "microvm":
         cmdline += f" tsc_early_khz={host_tsc_khz()} pci=off"
@@ -131,7 +133,8 @@ def linux_spec(
 ) -> VmSpec:
     """A VM booting the Linux guest (READY, the virtio devices it sees, a counter).
 
-    ``extra_cmdline`` adds to the kernel command line, e.g. ``poweroff_after_s=1``."""
+    ``extra_cmdline`` adds to the kernel command line, e.g. ``poweroff_after_s=1``.
+    """
     assert guests.linux_kernel is not None and guests.linux_initrd is not None
     return VmSpec(
         name=name,

@@ -20,7 +20,7 @@ INSTALL_HINT = "pip install 'fleetvisor[plot]'"
 
 
 def _pyplot() -> ModuleType:
-    """matplotlib's pyplot on the Agg backend, imported on first use.
+    """Matplotlib's pyplot on the Agg backend, imported on first use.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed; the message says to run ``INSTALL_HINT``.

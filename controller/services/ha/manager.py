@@ -29,8 +29,8 @@ once.
 
 A host the power service put in standby (:mod:`controller.services.power`) is switched off on purpose
 and holds no VM: its silence is expected. The power service lists such hosts in
-:class:`controller.state.live.StandbyHosts`, which HA only reads, and HA skips them: no suspect, no failure, no BMC check, no fencing,
-no restart. The host is judged again once it speaks (power-on) and leaves standby.
+:class:`controller.state.live.StandbyHosts`, which HA only reads, and HA skips them: no suspect, no
+failure, no BMC check, no fencing, no restart. The host is judged again once it speaks (power-on) and leaves standby.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from controller.services.ha.detector import DetectorSettings, FailureDetector, Transition
-from controller.hardware.fencing import BmcFencer, ProcessFencer
-from controller.hardware import BmcConfig, PowerError, factory
 from controller.common.tasks import TaskSet
+from controller.hardware import BmcConfig, PowerError, factory
+from controller.hardware.fencing import BmcFencer, ProcessFencer
 from controller.scheduler import FleetState, PlacementRequest, Scheduler, SchedulingHints
+from controller.services.ha.detector import DetectorSettings, FailureDetector, Transition
 from controller.services.vms import VmService
 from controller.state.events import EventHub
 from controller.state.live import StandbyHosts
@@ -187,7 +187,9 @@ class HaService:
             ) < 1.0:
                 continue
             self._bmc_checked[host_id] = now
-            self._bmc_checks[host_id] = self._tasks.spawn(self._check_bmc(host_id, config), name=f"bmc:{host_id}")
+            self._bmc_checks[host_id] = self._tasks.spawn(
+                self._check_bmc(host_id, config), name=f"bmc:{host_id}"
+            )
 
     async def _check_bmc(self, host_id: str, config: BmcConfig) -> None:
         try:

@@ -54,7 +54,8 @@ class Evacuations:
         self.hosts.require(host_id)
         for running in self.store.running_operations():
             if running.kind == "evacuate" and running.host_id == host_id:
-                raise Conflict("busy", f"host {host_id!r} is already being evacuated by operation {running.op_id}"
+                raise Conflict(
+                    "busy", f"host {host_id!r} is already being evacuated by operation {running.op_id}"
                 )
         vms = [v.name for v in self.store.vms(host_id) if v.state in ("running", "paused", "migrating")]
         with self.store.transaction():

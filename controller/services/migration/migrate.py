@@ -49,8 +49,14 @@ from protocols.messages import (
     Reply,
     UndefineVm,
 )
-from protocols.migration import MIB, MigrationPolicy, MigrationPrediction, check_policy, policy_problems, predict
-
+from protocols.migration import (
+    MIB,
+    MigrationPolicy,
+    MigrationPrediction,
+    check_policy,
+    policy_problems,
+    predict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +134,8 @@ class MigrationService:
         if to is not None:
             self.hosts.require(to)
             if to == record.host_id:
-                raise Invalid("invalid_request", f"vm {record.name!r} already runs on {to!r}; choose another host"
+                raise Invalid(
+                    "invalid_request", f"vm {record.name!r} already runs on {to!r}; choose another host"
                 )
         caps = self.store.host(record.host_id)
         request = msgspec.structs.replace(
@@ -156,7 +163,8 @@ class MigrationService:
             busy = self.store.operation(record.op_id)
             raise busy_error(name, record.op_id, busy.kind if busy else "an")
         if record.state not in ("running", "paused") or record.host_id is None:
-            raise Conflict("invalid_state",
+            raise Conflict(
+                "invalid_state",
                 f"vm {name!r} is {record.state}; only a running or paused VM can be live-migrated "
                 "(start it first)",
             )
@@ -231,7 +239,8 @@ class MigrationService:
             raise Conflict("invalid_state", f"vm {name!r} is not migrating; nothing to cancel")
         phase = op.params.get("phase")
         if phase not in ("prepare", "send"):
-            raise Conflict("invalid_state",
+            raise Conflict(
+                "invalid_state",
                 f"the migration of vm {name!r} is past the switch-over ({phase}); it cannot be cancelled",
             )
         op = self.store.update_operation(op.op_id, {**op.params, "cancel": True})
@@ -267,9 +276,7 @@ class MigrationService:
             f"round {sample.iteration}, expected downtime {sample.expected_downtime_ms:.0f} ms"
             + (f"; {message.note}" if message.note else "")
         )
-        self.events.emit(
-            "migration.progress", text, host_id=message.host_id, vm=message.vm, op_id=op_id
-        )
+        self.events.emit("migration.progress", text, host_id=message.host_id, vm=message.vm, op_id=op_id)
 
     # -- the state machine ------------------------------------------------------------------------
 
@@ -322,9 +329,7 @@ class MigrationService:
     ) -> Reply | None:
         """Send step ``step`` (a ``kind`` command for the VM) to ``host``, retrying for the settle time."""
         deadline = time.time() + self.settings.settle_timeout_s
-        return await self.rpc.exchange(
-            host, kind(op_id=f"{op.op_id}:{step}", deadline=deadline, vm=op.vm)
-        )
+        return await self.rpc.exchange(host, kind(op_id=f"{op.op_id}:{step}", deadline=deadline, vm=op.vm))
 
     @staticmethod
     def _why(reply: Reply | None, host: str) -> str:

@@ -312,7 +312,8 @@ class PowerService:
 
     def _initial_mode(self, configured: AutomationLevel | None) -> AutomationLevel:
         """The configured level, else the one last set at run time, else manual. A configured level
-        that differs from the stored one replaces it, and the log says so."""
+        that differs from the stored one replaces it, and the log says so.
+        """
         stored = self.store.setting(MODE_SETTING)
         kept: AutomationLevel | None = stored if stored in AUTOMATION_LEVELS else None
         if configured is None:
@@ -330,7 +331,8 @@ class PowerService:
 
     def set_mode(self, mode: AutomationLevel) -> None:
         """Switch the automation level (effective from the next round); a restarted controller keeps it
-        unless its configuration names a level."""
+        unless its configuration names a level.
+        """
         self.store.set_setting(MODE_SETTING, mode)
         if mode != self.mode:
             old, self.mode = self.mode, mode

@@ -24,7 +24,7 @@ def test_a_move_onto_a_host_without_room_for_its_ram_is_refused_by_the_scheduler
 
 
 def test_the_gate_claims_on_both_hosts_while_a_vm_moves_and_releases_the_source_when_it_lands():
-    """admit claims the target, landed frees the source: the live scheduler's accounting, step by step."""
+    """Admit claims the target, landed frees the source: the live scheduler's accounting, step by step."""
     fleet = dataclasses.replace(small_fleet([1000, 1000], [200], vm_ram_mb=[1000]), host_ram_mb=4096.0)
     gate = SchedulerGate(fleet)
     gate.place(np.array([0]))

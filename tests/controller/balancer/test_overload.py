@@ -71,7 +71,7 @@ def test_local_regression_predicts_one_interval_past_the_last_sample():
 
 
 def test_local_regression_flags_a_rising_line():
-    """y = 0.3 + 0.05 x reaches 0.85 at x = 11, and 1.2 * 0.85 >= 1."""
+    """Y = 0.3 + 0.05 x reaches 0.85 at x = 11, and 1.2 * 0.85 >= 1."""
     history = _history([0.3 + 0.05 * x for x in range(10, 0, -1)])
     detector = LocalRegressionDetector(1.2)
     assert detector.predict(history) == pytest.approx(0.85)

@@ -33,7 +33,7 @@ def test_from_records_matches_the_per_host_views():
 
 
 def test_claims_and_releases_update_usage_and_groups_and_refuse_to_overbook():
-    """claim adds, release subtracts (idempotently), and a claim past free capacity is refused."""
+    """Claim adds, release subtracts (idempotently), and a claim past free capacity is refused."""
     state = FleetState.from_records([record("h1", memory_mib=4096 + 512)], {})
     req = PlacementRequest(vm="a", vcpus=2, memory_mib=3000, group="g", group_policy="anti-affinity")
     claim = state.claim(0, req)
@@ -132,7 +132,7 @@ def test_adopting_what_a_host_runs_may_exceed_its_capacity():
 
 
 def test_resync_repairs_drift_from_the_store():
-    """resync sets every host's totals to the store's and names the hosts that differed."""
+    """Resync sets every host's totals to the store's and names the hosts that differed."""
     state = FleetState.from_records([record("h1"), record("h2")], {})
     state.claim(0, PlacementRequest(vm="a", memory_mib=1024))
     drifted = state.resync({"h2": Usage(vcpus=1, memory_mib=512, vms=1)})

@@ -102,7 +102,7 @@ def test_static_cache_follows_state_changes():
 
 
 def test_select_is_pure_and_claim_applies_it():
-    """select changes nothing; claim holds the resources so the next select sees them."""
+    """Select changes nothing; claim holds the resources so the next select sees them."""
     state = fleet(record("h1", memory_mib=4096 + 512))
     scheduler = Scheduler(state)
     req = request("a", memory_mib=4096)
@@ -119,7 +119,7 @@ def test_unknown_policy_is_an_error_naming_the_known_ones():
 
 
 def test_policies_differ_as_named():
-    """pack fills the host in use, spread picks the emptiest, best-fit the tightest empty host."""
+    """Pack fills the host in use, spread picks the emptiest, best-fit the tightest empty host."""
     state = fleet(
         record("used", memory_mib=32768), record("small", memory_mib=8192), record("big", memory_mib=65536)
     )

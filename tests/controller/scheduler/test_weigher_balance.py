@@ -21,7 +21,7 @@ def test_raw_weight_is_minus_the_gap_between_cpu_and_memory_shares():
 
 
 def test_vector_form_agrees():
-    """weigh equals weigh_host on every host."""
+    """Weigh equals weigh_host on every host."""
     state = fleet(record("a", cores=8, memory_mib=8192), record("b", cores=4, memory_mib=16384), capacity=CAP)
     state.claim(0, PlacementRequest(vm="x", vcpus=2, memory_mib=6000))
     assert_weigher_agrees(BalanceWeigher(CAP), state, request(vcpus=2, memory_mib=1024))

@@ -22,7 +22,7 @@ def test_hosts_in_use_outrank_empty_ones_and_fuller_is_better():
 
 
 def test_vector_form_agrees():
-    """weigh equals weigh_host on every host, with the state's settings and others."""
+    """Weigh equals weigh_host on every host, with the state's settings and others."""
     state = fleet(record("a", memory_mib=8192), record("b", memory_mib=32768), record("c"), capacity=CAP)
     state.claim(0, PlacementRequest(vm="x", vcpus=2, memory_mib=3000))
     assert_weigher_agrees(ConsolidationWeigher(CAP), state, request(vcpus=1, memory_mib=1024))

@@ -17,7 +17,7 @@ def test_raw_weights_are_free_capacity_after_overcommit_and_reserves():
 
 
 def test_vector_forms_agree_under_the_states_and_other_settings():
-    """weigh equals weigh_host per host, with the state's settings and with others."""
+    """Weigh equals weigh_host per host, with the state's settings and with others."""
     state = fleet(record("a", cores=2, memory_mib=4096), record("b", cores=16, memory_mib=65536))
     state.claim(0, PlacementRequest(vm="x", vcpus=3, memory_mib=1000))
     for capacity in (

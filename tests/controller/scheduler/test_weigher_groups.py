@@ -20,7 +20,7 @@ def test_raw_weights_count_members_on_the_host():
 
 
 def test_vector_forms_agree():
-    """weigh equals weigh_host on every host."""
+    """Weigh equals weigh_host on every host."""
     state = fleet(record("a"), record("b"), record("c"))
     state.claim(0, _member("m1", "soft-affinity"))
     state.claim(0, _member("m2", "soft-affinity"))

@@ -10,7 +10,7 @@ from tests.controller.scheduler.support import assert_weigher_agrees, fleet, rec
 
 
 def test_transfer_time_model():
-    """memory / (bandwidth - dirty), capped when the guest dirties as fast as the link."""
+    """Memory / (bandwidth - dirty), capped when the guest dirties as fast as the link."""
     assert transfer_seconds(1000, 100, 0, 30) == 10
     assert transfer_seconds(1000, 100, 50, 30) == 20
     assert transfer_seconds(1000, 100, 100, 30) == 300

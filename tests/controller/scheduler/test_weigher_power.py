@@ -37,7 +37,7 @@ def test_a_powered_off_host_always_loses_to_one_that_is_on():
 
 
 def test_vector_form_agrees():
-    """weigh equals weigh_host on every host, powered on or not."""
+    """Weigh equals weigh_host on every host, powered on or not."""
     state = fleet(record("a", memory_mib=8192), record("b", memory_mib=16384), record("c"), capacity=CAP)
     state.claim(0, PlacementRequest(vm="x", memory_mib=5000))
     state.set_powered_on("c", False)

@@ -78,7 +78,7 @@ def test_q35_uses_pci_too_and_features_without_acpi_turn_it_off() -> None:
 
 
 def test_microvm_gets_virtio_mmio_devices_and_no_pci() -> None:
-    """microvm has no PCI: every virtio device is the -device (virtio-mmio) flavour."""
+    """Microvm has no PCI: every virtio device is the -device (virtio-mmio) flavour."""
     vm = spec(
         machine="microvm",
         nics=[NicSpec()],
@@ -133,7 +133,7 @@ def test_disk_boot_marks_the_first_disk_bootable_and_sizes_cpus_and_memory() -> 
 
 
 def test_an_overlay_chain_becomes_explicit_blockdevs_with_no_implicit_backing() -> None:
-    """overlay -> base: every layer is a -blockdev node; the base's backing is null; only the top writes."""
+    """Overlay -> base: every layer is a -blockdev node; the base's backing is null; only the top writes."""
     vm = spec(disks=[DiskSpec(target="vda", source="/images/base.qcow2")])
     chain = disk("vda", (f"{VM_DIR}/disk-vda.qcow2", "qcow2"), ("/images/base.qcow2", "qcow2"))
     argv = build_argv("qemu", plan(vm, disks=(chain,)))

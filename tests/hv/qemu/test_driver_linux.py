@@ -56,7 +56,7 @@ def devices_seen(serial: str) -> list[str]:
 async def test_linux_guest_on_microvm_sees_every_virtio_device_and_powers_off_on_acpi(
     make_driver: MakeDriver, linux: Guests, base_image: Path, events: list[DriverEvent]
 ) -> None:
-    """microvm (virtio-mmio): blk on a qcow2 overlay, net, console, rng, balloon; ACPI shutdown is graceful."""
+    """Microvm (virtio-mmio): blk on a qcow2 overlay, net, console, rng, balloon; ACPI shutdown is graceful."""
     driver = await make_driver(image_dirs=[linux.dir, base_image.parent])
     spec = linux_spec(
         "linux-1",
@@ -97,7 +97,7 @@ async def test_linux_guest_on_microvm_sees_every_virtio_device_and_powers_off_on
 async def test_linux_guest_on_pc_uses_pci_virtio_and_a_guest_poweroff_is_reported(
     make_driver: MakeDriver, linux: Guests, events: list[DriverEvent]
 ) -> None:
-    """pc (virtio-pci): the guest lists its devices, then powers itself off: a shutdown event."""
+    """Pc (virtio-pci): the guest lists its devices, then powers itself off: a shutdown event."""
     driver = await make_driver()
     spec = linux_spec("linux-2", linux, machine="pc", extra_cmdline="poweroff_after_s=1")
     await driver.define(spec)

@@ -187,7 +187,7 @@ def test_the_embedded_probe_guest_is_kvm_probe_s_assembled(tmp_path: Path) -> No
 
 
 async def test_capabilities_describe_this_host_and_its_qemu(make_driver: MakeDriver, guests: Guests) -> None:
-    """engine qemu with QEMU's version, the probed accel, host cores/memory, x86 guests, machine types."""
+    """Engine qemu with QEMU's version, the probed accel, host cores/memory, x86 guests, machine types."""
     driver = await make_driver()
     caps = await driver.capabilities()
     assert caps.engine == "qemu" and driver.qemu_info is not None

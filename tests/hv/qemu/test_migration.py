@@ -121,7 +121,8 @@ async def guard_migration(
     src: QemuDriver, name: str, policy: MigrationPolicy, timeout: float
 ) -> tuple[MigrationSample, list[GuardAction], int]:
     """Drive a running migration the way the source agent does: sample every 0.2 s, feed the
-    ConvergenceGuard, apply what it says. Returns the last sample, the actions and the top throttle."""
+    ConvergenceGuard, apply what it says. Returns the last sample, the actions and the top throttle.
+    """
     guard = ConvergenceGuard(policy)
     actions: list[GuardAction] = []
     top_throttle = 0
@@ -220,7 +221,8 @@ async def test_migrate_wait_returns_on_qemus_migration_events_not_at_its_timeout
 ) -> None:
     """The source hears each status change (QMP MIGRATION) through migrate_wait, so the end of a
     migration is seen when it happens: no wait of 60 s lasts anywhere near that long. A sample taken
-    right on the "completed" event still carries QEMU's total time."""
+    right on the "completed" event still carries QEMU's total time.
+    """
     src, dst = await pair(make_driver)
     spec = tiny_spec("mig-w", guests)
     await running_tiny(src, spec)
@@ -288,7 +290,8 @@ async def test_telemetry_of_a_migrating_vm_reads_the_migrations_dirty_rate(
 ) -> None:
     """While a VM migrates away, stats() reports the migration's own dirty-rate measurement at once,
     instead of starting calc-dirty-rate next to the stream (which slowed migrations by a third); a
-    calc-dirty-rate would report nothing on its first sample."""
+    calc-dirty-rate would report nothing on its first sample.
+    """
     src, dst = await pair(make_driver)
     spec = tiny_spec("mig-tel", guests, dirty_mib_s=DIRTY_MIB_S, memory_mib=DIRTY_MEMORY_MIB)
     await running_tiny(src, spec)

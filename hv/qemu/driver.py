@@ -515,14 +515,6 @@ class QemuDriver(Driver):
         """
         return self._table.get(name).dir / command_line.SERIAL_LOG
 
-    def console_log_path(self, name: str) -> Path:
-        """Where the VM's virtio console (``hvc0``) is logged.
-
-        Raises:
-            UnknownVm: no VM of that name.
-        """
-        return self._table.get(name).dir / command_line.CONSOLE_LOG
-
     def qemu_pid(self, name: str) -> int | None:
         """The pid of the VM's QEMU, or None when it is powered off.
 

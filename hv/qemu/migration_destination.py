@@ -34,7 +34,7 @@ from hv.qemu.phase import CallPhase
 from hv.qemu.qmp import POLL_S, QmpSession, poll, run_status
 from hv.qemu.vm_table import Vm, VmTable
 from protocols.messages import VmStatus
-from protocols.migration import MigrationPolicy, check_policy
+from protocols.migration import MigrationPolicy, check_policy, policy_problems
 from protocols.vmspec import DiskSpec, VmSpec
 
 __all__ = ["MigrationDestination"]
@@ -74,7 +74,7 @@ class MigrationDestination:
                 "cannot land here; migrate to another host, or destroy and undefine the VM here first"
             )
         if policy is not None and (problems := check_policy(policy)):
-            raise InvalidRequest(f"vm {name!r}: migration policy rejected: " + "; ".join(problems))
+            raise InvalidRequest(policy_problems(f"vm {name!r}", problems))
         copied = migration.copied_disks(spec)
         if copied and policy is not None and not policy.copy_storage:
             raise InvalidRequest(migration.local_disks_message(name, copied))

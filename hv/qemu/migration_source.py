@@ -28,7 +28,7 @@ from hv.qemu.migration import MIGRATING, POSTCOPY, migration_status
 from hv.qemu.qmp import POLL_S, SETTLE_TIMEOUT_S, QmpSession, poll, run_status
 from hv.qemu.vm_table import Vm, VmTable
 from protocols.messages import VmStatus
-from protocols.migration import MigrationPolicy, MigrationSample, check_policy
+from protocols.migration import MigrationPolicy, MigrationSample, check_policy, policy_problems
 from protocols.vmspec import DiskSpec
 
 __all__ = ["MigrationSource"]
@@ -110,7 +110,7 @@ class MigrationSource:
         """The parsed URI and the disks to copy; raises InvalidRequest for bad input."""
         name = vm.name
         if problems := check_policy(policy):
-            raise InvalidRequest(f"vm {name!r}: migration policy rejected: " + "; ".join(problems))
+            raise InvalidRequest(policy_problems(f"vm {name!r}", problems))
         target = migration.parse_uri(name, uri)
         copied = migration.copied_disks(vm.spec)
         if copied and not policy.copy_storage:

@@ -27,49 +27,7 @@ def router(
         online = {h.host_id: h.online for h in store.hosts()}
         return json_response([view.vm(vm, online) for vm in store.vms(host)])
 
-    @api.post(
-        f"{PREFIX}/vms",
-        summary="Create a VM (placed by the scheduler, then started)",
-        status_code=202,
-        responses=responses(202, "created", 400, 409, 413),
-        openapi_extra=body("spec"),
-    )
-    async def create_vm(
-        request: Request,
-        wait: float = WAIT,
-        start: bool = Query(True),
-        dry_run: bool = Query(False, description="only say where it would go, and why; claim nothing"),
-        explain: bool = Query(False, description="include the scheduler's explanation"),
-    ) -> Response:
-        asked: views.CreateVmRequest = await read_body(request, views.CreateVmRequest, "vm spec")
-        spec = asked.to_spec()
-        if dry_run:
-            if asked.count > 1:
-                raise ApiError(400, "invalid_request", "dry_run plans one VM; drop count or dry_run")
-            decision = vms.plan(spec, asked.scheduling)
-            if decision.host_id is None:
-                raise refusal_error(decision)
-            return json_response(
-                views.PlanResponse(vm=spec.name, host_id=decision.host_id, explanation=decision.explanation)
-            )
-        if asked.count > 1:
-            created = vms.create_batch(spec, asked.count, start=start, hints=asked.scheduling)
-            results = [await _created(record, op, wait) for record, op in created]
-            running = any(r.operation.state == "running" for r in results)
-            return json_response(views.CreateBatchResponse(vms=results), 202 if running else 200)
-        record, op, decision = vms.create(spec, start=start, hints=asked.scheduling)
-        result = await _created(record, op, wait, decision.explanation if explain else None)
-        return json_response(result, 202 if result.operation.state == "running" else 200)
-
-    async def _created(
-        record: VmRecord, op: OperationRecord, wait: float, explanation: Explanation | None = None
-    ) -> views.CreateVmResponse:
-        if wait:
-            op = await operations.wait(op.op_id, wait)
-            record = store.vm(record.name) or record
-        return views.CreateVmResponse(
-            vm=view.vm(record), operation=views.operation_view(op), explanation=explanation
-        )
+    _create_route(api, store, vms, operations, view)
 
     @api.get(f"{PREFIX}/vms/{{name}}", summary="Show a VM", responses=responses(200, "vm", 404))
     async def show_vm(name: str) -> Response:
@@ -127,3 +85,53 @@ def _action_route(
 
     run.__name__ = f"{action}_vm"
     return run
+
+
+def _create_route(
+    api: APIRouter, store: Store, vms: VmService, operations: Operations, view: views.Views
+) -> None:
+    """POST /vms: one VM or a batch, or only the plan with dry_run."""
+
+    @api.post(
+        f"{PREFIX}/vms",
+        summary="Create a VM (placed by the scheduler, then started)",
+        status_code=202,
+        responses=responses(202, "created", 400, 409, 413),
+        openapi_extra=body("spec"),
+    )
+    async def create_vm(
+        request: Request,
+        wait: float = WAIT,
+        start: bool = Query(True),
+        dry_run: bool = Query(False, description="only say where it would go, and why; claim nothing"),
+        explain: bool = Query(False, description="include the scheduler's explanation"),
+    ) -> Response:
+        asked: views.CreateVmRequest = await read_body(request, views.CreateVmRequest, "vm spec")
+        spec = asked.to_spec()
+        if dry_run:
+            if asked.count > 1:
+                raise ApiError(400, "invalid_request", "dry_run plans one VM; drop count or dry_run")
+            decision = vms.plan(spec, asked.scheduling)
+            if decision.host_id is None:
+                raise refusal_error(decision)
+            return json_response(
+                views.PlanResponse(vm=spec.name, host_id=decision.host_id, explanation=decision.explanation)
+            )
+        if asked.count > 1:
+            created = vms.create_batch(spec, asked.count, start=start, hints=asked.scheduling)
+            results = [await _created(record, op, wait) for record, op in created]
+            running = any(r.operation.state == "running" for r in results)
+            return json_response(views.CreateBatchResponse(vms=results), 202 if running else 200)
+        record, op, decision = vms.create(spec, start=start, hints=asked.scheduling)
+        result = await _created(record, op, wait, decision.explanation if explain else None)
+        return json_response(result, 202 if result.operation.state == "running" else 200)
+
+    async def _created(
+        record: VmRecord, op: OperationRecord, wait: float, explanation: Explanation | None = None
+    ) -> views.CreateVmResponse:
+        if wait:
+            op = await operations.wait(op.op_id, wait)
+            record = store.vm(record.name) or record
+        return views.CreateVmResponse(
+            vm=view.vm(record), operation=views.operation_view(op), explanation=explanation
+        )

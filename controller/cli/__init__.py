@@ -1,0 +1,30 @@
+"""The operator's side of the ``fleetvisor`` CLI: ``vm ...``, ``host ...`` and the rest, over the REST API.
+
+It finds the controller with ``--url``, then ``FLEETVISOR_URL``, then ``http://127.0.0.1:8080``.
+Output is a table for people and ``--json`` for scripts. Errors come from the controller already
+phrased for people; the CLI prints them as they are and exits non-zero.
+
+The package is a REST client and imports NOTHING else of ``controller``: only ``protocols`` and
+third-party packages. Modules: ``client`` (``ApiClient``, ``CliError``), ``render`` (tables and
+shared output), one per command group (``hosts``, ``vms``, ``migrate``, ``power``, ``admin``),
+``spec`` (the ``vm create`` body) and ``parser`` (argparse registration and running a command).
+This module re-exports what ``fleetvisor.py`` and the tests use.
+"""
+
+from __future__ import annotations
+
+from controller.cli.client import DEFAULT_URL, EXIT_FAILED, EXIT_UNREACHABLE, ApiClient, CliError
+from controller.cli.parser import OPERATOR_COMMANDS, add_operator_commands, run_operator_command
+from controller.cli.spec import build_spec
+
+__all__ = [
+    "DEFAULT_URL",
+    "EXIT_FAILED",
+    "EXIT_UNREACHABLE",
+    "OPERATOR_COMMANDS",
+    "ApiClient",
+    "CliError",
+    "add_operator_commands",
+    "build_spec",
+    "run_operator_command",
+]

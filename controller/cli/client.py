@@ -1,0 +1,68 @@
+"""The REST client of the operator CLI: ``ApiClient`` over ``/api/v1``, and ``CliError``.
+
+Every other module of ``controller.cli`` talks to the controller through this one. A transport
+failure or an HTTP error becomes a ``CliError`` here, at the boundary, phrased for the person at
+the terminal. It imports only third-party packages (httpx); nothing of ``controller``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+class CliError(Exception):
+    """A failure to print for the operator as it is; ``exit_code`` is the process's exit status."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ApiClient:
+    """A thin synchronous client of ``/api/v1``."""
+
+    def __init__(
+        self, base_url: str, timeout: float = 30.0, token: str | None = None, ca_file: str | None = None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(
+            base_url=f"{self.base_url}/api/v1", timeout=timeout, headers=headers, verify=verify
+        )
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send one request and return its decoded JSON body (None for 204).
+
+        Raises ``CliError`` with the controller's own message on an HTTP error, and with
+        ``EXIT_UNREACHABLE`` when the controller cannot be reached.
+        """
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise CliError(
+                f"cannot reach the controller at {self.base_url} ({exc}); start it with `fleetvisor controller` "
+                "or `fleetvisor demo`, or point --url / FLEETVISOR_URL at it",
+                EXIT_UNREACHABLE,
+            ) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code == 204:
+            return None
+        if response.status_code >= 400:
+            message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+            raise CliError(message or f"{method} {path}: HTTP {response.status_code}")
+        return body

@@ -1,0 +1,111 @@
+"""``fleetvisor host list|show|label|maintenance``: a host's capacity, load, labels and maintenance.
+
+Maintenance on evacuates the host through ``controller.cli.migrate``; a host's power is in
+``controller.cli.power``. It imports only ``controller.cli`` modules of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from controller.cli import migrate
+from controller.cli.client import ApiClient, CliError
+from controller.cli.render import emit, energy_since, gib, pct, table
+
+
+def _render_hosts(hosts: list[dict[str, Any]]) -> str:
+    rows = []
+    for h in hosts:
+        caps = h["capabilities"]
+        load = h.get("load") or {}
+        power_state = h.get("power_state", "on")
+        rows.append(
+            [
+                h["host_id"],
+                power_state if power_state != "on" else ("online" if h["online"] else "offline"),
+                f"{caps['engine']}/{caps['accel']}",
+                caps["arch"],
+                f"{h['allocated_vcpus']}/{caps['cores']}",
+                f"{gib(h['allocated_memory_mib'])}/{gib(caps['memory_mib'])}",
+                str(h["vms"]),
+                pct(load.get("cpu_util")),
+                f"{load['power_w']:.0f}W" if load else "-",
+            ]
+        )
+    return table(rows, ["host", "state", "engine", "arch", "vcpus", "memory", "vms", "cpu", "power"])
+
+
+def _render_host(h: dict[str, Any]) -> str:
+    caps = h["capabilities"]
+    load = h.get("load") or {}
+    lines = [
+        f"host:          {h['host_id']}",
+        f"state:         {'online' if h['online'] else 'offline'} ({h['state_reason']})",
+        f"address:       {h['address']}",
+        f"engine:        {caps['engine']} {caps['engine_version']} (accel {caps['accel']})",
+        f"cpu:           {caps['arch']}, {caps['cores']} cores, {caps['cpu_vendor']} {caps['cpu_model']}".rstrip(),
+        f"features:      {' '.join(caps['cpu_features']) or '-'}",
+        f"guest arches:  {' '.join(caps['guest_arches']) or caps['arch']}",
+        f"memory:        {gib(caps['memory_mib'])}",
+        f"allocated:     {h['allocated_vcpus']} vCPUs, {gib(h['allocated_memory_mib'])} in {h['vms']} VMs",
+        f"free:          {h['free_vcpus']} vCPUs, {gib(h['free_memory_mib'])}",
+        f"load:          cpu {pct(load.get('cpu_util'))}, power {load.get('power_w', '-')} W"
+        if load
+        else "load:          -",
+        f"agent:         {h['agent_version']}",
+        f"health:        {h.get('health', 'up')}" + (", in maintenance" if h["maintenance"] else ""),
+        "labels:        " + (", ".join(f"{k}={v}" for k, v in sorted(h.get("labels", {}).items())) or "-"),
+        f"power:         {_power_line(h)}",
+        f"energy:        {h.get('energy_kwh', 0.0):.4f} kWh{energy_since(h.get('energy_since'))}"
+        + (f" ({h['energy_source']})" if h.get("energy_source") else " (no sample yet)"),
+    ]
+    return "\n".join(lines)
+
+
+def _power_line(h: dict[str, Any]) -> str:
+    state = h.get("power_state", "on")
+    if state == "standby" and h.get("standby_since"):
+        state += " since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["standby_since"]))
+    method = h.get("power_method")
+    return f"{state}, via {method}" if method else f"{state} (no power method configured)"
+
+
+def cmd_host_list(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host list``: every host with its capacity and load."""
+    emit(args, client.request("GET", "/hosts"), _render_hosts)
+    return 0
+
+
+def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host label``: set (KEY=VALUE) or remove (KEY-) labels; raises ``CliError`` on a malformed one."""
+    labels: dict[str, str | None] = {}
+    for item in args.labels:
+        if item.endswith("-") and "=" not in item:
+            labels[item[:-1]] = None
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"label {item!r}: write KEY=VALUE to set it, or KEY- to remove it")
+        labels[key] = value
+    host = client.request("PATCH", f"/hosts/{args.host}", json={"labels": labels})
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(host["labels"].items())) or "none"
+    print(f"host {args.host}: labels {shown}")
+    return 0
+
+
+def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host maintenance on|off``: with on, also evacuate its VMs unless ``--no-evacuate``."""
+    host = client.request("PATCH", f"/hosts/{args.host}", json={"maintenance": args.mode == "on"})
+    state = "in maintenance: no new VMs go there" if host["maintenance"] else "out of maintenance"
+    print(f"host {args.host}: {state}")
+    if args.mode == "on" and not args.no_evacuate and host.get("vms", 0):
+        return migrate.evacuate(client, args)
+    return 0
+
+
+def cmd_host_show(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host show``: one host's capabilities, load, power and energy."""
+    emit(args, client.request("GET", f"/hosts/{args.host}"), _render_host)
+    return 0

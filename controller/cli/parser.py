@@ -1,0 +1,301 @@
+"""The argparse registration of the operator commands, and the running of a parsed one.
+
+``add_operator_commands`` adds ``vm``, ``host``, ``plan``, ``power``, ``op``, ``token``, ``audit`` and
+``events`` to the top-level parser of ``fleetvisor.py``; each command sets ``handler`` to its
+``cmd_*`` function. ``run_operator_command`` builds the ``ApiClient`` and turns a ``CliError`` into a
+message and an exit code. It imports only ``controller.cli`` modules of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+import sys
+from collections.abc import Sequence
+from typing import TypeAlias
+
+from controller.cli import admin, hosts, migrate, power, vms
+from controller.cli.client import DEFAULT_URL, EXIT_FAILED, ApiClient, CliError
+
+OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audit", "plan", "power")
+
+#: The object ``add_subparsers`` returns (generic only for type checkers).
+_SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default=None, help=f"controller URL (env FLEETVISOR_URL, default {DEFAULT_URL})"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--token", default=None, help="API bearer token (env FLEETVISOR_TOKEN)")
+    parser.add_argument(
+        "--ca-file", default=None, help="CA certificate for an https:// controller (env FLEETVISOR_CA)"
+    )
+
+
+def _waiting(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-wait", action="store_true", help="return at once; the operation goes on")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the operation (default 120)"
+    )
+
+
+def _policy_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("migration policy")
+    g.add_argument(
+        "--bandwidth", type=float, default=1024.0, metavar="MIB_S", help="link share, MiB/s (default 1024)"
+    )
+    g.add_argument(
+        "--max-downtime", type=int, default=300, metavar="MS", help="allowed downtime at first (default 300)"
+    )
+    g.add_argument(
+        "--downtime-ceiling",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="the most the downtime may be raised to (default 2000)",
+    )
+    g.add_argument("--no-auto-converge", action="store_true", help="never throttle the guest's vCPUs")
+    g.add_argument("--xbzrle", action="store_true", help="send deltas of re-dirtied pages")
+    g.add_argument("--multifd", type=int, default=0, metavar="N", help="send over N parallel channels")
+    g.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="allow post-copy as the last resort. It always converges but CANNOT be rolled back: "
+        "a network or host failure during post-copy loses the VM",
+    )
+    g.add_argument(
+        "--copy-storage", action="store_true", help="copy local disks over NBD (else storage must be shared)"
+    )
+
+
+def _add_vm_create(vm: _SubParsers) -> None:
+    p = vm.add_parser("create", help="create a VM: the controller places it, then it starts")
+    p.add_argument("name", nargs="?", help="VM name (lower-case letters, digits, '-')")
+    p.add_argument("-f", "--file", help="spec file, YAML or JSON; flags override its fields")
+    p.add_argument("--xml", metavar="FILE", help="libvirt domain XML to import; flags override its fields")
+    p.add_argument("--vcpus", type=int)
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--disk", type=int, metavar="GIB", help="disk in GiB")
+    p.add_argument("--arch", help="guest architecture (default x86_64)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--no-start", action="store_true", help="define it but leave it stopped")
+    p.add_argument("--ha", action="store_true", help="restart it elsewhere if its host fails (after fencing)")
+    p.add_argument("--ha-priority", type=int, help="HA restart order, 0-1000, higher first")
+    p.add_argument("--count", type=int, default=1, help="create N VMs named NAME-1..N, planned as a whole")
+    p.add_argument("--group", help="server group the VM(s) join")
+    p.add_argument(
+        "--group-policy",
+        choices=("anti-affinity", "affinity", "soft-anti-affinity", "soft-affinity"),
+        help="how the group's members relate (default anti-affinity when --group is given)",
+    )
+    p.add_argument("--anti-affinity", dest="group_policy", action="store_const", const="anti-affinity")
+    p.add_argument("--affinity", dest="group_policy", action="store_const", const="affinity")
+    p.add_argument("--require", action="append", metavar="KEY=VALUE", help="host label the host must carry")
+    p.add_argument(
+        "--host", action="append", metavar="HOST", help="only these hosts may take it (repeatable)"
+    )
+    p.add_argument("--avoid-host", action="append", metavar="HOST", help="never these hosts (repeatable)")
+    p.add_argument("--feature", action="append", metavar="FLAG", help="required host CPU feature, e.g. vmx")
+    p.add_argument(
+        "--policy", choices=("pack", "spread", "power-saving", "best-fit"), help="placement policy"
+    )
+    p.add_argument("--explain", action="store_true", help="show why the scheduler chose the host")
+    p.add_argument("--dry-run", action="store_true", help="show where it would go, and why; create nothing")
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=vms.cmd_vm_create)
+
+
+def _add_vm_lifecycle(vm: _SubParsers) -> None:
+    p = vm.add_parser("list", help="list VMs")
+    p.add_argument("--host", help="only VMs on this host")
+    _common(p)
+    p.set_defaults(handler=vms.cmd_vm_list)
+
+    for name, handler, text in (
+        ("show", vms.cmd_vm_show, "show one VM"),
+        ("start", vms.cmd_vm_start, "start a stopped VM"),
+        ("stop", vms.cmd_vm_stop, "stop a VM (ACPI shutdown; --force powers it off at once)"),
+        ("pause", vms.cmd_vm_action("pause"), "pause a VM (its vCPUs stop; memory stays)"),
+        ("resume", vms.cmd_vm_action("resume"), "resume a paused VM"),
+        ("reboot", vms.cmd_vm_action("reboot"), "reset a running VM"),
+        ("delete", vms.cmd_vm_delete, "delete a VM (stops it first)"),
+    ):
+        p = vm.add_parser(name, help=text)
+        p.add_argument("name")
+        _common(p)
+        if name != "show":
+            _waiting(p)
+        if name == "stop":
+            p.add_argument(
+                "--force", action="store_true", help="power off at once instead of asking the guest"
+            )
+        p.set_defaults(handler=handler)
+
+
+def _add_vm_migrate(vm: _SubParsers) -> None:
+    p = vm.add_parser(
+        "migrate",
+        help="live-migrate a running VM to another host (waits with a progress bar)",
+        description="Live-migrate a running VM. Pre-copy first; when the guest dirties memory faster "
+        "than the link carries it, the allowed downtime is raised, then auto-converge throttles the "
+        "guest, then (only with --postcopy) the migration switches to post-copy, else it aborts and "
+        "the VM stays on its source. WARNING: post-copy cannot be rolled back; if the network or "
+        "either host fails during post-copy, the VM is lost.",
+    )
+    p.add_argument("name")
+    p.add_argument("--to", default=None, metavar="HOST", help="target host (default: the scheduler chooses)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="predict time, downtime and convergence; move nothing"
+    )
+    _policy_args(p)
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=migrate.cmd_vm_migrate, timeout=3600.0)
+    p = vm.add_parser("migrate-cancel", help="cancel a VM's migration before the switch-over")
+    p.add_argument("name")
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=migrate.cmd_vm_migrate_cancel)
+
+
+def _add_vm_commands(sub: _SubParsers) -> None:
+    vm = sub.add_parser("vm", help="create, inspect and control VMs").add_subparsers(
+        dest="action", required=True
+    )
+    _add_vm_create(vm)
+    _add_vm_lifecycle(vm)
+    _add_vm_migrate(vm)
+    p = vm.add_parser("dumpxml", help="print a VM's spec as libvirt domain XML")
+    p.add_argument("name")
+    _common(p)
+    p.set_defaults(handler=vms.cmd_vm_dumpxml)
+
+
+def _add_host_commands(sub: _SubParsers) -> None:
+    host = sub.add_parser("host", help="inspect hosts").add_subparsers(dest="action", required=True)
+    p = host.add_parser("list", help="list hosts with their capacity and load")
+    _common(p)
+    p.set_defaults(handler=hosts.cmd_host_list)
+    p = host.add_parser("show", help="show one host's capabilities and load")
+    p.add_argument("host")
+    _common(p)
+    p.set_defaults(handler=hosts.cmd_host_show)
+    p = host.add_parser("label", help="set (KEY=VALUE) or remove (KEY-) operator labels of a host")
+    p.add_argument("host")
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    _common(p)
+    p.set_defaults(handler=hosts.cmd_host_label)
+    p = host.add_parser("maintenance", help="put a host in maintenance (no new placements) or take it out")
+    p.add_argument("host")
+    p.add_argument("mode", choices=("on", "off"))
+    p.add_argument("--no-evacuate", action="store_true", help="with on: leave running VMs where they are")
+    _policy_args(p)
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=hosts.cmd_host_maintenance, timeout=3600.0)
+    p = host.add_parser("evacuate", help="live-migrate every running VM off a host, in waves")
+    p.add_argument("host")
+    _policy_args(p)
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=migrate.cmd_host_evacuate, timeout=3600.0)
+
+    p = host.add_parser(
+        "power",
+        help="a host's power: status (and whether its wake path verifies), on, or off (standby; it must be empty)",
+    )
+    p.add_argument("host")
+    p.add_argument("action_name", metavar="on|off|status", choices=("on", "off", "status"))
+    _common(p)
+    p.set_defaults(handler=power.cmd_host_power)
+
+
+def _add_power_commands(sub: _SubParsers) -> None:
+    p = sub.add_parser(
+        "plan", help="the power manager's recommendation, each move and power action with its reason"
+    )
+    p.add_argument(
+        "--apply", action="store_true", help="execute it once (automation levels manual and recommend)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait for --apply to finish (default 3600)"
+    )
+    _common(p)
+    p.set_defaults(handler=power.cmd_plan)
+
+    manager = sub.add_parser("power", help="the power manager: automation level and status").add_subparsers(
+        dest="action", required=True
+    )
+    p = manager.add_parser("mode", help="switch the automation level: manual, recommend or auto")
+    p.add_argument("mode", choices=("manual", "recommend", "auto"))
+    _common(p)
+    p.set_defaults(handler=power.cmd_power_mode)
+    p = manager.add_parser("status", help="automation level, settings, and each host's power and energy")
+    _common(p)
+    p.set_defaults(handler=power.cmd_power_status)
+
+
+def _add_admin_commands(sub: _SubParsers) -> None:
+    op = sub.add_parser("op", help="inspect operations").add_subparsers(dest="action", required=True)
+    p = op.add_parser("show", help="show an operation")
+    p.add_argument("op_id")
+    _common(p)
+    p.set_defaults(handler=admin.cmd_op_show)
+
+    token = sub.add_parser("token", help="manage API tokens (admin)").add_subparsers(
+        dest="action", required=True
+    )
+    p = token.add_parser("create", help="create a token; it is printed once")
+    p.add_argument("name")
+    p.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer")
+    _common(p)
+    p.set_defaults(handler=admin.cmd_token_create)
+    p = token.add_parser("list", help="list tokens (names and roles, never the secrets)")
+    _common(p)
+    p.set_defaults(handler=admin.cmd_token_list)
+    p = token.add_parser("revoke", help="revoke a token")
+    p.add_argument("name")
+    _common(p)
+    p.set_defaults(handler=admin.cmd_token_revoke)
+
+    p = sub.add_parser("audit", help="the audit log of mutating API requests (admin)")
+    p.add_argument("--since", type=int, default=0)
+    _common(p)
+    p.set_defaults(handler=admin.cmd_audit)
+
+    p = sub.add_parser("events", help="print fleet events (-f to follow)")
+    p.add_argument("--since", type=int, default=0, help="start after this event sequence number")
+    p.add_argument("-f", "--follow", action="store_true")
+    _common(p)
+    p.set_defaults(handler=admin.cmd_events)
+
+
+def add_operator_commands(sub: _SubParsers) -> None:
+    """Register ``vm``, ``host``, ``op``, ``events``, ``plan`` and ``power`` under the top-level parser."""
+    _add_vm_commands(sub)
+    _add_host_commands(sub)
+    _add_power_commands(sub)
+    _add_admin_commands(sub)
+
+
+def run_operator_command(args: argparse.Namespace) -> int:
+    """Run the parsed command's handler against the controller and return the exit code."""
+    url = args.url or os.environ.get("FLEETVISOR_URL") or DEFAULT_URL
+    ca_file = args.ca_file or os.environ.get("FLEETVISOR_CA")
+    try:
+        client = ApiClient(url, token=args.token or os.environ.get("FLEETVISOR_TOKEN"), ca_file=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"fleetvisor: cannot load the CA certificate {ca_file!r}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        code: int = args.handler(client, args)
+        return code
+    except CliError as exc:
+        print(f"fleetvisor: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        client.close()

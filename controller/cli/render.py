@@ -1,0 +1,82 @@
+"""Output shared by the command modules: tables, sizes, percentages, and operation outcomes.
+
+A command prints a table or lines for people, or JSON with ``--json`` for scripts; ``emit`` makes
+that choice. It imports only ``controller.cli.client`` of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from controller.cli.client import EXIT_FAILED
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    """Left-aligned columns under upper-case headers, two spaces apart."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def gib(mib: int) -> str:
+    """A memory size in MiB, shown in G from 1 GiB up."""
+    return f"{mib / 1024:.1f}G" if mib >= 1024 else f"{mib}M"
+
+
+def pct(value: float | None) -> str:
+    """A 0..1 fraction as a whole percentage, or ``-`` when unknown."""
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def emit(args: argparse.Namespace, data: Any, render: Callable[[Any], str]) -> None:
+    """Print ``data`` as JSON with ``--json``, else as ``render`` shows it."""
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(render(data))
+
+
+def energy_since(since: float | None) -> str:
+    """`` since <local time>`` for an energy counter's start, or nothing when it has none."""
+    if since is None:
+        return ""
+    return " since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+
+
+def render_explanation(explanation: dict[str, Any]) -> str:
+    """The scheduler's reasons for a placement: filters, rejections and the best candidates."""
+    lines = [
+        f"policy {explanation['policy']}: {explanation['candidates']} of {explanation['hosts']} hosts qualify"
+    ]
+    for name, removed in explanation.get("filtered", {}).items():
+        if removed:
+            lines.append(f"  filter {name:<22} removed {removed}")
+    for reason, count in sorted(explanation.get("rejected", {}).items()):
+        lines.append(f"  rejected for {reason:<17} {count}")
+    top = explanation.get("top") or []
+    if top:
+        lines.append("  best candidates:")
+        for rank, host in enumerate(top, 1):
+            lines.append(f"    {rank}. {host.get('host_id')}  score {host.get('score', 0):.3f}")
+    return "\n".join(lines)
+
+
+def finish_op(args: argparse.Namespace, op: dict[str, Any], what: str) -> int:
+    """Print how operation ``op`` ended (or that it goes on) and return the exit code."""
+    if args.json:
+        print(json.dumps(op, indent=2, sort_keys=True))
+    elif op["state"] == "succeeded":
+        print(f"{what}: done")
+    elif op["state"] == "running":
+        print(
+            f"{what}: in progress (operation {op['op_id']}); follow it with `fleetvisor op show {op['op_id']}`"
+        )
+    else:
+        print(f"{what}: failed: {op['error']}", file=sys.stderr)
+    return EXIT_FAILED if op["state"] == "failed" else 0

@@ -17,7 +17,7 @@ class UnknownEngine(ValueError):
 def create_driver(name: str, *, host_id: str, state_dir: pathlib.Path | None, **options: Any) -> Driver:
     """Build the engine called ``name`` for host ``host_id``.
 
-    ``options`` go to the engine's constructor (see :class:`hv.sim.engine.SimDriver` and
+    ``options`` go to the engine's constructor (see :class:`hv.sim.driver.SimDriver` and
     :class:`hv.qemu.driver.QemuDriver`).
 
     Raises:
@@ -25,7 +25,7 @@ def create_driver(name: str, *, host_id: str, state_dir: pathlib.Path | None, **
         ValueError: the engine refused its options.
     """
     if name == "sim":
-        from hv.sim.engine import SimDriver
+        from hv.sim.driver import SimDriver
 
         return SimDriver(host_id=host_id, state_dir=state_dir, **options)
     if name == "qemu":

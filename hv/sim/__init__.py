@@ -6,7 +6,8 @@ follow :mod:`protocols.migration`, the model the planners and ``vm migrate --dry
 """
 
 from hv.sim.clock import Clock, RealClock, VirtualClock
-from hv.sim.engine import HostSample, SimDriver
+from hv.sim.driver import SimDriver
+from hv.sim.host_model import HostSample
 
 __all__ = [
     "Clock",

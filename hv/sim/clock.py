@@ -2,7 +2,7 @@
 
 The sim engine never reads time directly; it asks a :class:`Clock`. In production and the demo that
 is a :class:`RealClock`. Fleet-scale tests and trace-driven evaluation share one :class:`VirtualClock`
-between thousands of :class:`hv.sim.engine.SimDriver` objects in one process: the clock is a heap of
+between thousands of :class:`hv.sim.driver.SimDriver` objects in one process: the clock is a heap of
 timers, nothing runs in the background, and time moves only when the test awaits
 :meth:`VirtualClock.advance`. A driver with nothing booting therefore costs no task and no timer.
 

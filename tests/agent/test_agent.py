@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from agent.daemon import Agent, AgentSettings
-from hv.sim.engine import SimDriver
+from hv.sim.driver import SimDriver
 from protocols import codec, topics
 from protocols.bus import Bus, BusSettings
 from protocols.messages import (

@@ -22,7 +22,8 @@ from hv.driver import (
 )
 from hv.engines import create_driver
 from hv.sim.clock import VirtualClock
-from hv.sim.engine import STATE_FILE, SimDriver
+from hv.sim.driver import SimDriver
+from hv.sim.state_file import STATE_FILE
 from protocols.migration import precopy_estimate
 from protocols.vmspec import VmSpec, VmWorkload
 

@@ -11,7 +11,7 @@ import pytest
 
 from hv.driver import InsufficientResources, InvalidRequest, InvalidState, UnknownVm, VmExists
 from hv.sim.clock import RealClock, VirtualClock
-from hv.sim.engine import SimDriver
+from hv.sim.driver import SimDriver
 from protocols.migration import (
     MIB,
     ConvergenceGuard,

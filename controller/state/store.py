@@ -16,200 +16,46 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
-import msgspec
-
+from controller.state.records import (
+    EventRecord,
+    HostEnergyRecord,
+    HostRecord,
+    OperationRecord,
+    OpKind,
+    OpState,
+    Usage,
+    VmRecord,
+    VmState,
+    encoder,
+    energy_decoder,
+    host_of,
+    op_of,
+    vm_of,
+)
+from controller.state.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
 
-SCHEMA_VERSION = 5
-
-#: Steps from one schema version to the next; each runs once, in order, inside a transaction.
-_MIGRATIONS: dict[int, str] = {
-    # 1 -> 2: host labels, as the agent reports them and as operators set them.
-    1: """
-    ALTER TABLE hosts ADD COLUMN agent_labels BLOB NOT NULL DEFAULT x'80';
-    ALTER TABLE hosts ADD COLUMN operator_labels BLOB NOT NULL DEFAULT x'80';
-    """,
-    # 2 -> 3: the destination a VM is migrating to holds a claim too.
-    2: """
-    ALTER TABLE vms ADD COLUMN migrating_to TEXT;
-    """,
-    # 3 -> 4: a host the power manager put in standby (switched off, not placeable), and since when.
-    3: """
-    ALTER TABLE hosts ADD COLUMN standby_since REAL;
-    """,
-    # 4 -> 5: each host's energy counters (joules by source), kept across controller restarts.
-    4: """
-    CREATE TABLE energy (
-        host_id TEXT PRIMARY KEY,
-        joules BLOB NOT NULL,
-        since REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    """,
-}
-
-VmState = Literal[
-    "creating",
-    "starting",
-    "running",
-    "paused",
-    "stopping",
-    "stopped",
-    "crashed",
-    "deleting",
-    "migrating",
-    "error",
-    "missing",
+__all__ = [
+    "SCHEMA_VERSION",
+    "EventRecord",
+    "HostEnergyRecord",
+    "HostRecord",
+    "OpKind",
+    "OpState",
+    "OperationRecord",
+    "Store",
+    "StoreError",
+    "Usage",
+    "VmRecord",
+    "VmState",
 ]
-OpState = Literal["running", "succeeded", "failed"]
-OpKind = Literal[
-    "create", "start", "stop", "delete", "restart", "pause", "resume", "reboot", "migrate", "evacuate"
-]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS hosts (
-    host_id TEXT PRIMARY KEY,
-    online INTEGER NOT NULL,
-    boot_id TEXT NOT NULL,
-    address TEXT NOT NULL,
-    agent_version TEXT NOT NULL,
-    capabilities BLOB NOT NULL,
-    maintenance INTEGER NOT NULL DEFAULT 0,
-    state_reason TEXT NOT NULL DEFAULT '',
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS vms (
-    name TEXT PRIMARY KEY,
-    uuid TEXT NOT NULL,
-    spec BLOB NOT NULL,
-    host_id TEXT,
-    state TEXT NOT NULL,
-    vcpus INTEGER NOT NULL,
-    memory_mib INTEGER NOT NULL,
-    disk_gib INTEGER NOT NULL,
-    op_id TEXT,
-    error TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host_id);
-CREATE TABLE IF NOT EXISTS operations (
-    op_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    vm TEXT NOT NULL,
-    host_id TEXT,
-    state TEXT NOT NULL,
-    error TEXT NOT NULL DEFAULT '',
-    params BLOB NOT NULL,
-    deadline REAL NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ops_running ON operations (state);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    type TEXT NOT NULL,
-    host_id TEXT NOT NULL DEFAULT '',
-    vm TEXT NOT NULL DEFAULT '',
-    op_id TEXT NOT NULL DEFAULT '',
-    message TEXT NOT NULL
-);
-"""
 
 
 class StoreError(Exception):
     """The store cannot be opened or used; the message says which file and what to do."""
-
-
-class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
-    host_id: str
-    online: bool
-    boot_id: str
-    address: str
-    agent_version: str
-    capabilities: Capabilities
-    maintenance: bool
-    state_reason: str
-    first_seen: float
-    last_seen: float
-    #: Labels the host's agent reports (``agent --label``), and those an operator set; the operator's win.
-    agent_labels: dict[str, str] = {}
-    operator_labels: dict[str, str] = {}
-    #: When the power manager put the host in standby (switched off, not placeable); None while it is on.
-    standby_since: float | None = None
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {**self.agent_labels, **self.operator_labels}
-
-
-class VmRecord(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    uuid: str
-    spec: VmSpec
-    host_id: str | None
-    state: VmState
-    op_id: str | None
-    error: str
-    created_at: float
-    updated_at: float
-    #: While a live migration runs: the destination, which holds a claim for the VM as well.
-    migrating_to: str | None = None
-
-
-class OperationRecord(msgspec.Struct, frozen=True, kw_only=True):
-    op_id: str
-    kind: OpKind
-    vm: str
-    host_id: str | None
-    state: OpState
-    error: str
-    params: dict[str, Any]
-    deadline: float
-    created_at: float
-    updated_at: float
-
-
-class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
-    seq: int
-    ts: float
-    type: str
-    host_id: str
-    vm: str
-    op_id: str
-    message: str
-
-
-class HostEnergyRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A host's energy counters: joules by source (``measured``, ``model``, ``standby``)."""
-
-    host_id: str
-    joules: dict[str, float]
-    #: When counting began for this host (its first saved sample).
-    since: float
-
-
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
-    """Resources claimed on one host by the VMs assigned to it."""
-
-    vcpus: int = 0
-    memory_mib: int = 0
-    disk_gib: int = 0
-    vms: int = 0
-
-
-_caps_decoder = msgspec.msgpack.Decoder(Capabilities)
-_spec_decoder = msgspec.msgpack.Decoder(VmSpec)
-_params_decoder = msgspec.msgpack.Decoder(dict[str, Any])
-_labels_decoder = msgspec.msgpack.Decoder(dict[str, str])
-_energy_decoder = msgspec.msgpack.Decoder(dict[str, float])
-_encoder = msgspec.msgpack.Encoder()
 
 
 class Store:
@@ -224,7 +70,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         except sqlite3.Error as exc:
             raise StoreError(
@@ -233,14 +79,14 @@ class Store:
         version = 1 if row is None else int(row[0])
         if row is None:
             self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
-        if version > SCHEMA_VERSION or (version not in _MIGRATIONS and version != SCHEMA_VERSION):
+        if version > SCHEMA_VERSION or (version not in MIGRATIONS and version != SCHEMA_VERSION):
             raise StoreError(
                 f"state store {self.path!r} has schema version {version}, this controller knows up to "
                 f"{SCHEMA_VERSION}; use a controller of a matching or newer version"
             )
         while version < SCHEMA_VERSION:
             self._db.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, _MIGRATIONS[version].split(";")):
+            for statement in filter(str.strip, MIGRATIONS[version].split(";")):
                 self._db.execute(statement)
             version += 1
             self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
@@ -294,11 +140,11 @@ class Store:
                 boot_id,
                 address,
                 agent_version,
-                _encoder.encode(capabilities),
+                encoder.encode(capabilities),
                 reason,
                 now,
                 now,
-                _encoder.encode(agent_labels or {}),
+                encoder.encode(agent_labels or {}),
             ),
         )
 
@@ -311,7 +157,7 @@ class Store:
         if operator_labels is not None:
             self._db.execute(
                 "UPDATE hosts SET operator_labels=? WHERE host_id=?",
-                (_encoder.encode(operator_labels), host_id),
+                (encoder.encode(operator_labels), host_id),
             )
 
     def set_host_standby(self, host_id: str, since: float | None) -> None:
@@ -328,10 +174,10 @@ class Store:
 
     def host(self, host_id: str) -> HostRecord | None:
         row = self._db.execute("SELECT * FROM hosts WHERE host_id=?", (host_id,)).fetchone()
-        return None if row is None else _host(row)
+        return None if row is None else host_of(row)
 
     def hosts(self) -> list[HostRecord]:
-        return [_host(r) for r in self._db.execute("SELECT * FROM hosts ORDER BY host_id")]
+        return [host_of(r) for r in self._db.execute("SELECT * FROM hosts ORDER BY host_id")]
 
     def usage(self) -> dict[str, Usage]:
         """Claimed resources per host: every VM with a host holds its claim, whatever its power state,
@@ -367,7 +213,7 @@ class Store:
             (
                 spec.name,
                 record.uuid,
-                _encoder.encode(spec),
+                encoder.encode(spec),
                 host_id,
                 state,
                 spec.vcpus,
@@ -382,14 +228,14 @@ class Store:
 
     def vm(self, name: str) -> VmRecord | None:
         row = self._db.execute("SELECT * FROM vms WHERE name=?", (name,)).fetchone()
-        return None if row is None else _vm(row)
+        return None if row is None else vm_of(row)
 
     def vms(self, host_id: str | None = None) -> list[VmRecord]:
         if host_id is None:
             rows = self._db.execute("SELECT * FROM vms ORDER BY name")
         else:
             rows = self._db.execute("SELECT * FROM vms WHERE host_id=? ORDER BY name", (host_id,))
-        return [_vm(r) for r in rows]
+        return [vm_of(r) for r in rows]
 
     _KEEP: Any = object()
 
@@ -447,7 +293,7 @@ class Store:
         self._db.execute(
             """INSERT INTO operations (op_id, kind, vm, host_id, state, params, deadline, created_at, updated_at)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            (op.op_id, kind, vm, host_id, "running", _encoder.encode(params), deadline, now, now),
+            (op.op_id, kind, vm, host_id, "running", encoder.encode(params), deadline, now, now),
         )
         return op
 
@@ -461,7 +307,7 @@ class Store:
         """Replace an operation's params (a long operation's persisted progress); returns the record."""
         self._db.execute(
             "UPDATE operations SET params=?, updated_at=? WHERE op_id=?",
-            (_encoder.encode(params), time.time(), op_id),
+            (encoder.encode(params), time.time(), op_id),
         )
         op = self.operation(op_id)
         assert op is not None, op_id
@@ -471,7 +317,7 @@ class Store:
         """Every host's energy counters, by host id."""
         rows = self._db.execute("SELECT host_id, joules, since FROM energy").fetchall()
         return {
-            row[0]: HostEnergyRecord(host_id=row[0], joules=_energy_decoder.decode(row[1]), since=row[2])
+            row[0]: HostEnergyRecord(host_id=row[0], joules=energy_decoder.decode(row[1]), since=row[2])
             for row in rows
         }
 
@@ -482,7 +328,7 @@ class Store:
             self._db.executemany(
                 "INSERT INTO energy (host_id, joules, since, updated_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(host_id) DO UPDATE SET joules=excluded.joules, updated_at=excluded.updated_at",
-                [(host_id, _encoder.encode(dict(j)), now, now) for host_id, j in joules.items()],
+                [(host_id, encoder.encode(dict(j)), now, now) for host_id, j in joules.items()],
             )
 
     def setting(self, key: str) -> str | None:
@@ -498,13 +344,13 @@ class Store:
 
     def operation(self, op_id: str) -> OperationRecord | None:
         row = self._db.execute("SELECT * FROM operations WHERE op_id=?", (op_id,)).fetchone()
-        return None if row is None else _op(row)
+        return None if row is None else op_of(row)
 
     def last_operation(self, vm: str, kind: OpKind) -> OperationRecord | None:
         row = self._db.execute(
             "SELECT * FROM operations WHERE vm=? AND kind=? ORDER BY created_at DESC LIMIT 1", (vm, kind)
         ).fetchone()
-        return None if row is None else _op(row)
+        return None if row is None else op_of(row)
 
     def latest_operation_times(self, kind: OpKind, since: float) -> dict[str, float]:
         """When each VM's newest operation of ``kind`` created after ``since`` was created, by VM."""
@@ -516,7 +362,7 @@ class Store:
 
     def running_operations(self) -> list[OperationRecord]:
         return [
-            _op(r)
+            op_of(r)
             for r in self._db.execute("SELECT * FROM operations WHERE state='running' ORDER BY created_at")
         ]
 
@@ -548,51 +394,3 @@ class Store:
     def last_event_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
         return int(row[0] or 0)
-
-
-def _host(row: tuple[Any, ...]) -> HostRecord:
-    return HostRecord(
-        host_id=row[0],
-        online=bool(row[1]),
-        boot_id=row[2],
-        address=row[3],
-        agent_version=row[4],
-        capabilities=_caps_decoder.decode(row[5]),
-        maintenance=bool(row[6]),
-        state_reason=row[7],
-        first_seen=row[8],
-        last_seen=row[9],
-        agent_labels=_labels_decoder.decode(row[10]),
-        operator_labels=_labels_decoder.decode(row[11]),
-        standby_since=row[12],
-    )
-
-
-def _vm(row: tuple[Any, ...]) -> VmRecord:
-    return VmRecord(
-        name=row[0],
-        uuid=row[1],
-        spec=_spec_decoder.decode(row[2]),
-        host_id=row[3],
-        state=row[4],
-        op_id=row[8],
-        error=row[9],
-        created_at=row[10],
-        updated_at=row[11],
-        migrating_to=row[12],
-    )
-
-
-def _op(row: tuple[Any, ...]) -> OperationRecord:
-    return OperationRecord(
-        op_id=row[0],
-        kind=row[1],
-        vm=row[2],
-        host_id=row[3],
-        state=row[4],
-        error=row[5],
-        params=_params_decoder.decode(row[6]),
-        deadline=row[7],
-        created_at=row[8],
-        updated_at=row[9],
-    )

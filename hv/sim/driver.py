@@ -226,7 +226,7 @@ class SimDriver(Driver):
 
         Raises:
             UnknownVm: no VM of that name.
-            InvalidState: the VM is already powered on (starting, running or paused).
+            InvalidState: the VM is already powered on (starting, running, paused or stopping).
             EngineError: the driver is not open, or the state file cannot be written.
         """
         vm = self._table.get(name)

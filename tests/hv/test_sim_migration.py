@@ -104,7 +104,7 @@ async def run_with_guard(
 async def test_full_handover_from_source_to_destination(
     source: SimDriver, dest: SimDriver, clock: VirtualClock
 ) -> None:
-    """incoming on the destination, send, completed, source paused as migrated, finish runs the copy."""
+    """Incoming on the destination, send, completed, source paused as migrated, finish runs the copy."""
     vm = spec(memory_mib=2048, dirty_mib_s=20.0)
     await running(source, vm)
     status, uri = await dest.migrate_incoming(vm, "10.0.0.2")

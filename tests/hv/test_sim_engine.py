@@ -225,7 +225,11 @@ async def test_sync_controls_raise_unknown_vm_too(driver: SimDriver) -> None:
     ("setup", "operation", "expected"),
     [
         ([], "pause", "vm 'vm' on host 'h1' is defined; pause needs it running; it is powered off"),
-        ([], "shutdown", "is defined; shutdown needs it starting, running, paused or stopping; it is powered off"),
+        (
+            [],
+            "shutdown",
+            "is defined; shutdown needs it starting, running, paused or stopping; it is powered off",
+        ),
         ([], "reboot", "is defined; reboot needs it running; it is powered off; start it first"),
         (["start"], "start", "is running; start needs it defined, stopped or crashed; it is already"),
         (["start"], "resume", "is running; resume needs it paused; it is already running"),

@@ -33,7 +33,8 @@ def router(migrations: MigrationService, ops: OperationResponses) -> APIRouter:
         )
         if dry_run:
             return json_response(migrations.plan(name, asked.to, asked.policy))
-        return await ops.respond(migrations.start(name, asked.to, asked.policy).op_id, wait)
+        started = migrations.start(name, asked.to, asked.policy, force=asked.force, reason=asked.reason)
+        return await ops.respond(started.op_id, wait)
 
     @api.post(
         f"{PREFIX}/vms/{{name}}/migrate/cancel",

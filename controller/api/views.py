@@ -107,6 +107,9 @@ class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     to: str | None = None
     policy: MigrationPolicy = MigrationPolicy()
+    #: Override the VM's placement rules (group, labels, pins); needs a ``reason``, which is recorded.
+    force: bool = False
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
 
 
 class EvacuateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

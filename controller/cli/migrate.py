@@ -78,7 +78,7 @@ def _migration_line(op: dict[str, Any]) -> str:
 
 def cmd_vm_migrate(client: ApiClient, args: argparse.Namespace) -> int:
     """``vm migrate``: live-migrate a VM, or predict how it would go (``--dry-run``)."""
-    body = {"to": args.to, "policy": _policy(args)}
+    body = {"to": args.to, "policy": _policy(args), "force": args.force, "reason": args.reason}
     if args.dry_run:
         plan = client.request("POST", f"/vms/{args.name}/migrate", params={"dry_run": "true"}, json=body)
         if args.json:

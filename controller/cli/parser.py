@@ -95,7 +95,15 @@ def _add_vm_create(vm: _SubParsers) -> None:
     p.add_argument("--affinity", dest="group_policy", action="store_const", const="affinity")
     p.add_argument("--require", action="append", metavar="KEY=VALUE", help="host label the host must carry")
     p.add_argument(
-        "--host", action="append", metavar="HOST", help="only these hosts may take it (repeatable)"
+        "--host",
+        action="append",
+        metavar="HOST",
+        help="only these hosts may take it, now and at every later move (repeatable)",
+    )
+    p.add_argument(
+        "--start-on",
+        metavar="HOST",
+        help="start it on this host; later moves may take it wherever its rules allow",
     )
     p.add_argument("--avoid-host", action="append", metavar="HOST", help="never these hosts (repeatable)")
     p.add_argument("--feature", action="append", metavar="FLAG", help="required host CPU feature, e.g. vmx")
@@ -151,6 +159,12 @@ def _add_vm_migrate(vm: _SubParsers) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="predict time, downtime and convergence; move nothing"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="override the VM's placement rules (group, labels, pins); needs --reason, which is recorded",
+    )
+    p.add_argument("--reason", default="", metavar="TEXT", help="why the rules are overridden (with --force)")
     _policy_args(p)
     _common(p)
     _waiting(p)

@@ -106,6 +106,8 @@ def _scheduling(scheduling: dict[str, Any], args: argparse.Namespace) -> dict[st
             scheduling[key] = list(getattr(args, flag))
     if args.policy:
         scheduling["policy"] = args.policy
+    if getattr(args, "start_on", None):
+        scheduling["start_on"] = args.start_on
     return scheduling
 
 

@@ -40,8 +40,11 @@ class SchedulingHints(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     group_policy: GroupPolicy | None = None
     #: Host labels that must match exactly, e.g. ``{"zone": "a"}``.
     require: dict[Label, LabelValue] = {}
-    #: Only these hosts may take the VM (empty: any host).
+    #: Only these hosts may take the VM, now and at every later move (empty: any host).
     hosts: list[HostId] = []
+    #: Place the VM on this host now. Unlike ``hosts`` it is not kept: later moves may take the VM
+    #: wherever its other rules allow (like Nova's forced host at boot).
+    start_on: HostId | None = None
     avoid_hosts: list[HostId] = []
     required_features: list[CpuFeature] = []
     accel: Literal["sim", "kvm", "tcg"] | None = None
@@ -56,6 +59,12 @@ class SchedulingHints(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         overlap = set(self.hosts) & set(self.avoid_hosts)
         if overlap:
             raise ValueError(f"hosts {sorted(overlap)} are both required and avoided; keep them in one list")
+        if self.start_on is not None and (
+            self.start_on in self.avoid_hosts or (self.hosts and self.start_on not in self.hosts)
+        ):
+            raise ValueError(
+                f"start_on {self.start_on!r} is avoided or not among the allowed hosts; start it on one of those"
+            )
 
 
 class PlacementRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,7 +111,7 @@ class PlacementRequest(msgspec.Struct, frozen=True, kw_only=True):
             engine=h.engine,
             group=h.group,
             group_policy=policy,
-            hosts=tuple(h.hosts),
+            hosts=(h.start_on,) if h.start_on else tuple(h.hosts),
             avoid_hosts=tuple(h.avoid_hosts),
             dirty_mib_s=spec.workload.dirty_mib_s,
             policy=h.policy,

@@ -28,7 +28,7 @@ from controller.scheduler import (
     SchedulingHints,
     UnknownPolicyError,
 )
-from controller.services import admission
+from controller.services import admission, placement
 from controller.services.agent_rpc import AgentRpc
 from controller.services.operations import Operations
 from controller.state.events import EventHub
@@ -133,6 +133,7 @@ class VmService:
         Raises:
             Invalid: an unknown policy.
         """
+        hints, _ = placement.resolve_group(self.store, hints)
         try:
             return self.scheduler.select(PlacementRequest.from_spec(spec, hints))
         except UnknownPolicyError as exc:
@@ -151,6 +152,7 @@ class VmService:
             raise Conflict(
                 "vm_exists", f"vm {spec.name!r} already exists; choose another name or delete it first"
             )
+        hints, new_group = placement.resolve_group(self.store, hints)
         spec = _with_group(spec, hints)
         request = PlacementRequest.from_spec(spec, hints)
         # No await from here to the store write: in one event loop this is the claim lock.
@@ -164,7 +166,9 @@ class VmService:
         try:
             self._admit(spec, host_id)
             with self.store.transaction():
-                record, op = self._insert_create(spec, host_id, start)
+                if new_group and hints is not None and hints.group is not None:
+                    self.store.insert_group(hints.group, hints.group_policy or placement.DEFAULT_GROUP_POLICY)
+                record, op = self._insert_create(spec, host_id, start, hints)
         except BaseException:
             self.fleet_state.release(spec.name, host_id)
             raise
@@ -185,6 +189,7 @@ class VmService:
         taken = [s.name for s in specs if self.store.vm(s.name) is not None]
         if taken:
             raise Conflict("vm_exists", f"vms {', '.join(taken)} already exist; choose another name prefix")
+        hints, new_group = placement.resolve_group(self.store, hints)
         specs = [_with_group(s, hints) for s in specs]
         requests = [PlacementRequest.from_spec(s, hints) for s in specs]
         try:
@@ -200,8 +205,10 @@ class VmService:
         created = []
         try:
             with self.store.transaction():
+                if new_group and hints is not None and hints.group is not None and placed:
+                    self.store.insert_group(hints.group, hints.group_policy or placement.DEFAULT_GROUP_POLICY)
                 for spec, host_id in placed:
-                    created.append(self._insert_create(spec, host_id, start))
+                    created.append(self._insert_create(spec, host_id, start, hints))
         except BaseException:
             for spec, host_id in placed:
                 self.fleet_state.release(spec.name, host_id)
@@ -220,12 +227,17 @@ class VmService:
         )
         self.operations.start(op)
 
-    def _insert_create(self, spec: VmSpec, host_id: str, start: bool) -> tuple[VmRecord, OperationRecord]:
-        """The VM row (its claim) and its create operation; call inside a transaction."""
+    def _insert_create(
+        self, spec: VmSpec, host_id: str, start: bool, hints: SchedulingHints | None = None
+    ) -> tuple[VmRecord, OperationRecord]:
+        """The VM row (its claim, and the placement rules it keeps) and its create operation.
+
+        Call it inside a transaction.
+        """
         op = self.store.insert_operation(
             kind="create", vm=spec.name, host_id=host_id, params={"start": start}, deadline=self._deadline()
         )
-        return self.store.insert_vm(spec, host_id, "creating", op.op_id), op
+        return self.store.insert_vm(spec, host_id, "creating", op.op_id, placement.stored(hints)), op
 
     def _deadline(self) -> float:
         return time.time() + self.settings.operation_timeout_s

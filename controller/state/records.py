@@ -47,6 +47,10 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     operator_labels: dict[str, str] = {}
     #: When the power manager put the host in standby (switched off, not placeable); None while it is on.
     standby_since: float | None = None
+    #: When the host was fenced (its VMs confirmed stopped: by HA's fencing, or by an operator's
+    #: ``host confirm-down``), and how; None once it is back.
+    fenced_at: float | None = None
+    fenced_how: str = ""
 
     @property
     def labels(self) -> dict[str, str]:
@@ -65,6 +69,9 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
     #: While a live migration runs: the destination, which holds a claim for the VM as well.
     migrating_to: str | None = None
+    #: The placement rules given at create (``SchedulingHints`` as a mapping), kept for the VM's life:
+    #: every later move honours them.
+    hints: dict[str, Any] = {}
 
 
 class OperationRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,6 +138,8 @@ def host_of(row: tuple[Any, ...]) -> HostRecord:
         agent_labels=labels_decoder.decode(row[10]),
         operator_labels=labels_decoder.decode(row[11]),
         standby_since=row[12],
+        fenced_at=row[13],
+        fenced_how=row[14],
     )
 
 
@@ -146,6 +155,7 @@ def vm_of(row: tuple[Any, ...]) -> VmRecord:
         created_at=row[10],
         updated_at=row[11],
         migrating_to=row[12],
+        hints=params_decoder.decode(row[13]),
     )
 
 

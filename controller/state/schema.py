@@ -6,7 +6,7 @@ step runs once, in order, inside a transaction. It imports nothing of ours.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Steps from one schema version to the next; each runs once, in order, inside a transaction.
 MIGRATIONS: dict[int, str] = {
@@ -31,6 +31,14 @@ MIGRATIONS: dict[int, str] = {
         since REAL NOT NULL,
         updated_at REAL NOT NULL
     );
+    """,
+    # 5 -> 6: placement rules kept for a VM's life (its scheduling hints), groups with their one
+    # policy, and a host's fencing (by HA, or confirmed down by an operator).
+    5: """
+    ALTER TABLE vms ADD COLUMN hints BLOB NOT NULL DEFAULT x'80';
+    CREATE TABLE groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL, created_at REAL NOT NULL);
+    ALTER TABLE hosts ADD COLUMN fenced_at REAL;
+    ALTER TABLE hosts ADD COLUMN fenced_how TEXT NOT NULL DEFAULT '';
     """,
 }
 

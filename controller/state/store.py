@@ -194,7 +194,15 @@ class Store:
 
     # -- VMs ------------------------------------------------------------------------------------
 
-    def insert_vm(self, spec: VmSpec, host_id: str | None, state: VmState, op_id: str | None) -> VmRecord:
+    def insert_vm(
+        self,
+        spec: VmSpec,
+        host_id: str | None,
+        state: VmState,
+        op_id: str | None,
+        hints: dict[str, Any] | None = None,
+    ) -> VmRecord:
+        """Record a VM (its host is its claim) with the placement rules it keeps for life."""
         now = time.time()
         record = VmRecord(
             name=spec.name,
@@ -206,10 +214,11 @@ class Store:
             error="",
             created_at=now,
             updated_at=now,
+            hints=hints or {},
         )
         self._db.execute(
             """INSERT INTO vms (name, uuid, spec, host_id, state, vcpus, memory_mib, disk_gib, op_id,
-                                created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                created_at, updated_at, hints) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 spec.name,
                 record.uuid,
@@ -222,6 +231,7 @@ class Store:
                 op_id,
                 now,
                 now,
+                encoder.encode(hints or {}),
             ),
         )
         return record
@@ -271,6 +281,28 @@ class Store:
 
     def delete_vm(self, name: str) -> None:
         self._db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    # -- groups and fencing -----------------------------------------------------------------------
+
+    def group_policy(self, name: str) -> str | None:
+        """The policy group ``name`` was created with (None: no such group yet)."""
+        row = self._db.execute("SELECT policy FROM groups WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def insert_group(self, name: str, policy: str) -> None:
+        """Create group ``name`` with its one policy (call inside a transaction)."""
+        self._db.execute(
+            "INSERT INTO groups (name, policy, created_at) VALUES (?, ?, ?)", (name, policy, time.time())
+        )
+
+    def set_host_fenced(self, host_id: str, at: float | None, how: str = "") -> None:
+        """Record that ``host_id`` was fenced at ``at`` and how (None: it is back, no longer fenced)."""
+        self._db.execute("UPDATE hosts SET fenced_at=?, fenced_how=? WHERE host_id=?", (at, how, host_id))
+
+    def delete_host(self, host_id: str) -> None:
+        """Remove a host's record (``host forget``); its VMs' records are the caller's to settle."""
+        self._db.execute("DELETE FROM hosts WHERE host_id=?", (host_id,))
+        self._db.execute("DELETE FROM energy WHERE host_id=?", (host_id,))
 
     # -- operations -----------------------------------------------------------------------------
 

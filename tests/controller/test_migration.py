@@ -26,7 +26,7 @@ async def _make(fleet: Fleet, name: str, host: str, memory: int = 512, dirty: fl
             "name": name,
             "memory_mib": spec.memory_mib,
             "workload": {"dirty_mib_s": dirty},
-            "scheduling": {"hosts": [host]},
+            "scheduling": {"start_on": host},
         }
         r = await client.post("/api/v1/vms", json=body, params={"wait": 10})
         assert r.status_code == 200, r.text

@@ -61,7 +61,7 @@ async def power_fleet(
 
 async def make_vm(fleet: Fleet, name: str, host: str, cpu: float = 0.1, memory: int = 512) -> None:
     spec = VmSpec(name=name, memory_mib=memory, workload=VmWorkload(cpu_util=cpu, dirty_mib_s=2.0))
-    _, op, _ = fleet.ctl.vms.create(spec, hints=SchedulingHints(hosts=(host,)))
+    _, op, _ = fleet.ctl.vms.create(spec, hints=SchedulingHints(start_on=host))
     done = await fleet.ctl.operations.wait(op.op_id, 10)
     assert done.state == "succeeded", done.error
 

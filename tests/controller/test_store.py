@@ -84,8 +84,8 @@ def test_store_refuses_a_file_from_another_schema_version(tmp_path):
 
 
 def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
-    """Opening a schema-1 file adds the label, migration and standby columns and the energy table, keeps
-    every row, records version 5.
+    """Opening a schema-1 file adds the label, migration, standby, hints and fencing columns and the
+    energy and group tables, keeps every row, records version 6.
     """
     path = tmp_path / "old.sqlite"
     store = Store(path)
@@ -107,7 +107,9 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
         raw.execute("DROP TABLE hosts")
         raw.execute("ALTER TABLE hosts_v1 RENAME TO hosts")
         raw.execute("ALTER TABLE vms DROP COLUMN migrating_to")
+        raw.execute("ALTER TABLE vms DROP COLUMN hints")
         raw.execute("DROP TABLE energy")
+        raw.execute("DROP TABLE groups")
         raw.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     migrated = Store(path)
     host = migrated.host("h1")
@@ -115,7 +117,7 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     migrated.set_host_admin("h1", operator_labels={"zone": "a"})
     assert migrated.host("h1").labels == {"zone": "a"}  # type: ignore[union-attr]
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "5"
+        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
     migrated.insert_vm(VmSpec(name="v", memory_mib=256), "h1", "running", None)
     migrated.update_vm("v", migrating_to="h1")
     assert migrated.vm("v").migrating_to == "h1"  # type: ignore[union-attr]
@@ -127,3 +129,12 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     migrated.save_energy({"h1": {"model": 7200.0, "measured": 10.0}})
     saved = migrated.energy()["h1"]
     assert saved.joules == {"model": 7200.0, "measured": 10.0} and saved.since > 0
+    assert migrated.vm("v").hints == {}  # type: ignore[union-attr]
+    migrated.insert_vm(VmSpec(name="w", memory_mib=256), "h1", "running", None, {"hosts": ["h1"]})
+    assert migrated.vm("w").hints == {"hosts": ["h1"]}  # type: ignore[union-attr]
+    assert migrated.group_policy("g") is None
+    migrated.insert_group("g", "affinity")
+    assert migrated.group_policy("g") == "affinity"
+    migrated.set_host_fenced("h1", 99.0, "confirmed down by an operator")
+    fenced = migrated.host("h1")
+    assert fenced is not None and fenced.fenced_at == 99.0 and fenced.fenced_how.startswith("confirmed")

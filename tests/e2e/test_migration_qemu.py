@@ -22,12 +22,12 @@ import pytest
 
 from tests.support import free_port
 from tests.support.brokers import MosquittoBroker
-from tests.support.processes import ROOT, Proc, start_process_fleet, wait_for
-from tests.support.qemu import counter_values, kill_qemus_under, qemu_skip_reason
+from tests.support.needs import missing
+from tests.support.processes import Proc, start_process_fleet, wait_for
+from tests.support.qemu import counter_values, kill_qemus_under, require_guests
 
 pytestmark = pytest.mark.timeout(180)
 
-TINY = ROOT / ".cache" / "guests" / "tiny.elf"
 #: A guest that has dirtied 4 MiB/s for 4 s, sent over an 8 MiB/s link: its pre-copy takes a few
 #: seconds, long enough to break something in the middle, and then converges. A guest that dirties
 #: nothing migrates in a blink: QEMU sends untouched pages as markers.
@@ -36,14 +36,11 @@ SLOW = {"bandwidth_mib_s": 8}
 
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    reason = qemu_skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    if not TINY.exists():
-        pytest.skip(f"the tiny guest is not built ({TINY}); run ./scripts/build-guests")
+    """A private image directory holding the tiny guest (skips without QEMU or the guest; fails under CI)."""
+    tiny = require_guests().tiny
     d = tmp_path / "images"
     d.mkdir()
-    shutil.copy(TINY, d / "tiny.elf")
+    shutil.copy(tiny, d / "tiny.elf")
     return d
 
 
@@ -75,7 +72,7 @@ def _create(url: str, images: Path, name: str = "mover", memory: int = 128, dirt
         "console": False,
         "rng": False,
         "balloon": False,
-        "scheduling": {"hosts": ["h1"]},
+        "scheduling": {"start_on": "h1"},
     }
     r = httpx.post(f"{url}/api/v1/vms", json=body, params={"wait": 30}, timeout=40)
     assert r.status_code == 200, r.text
@@ -164,11 +161,10 @@ def test_the_linux_guest_migrates_between_agent_processes_and_keeps_counting(
     mosquitto, procs, tmp_path, images
 ):
     """Debian's kernel with the busybox initramfs: after the move its counter goes on on h2, one copy runs."""
-    from tests.support.qemu import build_guests, linux_cmdline
+    from tests.support.qemu import linux_cmdline
 
-    guests = build_guests()
-    if isinstance(guests, str) or guests.linux_kernel is None or guests.linux_initrd is None:
-        pytest.skip(f"the Linux guest is not built: {guests if isinstance(guests, str) else 'no kernel'}")
+    guests = require_guests(linux=True)
+    assert guests.linux_kernel is not None and guests.linux_initrd is not None
     for path in (guests.linux_kernel, guests.linux_initrd):
         shutil.copy(path, images / path.name)
     fleet = _fleet(procs, mosquitto, tmp_path, images)
@@ -181,7 +177,7 @@ def test_the_linux_guest_migrates_between_agent_processes_and_keeps_counting(
             "initrd": str(images / guests.linux_initrd.name),
             "cmdline": linux_cmdline("microvm"),
         },
-        "scheduling": {"hosts": ["h1"]},
+        "scheduling": {"start_on": "h1"},
     }
     r = httpx.post(f"{fleet.url}/api/v1/vms", json=body, params={"wait": 60}, timeout=70)
     assert r.status_code == 200, r.text
@@ -286,7 +282,7 @@ def _restart_agent(procs: Any, broker: Any, tmp_path: Path, images: Path, host: 
 
 def _netns_skip_reason() -> str | None:
     if os.geteuid() != 0:
-        return "network namespaces need root"
+        return "network namespaces need root (CI runs ./scripts/test as root)"
     if shutil.which("ip") is None:
         return "the ip command (iproute2) is missing; apt-get install -y iproute2"
     return None
@@ -336,14 +332,14 @@ def test_network_between_the_hosts_drops_mid_migration_and_the_vm_stays_on_its_s
     """h2 in its own namespace; its data link goes down mid-send: the stall detector aborts, the VM runs on h1."""
     reason = _netns_skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        missing(reason)
     ns = _Namespace()
     ns.destroy()
     try:
         ns.create()
     except subprocess.CalledProcessError as exc:
         ns.destroy()
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr.decode(errors='replace').strip()}")
+        missing(f"cannot create network namespaces here: {exc.stderr.decode(errors='replace').strip()}")
     ns_port = free_port()
     broker = MosquittoBroker(
         tmp_path / "mosquitto", free_port(), extra_config=f"listener {ns_port} {ns.mgmt_root}"

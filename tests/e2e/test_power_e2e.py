@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.support import free_port
-from tests.support.ipmi import IpmiSim, ipmi_skip_reason, pid_alive
+from tests.support.ipmi import IpmiSim, pid_alive, require_ipmi
 from tests.support.processes import ROOT, Proc, wait_for
 
 HOSTS = ("h1", "h2", "h3")
@@ -35,9 +35,7 @@ AGENT_ARGS = ("--telemetry-interval", "0.25", "--cores", "4", "--memory-mib", "8
 @contextlib.contextmanager
 def _bmcs(broker_url: str, root: Path) -> Iterator[dict[str, IpmiSim]]:
     """One ipmi_sim per host whose chassis power runs that host's agent; all powered on, then stopped."""
-    reason = ipmi_skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_ipmi()
     sims: dict[str, IpmiSim] = {}
     try:
         for host in HOSTS:
@@ -70,7 +68,7 @@ def _events(url: str, kind: str) -> list[dict[str, Any]]:
 def _create(url: str, name: str, cpu: float, count: int, host: str | None = None) -> None:
     body: dict[str, Any] = {"name": name, "memory_mib": 512, "count": count, "workload": {"cpu_util": cpu}}
     if host is not None:
-        body["scheduling"] = {"hosts": [host]}
+        body["scheduling"] = {"start_on": host}
     _api(url, "POST", "/vms", json=body, params={"wait": 15})
 
 

@@ -46,7 +46,8 @@ from typing import Literal
 from controller.common.tasks import TaskSet
 from controller.hardware import BmcConfig, PowerError, factory
 from controller.hardware.fencing import BmcFencer, ProcessFencer
-from controller.scheduler import FleetState, PlacementRequest, Scheduler, SchedulingHints
+from controller.scheduler import FleetState, Scheduler
+from controller.services import placement
 from controller.services.ha.detector import DetectorSettings, FailureDetector, Transition
 from controller.services.vms import VmService
 from controller.state.events import EventHub
@@ -269,7 +270,7 @@ class HaService:
         record = self.store.vm(name)
         assert record is not None
         bad = sorted({h for h, s in self.detector.hosts.items() if s.state != "up"} | {failed_host})
-        request = PlacementRequest.from_spec(record.spec, SchedulingHints(avoid_hosts=bad))
+        request = placement.restart_request(self.store, record, bad)
         decision = self.scheduler.select(request)
         if decision.refusal is not None or decision.host_id is None:
             reason = decision.refusal.message if decision.refusal else "no host"

@@ -30,8 +30,9 @@ from typing import Any
 
 import msgspec
 
-from controller.common.errors import Conflict, Invalid
-from controller.scheduler import Decision, FleetState, PlacementRequest, Scheduler
+from controller.common.errors import Conflict, DomainError, Invalid
+from controller.scheduler import Decision, FleetState, Scheduler
+from controller.services import placement
 from controller.services.agent_rpc import AgentRpc
 from controller.services.hosts import HostService
 from controller.services.operations import Operations
@@ -128,8 +129,15 @@ class MigrationService:
     # -- requests ---------------------------------------------------------------------------------
 
     def _choose(
-        self, record: VmRecord, to: str | None, *, claim: bool, avoid: tuple[str, ...] = ()
+        self,
+        record: VmRecord,
+        to: str | None,
+        *,
+        claim: bool,
+        avoid: tuple[str, ...] = (),
+        force: bool = False,
     ) -> Decision:
+        """Where ``record`` may go under its placement rules (all but resources and policy if ``force``)."""
         assert record.host_id is not None
         if to is not None:
             self.hosts.require(to)
@@ -139,15 +147,26 @@ class MigrationService:
                 )
         caps = self.store.host(record.host_id)
         request = msgspec.structs.replace(
-            PlacementRequest.from_spec(record.spec),
-            source_host=record.host_id,
-            dirty_mib_s=self.dirty_rate(record),
-            hosts=(to,) if to else (),
-            avoid_hosts=(record.host_id, *avoid),
+            placement.move_request(
+                self.store, record, to=to, avoid=avoid, dirty_mib_s=self.dirty_rate(record), force=force
+            ),
             engine=caps.capabilities.engine if caps else None,
             accel=caps.capabilities.accel if caps else None,
         )
         return self.scheduler.select_and_claim(request) if claim else self.scheduler.select(request)
+
+    def refusal(self, name: str, to: str | None = None, avoid: tuple[str, ...] = ()) -> str | None:
+        """Why moving ``name`` (to ``to``) would break its placement rules or not fit; None if it may go."""
+        record = self.store.vm(name)
+        if record is None or record.host_id is None:
+            return f"vm {name!r} has no host"
+        try:
+            decision = self._choose(record, to, claim=False, avoid=avoid)
+        except DomainError as exc:
+            return exc.message
+        if decision.host_id is None:
+            return decision.refusal.message if decision.refusal is not None else "no host can take it"
+        return None
 
     def dirty_rate(self, record: VmRecord) -> float:
         """The VM's dirty rate now, from its host's telemetry (its spec's workload when none)."""
@@ -188,7 +207,14 @@ class MigrationService:
         )
 
     def start(
-        self, name: str, to: str | None, policy: MigrationPolicy, *, avoid: tuple[str, ...] = ()
+        self,
+        name: str,
+        to: str | None,
+        policy: MigrationPolicy,
+        *,
+        avoid: tuple[str, ...] = (),
+        force: bool = False,
+        reason: str = "",
     ) -> OperationRecord:
         """Begin migrating ``name`` (to ``to``, or where the scheduler says). Returns the operation.
 
@@ -198,7 +224,12 @@ class MigrationService:
         """
         record = self._checked(name, policy)
         assert record.host_id is not None
-        decision = self._choose(record, to, claim=True, avoid=avoid)
+        if force and not reason.strip():
+            raise Invalid(
+                "reason_required",
+                f"migrate vm {name!r} with force overrides its placement rules; say why with --reason TEXT",
+            )
+        decision = self._choose(record, to, claim=True, avoid=avoid, force=force)
         if decision.host_id is None:
             raise refusal_error(decision)
         target = decision.host_id
@@ -212,6 +243,8 @@ class MigrationService:
                 predict(record.spec.memory_mib, self.dirty_rate(record), policy)
             ),
         }
+        if force:
+            params["forced"] = reason
         with self.store.transaction():
             op = self.store.insert_operation(
                 kind="migrate", vm=name, host_id=record.host_id, params=params, deadline=time.time()
@@ -224,6 +257,14 @@ class MigrationService:
             vm=name,
             op_id=op.op_id,
         )
+        if force:
+            self.events.emit(
+                "vm.migrate.forced",
+                f"migrate vm {name} to {target} overrides its placement rules; reason: {reason.strip()}",
+                host_id=record.host_id,
+                vm=name,
+                op_id=op.op_id,
+            )
         self.operations.start(op)
         return op
 

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
+import msgspec
+
 from controller.common.errors import Conflict
 from controller.hardware import PowerDriver, power_driver
 from controller.scheduler import CapacitySettings, FleetState
@@ -36,6 +38,7 @@ from controller.services.power.settings import (
     HostPower,
     HostPowerReport,
     Plan,
+    PlannedMove,
     PlanOutcome,
     PowerSettings,
     PowerStatus,
@@ -81,6 +84,7 @@ class PowerService:
         if problems:
             raise ValueError("power settings: " + "; ".join(problems))
         self.store = store
+        self._migrations = migrations
         self.events = events
         self.live = live
         self.health = health
@@ -265,8 +269,34 @@ class PowerService:
             settings=self.settings,
             round_=self.round,
         )
-        self.plan = self._planner.compute(view, round_=self.round, mode=self.mode)
+        self.plan = self._vetted(self._planner.compute(view, round_=self.round, mode=self.mode))
         return self.plan
+
+    def _vetted(self, plan: Plan) -> Plan:
+        """``plan`` without the moves that would break a VM's placement rules (group, labels, pins),
+        and without the standby of a host such a move was to empty; each is named in the notes.
+        """
+        kept: list[PlannedMove] = []
+        notes = list(plan.notes)
+        blocked: set[str] = set()
+        for move in plan.moves:
+            why = self._migrations.refusal(move.vm, move.target)
+            if why is None:
+                kept.append(move)
+                continue
+            blocked.add(move.source)
+            notes.append(
+                f"vm {move.vm} stays on {move.source}: moving it to {move.target} is refused ({why})"
+            )
+        if not blocked:
+            return plan
+        power = [p for p in plan.power if not (p.action == "standby" and p.host_id in blocked)]
+        notes.extend(
+            f"host {p.host_id} stays on: a VM it holds may not move"
+            for p in plan.power
+            if p.action == "standby" and p.host_id in blocked
+        )
+        return msgspec.structs.replace(plan, moves=kept, power=power, notes=notes)
 
     def _publish(self, plan: Plan) -> None:
         """Emit the plan as events when it differs from the one published last."""

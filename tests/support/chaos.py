@@ -266,7 +266,14 @@ class Workload:
 
 
 def _outcome(reply: httpx.Response) -> str:
-    return "accepted" if reply.is_success else f"refused {reply.status_code}"
+    """``accepted``, or ``refused STATUS CODE`` with the API's error code (``vm_busy``...)."""
+    if reply.is_success:
+        return "accepted"
+    try:
+        code = reply.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = ""
+    return f"refused {reply.status_code} {code}".strip()
 
 
 class ChaosRun:

@@ -4,29 +4,35 @@
 # It moves to the repository root, makes sure the Debian packages a script needs are installed
 # (installing them when running as root), and creates or reuses .venv, reinstalling the project
 # only when pyproject.toml changed since the last install. After sourcing, FV_ROOT is the repo root,
-# FV_VENV the virtualenv and FV_BIN its bin directory, and the cwd is FV_ROOT.
+# FV_VENV the virtualenv and FV_BIN its bin directory, FV_GUEST_DIR the directory of the test guests
+# (scripts/build-guests writes there, tests and benches read there; set it to move them), and the
+# cwd is FV_ROOT.
 
 FV_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FV_VENV="$FV_ROOT/.venv"
 FV_BIN="$FV_VENV/bin"
-export FV_ROOT FV_VENV FV_BIN
+# The same default as scripts/build-guests and tests/support/qemu.py (guest_dir).
+FV_GUEST_DIR="${FV_GUEST_DIR:-$FV_ROOT/.cache/guests}"
+export FV_ROOT FV_VENV FV_BIN FV_GUEST_DIR
 cd "$FV_ROOT"
 
-# Debian packages the scripts need, as "package:binary" (the binary tells a non-Debian machine that
-# the tool is there anyway). This is the one place to add more (qemu-system-x86:qemu-system-x86_64,
-# ...).
+# Debian packages the scripts need, as "package:probe". The probe tells a non-Debian machine that the
+# tool is there anyway: a binary on PATH, a /path/glob, or static:BINARY for a binary on PATH that
+# must be statically linked. This is the one place to add more (qemu-system-x86:qemu-system-x86_64,
+# ...); tests/test_scripts.py pins the entries the tests cannot do without.
 # shellcheck disable=SC2034  # read by fv_ensure_system_packages through a nameref
 FV_PACKAGES_TEST=(
     "mosquitto:mosquitto"
     "mosquitto-clients:mosquitto_pub"
     "qemu-system-x86:qemu-system-x86_64"
     "qemu-utils:qemu-img"
-    "busybox-static:busybox"
+    "busybox-static:static:busybox"
     "linux-image-amd64:/boot/vmlinuz-*"
     "cpio:cpio"
     "binutils:ld"
     "openipmi:ipmi_sim"
     "ipmitool:ipmitool"
+    "iproute2:ip"
 )
 # shellcheck disable=SC2034
 FV_PACKAGES_BENCH=("${FV_PACKAGES_TEST[@]}")
@@ -54,7 +60,23 @@ fv_quiet() {
     return "$status"
 }
 
-fv_have_package() { # PACKAGE BINARY-or-/PATH/GLOB
+# Whether BINARY is on PATH and statically linked (ldd refuses it: "not a dynamic executable").
+fv_have_static_binary() { # BINARY
+    local path
+    path="$(command -v "$1" 2>/dev/null)" || return 1
+    command -v ldd >/dev/null 2>&1 || return 1 # cannot tell: say missing rather than guess
+    ! ldd "$path" >/dev/null 2>&1
+}
+
+# Whether PACKAGE is installed, by dpkg's own status, else by its probe (see FV_PACKAGES_TEST).
+#
+# busybox-static is the case the probe must get right. Debian's busybox and busybox-static conflict
+# and both install /bin/busybox, so "a busybox on PATH" also holds for the dynamic one, which cannot
+# run alone in the guest's initramfs (scripts/build-guests refuses it). dpkg's status of
+# busybox-static is exact on Debian but says nothing elsewhere, and a busybox from anywhere else
+# serves as well if it is static. So the probe checks what the build needs, the binary being static,
+# and dpkg's "installed" for busybox-static itself is the other way to pass.
+fv_have_package() { # PACKAGE PROBE
     local status
     if command -v dpkg-query >/dev/null 2>&1; then
         status="$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)"
@@ -62,13 +84,16 @@ fv_have_package() { # PACKAGE BINARY-or-/PATH/GLOB
     fi
     case "$2" in
         /*) compgen -G "$2" >/dev/null ;; # a file the package installs, e.g. /boot/vmlinuz-*
+        static:*) fv_have_static_binary "${2#static:}" ;;
         *) PATH="$PATH:/usr/sbin:/usr/local/sbin:/sbin" command -v "$2" >/dev/null 2>&1 ;;
     esac
 }
 
 # fv_ensure_system_packages LISTNAME: install the missing packages of the named list when root;
 # otherwise say what is missing and how to get it, and carry on (tests that need it skip).
-# Under CI (CI=true) a failed install is fatal, so a green run cannot hide skipped broker tests.
+# Under CI (CI=true) a package that is still missing is fatal, whether the install failed or there
+# was no root to install it: a green CI run cannot hide tests that skipped (and the tests themselves
+# fail instead of skipping there, see tests/support/needs.py).
 fv_ensure_system_packages() {
     local -n fv_wanted="$1"
     local entry missing=()
@@ -77,6 +102,9 @@ fv_ensure_system_packages() {
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ]; then
+        if [ "${CI:-}" = "true" ]; then
+            fv_die "missing Debian package(s) under CI: ${missing[*]}; run as root to install them, or install them first: apt-get install -y ${missing[*]}"
+        fi
         fv_say "missing Debian package(s): ${missing[*]} (tests that need them will be skipped);"
         fv_say "install them with: sudo apt-get update && sudo apt-get install -y ${missing[*]}"
         return 0

@@ -1,7 +1,8 @@
 """Fixtures for the whole suite: real brokers on free loopback ports.
 
 ``mosquitto``: a started :class:`~tests.support.brokers.MosquittoBroker` (function scope; skipped
-with a reason when the binary is missing). ``mosquitto_factory(persistence=..., port=...,
+with a reason when the binary is missing, failed under CI: see :mod:`tests.support.needs`, whose
+``needs`` marker is registered and checked here). ``mosquitto_factory(persistence=..., port=...,
 extra_config=...)`` starts more, or differently configured, brokers. ``embedded_broker``: a
 started amqtt broker (MQTT 3.1.1 only) in the test's event loop. Every broker is stopped when the
 test ends, by PID; a failing test prints the end of its broker's log.
@@ -24,12 +25,26 @@ from tests.support.brokers import (
     quiet_amqtt_loggers,
     restore_levels,
 )
+from tests.support.needs import MARKER as NEEDS_MARKER
+from tests.support.needs import check_marks, need
 from tests.support.processes import Proc
 
 #: amqtt 0.12.1 warns about its own documented ``sys_interval`` option; nothing else is ignored.
 AMQTT_WARNING_FILTERS = ("ignore:sys_interval is deprecated:DeprecationWarning",)
 
 _MOSQUITTO_FIXTURES = {"mosquitto", "mosquitto_factory", "mosquitto_binary"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{NEEDS_MARKER}(condition, reason): skip unless condition holds; fail instead under CI=true",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    check_marks(item)  # before the fixtures: a test that cannot run starts no broker
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -61,12 +76,10 @@ def _failed(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(scope="session")
 def mosquitto_binary() -> str:
-    """Path of the mosquitto binary; skips the test when it is not installed."""
+    """Path of the mosquitto binary; skips the test when it is not installed (fails it under CI)."""
     found = find_mosquitto()
-    if found is None:
-        pytest.skip(
-            "mosquitto is not installed (apt-get install -y mosquitto, or run ./scripts/test as root)"
-        )
+    need(found, "mosquitto is not installed (apt-get install -y mosquitto, or run ./scripts/test as root)")
+    assert found is not None
     return found
 
 

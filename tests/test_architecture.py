@@ -8,12 +8,11 @@ composition root ``fleetvisor.py`` may wire layers together) and imports hidden 
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.support.needs import missing, need_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSITION_ROOT = "fleetvisor.py"
@@ -33,10 +32,7 @@ RUNTIME_LAYERS = frozenset({"hv", "agent", "controller"})
 def _lint_imports() -> Path:
     candidate = Path(sys.executable).parent / "lint-imports"
     if not candidate.exists():
-        message = f"lint-imports not found beside {sys.executable}; pip install -e '.[dev]'"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"lint-imports not found beside {sys.executable}; pip install -e '.[dev]'")
     return candidate
 
 
@@ -176,7 +172,7 @@ def test_no_import_circle_anywhere() -> None:
     Imports inside functions and under TYPE_CHECKING count: a circle hidden from Python at run time
     is still a circle in the design.
     """
-    grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter (pip install -e '.[dev]')")
+    grimp = need_module("grimp", "grimp comes with import-linter (pip install -e '.[dev]')")
     graph = grimp.build_graph(*PACKAGES)
     edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
     circles = [sorted(c) for c in _strongly_connected(edges) if len(c) > 1]

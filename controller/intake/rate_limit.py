@@ -4,6 +4,9 @@ Every message from a host's subtree passes a token bucket for its (host, topic f
 decoded. Past the bucket, messages are dropped cheaply: no decoding, one counter increment, and a log
 line at most every few seconds per host. The limits sit far above what a healthy agent sends (one
 telemetry sample a second, a handful of events per operation), so only floods meet them.
+
+The limiter reads time through ``clock`` (``time.monotonic`` unless told otherwise), so a test can
+drive refills with a fake clock instead of sleeping.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -33,8 +37,11 @@ class RateLimits:
 
 
 class InboundLimiter:
-    def __init__(self, limits: RateLimits | None = None) -> None:
+    def __init__(
+        self, limits: RateLimits | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limits = limits or RateLimits()
+        self._clock = clock
         self.dropped: Counter[str] = Counter()
         self._buckets: dict[tuple[str, str], list[float]] = {}
         self._last_log: dict[str, float] = {}
@@ -42,7 +49,7 @@ class InboundLimiter:
     def allow(self, host_id: str, family: str, *, count_drop: bool = True) -> bool:
         """Take a token for one message; False (counted, unless ``count_drop`` is off) when over the rate."""
         rate, burst = self.limits.per_family.get(family, (1000.0, 5000.0))
-        now = time.monotonic()
+        now = self._clock()
         bucket = self._buckets.get((host_id, family))
         if bucket is None:
             bucket = self._buckets[(host_id, family)] = [burst, now]

@@ -17,6 +17,7 @@ from protocols.messages import HostState
 from tests.support import free_port
 from tests.support.brokers import find_mosquitto, wait_listening
 from tests.support.fleet import FAST_BUS, eventually
+from tests.support.needs import need
 
 
 class Secured:
@@ -42,8 +43,8 @@ class Secured:
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[Secured]:
     binary = find_mosquitto()
-    if binary is None:
-        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+    need(binary, "mosquitto is not installed (apt-get install -y mosquitto)")
+    assert binary is not None
     port = free_port()
     config = broker_config.generate(
         ["h1", "h2"], tmp_path / "broker", listen="127.0.0.1", port=port, iterations=1000

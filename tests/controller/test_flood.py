@@ -14,12 +14,17 @@ from tests.support.fleet import FAST_BUS, Fleet, eventually
 
 def test_token_bucket_allows_the_burst_then_the_rate():
     """A bucket passes its burst at once, then refuses until tokens refill at the set rate."""
-    limiter = InboundLimiter(RateLimits(per_family={"telemetry": (10.0, 5.0)}))
+    now = [1000.0]
+    limiter = InboundLimiter(RateLimits(per_family={"telemetry": (10.0, 5.0)}), clock=lambda: now[0])
     passed = sum(limiter.allow("h1", "telemetry") for _ in range(20))
     assert passed == 5 and limiter.dropped["h1"] == 15
     assert limiter.allow("h2", "telemetry"), "another host has its own bucket"
-    time.sleep(0.25)
-    assert sum(limiter.allow("h1", "telemetry") for _ in range(10)) in (2, 3)
+    now[0] += 0.25  # 2.5 tokens at 10/s: two whole messages, and half a token carried over
+    assert sum(limiter.allow("h1", "telemetry") for _ in range(10)) == 2
+    now[0] += 0.1  # one new token plus the carried half: one more passes, the half stays
+    assert limiter.allow("h1", "telemetry") and not limiter.allow("h1", "telemetry")
+    now[0] += 60.0  # a long quiet spell refills only up to the burst
+    assert sum(limiter.allow("h1", "telemetry") for _ in range(20)) == 5
 
 
 async def test_a_flooding_host_is_limited_while_its_neighbour_keeps_reporting(mosquitto, tmp_path):

@@ -18,17 +18,15 @@ from typing import Any
 
 import httpx
 import msgspec
-import pytest
 
 from tests.support import free_port
 from tests.support.processes import Proc, start_process_fleet, wait_for
 from tests.support.qemu import (
-    build_guests,
     counter_values,
     kill_qemus_under,
     linux_spec,
     pid_alive,
-    qemu_skip_reason,
+    require_guests,
     tiny_spec,
 )
 
@@ -37,12 +35,7 @@ def test_a_qemu_vm_through_the_api_survives_its_agent_being_killed(
     mosquitto: Any, procs: Callable[..., Proc], tmp_path: Path
 ) -> None:
     """Create the tiny guest via the API, kill -9 the agent (QEMU runs on), restart it, stop and delete."""
-    reason = qemu_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    guests = build_guests()
-    if isinstance(guests, str):
-        pytest.skip(guests)
+    guests = require_guests()
     state_dir = tmp_path / "h1"
     images = state_dir / "images"
     images.mkdir(parents=True)
@@ -155,12 +148,7 @@ def test_both_guests_through_the_api_pause_resume_shut_down_and_report_a_killed_
     """Tiny guest: pause stops its counter, resume restarts it, kill -9 of QEMU is reported as crashed.
     Linux guest: READY and its virtio devices on the serial log, then a graceful ACPI shutdown.
     """
-    reason = qemu_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    guests = build_guests()
-    if isinstance(guests, str):
-        pytest.skip(guests)
+    guests = require_guests(linux=True)
     state_dir = tmp_path / "h1"
     images = state_dir / "images"
     images.mkdir(parents=True)

@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from tests.support.needs import missing
+
 #: RMCP/ASF Presence Ping; any BMC answers it without a session, so it tells when ipmi_sim is up.
 ASF_PING = bytes.fromhex("0600ff06000011be80000000")
 
@@ -76,6 +78,17 @@ def ipmi_skip_reason() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install -y {package})"
     return None
+
+
+def require_ipmi() -> None:
+    """Go on when ipmi_sim and ipmitool are installed.
+
+    Raises:
+        pytest.skip.Exception: one is missing (pytest.fail's under CI, see tests.support.needs).
+    """
+    reason = ipmi_skip_reason()
+    if reason is not None:
+        missing(reason)
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:

@@ -1,8 +1,10 @@
 """Real QEMU for tests: the project's test guests, VM specs that boot them, and cleanup by PID.
 
 The guests come from ``scripts/build-guests`` (run on demand here; it is idempotent and fast when
-nothing changed). ``FV_GUEST_DIR`` moves their cache. :func:`qemu_skip_reason` says why QEMU tests
-cannot run on this machine, for ``pytest.skip``.
+nothing changed). They live in one directory, :func:`guest_dir`: ``$FV_GUEST_DIR``, else .cache/guests
+in the repo, the same default scripts/build-guests and scripts/_env.sh use; every test and bench finds
+them through it. :func:`qemu_skip_reason` says why QEMU tests cannot run on this machine, and
+:func:`require_guests` skips a test for it (fails it under CI, see :mod:`tests.support.needs`).
 
 Every QEMU a test starts is found again through the driver's state directory (each VM's pid file
 and ``state.json``) and killed by its PID with :func:`kill_qemus_under`: never by name.
@@ -25,9 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocols.vmspec import BootSpec, DiskSpec, NicSpec, VmSpec
+from tests.support.needs import missing, need
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-guests"
+#: Where the guests are when ``FV_GUEST_DIR`` is not set (scripts/build-guests' own default).
+DEFAULT_GUEST_DIR = ROOT / ".cache" / "guests"
+NO_LINUX_GUEST = (
+    "no Linux guest: scripts/build-guests found no /boot/vmlinuz-* with modules "
+    "(apt-get install -y linux-image-amd64 busybox-static cpio)"
+)
+
+
+def guest_dir() -> Path:
+    """The directory of the built test guests: ``$FV_GUEST_DIR``, else .cache/guests in the repo."""
+    return Path(os.environ.get("FV_GUEST_DIR") or DEFAULT_GUEST_DIR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +65,7 @@ def qemu_skip_reason() -> str | None:
 @functools.cache
 def build_guests() -> Guests | str:
     """Build (or find) the test guests; a string says why they could not be built."""
-    out_dir = Path(os.environ.get("FV_GUEST_DIR", ROOT / ".cache" / "guests"))
+    out_dir = guest_dir()
     try:
         done = subprocess.run(
             [str(BUILD_SCRIPT), str(out_dir)], capture_output=True, text=True, timeout=300, check=False
@@ -68,6 +82,23 @@ def build_guests() -> Guests | str:
         linux_kernel=Path(kernel) if kernel else None,
         linux_initrd=Path(initrd) if initrd else None,
     )
+
+
+def require_guests(*, linux: bool = False) -> Guests:
+    """The built guests (the Linux one too when ``linux``), for a test that boots them.
+
+    Raises:
+        pytest.skip.Exception: QEMU or a guest is missing (pytest.fail's under CI).
+    """
+    reason = qemu_skip_reason()
+    if reason:
+        missing(reason)
+    built = build_guests()
+    if isinstance(built, str):
+        missing(built)
+    if linux:
+        need(built.linux_kernel is not None and built.linux_initrd is not None, NO_LINUX_GUEST)
+    return built
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from protocols import codec, topics
 from protocols.messages import HostState
 from tests.controller.hardware.support import bmc_config
 from tests.support.brokers import MosquittoBroker
-from tests.support.ipmi import IpmiSim, ipmi_skip_reason, pid_alive, wait_until
+from tests.support.ipmi import IpmiSim, pid_alive, require_ipmi, wait_until
 
 HOST = "h-ipmi"
 
@@ -29,9 +29,7 @@ HOST = "h-ipmi"
 @pytest.fixture
 def agent_bmc(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[IpmiSim]:
     """An ipmi_sim whose power-on starts a real agent for HOST on the test's Mosquitto."""
-    reason = ipmi_skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_ipmi()
     command = [sys.executable, "-m", "fleetvisor", "agent", "--host-id", HOST]
     command += ["--broker", mosquitto.url, "--state-dir", str(tmp_path / "agent")]
     sim = IpmiSim(tmp_path / "bmc", command, kill_wait_s=5)

@@ -16,8 +16,9 @@ import pytest
 from controller.scheduler import CapacitySettings, FleetState, PlacementRequest, Scheduler, SchedulerSettings
 from controller.state.store import HostRecord
 from tests.controller.scheduler.support import record
+from tests.support.needs import need_module
 
-cp_model = pytest.importorskip("ortools.sat.python.cp_model")
+cp_model = need_module("ortools.sat.python.cp_model", "OR-tools is not installed (pip install -e '.[dev]')")
 
 CAPACITY = CapacitySettings(cpu_allocation_ratio=1.0, reserved_host_memory_mib=0)
 SAME_SIZE = [(16, 32768)]

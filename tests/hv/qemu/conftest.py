@@ -1,10 +1,10 @@
 """Fixtures for the qemu engine's tests: built guests, drivers on private state dirs, cleanup by PID.
 
 ``guests`` builds the test guests once per session (skipping with the reason when QEMU or the
-toolchain is missing). ``make_driver(...)`` opens a :class:`~hv.qemu.driver.QemuDriver` whose image
-directory is the guests' directory and whose probe cache is shared by the session, so the KVM probe
-runs once. When the test ends every driver is closed and every QEMU started under the test's state
-directories is killed by its PID.
+toolchain is missing; under CI that fails instead). ``make_driver(...)`` opens a
+:class:`~hv.qemu.driver.QemuDriver` whose image directory is the guests' directory and whose probe
+cache is shared by the session, so the KVM probe runs once. When the test ends every driver is
+closed and every QEMU started under the test's state directories is killed by its PID.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from hv.driver import DriverEvent
 from hv.qemu.driver import QemuDriver
-from tests.support.qemu import Guests, build_guests, kill_qemus_under, qemu_skip_reason
+from tests.support.qemu import Guests, kill_qemus_under, require_guests
 
 MakeDriver = Callable[..., Awaitable[QemuDriver]]
 
@@ -26,13 +26,7 @@ MakeDriver = Callable[..., Awaitable[QemuDriver]]
 @pytest.fixture(scope="session")
 def guests() -> Guests:
     """The test guests from scripts/build-guests; skips when QEMU or the guests are unavailable."""
-    reason = qemu_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    built = build_guests()
-    if isinstance(built, str):
-        pytest.skip(built)
-    return built
+    return require_guests()
 
 
 @pytest.fixture(scope="session")

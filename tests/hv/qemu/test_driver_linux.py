@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,8 @@ import pytest
 from hv.driver import DriverEvent
 from protocols.vmspec import DiskSpec
 from tests.hv.qemu.conftest import MakeDriver
-from tests.support.qemu import Guests, linux_spec, pid_alive, until, wait_for_text
+from tests.support.needs import need
+from tests.support.qemu import NO_LINUX_GUEST, Guests, linux_spec, pid_alive, until, wait_for_text
 
 #: Under TCG the Linux guest needs about 3 s (microvm) to 4 s (pc) to reach userspace; the machine is shared.
 BOOT_TIMEOUT_S = 40
@@ -21,8 +21,7 @@ BOOT_TIMEOUT_S = 40
 
 @pytest.fixture
 def linux(guests: Guests) -> Guests:
-    if guests.linux_kernel is None or guests.linux_initrd is None:
-        pytest.skip("no Linux guest: scripts/build-guests found no /boot/vmlinuz-* with modules")
+    need(guests.linux_kernel is not None and guests.linux_initrd is not None, NO_LINUX_GUEST)
     return guests
 
 
@@ -85,10 +84,10 @@ async def test_linux_guest_on_microvm_sees_every_virtio_device_and_powers_off_on
 
     pid = driver.qemu_pid("linux-1")
     assert pid is not None
-    begun = time.monotonic()
     status = await driver.shutdown("linux-1", 20)
+    # An empty reason means the guest powered itself off on the ACPI button; the 20 s fallback would
+    # have destroyed it and said "did not power off within 20s". That, not a stopwatch, shows it.
     assert status.state == "stopped" and status.reason == "", status.reason
-    assert time.monotonic() - begun < 15
     assert not pid_alive(pid)
     assert "powering off" in driver.serial_log_path("linux-1").read_text()
     assert events == []

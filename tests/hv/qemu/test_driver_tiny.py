@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +82,6 @@ async def test_shutdown_of_a_guest_without_acpi_falls_back_to_destroy(
     await started(driver, guests)
     pid = driver.qemu_pid("tiny-1")
     assert pid is not None
-    begun = time.monotonic()
     shutting_down = asyncio.ensure_future(driver.shutdown("tiny-1", 0.5))
     states: list[str] = []
     for _ in range(100):
@@ -93,7 +91,8 @@ async def test_shutdown_of_a_guest_without_acpi_falls_back_to_destroy(
         await asyncio.sleep(0.01)
     assert states == ["stopping"], "while the guest is asked to power off, the VM is stopping"
     status = await shutting_down
-    assert time.monotonic() - begun < 5
+    # Stopping, then this reason: the 0.5 s fallback destroyed it. A driver that waited far past it
+    # hits the per-test timeout; a stopwatch here measured the machine's load more than the driver.
     assert status.state == "stopped" and "did not power off within 0.5s" in status.reason
     assert not pid_alive(pid) and driver.qemu_pid("tiny-1") is None
     await asyncio.sleep(0.2)

@@ -13,11 +13,10 @@ from hv.qemu.errors import InvalidSpec
 from hv.qemu.image_policy import ImagePolicy
 from protocols.vmspec import BootSpec, DiskSpec, VmSpec
 from tests.hv.qemu.conftest import MakeDriver
+from tests.support.needs import needs
 from tests.support.qemu import Guests
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-img") is None, reason="qemu-img is not installed (qemu-utils)"
-)
+pytestmark = needs(shutil.which("qemu-img"), "qemu-img is not installed (apt-get install -y qemu-utils)")
 
 
 def qemu_img(*args: str) -> None:

@@ -27,7 +27,17 @@ from hv.qemu.driver import QemuDriver
 from protocols.migration import ConvergenceGuard, GuardAction, MigrationPolicy, MigrationSample
 from protocols.vmspec import BootSpec, DiskSpec, VmSpec
 from tests.hv.qemu.conftest import MakeDriver
-from tests.support.qemu import Guests, counter_values, linux_spec, read_bytes, tiny_spec, until, wait_for_text
+from tests.support.needs import need
+from tests.support.qemu import (
+    NO_LINUX_GUEST,
+    Guests,
+    counter_values,
+    linux_spec,
+    read_bytes,
+    tiny_spec,
+    until,
+    wait_for_text,
+)
 
 HOST = "127.0.0.1"
 ENDED = ("completed", "failed", "cancelled")
@@ -244,8 +254,7 @@ async def test_linux_guest_moves_to_the_destination_and_keeps_counting(
     make_driver: MakeDriver, guests: Guests
 ) -> None:
     """A booted Linux guest (virtio devices, user networking) continues on the destination."""
-    if guests.linux_kernel is None or guests.linux_initrd is None:
-        pytest.skip("no Linux guest: scripts/build-guests found no /boot/vmlinuz-* with modules")
+    need(guests.linux_kernel is not None and guests.linux_initrd is not None, NO_LINUX_GUEST)
     src, dst = await pair(make_driver)
     spec = linux_spec("mig-linux", guests, memory_mib=128)
     await src.define(spec)
@@ -270,15 +279,15 @@ async def test_a_guest_dirtying_faster_than_the_link_never_converges_and_the_gua
     spec = tiny_spec("mig-dirty", guests, dirty_mib_s=DIRTY_MIB_S, memory_mib=DIRTY_MEMORY_MIB)
     await running_tiny(src, spec)
     _, uri = await dst.migrate_incoming(spec, HOST, policy=STUCK)
-    began = time.monotonic()
     await src.migrate_send("mig-dirty", uri, STUCK)
 
+    # guard_migration's timeout only stops a hung run: the guard decides on migration rounds, and the
+    # order of its actions (raise, then abort) is what is checked, not how long the rounds took.
     sample, actions, throttle = await guard_migration(src, "mig-dirty", STUCK, timeout=25)
     assert [a.kind for a in actions] == ["raise_downtime", "abort"], actions
     assert actions[0].downtime_ms == STUCK.downtime_ceiling_ms
     assert "cannot converge" in actions[1].reason
     assert sample.status == "cancelled" and throttle == 0
-    assert time.monotonic() - began < 25
     assert await state_of(src, "mig-dirty") == ("running", "")
     await counts_on(src, "mig-dirty", 1, timeout=5)
     one_run(src.serial_log_path("mig-dirty"))

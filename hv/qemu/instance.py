@@ -84,6 +84,8 @@ class QemuInstance:
         self.switchover_lock = asyncio.Lock()
         #: Source: set by each QMP ``MIGRATION`` event; migrate_wait waits on it.
         self.migration_news = asyncio.Event()
+        #: Set once the engine has judged the process's exit (and read what QMP said before it).
+        self.exit_judged = asyncio.Event()
 
     @property
     def exited(self) -> bool:

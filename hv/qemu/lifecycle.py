@@ -152,6 +152,7 @@ class Lifecycle:
             vm.started_at = time.time()
             vm.reason = ""
             vm.migration_uri = ""
+            vm.migrated_away = False
             self.table.save(vm)
             await self._set_balloon(vm, qmp)
             return vm.status()

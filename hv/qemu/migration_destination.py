@@ -185,6 +185,7 @@ class MigrationDestination:
         vm.reason = f"waiting for the migration stream on {uri}"
         vm.incoming_uri = uri
         vm.migration_uri = ""
+        vm.migrated_away = False
         self.table.save(vm)
         return uri
 

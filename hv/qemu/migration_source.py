@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: How long a "completed" migration may lack its total time and downtime in ``query-migrate``.
 COMPLETED_FIGURES_S = 0.5
+#: How long a sample waits for the verdict on a source QEMU that just exited (see vm_events).
+EXIT_JUDGED_S = 2.0
 
 
 class MigrationSource:
@@ -73,6 +75,7 @@ class MigrationSource:
             if copied:
                 await storage_copy.mirror_disks(name, qmp, target, copied, policy)
             vm.migration_uri = uri
+            vm.migrated_away = False
             self.table.save(vm)
             qemu.migration = qemu.migration.but(migrating=True)
             try:
@@ -146,7 +149,15 @@ class MigrationSource:
             # No outgoing migration was started here. QEMU may still say "completed": that is the
             # incoming migration that brought this VM here.
             return MigrationSample(status="none")
+        if qemu is not None and qemu.exited and vm.qemu is qemu:
+            # Its exit is still being judged: what QEMU wrote before it died (a MIGRATION
+            # "completed" event, say) is read first. Wait for that verdict.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(qemu.exit_judged.wait(), EXIT_JUDGED_S)
         if qemu is None or qemu.exited:
+            if vm.migrated_away:
+                # QEMU died after the migration had completed: only the husk is gone.
+                return MigrationSample(status="completed")
             return MigrationSample(status="failed", error=f"the source's qemu is gone: {vm.reason}")
         qmp = await qemu.session()
         info = await qmp.execute("query-migrate")

@@ -84,6 +84,15 @@ class QmpSession:
         """Whether the session is up."""
         return self._client.runstate == Runstate.RUNNING
 
+    async def wait_disconnected(self, timeout_s: float) -> None:
+        """Until the session is down (QEMU closed its end, every message before that read), or at
+        most ``timeout_s``.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._client.runstate == Runstate.RUNNING:
+                    await self._client.runstate_changed()
+
     async def connect(self, sock: socket.socket, timeout_s: float) -> None:
         """Greet QEMU on the connected ``sock`` and negotiate capabilities.
 

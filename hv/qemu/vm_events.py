@@ -7,7 +7,10 @@ storage switchover started in the background.
 
 - **Exit** (a pidfd): with QMP's ``SHUTDOWN`` reason the exit is a guest power-off (``shutdown``), a
   stop from outside (``stopped``) or a crash (``crashed``). An exit a call of the driver expected
-  is not news.
+  is not news. A source that dies while it migrates is judged only once its QMP session has read
+  what QEMU wrote before dying (at most :data:`DRAIN_S`): the pidfd can wake the agent before the
+  socket does, and a ``MIGRATION`` "completed" still unread means the guest runs on the
+  destination, so the migration must not be reported as failed.
 - **QMP events**: a guest ``RESET`` is ``rebooted``; a ``STOP``/``RESUME`` the driver did not ask
   for is ``paused``/``resumed``; QEMU's own stop and restart of the guest around a migration's
   switchover are no news. The handlers run in the QMP reader and must not await QMP.
@@ -32,6 +35,9 @@ from hv.qemu.vm_table import Vm, VmTable
 __all__ = ["Switchover", "VmEvents"]
 
 log = logging.getLogger(__name__)
+
+#: How long the exit of a migrating source waits for its QMP session to read up to the end.
+DRAIN_S = 1.0
 
 #: Runs a migration's storage switchover for a VM and its QEMU (logging its failure).
 Switchover = Callable[[Vm, QemuInstance], Coroutine[Any, Any, None]]
@@ -68,14 +74,35 @@ class VmEvents:
 
     def on_exit(self, vm: Vm, qemu: QemuInstance, wait_status: int | None) -> None:
         """QEMU ended (pidfd). Unless a call of ours expected it, say why: shutdown, stop or crash."""
-        if qemu.qmp is not None:
-            self.tasks.spawn(qemu.qmp.close(), f"qmp-close-{vm.name}")
-        if vm.qemu is not qemu or qemu.calls.exit_expected or not self.table.opened:
+        if qemu.migration.migrating and qemu.qmp is not None and qemu.qmp.connected:
+            self.tasks.spawn(self._judge_after_drain(vm, qemu, wait_status), f"exit-{vm.name}")
             return
-        outcome = phase.exit_outcome(state=vm.state, clues=qemu.clues, pid=qemu.pid, wait_status=wait_status)
-        log.warning("vm %s: %s", vm.name, outcome.reason)
-        self.table.powered_off(vm, outcome.state, outcome.reason, save_errors="log")
-        self.emit(DriverEvent(vm=vm.name, event=outcome.event, state=outcome.state, reason=outcome.reason))
+        self._judge_exit(vm, qemu, wait_status)
+
+    async def _judge_after_drain(self, vm: Vm, qemu: QemuInstance, wait_status: int | None) -> None:
+        """Judge a migrating source's exit once QMP has delivered what QEMU wrote before it died."""
+        try:
+            if qemu.qmp is not None:
+                await qemu.qmp.wait_disconnected(DRAIN_S)
+        finally:
+            self._judge_exit(vm, qemu, wait_status)
+
+    def _judge_exit(self, vm: Vm, qemu: QemuInstance, wait_status: int | None) -> None:
+        try:
+            if qemu.qmp is not None:
+                self.tasks.spawn(qemu.qmp.close(), f"qmp-close-{vm.name}")
+            if vm.qemu is not qemu or qemu.calls.exit_expected or not self.table.opened:
+                return
+            outcome = phase.exit_outcome(
+                state=vm.state, clues=qemu.clues, pid=qemu.pid, wait_status=wait_status
+            )
+            log.warning("vm %s: %s", vm.name, outcome.reason)
+            self.table.powered_off(vm, outcome.state, outcome.reason, save_errors="log")
+            self.emit(
+                DriverEvent(vm=vm.name, event=outcome.event, state=outcome.state, reason=outcome.reason)
+            )
+        finally:
+            qemu.exit_judged.set()
 
     def on_qmp_event(self, vm: Vm, qemu: QemuInstance, name: str, data: Mapping[str, Any]) -> None:
         """An asynchronous QMP event. Runs in the QMP reader: it must not await QMP."""
@@ -94,6 +121,8 @@ class VmEvents:
             return
         if name == "MIGRATION":
             qemu.migration_news.set()
+            if data.get("status") == "completed" and vm.facts(qemu).outgoing:
+                vm.migrated_away = True  # saved with the transition below
         self.apply(vm, qemu, phase.qmp_event(vm.facts(qemu), name, data))
 
     def apply(self, vm: Vm, qemu: QemuInstance, change: phase.Change) -> None:

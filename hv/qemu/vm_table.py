@@ -48,6 +48,9 @@ class SavedState(msgspec.Struct, frozen=True, kw_only=True):
     migration_uri: str = ""
     #: Destination: the URI handed out while ``incoming`` (until migrate_finish or a power-off).
     incoming_uri: str = ""
+    #: Source: the migration to ``migration_uri`` completed, so the copy here is only a husk (and
+    #: stays one when its QEMU dies afterwards: the guest runs on the destination).
+    migrated_away: bool = False
 
 
 class Vm:
@@ -63,6 +66,7 @@ class Vm:
         self.qemu: QemuInstance | None = None
         self.migration_uri = saved.migration_uri
         self.incoming_uri = saved.incoming_uri
+        self.migrated_away = saved.migrated_away
         #: The state file as the driver found it at open (its pid is how re-attaching starts).
         self.loaded = saved
 
@@ -92,6 +96,7 @@ class Vm:
             pid_start_ticks=qemu.start_ticks if qemu is not None else None,
             migration_uri=self.migration_uri,
             incoming_uri=self.incoming_uri,
+            migrated_away=self.migrated_away,
         )
 
     def facts(self, qemu: QemuInstance) -> phase.VmFacts:
@@ -196,6 +201,7 @@ class VmTable:
 
     def migrated_away(self, vm: Vm, qemu: QemuInstance) -> None:
         """Record a completed outgoing migration: the VM idles ``paused`` here."""
+        vm.migrated_away = True
         self.apply(vm, qemu, phase.migrated_away(vm.facts(qemu)), 0.0)
 
     def load(self) -> None:

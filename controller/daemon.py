@@ -46,6 +46,7 @@ from controller.services.ha.manager import HaService, HaSettings
 from controller.services.hosts import HostService
 from controller.services.migration.evacuation import Evacuations
 from controller.services.migration.migrate import MigrationService, MigrationSettings
+from controller.services.moves import VmMoves
 from controller.services.operations import Operations
 from controller.services.power import PowerService, PowerSettings
 from controller.services.vms import VmService, VmSettings
@@ -120,6 +121,7 @@ class Controller:
     rpc: AgentRpc
     operations: Operations
     vms: VmService
+    moves: VmMoves
     hosts: HostService
     stale: StaleCopies
     migrations: MigrationService
@@ -226,7 +228,17 @@ class Controller:
             host_failures_to_tolerate=fleet.ha.host_failures_to_tolerate,
         )
         self.vms = VmService(
-            store, self.events, self.scheduler, self.fleet_state, self.operations, self.rpc, vm_settings
+            store,
+            self.events,
+            self.scheduler,
+            self.fleet_state,
+            self.operations,
+            self.rpc,
+            vm_settings,
+            health=lambda host_id: self.ha.detector.state(host_id),
+        )
+        self.moves = VmMoves(
+            store, self.events, self.scheduler, self.fleet_state, self.operations, self.rpc, self.vms
         )
         self.stale = StaleCopies(self.rpc, self.events)
         self.hosts = HostService(store, self.events, self.live, self.fleet_state, self.rpc, self.stale)
@@ -235,10 +247,17 @@ class Controller:
             self.vms, self.hosts, fleet.migration,
         )  # fmt: skip
         self.evacuations = Evacuations(
-            store, self.events, self.operations, self.hosts, self.migrations, fleet.migration
+            store,
+            self.events,
+            self.operations,
+            self.hosts,
+            self.vms,
+            self.moves,
+            self.migrations,
+            fleet.migration,
         )
         self.ha = HaService(
-            store, self.events, self.scheduler, self.fleet_state, self.vms, self.standby,
+            store, self.events, self.scheduler, self.fleet_state, self.moves, self.standby,
             (self.bus, self.telemetry_bus), fleet.ha,
         )  # fmt: skip
         self.power = PowerService(
@@ -297,6 +316,7 @@ class Controller:
             power=self.power,
             authority=authority,
             health=self.health,
+            confirm_down=self.ha.confirm_down,
         )
 
     async def _serve_api(self) -> None:

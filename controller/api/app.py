@@ -48,6 +48,8 @@ class ApiParts:
     power: PowerService
     authority: auth.Authority
     health: Callable[[], dict[str, Any]]
+    #: HA's manual fence acknowledgement (``host confirm-down``): returns how many restarts began.
+    confirm_down: Callable[[str], int]
 
 
 def create_app(parts: ApiParts) -> FastAPI:
@@ -66,7 +68,7 @@ def create_app(parts: ApiParts) -> FastAPI:
     for api in (
         tokens.router(parts.authority),
         health.router(parts.health),
-        hosts.router(parts.store, parts.hosts, parts.evacuations, parts.views, ops),
+        hosts.router(parts.store, parts.hosts, parts.evacuations, parts.views, ops, parts.confirm_down),
         vms.router(parts.store, parts.vms, parts.operations, parts.views, ops),
         migrations.router(parts.migrations, ops),
         power.router(parts.power),

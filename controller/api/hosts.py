@@ -1,6 +1,8 @@
-"""Routes of ``/hosts``: list, show, labels and maintenance, and evacuation."""
+"""Routes of ``/hosts``: list, show, labels and maintenance, evacuation, confirm-down and forget."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -16,7 +18,12 @@ _ZERO = Usage()
 
 
 def router(
-    store: Store, hosts: HostService, evacuations: Evacuations, view: views.Views, ops: OperationResponses
+    store: Store,
+    hosts: HostService,
+    evacuations: Evacuations,
+    view: views.Views,
+    ops: OperationResponses,
+    confirm: Callable[[str], int],
 ) -> APIRouter:
     """The host routes."""
     api = APIRouter()
@@ -39,8 +46,30 @@ def router(
     )
     async def update_host(request: Request, host_id: str) -> Response:
         update: views.HostUpdate = await read_body(request, views.HostUpdate, "host update")
-        host = hosts.update(host_id, labels=update.labels, maintenance=update.maintenance)
+        host = hosts.update(host_id, labels=update.labels, maintenance=update.maintenance, force=update.force)
         return json_response(view.host(host, store.usage().get(host_id, _ZERO)))
+
+    @api.post(
+        f"{PREFIX}/hosts/{{host_id}}/confirm-down",
+        summary="Confirm a host is off (admin): it is fenced, and HA restarts its HA VMs elsewhere",
+        responses=responses(200, "confirmed_down", 404, 409),
+    )
+    async def confirm_down(host_id: str) -> Response:
+        restarts = confirm(host_id)
+        host = hosts.require(host_id)
+        return json_response(
+            views.ConfirmDownResponse(
+                host=view.host(host, store.usage().get(host_id, _ZERO)), restarts=restarts
+            )
+        )
+
+    @api.delete(
+        f"{PREFIX}/hosts/{{host_id}}",
+        summary="Forget a host that is gone for good (admin), with the records of the VMs it held",
+        responses=responses(200, "forgotten", 404, 409),
+    )
+    async def forget_host(host_id: str) -> Response:
+        return json_response(views.ForgetResponse(host_id=host_id, vms_removed=hosts.forget(host_id)))
 
     @api.post(
         f"{PREFIX}/hosts/{{host_id}}/evacuate",

@@ -58,6 +58,8 @@ SCHEMA_TYPES: dict[str, Any] = {
     "error": views.ErrorBody,
     "stop": views.StopRequest,
     "host_update": views.HostUpdate,
+    "confirmed_down": views.ConfirmDownResponse,
+    "forgotten": views.ForgetResponse,
     "migrate": views.MigrateRequest,
     "evacuate": views.EvacuateRequest,
     "migration_plan": MigrationPlan,

@@ -51,8 +51,11 @@ class HostView(msgspec.Struct, frozen=True, kw_only=True):
     last_seen: float
     #: Labels the scheduler matches on: the agent's, overridden by the operator's.
     labels: dict[str, str] = {}
-    #: The health the failure detector gives the host: up, suspect, failed or offline.
+    #: The health the failure detector gives the host: up, suspect, failed or offline; "fenced" once its
+    #: VMs are confirmed stopped (by HA's fencing, or an operator's ``host confirm-down``).
     health: str = "up"
+    fenced_at: float | None = None
+    fenced_how: str = ""
     #: What the host itself last reported running (the store may know better during operations).
     reported_vms: list[ReportedVm] = []
     #: ``on``, ``standby`` (switched off by the power manager, not placeable) or ``powering-on``.
@@ -160,6 +163,22 @@ class HostUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     labels: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], str | None] | None = None
     maintenance: bool | None = None
+    #: Enter maintenance even when this is the last host that can hold the fleet's HA VMs.
+    force: bool = False
+
+
+class ConfirmDownResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``host confirm-down`` did: the host is fenced, and this many HA restarts began."""
+
+    host: HostView
+    restarts: int
+
+
+class ForgetResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``host forget`` removed: the host and the records of the VMs it held."""
+
+    host_id: str
+    vms_removed: list[str]
 
 
 class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -215,7 +234,9 @@ class Views:
             free_memory_mib=free_memory,
             load=load,
             last_seen=host.last_seen,
-            health=self.health(host.host_id),
+            health="fenced" if host.fenced_at is not None else self.health(host.host_id),
+            fenced_at=host.fenced_at,
+            fenced_how=host.fenced_how,
             labels=host.labels,
             reported_vms=[ReportedVm(name=vm.name, state=vm.state) for vm in reported.vms]
             if reported

@@ -20,11 +20,10 @@ def _render_hosts(hosts: list[dict[str, Any]]) -> str:
     for h in hosts:
         caps = h["capabilities"]
         load = h.get("load") or {}
-        power_state = h.get("power_state", "on")
         rows.append(
             [
                 h["host_id"],
-                power_state if power_state != "on" else ("online" if h["online"] else "offline"),
+                _state(h),
                 f"{caps['engine']}/{caps['accel']}",
                 caps["arch"],
                 f"{h['allocated_vcpus']}/{caps['cores']}",
@@ -35,6 +34,19 @@ def _render_hosts(hosts: list[dict[str, Any]]) -> str:
             ]
         )
     return table(rows, ["host", "state", "engine", "arch", "vcpus", "memory", "vms", "cpu", "power"])
+
+
+def _state(h: dict[str, Any]) -> str:
+    """What a host is, as an operator reads it: standby, fenced, failed, suspect, maintenance, online..."""
+    power_state = h.get("power_state", "on")
+    if power_state != "on":
+        return str(power_state)
+    health = h.get("health", "up")
+    if health in ("fenced", "failed", "suspect"):
+        return str(health)
+    if not h["online"]:
+        return "offline"
+    return "maintenance" if h.get("maintenance") else "online"
 
 
 def _render_host(h: dict[str, Any]) -> str:
@@ -97,11 +109,27 @@ def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
 
 def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
     """``host maintenance on|off``: with on, also evacuate its VMs unless ``--no-evacuate``."""
-    host = client.request("PATCH", f"/hosts/{args.host}", json={"maintenance": args.mode == "on"})
+    body = {"maintenance": args.mode == "on", "force": bool(getattr(args, "force", False))}
+    host = client.request("PATCH", f"/hosts/{args.host}", json=body)
     state = "in maintenance: no new VMs go there" if host["maintenance"] else "out of maintenance"
     print(f"host {args.host}: {state}")
     if args.mode == "on" and not args.no_evacuate and host.get("vms", 0):
         return migrate.evacuate(client, args)
+    return 0
+
+
+def cmd_host_confirm_down(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host confirm-down``: the operator's fence acknowledgement; HA restarts the host's HA VMs."""
+    result = client.request("POST", f"/hosts/{args.host}/confirm-down")
+    print(f"host {args.host}: confirmed down (fenced); {result['restarts']} HA restart(s) begun")
+    return 0
+
+
+def cmd_host_forget(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host forget``: remove a host that is gone for good, with its VMs' records."""
+    result = client.request("DELETE", f"/hosts/{args.host}")
+    removed = result["vms_removed"]
+    print(f"host {args.host} forgotten" + (f"; VM records removed: {', '.join(removed)}" if removed else ""))
     return 0
 
 

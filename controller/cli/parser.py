@@ -207,6 +207,11 @@ def _add_host_commands(sub: _SubParsers) -> None:
     p.add_argument("host")
     p.add_argument("mode", choices=("on", "off"))
     p.add_argument("--no-evacuate", action="store_true", help="with on: leave running VMs where they are")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with on: drain it even if it is the last host that can hold HA VMs",
+    )
     _policy_args(p)
     _common(p)
     _waiting(p)
@@ -217,6 +222,17 @@ def _add_host_commands(sub: _SubParsers) -> None:
     _common(p)
     _waiting(p)
     p.set_defaults(handler=migrate.cmd_host_evacuate, timeout=3600.0)
+    p = host.add_parser(
+        "confirm-down",
+        help="tell the controller you made sure a host is off (admin): HA restarts its HA VMs elsewhere",
+    )
+    p.add_argument("host")
+    _common(p)
+    p.set_defaults(handler=hosts.cmd_host_confirm_down)
+    p = host.add_parser("forget", help="remove a host that is gone for good, and its VMs' records (admin)")
+    p.add_argument("host")
+    _common(p)
+    p.set_defaults(handler=hosts.cmd_host_forget)
 
     p = host.add_parser(
         "power",

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 
-from controller.common.errors import NotFound
+from controller.common.errors import Conflict, NotFound
 from controller.scheduler import FleetState
 from controller.services.agent_rpc import AgentRpc
 from controller.services.cleanup import StaleCopies
@@ -78,6 +78,8 @@ class HostService:
         """Record that a known host went online or offline (after :meth:`accepts_state`)."""
         host_id = message.host_id
         self.fleet_state.set_online(host_id, message.online)
+        if message.online:
+            self._back(host_id)
         if self.store.set_host_online(host_id, message.online, message.reason):
             if message.online:
                 self.events.emit(
@@ -103,6 +105,7 @@ class HostService:
             return
         self.live.inventories[message.host_id] = message
         self.live.boot_ids[message.host_id] = message.boot_id
+        self._back(message.host_id)
         done = reconcile(self.store, self.events, message)
         host = self.store.host(message.host_id)
         assert host is not None
@@ -130,17 +133,85 @@ class HostService:
             command = RefreshInventory(op_id=f"refresh-{uuid.uuid4().hex}", deadline=deadline)
             await self.rpc.send(host.host_id, command, expiry_s=30)
 
+    def _check_ha_room(self, host_id: str) -> None:
+        """Raise Conflict when ``host_id`` is the last host that could hold the fleet's HA VMs."""
+        ha_vms = [vm.name for vm in self.store.vms() if vm.spec.ha]
+        if not ha_vms:
+            return
+        others = [
+            h.host_id
+            for h in self.store.hosts()
+            if h.host_id != host_id and h.online and not h.maintenance and h.standby_since is None
+        ]
+        if not others:
+            raise Conflict(
+                "last_ha_host",
+                f"host {host_id!r} is the last host that can run the fleet's {len(ha_vms)} HA VM(s) "
+                f"({', '.join(ha_vms[:5])}{'...' if len(ha_vms) > 5 else ''}); in maintenance they would have "
+                "nowhere to restart. Bring another host online first, or repeat with --force",
+            )
+
+    def _back(self, host_id: str) -> None:
+        """A fenced host speaks again: it is no longer fenced (its VMs were restarted elsewhere, and the
+        stale copies it still reports are cleaned up by reconciliation).
+        """
+        host = self.store.host(host_id)
+        if host is not None and host.fenced_at is not None:
+            self.store.set_host_fenced(host_id, None)
+            self.events.emit(
+                "host.unfenced", f"host {host_id} is back; it is no longer fenced", host_id=host_id
+            )
+
     # -- what operators set -----------------------------------------------------------------------
 
+    def forget(self, host_id: str) -> list[str]:
+        """Remove a host that is gone for good, with the records of the VMs it held. Returns those VMs.
+
+        Raises:
+            NotFound: an unknown host. Conflict: the host is online (stop its agent first).
+        """
+        host = self.require(host_id)
+        if host.online:
+            raise Conflict(
+                "host_online",
+                f"host {host_id!r} is online; forget is for a host that is gone for good: stop its agent "
+                f"(and move its VMs with `fleetvisor host evacuate {host_id}`) first",
+            )
+        gone = [vm.name for vm in self.store.vms(host_id)]
+        with self.store.transaction():
+            for name in gone:
+                self.store.delete_vm(name)
+            self.store.delete_host(host_id)
+        for name in gone:
+            self.fleet_state.release(name)
+        self.fleet_state.remove_host(host_id)
+        self.live.telemetry.pop(host_id, None)
+        self.live.inventories.pop(host_id, None)
+        self.events.emit(
+            "host.forgotten",
+            f"host {host_id} forgotten by an operator"
+            + (f"; records removed: {', '.join(gone)}" if gone else ""),
+            host_id=host_id,
+        )
+        return gone
+
     def update(
-        self, host_id: str, *, labels: dict[str, str | None] | None = None, maintenance: bool | None = None
+        self,
+        host_id: str,
+        *,
+        labels: dict[str, str | None] | None = None,
+        maintenance: bool | None = None,
+        force: bool = False,
     ) -> HostRecord:
         """Set operator labels (a None value removes one) and maintenance mode.
 
         Raises:
-            NotFound: an unknown host.
+            NotFound: an unknown host. Conflict: maintenance would drain the last host that can hold
+                the fleet's HA VMs (unless ``force``).
         """
         host = self.require(host_id)
+        if maintenance and not host.maintenance and not force:
+            self._check_ha_room(host_id)
         operator_labels = None
         if labels is not None:
             operator_labels = {k: v for k, v in {**host.operator_labels, **labels}.items() if v is not None}

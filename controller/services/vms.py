@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ class VmService:
         operations: Operations,
         rpc: AgentRpc,
         settings: VmSettings,
+        health: Callable[[str], str] = lambda _host: "up",
     ) -> None:
         self.store = store
         self.events = events
@@ -94,7 +96,9 @@ class VmService:
         self.operations = operations
         self.rpc = rpc
         self.settings = settings
-        operations.register(VM_KINDS, self._run, self._crashed)
+        #: A host's health as HA judges it ("up", "suspect", "failed", "offline").
+        self.health = health
+        operations.register(VM_KINDS, self._run, self.crashed)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -120,6 +124,36 @@ class VmService:
             busy = self.store.operation(record.op_id)
             raise busy_error(name, record.op_id, busy.kind if busy else "an")
         return record
+
+    def unreachable(self, host_id: str | None) -> str | None:
+        """Why no command can reach ``host_id`` now (offline, failed, fenced), with what to do; None if it can."""
+        if host_id is None:
+            return None
+        host = self.store.host(host_id)
+        health = self.health(host_id)
+        if (
+            host is not None
+            and host.online
+            and health not in ("failed", "offline")
+            and host.fenced_at is None
+        ):
+            return None
+        if host is not None and host.fenced_at is not None:
+            state = "fenced"
+        elif host is None or not host.online:
+            state = "offline"
+        else:
+            state = health
+        reason = f" ({host.state_reason})" if host is not None and host.state_reason else ""
+        return (
+            f"its host {host_id} is {state}{reason}, so nothing can reach the VM until the host is back. "
+            f"Wait for it; if the host is gone, `fleetvisor host confirm-down {host_id}` (admin) lets HA "
+            f"restart its HA VMs elsewhere, and `fleetvisor host forget {host_id}` removes it and its records"
+        )
+
+    def _fenced(self, host_id: str | None) -> bool:
+        host = self.store.host(host_id) if host_id else None
+        return host is not None and host.fenced_at is not None
 
     def running_count(self) -> int:
         """How many VMs are recorded as running."""
@@ -311,6 +345,9 @@ class VmService:
             raise Conflict(
                 "no_host", f"vm {name!r} has no host (state {record.state}); delete it and create it again"
             )
+        unreachable = self.unreachable(record.host_id)
+        if unreachable is not None and not (kind == "delete" and self._fenced(record.host_id)):
+            raise Conflict("host_unreachable", f"vm {name!r}: {unreachable}")
         params = {**params, "from_state": record.state}
         with self.store.transaction():
             op = self.store.insert_operation(
@@ -410,7 +447,7 @@ class VmService:
         if record is None:
             self.operations.finish(op, ok=False, error=f"vm {op.vm!r} disappeared before {op.kind} could run")
             return
-        if op.kind == "delete" and record.host_id is None:
+        if op.kind == "delete" and (record.host_id is None or self._fenced(record.host_id)):
             self.store.delete_vm(op.vm)
             self.fleet_state.release(op.vm)
             self.operations.finish(op, ok=True)
@@ -424,7 +461,8 @@ class VmService:
         else:
             self._apply_failure(op, reply.code, reply.error)
 
-    def _crashed(self, op: OperationRecord, exc: Exception) -> None:
+    def crashed(self, op: OperationRecord, exc: Exception) -> None:
+        """A VM operation's handler crashed: the operation fails and releases what it claimed."""
         self._apply_failure(op, "internal", f"internal error: {type(exc).__name__}: {exc}")
 
     def _timeout_message(self, op: OperationRecord) -> str:

@@ -143,6 +143,9 @@ def _elsewhere(store: Store, host_id: str, vm: str) -> StaleCopy | None:
         return StaleCopy(host_id, vm, "")  # the paused husk a migration is about to clean up
     if migration_leftover(store, host_id, vm):
         return StaleCopy(host_id, vm, f"it migrated and runs on {record.host_id}")
+    moved = store.last_operation(vm, "move")
+    if moved is not None and moved.state == "succeeded" and moved.params.get("from_host") == host_id:
+        return StaleCopy(host_id, vm, f"it was moved (stopped) to {record.host_id}")
     return None
 
 

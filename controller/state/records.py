@@ -27,7 +27,7 @@ VmState = Literal[
 ]
 OpState = Literal["running", "succeeded", "failed"]
 OpKind = Literal[
-    "create", "start", "stop", "delete", "restart", "pause", "resume", "reboot", "migrate", "evacuate"
+    "create", "start", "stop", "delete", "restart", "pause", "resume", "reboot", "migrate", "evacuate", "move"
 ]
 
 

@@ -43,13 +43,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from controller.common.errors import Conflict, NotFound
 from controller.common.tasks import TaskSet
 from controller.hardware import BmcConfig, PowerError, factory
 from controller.hardware.fencing import BmcFencer, ProcessFencer
 from controller.scheduler import FleetState, Scheduler
-from controller.services import placement
 from controller.services.ha.detector import DetectorSettings, FailureDetector, Transition
-from controller.services.vms import VmService
+from controller.services.moves import VmMoves
 from controller.state.events import EventHub
 from controller.state.live import StandbyHosts
 from controller.state.store import Store
@@ -84,7 +84,7 @@ class HaService:
         events: EventHub,
         scheduler: Scheduler,
         fleet_state: FleetState,
-        vms: VmService,
+        moves: VmMoves,
         standby: StandbyHosts,
         buses: tuple[Bus, ...],
         settings: HaSettings,
@@ -93,7 +93,7 @@ class HaService:
         self.events = events
         self.scheduler = scheduler
         self.fleet_state = fleet_state
-        self.vms = vms
+        self.moves = moves
         #: Hosts in standby (kept by the power service): switched off on purpose, never failed.
         self.standby_hosts = standby
         #: The connections heartbeats and Last Wills arrive on: while one is down, nothing is judged.
@@ -254,32 +254,66 @@ class HaService:
             self.events.emit(
                 "ha.fence_failed",
                 f"host {host_id} failed but is not fenced ({how}); its {len(ha_vms)} HA VM(s) stay put "
-                "to avoid running them twice",
+                "to avoid running them twice; once you have made sure the host is off, "
+                f"`fleetvisor host confirm-down {host_id}` lets them restart",
                 host_id=host_id,
             )
             return
+        self.store.set_host_fenced(host_id, time.time(), how)
         self.events.emit("ha.fenced", f"host {host_id} fenced: {how}", host_id=host_id)
+        self._restart_all(host_id)
+
+    def confirm_down(self, host_id: str) -> int:
+        """An operator made sure ``host_id`` is off: record it as fenced and restart its HA VMs elsewhere.
+
+        This is the manual fence acknowledgement (oVirt's "Confirm host has been rebooted"): HA may then
+        restart the host's VMs even with no fencing configured. Returns how many restarts began.
+
+        Raises:
+            NotFound: an unknown host. Conflict: the host is online and heard (it is not down).
+        """
+        host = self.store.host(host_id)
+        if host is None:
+            raise NotFound(
+                "unknown_host", f"host {host_id!r} is not known; list hosts with `fleetvisor host list`"
+            )
+        if host.online and self.detector.state(host_id) in ("up", "suspect"):
+            raise Conflict(
+                "host_online",
+                f"host {host_id!r} is online and its agent is heard; confirm-down is for a host you have made "
+                "sure is off (powered down or disconnected). Stop it first, or use `fleetvisor host evacuate`",
+            )
+        self.store.set_host_fenced(host_id, time.time(), "confirmed down by an operator")
+        self.events.emit(
+            "host.confirmed_down",
+            f"host {host_id} confirmed down by an operator: its VMs are taken as stopped",
+            host_id=host_id,
+        )
+        return self._restart_all(host_id)
+
+    def _restart_all(self, host_id: str) -> int:
+        """Restart every HA VM recorded on the fenced ``host_id``, highest priority first."""
+        ha_vms = [vm for vm in self.store.vms(host_id) if vm.spec.ha and vm.op_id is None]
         ha_vms.sort(key=lambda vm: (-vm.spec.ha_priority, vm.name))
+        started = 0
         for vm in ha_vms:
             current = self.store.vm(vm.name)
             if current is None or current.host_id != host_id or current.op_id is not None:
                 continue
-            self.restart(vm.name, host_id)
+            started += self.restart(vm.name, host_id)
+        return started
 
-    def restart(self, name: str, failed_host: str) -> None:
-        record = self.store.vm(name)
-        assert record is not None
+    def restart(self, name: str, failed_host: str) -> bool:
+        """Restart HA VM ``name`` of ``failed_host`` elsewhere, under its placement rules.
+
+        Returns whether a restart began; when none can, the VM's record and an event say why.
+        """
         bad = sorted({h for h, s in self.detector.hosts.items() if s.state != "up"} | {failed_host})
-        request = placement.restart_request(self.store, record, bad)
-        decision = self.scheduler.select(request)
-        if decision.refusal is not None or decision.host_id is None:
-            reason = decision.refusal.message if decision.refusal else "no host"
-            self.store.update_vm(name, error=f"HA restart impossible: {reason}")
+        started = self.moves.restart_elsewhere(name, failed_host, bad)
+        if isinstance(started, str):
+            self.store.update_vm(name, error=f"HA restart impossible: {started}")
             self.events.emit(
-                "ha.restart_failed", f"vm {name} (HA) cannot restart: {reason}", host_id=failed_host, vm=name
+                "ha.restart_failed", f"vm {name} (HA) cannot restart: {started}", host_id=failed_host, vm=name
             )
-            return
-        # Move the claim: off the failed host, onto the chosen one (no await in between).
-        self.fleet_state.release(name, failed_host)
-        self.scheduler.claim(decision, request)
-        self.vms.restart(record, decision.host_id, failed_host)
+            return False
+        return True

@@ -1,4 +1,5 @@
-"""Host evacuation: every running VM off a host, in waves, each VM as its own live migration.
+"""Host evacuation: every VM off a host, in waves: a running one by live migration, a stopped one by a
+cold move of its definition, and (off a fenced host) an HA VM by an HA restart.
 
 An evacuation (kind ``evacuate``) is a persistent operation that records each VM's outcome as it
 settles, so a controller restart resumes it where it was: settled VMs are not moved again, and a
@@ -16,9 +17,11 @@ import msgspec
 from controller.common.errors import Conflict, DomainError, Invalid
 from controller.services.hosts import HostService
 from controller.services.migration.migrate import MigrationService, MigrationSettings
+from controller.services.moves import VmMoves
 from controller.services.operations import Operations
+from controller.services.vms import VmService
 from controller.state.events import EventHub
-from controller.state.store import OperationRecord, Store
+from controller.state.store import OperationRecord, Store, VmRecord
 from protocols.migration import MigrationPolicy, check_policy, policy_problems
 
 
@@ -31,6 +34,8 @@ class Evacuations:
         events: EventHub,
         operations: Operations,
         hosts: HostService,
+        vms: VmService,
+        moves: VmMoves,
         migrations: MigrationService,
         settings: MigrationSettings,
     ) -> None:
@@ -38,6 +43,8 @@ class Evacuations:
         self.events = events
         self.operations = operations
         self.hosts = hosts
+        self.vms = vms
+        self.moves = moves
         self.migrations = migrations
         self.settings = settings
         operations.register(("evacuate",), self.evacuate, migrations.stalled)
@@ -57,7 +64,11 @@ class Evacuations:
                 raise Conflict(
                     "busy", f"host {host_id!r} is already being evacuated by operation {running.op_id}"
                 )
-        vms = [v.name for v in self.store.vms(host_id) if v.state in ("running", "paused", "migrating")]
+        vms = [
+            v.name
+            for v in self.store.vms(host_id)
+            if v.state in ("running", "paused", "migrating", "stopped", "crashed")
+        ]
         with self.store.transaction():
             op = self.store.insert_operation(
                 kind="evacuate",
@@ -108,25 +119,55 @@ class Evacuations:
                 if vm is None or vm.host_id != host_id:
                     await record(name, f"moved to {vm.host_id}" if vm is not None else "deleted meanwhile")
                     return
-                if busy is None:  # else: a migration already under way (resumed after a restart)
+                if busy is None:  # else: a move already under way (resumed after a restart)
                     try:
-                        busy = self.migrations.start(name, None, policy, avoid=(host_id,))
+                        busy = self._start_move(vm, host_id, policy)
                     except DomainError as exc:
                         await record(name, f"failed: {exc.message}")
                         return
                 done = await self.operations.wait(busy.op_id, 10 * self.settings.send_timeout_s)
                 after = self.store.vm(name)
                 if done.state == "succeeded" and after is not None:
-                    await record(name, f"moved to {after.host_id}")
+                    how = {"restart": "restarted on", "move": "moved (stopped) to"}.get(done.kind, "moved to")
+                    await record(name, f"{how} {after.host_id}")
                 else:
                     await record(name, f"failed: {done.error}")
 
         await asyncio.gather(*(move(name) for name in op.params["vms"]))
+        self._report(op, host_id, results)
+
+    def _start_move(self, vm: VmRecord, host_id: str, policy: MigrationPolicy) -> OperationRecord:
+        """The move that takes ``vm`` off ``host_id``: a live migration, a cold move of a stopped VM, or,
+        off a fenced host, an HA restart.
+
+        Raises:
+            DomainError: the VM cannot leave (its rules, no room, or an unreachable host), with why.
+        """
+        unreachable = self.vms.unreachable(host_id)
+        if unreachable is not None:
+            host = self.store.host(host_id)
+            if vm.spec.ha and host is not None and host.fenced_at is not None:
+                started = self.moves.restart_elsewhere(vm.name, host_id, [host_id])
+                if isinstance(started, str):
+                    raise Conflict("no_valid_host", f"HA restart impossible: {started}")
+                return started
+            what = "it is not an HA VM" if not vm.spec.ha else "the host is not fenced (confirm-down)"
+            raise Conflict("host_unreachable", f"not moved: {unreachable.split('. ')[0]}, and {what}")
+        if vm.state in ("stopped", "crashed"):
+            return self.moves.cold_move(vm.name, avoid=(host_id,))
+        return self.migrations.start(vm.name, None, policy, avoid=(host_id,))
+
+    def _report(self, op: OperationRecord, host_id: str, results: dict[str, str]) -> None:
+        """End the evacuation with its per-VM report: what moved, what could not, what is left."""
         failed = {n: r for n, r in results.items() if r.startswith("failed")}
         left = [v.name for v in self.store.vms(host_id)]
         report = f"{len(results) - len(failed)} moved, {len(failed)} failed" + (
             f"; still on {host_id}: {', '.join(left)}" if left else f"; {host_id} is empty"
         )
+        if failed:
+            report += "; not moved: " + "; ".join(
+                f"{n} ({r.removeprefix('failed: ')[:200]})" for n, r in failed.items()
+            )
         self.store.finish_operation(op.op_id, "failed" if failed else "succeeded", report)
         self.events.emit(
             "operation.failed" if failed else "operation.succeeded",

@@ -181,6 +181,9 @@ class MigrationService:
         if record.op_id is not None:
             busy = self.store.operation(record.op_id)
             raise busy_error(name, record.op_id, busy.kind if busy else "an")
+        unreachable = self.vms.unreachable(record.host_id)
+        if unreachable is not None:
+            raise Conflict("host_unreachable", f"vm {name!r} cannot be live-migrated: {unreachable}")
         if record.state not in ("running", "paused") or record.host_id is None:
             raise Conflict(
                 "invalid_state",

@@ -27,9 +27,11 @@ from controller import cli as operator_cli
 from controller.broker import acl_config as broker_config
 from controller.broker.embedded import EmbeddedBroker
 from controller.common.errors import DomainError
-from controller.daemon import Controller, ControllerSettings, controller_settings
+from controller.daemon import Controller, ControllerSettings, controller_settings, default_db_path
 from controller.daemon import add_arguments as add_controller_arguments
 from controller.security import pki
+from controller.state import files as store_files
+from controller.state.files import EXIT_BAD_STORE, StoreError
 from hv.driver import HvError
 from hv.engines import ENGINES, UnknownEngine, create_driver
 from hv.sim.driver import SimDriver
@@ -391,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_controller_parser(sub)
     _add_agent_parser(sub)
     _add_tool_parsers(sub)
+    _add_store_parser(sub)
     operator_cli.add_operator_commands(sub)
     return parser
 
@@ -462,6 +465,42 @@ def _add_agent_parser(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_agent)
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """``store backup FILE`` (online, consistent) and ``store restore FILE`` (controller stopped)."""
+    if args.action == "backup":
+        counts = store_files.backup(args.db, args.file)
+        print(f"backed up {args.db} to {args.file} (mode 0600): {_counted(counts)}")
+    else:
+        counts = store_files.restore(args.file, args.db)
+        print(f"restored {args.file} into {args.db}: {_counted(counts)}; start the controller on it")
+    return 0
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {table}" for table, n in counts.items() if table != "schema_version") + (
+        f" (schema {counts.get('schema_version', 0)})"
+    )
+
+
+def _add_store_parser(sub: Subparsers) -> None:
+    """``fleetvisor store backup|restore``."""
+    store = sub.add_parser("store", help="back up or restore the controller's state store").add_subparsers(
+        dest="action", required=True
+    )
+    p = store.add_parser("backup", help="a consistent copy of the store, taken while the controller runs")
+    p.add_argument("file", help="where to write the backup (mode 0600)")
+    p.add_argument(
+        "--db", default=str(default_db_path()), help="the controller's store (default %(default)s)"
+    )
+    p.set_defaults(func=cmd_store)
+    p = store.add_parser("restore", help="put a backup in place of the store (stop the controller first)")
+    p.add_argument("file", help="the backup to restore")
+    p.add_argument(
+        "--db", default=str(default_db_path()), help="the controller's store (default %(default)s)"
+    )
+    p.set_defaults(func=cmd_store)
+
+
 def _add_tool_parsers(sub: Subparsers) -> None:
     """``simulate``, ``ca``, ``broker-config`` and ``demo``."""
     p = sub.add_parser(
@@ -519,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         return operator_cli.run_operator_command(args)
     try:
         return int(args.func(args))
+    except StoreError as exc:
+        print(f"fleetvisor {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_STORE
     except (OSError, BusError, ValueError) as exc:
         print(f"fleetvisor {args.command}: {exc}", file=sys.stderr)
         return 1

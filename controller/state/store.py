@@ -10,14 +10,18 @@ Rows are mapped to frozen msgspec Structs (the same types the API serves).
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sqlite3
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from controller.state import files
+from controller.state.files import StoreError
 from controller.state.records import (
     EventRecord,
     HostEnergyRecord,
@@ -54,19 +58,34 @@ __all__ = [
 ]
 
 
-class StoreError(Exception):
-    """The store cannot be opened or used; the message says which file and what to do."""
-
-
 class Store:
     """The SQLite-backed state store. One instance per controller process."""
 
     def __init__(self, path: pathlib.Path | str) -> None:
+        """Open (or create) the store at ``path``, check it, lock it, and migrate it to this schema.
+
+        Raises:
+            StoreError: the file is damaged, in use by another controller, or of a newer schema.
+        """
         self.path = str(path)
+        # The lock is released when the store closes, or when it is collected unclosed.
+        self._unlock: weakref.finalize[Any, Any] | None = None
+        if self.path != ":memory:":
+            pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            files.check_file(self.path)
+            self._unlock = weakref.finalize(self, os.close, files.lock(self.path))
         try:
-            if self.path != ":memory:":
-                pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        try:
+            fresh = self.path == ":memory:" or not pathlib.Path(self.path).exists()
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if fresh and self.path != ":memory:":
+                files.make_private(self.path)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -74,7 +93,8 @@ class Store:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         except sqlite3.Error as exc:
             raise StoreError(
-                f"cannot open the state store {self.path!r}: {exc}; check the path and its permissions"
+                f"cannot open the state store {self.path!r}: {exc}; check the path and its permissions, or "
+                f"restore a backup with `fleetvisor store restore BACKUP --db {self.path}`"
             ) from exc
         version = 1 if row is None else int(row[0])
         if row is None:
@@ -98,7 +118,12 @@ class Store:
         return self._db
 
     def close(self) -> None:
-        self._db.close()
+        """Close the store and release its lock."""
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+        if self._unlock is not None:
+            self._unlock()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -191,7 +191,7 @@ def _running_elsewhere(url: str, name: str) -> bool:
 def test_bmc_fencing_powers_the_failed_host_off_over_ipmi_before_restarting(mosquitto, procs, tmp_path):
     """A killed agent: its BMC (a real ipmi_sim) is powered off and reads off; then the HA VM restarts."""
     with _bmc_fleet(procs, mosquitto, tmp_path) as (url, bmc):
-        assert _create(url, "db-bmc", ha=True, scheduling={"hosts": ["h1"]})["host_id"] == "h1"
+        assert _create(url, "db-bmc", ha=True, scheduling={"start_on": "h1"})["host_id"] == "h1"
         os.kill(int((tmp_path / "h1" / "agent.pid").read_text()), signal.SIGKILL)  # the BMC lives on
         fenced = wait_for(
             lambda: next((e for e in _events(url) if e["type"] == "ha.fenced"), None), 15, "fenced"
@@ -206,7 +206,7 @@ def test_a_host_whose_bmc_reads_power_off_is_failed_even_if_its_agent_said_goodb
 ):
     """Power cut through the BMC: the agent may stop cleanly, but the BMC's "off" makes the host failed."""
     with _bmc_fleet(procs, mosquitto, tmp_path) as (url, bmc):
-        assert _create(url, "web-bmc", ha=True, scheduling={"hosts": ["h1"]})["host_id"] == "h1"
+        assert _create(url, "web-bmc", ha=True, scheduling={"start_on": "h1"})["host_id"] == "h1"
         bmc.ipmitool("chassis", "power", "off")
         failed = wait_for(
             lambda: next(

@@ -162,7 +162,7 @@ def test_demo_with_real_qemu_guests_prints_its_summary_and_cleans_up(tmp_path):
 def test_cli_migrate_shows_progress_predicts_with_dry_run_and_evacuate_reports(mosquitto, procs, tmp_path):
     """`vm migrate --dry-run` predicts; `vm migrate` draws progress and reports; `host evacuate` lists each VM."""
     url = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1", "h2")).url
-    created = _cli(url, "vm", "create", "mover", "--memory", "1024", "--host", "h1")
+    created = _cli(url, "vm", "create", "mover", "--memory", "1024", "--start-on", "h1")
     assert created.returncode == 0, created.stderr
     dry = _cli(url, "vm", "migrate", "mover", "--to", "h2", "--dry-run", "--bandwidth", "200")
     assert dry.returncode == 0, dry.stderr

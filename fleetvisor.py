@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import pathlib
 import shutil
 import signal
@@ -289,7 +290,10 @@ def _demo_guest(images: pathlib.Path) -> pathlib.Path:
     Raises:
         OSError: the guest has not been built; the message says how to build it.
     """
-    built = pathlib.Path(__file__).resolve().parent / ".cache" / "guests" / "tiny.elf"
+    guests = os.environ.get("FV_GUEST_DIR") or str(
+        pathlib.Path(__file__).resolve().parent / ".cache" / "guests"
+    )
+    built = pathlib.Path(guests) / "tiny.elf"
     if not built.exists():
         raise OSError(
             f"the tiny guest {built} is missing; build it with ./scripts/build-guests (./scripts/demo does)"

@@ -48,8 +48,18 @@ class ApiClient:
         Raises ``CliError`` with the controller's own message on an HTTP error, and with
         ``EXIT_UNREACHABLE`` when the controller cannot be reached.
         """
+        wait = (kwargs.get("params") or {}).get("wait")
+        if wait is not None and "timeout" not in kwargs:
+            # The controller holds the answer up to ``wait`` seconds: never give up on it sooner.
+            kwargs["timeout"] = float(wait) + self._http.timeout.read if self._http.timeout.read else None
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.ReadTimeout:
+            raise CliError(
+                f"the controller at {self.base_url} accepted {method} {path} but did not answer in time; "
+                "it is reachable, and the operation may still be running: see `fleetvisor vm show` or "
+                "`fleetvisor events`, or wait longer with --timeout",
+            ) from None
         except httpx.TransportError as exc:
             raise CliError(
                 f"cannot reach the controller at {self.base_url} ({exc}); start it with `fleetvisor controller` "

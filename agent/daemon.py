@@ -59,6 +59,7 @@ from protocols.messages import (
     VmTelemetry,
 )
 from protocols.migration import MigrationResult, MigrationSample, MigrationStage
+from protocols.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,9 @@ class Agent:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._publish_state(online=False, reason="agent stopped"), 2.0)
         tasks = self._tasks + [lane.task for lane in self._lanes.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancelled until each has ended: a task that swallowed one cancellation must not hold the
+        # shutdown forever (see protocols.tasks).
+        await cancel_and_wait(tasks)
         self._tasks.clear()
         self._lanes.clear()
         await self.bus.close()
@@ -409,7 +410,11 @@ class Agent:
         """Apply one VM's commands in arrival order; exit after a quiet minute."""
         while True:
             try:
-                command = await asyncio.wait_for(queue.get(), timeout=60.0)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+                # lands as the queue hands over a command, and the lane then idles a minute before a
+                # shutdown that cancelled it can finish.
+                async with asyncio.timeout(60.0):
+                    command = await queue.get()
             except TimeoutError:
                 if self._lanes.get(key) is not None and self._lanes[key].queue is queue and queue.empty():
                     del self._lanes[key]

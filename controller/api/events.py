@@ -63,7 +63,8 @@ async def _sse(
         yield b": connected\n\n"
         while True:
             try:
-                event = await asyncio.wait_for(sub.queue.get(), 15.0)
+                async with asyncio.timeout(15.0):  # not wait_for, which can swallow a cancel on 3.11
+                    event = await sub.queue.get()
             except TimeoutError:
                 if await disconnected():
                     return

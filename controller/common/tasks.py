@@ -12,6 +12,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from protocols.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,4 @@ class TaskSet:
     async def close(self) -> None:
         """Cancel every task and wait for all of them to end."""
         self._closing = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))

@@ -175,9 +175,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._publish_state(online=False, reason="agent stopped"), 2.0)
         tasks = self._tasks + [lane.task for lane in self._lanes.values()]
-        # Cancelled until each has ended: a task that swallowed one cancellation must not hold the
-        # shutdown forever (see protocols.tasks).
-        await cancel_and_wait(tasks)
+        await cancel_and_wait(tasks)  # cancelled again if one swallows it (see protocols.tasks)
         self._tasks.clear()
         self._lanes.clear()
         await self.bus.close()
@@ -410,10 +408,7 @@ class Agent:
         """Apply one VM's commands in arrival order; exit after a quiet minute."""
         while True:
             try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
-                # lands as the queue hands over a command, and the lane then idles a minute before a
-                # shutdown that cancelled it can finish.
-                async with asyncio.timeout(60.0):
+                async with asyncio.timeout(60.0):  # not wait_for, which can swallow a cancel (3.11)
                     command = await queue.get()
             except TimeoutError:
                 if self._lanes.get(key) is not None and self._lanes[key].queue is queue and queue.empty():

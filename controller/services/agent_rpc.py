@@ -1,7 +1,10 @@
 """Commands to agents and their replies: the correlation of each reply with the command that asked.
 
 :meth:`AgentRpc.exchange` sends a command until its reply arrives or its deadline passes, holding off
-while the host is offline. The intake layer hands every reply to :meth:`AgentRpc.deliver`; a reply
+while the host is offline. Once the deadline has passed it asks the host one last time: the agent
+answers from its ledger (the command was applied: its reply) or says the command expired (it was not,
+and never will be), so a reply lost on the way (a broker killed, a controller restarted past the
+deadline) still reaches its operation. The intake layer hands every reply to :meth:`AgentRpc.deliver`; a reply
 that nobody waits for yet is kept (bounded) for the exchange that will ask for it.
 """
 
@@ -62,7 +65,8 @@ class AgentRpc:
         )
 
     async def exchange(self, host_id: str, command: Command) -> Reply | None:
-        """Send ``command`` to ``host_id`` until its reply arrives (or None once its deadline passes).
+        """Send ``command`` to ``host_id`` until its reply arrives; None when its deadline passed and
+        the last ask after it went unanswered too.
 
         While the host is offline nothing is sent; its persistent session may still deliver an earlier
         copy, and the command goes again when the host is back. The agent applies an operation id once.
@@ -82,12 +86,31 @@ class AgentRpc:
             while True:
                 remaining = command.deadline - time.time()
                 if remaining <= 0:
-                    return None
+                    return await self._last_ask(topic, payload, waiter, online)
                 await self._attempt(topic, payload, waiter, online, remaining)
                 if waiter.done():
                     return waiter.result()
         finally:
             self._waiters.pop(command.op_id, None)
+
+    async def _last_ask(
+        self, topic: str, payload: bytes, waiter: asyncio.Future[Reply], online: asyncio.Event
+    ) -> Reply | None:
+        """After the deadline: whether the host applied the command (its reply, or ``expired``).
+
+        It waits one retry interval. None when the host is offline or does not answer in time: the
+        outcome is unknown, and the host's next inventory tells.
+        """
+        if waiter.done():
+            return waiter.result()
+        if not online.is_set():
+            return None
+        await self.bus.publish(topic, payload, qos=1, expiry_s=self.retry_s)
+        try:
+            async with asyncio.timeout(self.retry_s):  # not wait_for, which can swallow a cancel (3.11)
+                return await asyncio.shield(waiter)
+        except TimeoutError:
+            return None
 
     async def _attempt(
         self,

@@ -115,6 +115,8 @@ class HostService:
             if found is not None and found.host_id is not None:
                 spec = found.spec
                 self.fleet_state.adopt(name, found.host_id, spec.vcpus, spec.memory_mib, spec.disk_gib)
+        for name in done.deleted:
+            self.fleet_state.release(name)
         for copy in done.stale:
             self.stale.remove(copy)
         self.rpc.set_online(message.host_id, True)

@@ -43,6 +43,8 @@ class Reconciled:
     host_is_new: bool = False
     #: VMs now recorded on this host that were not before (the scheduler must claim them).
     adopted: list[str] = field(default_factory=list)
+    #: VMs whose records were deleted (the scheduler must release their claims).
+    deleted: list[str] = field(default_factory=list)
     stale: list[StaleCopy] = field(default_factory=list)
 
 
@@ -65,7 +67,18 @@ def reconcile(store: Store, events: EventHub, inventory: HostInventory) -> Recon
         for status in inventory.vms:
             _reconcile_reported(store, events, host_id, status, done)
         for record in store.vms(host_id):
-            if record.name not in reported and record.op_id is None and record.state != "missing":
+            if record.name in reported or record.op_id is not None:
+                continue
+            if _unanswered_delete(store, record.name, host_id):
+                store.delete_vm(record.name)
+                done.deleted.append(record.name)
+                events.emit(
+                    "vm.deleted",
+                    f"vm {record.name} deleted: its delete went unanswered, and {host_id} no longer has it",
+                    host_id=host_id,
+                    vm=record.name,
+                )
+            elif record.state != "missing":
                 store.update_vm(record.name, state="missing", error=f"host {host_id} does not report it")
                 events.emit(
                     "vm.missing",
@@ -81,6 +94,22 @@ def reconcile(store: Store, events: EventHub, inventory: HostInventory) -> Recon
             host_id=host_id,
         )
     return done
+
+
+def _unanswered_delete(store: Store, name: str, host_id: str) -> bool:
+    """Whether the VM's last operation was a delete on ``host_id`` that failed for want of an answer.
+
+    Such a delete may have been applied (only its reply was lost); a host that no longer has the VM
+    says it was.
+    """
+    last = store.last_operation(name)
+    return (
+        last is not None
+        and last.kind == "delete"
+        and last.state == "failed"
+        and last.host_id == host_id
+        and last.error.startswith("timeout:")
+    )
 
 
 def _reconcile_reported(

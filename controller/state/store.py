@@ -403,10 +403,16 @@ class Store:
         row = self._db.execute("SELECT * FROM operations WHERE op_id=?", (op_id,)).fetchone()
         return None if row is None else op_of(row)
 
-    def last_operation(self, vm: str, kind: OpKind) -> OperationRecord | None:
-        row = self._db.execute(
-            "SELECT * FROM operations WHERE vm=? AND kind=? ORDER BY created_at DESC LIMIT 1", (vm, kind)
-        ).fetchone()
+    def last_operation(self, vm: str, kind: OpKind | None = None) -> OperationRecord | None:
+        """The newest operation on ``vm`` (of ``kind``, when given)."""
+        if kind is None:
+            row = self._db.execute(
+                "SELECT * FROM operations WHERE vm=? ORDER BY created_at DESC LIMIT 1", (vm,)
+            ).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT * FROM operations WHERE vm=? AND kind=? ORDER BY created_at DESC LIMIT 1", (vm, kind)
+            ).fetchone()
         return None if row is None else op_of(row)
 
     def latest_operation_times(self, kind: OpKind, since: float) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 
 import httpx
@@ -233,7 +234,7 @@ async def test_a_delete_whose_reply_comes_after_the_timeout_still_removes_the_re
         undefine = driver.undefine
 
         async def slow_undefine(name: str) -> None:
-            await asyncio.sleep(1.5)  # a hypervisor busier than the controller's patience
+            await asyncio.sleep(2.0)  # busier than the controller's patience (deadline + last ask)
             await undefine(name)
 
         driver.undefine = slow_undefine  # type: ignore[method-assign]
@@ -246,6 +247,42 @@ async def test_a_delete_whose_reply_comes_after_the_timeout_still_removes_the_re
         assert fleet.ctl.store.usage() == {}
         await asyncio.sleep(0.5)  # the inventory after the delete must not resurrect or flag anything
         assert fleet.ctl.store.vm("slow") is None
+
+
+async def test_a_delete_whose_reply_the_broker_lost_is_settled_by_the_last_ask(mosquitto_factory, tmp_path):
+    """The agent deleted the VM, but its reply died in a broker killed -9 while the controller was away,
+    and the controller came back past the deadline: its last ask gets the answer from the agent's ledger.
+    """
+    broker = mosquitto_factory(persistence=True)
+    settings = FleetSettings(operation_timeout_s=1.5, command_retry_s=0.5)
+    async with Fleet(broker.url, tmp_path, fleet_settings=settings) as fleet:
+        await fleet.add_agent("h1")
+        _, op, _ = fleet.ctl.vms.create(VmSpec(name="gone", memory_mib=256))
+        assert (await fleet.ctl.operations.wait(op.op_id, 10)).state == "succeeded"
+        driver = fleet.drivers["h1"]
+        undefine = driver.undefine
+
+        async def slow_undefine(name: str) -> None:
+            await asyncio.sleep(0.5)  # the controller stops before the reply
+            await undefine(name)
+
+        driver.undefine = slow_undefine  # type: ignore[method-assign]
+        delete = fleet.ctl.vms.delete("gone")
+        await asyncio.sleep(0.2)
+        await fleet.stop_controller()
+        await eventually(
+            lambda: fleet.agents["h1"].ledger.get(delete.op_id) is not None, 5, "the delete applied"
+        )
+        assert await driver.list() == []
+        broker.restart(kill=True)  # the reply queued for the controller dies with it
+        await fleet.agents["h1"].bus.wait_connected(10)
+        await asyncio.sleep(max(0.0, delete.deadline - time.time()) + 0.2)
+
+        await fleet.start_controller()
+        done = await fleet.ctl.operations.wait(delete.op_id, 10)
+        assert done.state == "succeeded", done.error
+        assert fleet.ctl.store.vm("gone") is None
+        assert fleet.ctl.store.usage() == {}
 
 
 async def test_an_inventory_older_than_the_newest_seen_is_ignored(mosquitto, tmp_path):

@@ -43,7 +43,7 @@ from controller.services.agent_rpc import AgentRpc
 from controller.services.cleanup import StaleCopies
 from controller.services.ha.detector import DetectorSettings
 from controller.services.ha.manager import HaService, HaSettings
-from controller.services.hosts import HostService
+from controller.services.hosts import HostService, HostSettings
 from controller.services.migration.evacuation import Evacuations
 from controller.services.migration.migrate import MigrationService, MigrationSettings
 from controller.services.moves import VmMoves
@@ -68,6 +68,7 @@ class FleetSettings:
     #: How long to wait for a reply before sending the command again (same operation id).
     command_retry_s: float = 5.0
     ha: HaSettings = field(default_factory=HaSettings)
+    hosts: HostSettings = field(default_factory=HostSettings)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
     power: PowerSettings = field(default_factory=PowerSettings)
 
@@ -180,7 +181,8 @@ class Controller:
             BusSettings(
                 url=broker_url,
                 client_id=f"{s.client_id}-telemetry",
-                username=s.username,
+                # A user of its own (same password): brokers bind each client id to its user.
+                username=f"{s.username}-telemetry" if s.username else None,
                 password=s.password,
                 **telemetry_overrides,
             )
@@ -241,7 +243,9 @@ class Controller:
             store, self.events, self.scheduler, self.fleet_state, self.operations, self.rpc, self.vms
         )
         self.stale = StaleCopies(self.rpc, self.events)
-        self.hosts = HostService(store, self.events, self.live, self.fleet_state, self.rpc, self.stale)
+        self.hosts = HostService(
+            store, self.events, self.live, self.fleet_state, self.rpc, self.stale, fleet.hosts
+        )
         self.migrations = MigrationService(
             store, self.events, self.live, self.scheduler, self.fleet_state, self.operations, self.rpc,
             self.vms, self.hosts, fleet.migration,
@@ -402,6 +406,13 @@ def add_arguments(p: argparse.ArgumentParser, broker_url: Callable[[str], str]) 
         help="require API tokens; the first start writes an admin token next to the store (admin.token)",
     )
     p.add_argument(
+        "--enrolment",
+        choices=("operator", "open"),
+        default=HostSettings().enrolment,
+        help="how new host ids join: operator (pending until `fleetvisor host accept`, or a one-time join "
+        "token; the default) or open (any host that reaches the bus joins)",
+    )
+    p.add_argument(
         "--ha-fencing",
         choices=("none", "process", "lease", "bmc"),
         default=ha.fencing,
@@ -536,5 +547,10 @@ def controller_settings(
         tls_cert=pathlib.Path(args.tls_cert) if args.tls_cert else None,
         tls_key=pathlib.Path(args.tls_key) if args.tls_key else None,
         bus_overrides=bus_overrides,
-        fleet=FleetSettings(operation_timeout_s=args.operation_timeout, ha=ha, power=power),
+        fleet=FleetSettings(
+            operation_timeout_s=args.operation_timeout,
+            ha=ha,
+            hosts=HostSettings(enrolment=args.enrolment),
+            power=power,
+        ),
     )

@@ -99,6 +99,9 @@ class HostInventory(_Message, tag="inventory", frozen=True, kw_only=True):
     reason: Literal["hello", "reconnect", "change", "refresh"] = "hello"
     #: Labels the host asserts about itself (``agent --label``); operator-set labels override them.
     labels: dict[str, str] = {}
+    #: A one-time join token (``agent --join-token``) that enrols a new host id without an operator's
+    #: ``host accept``; empty for an enrolled host.
+    join_token: str = ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ from protocols import topics
 from protocols.vmspec import HOST_ID_RE
 
 CONTROLLER_USER = "fv-controller"
+#: The controller's telemetry connection: a user of its own (with the controller's password), so a
+#: broker that binds client ids to users keeps the two connections apart.
+CONTROLLER_TELEMETRY_USER = f"{CONTROLLER_USER}-telemetry"
 PBKDF2_ITERATIONS = 101_000
 _HOST_PUBLISHES = ("state", "inventory", "telemetry", "events", "reply")
 
@@ -57,6 +60,9 @@ def acl_text(hosts: list[str]) -> str:
         f"user {CONTROLLER_USER}",
         f"topic read {topics.PREFIX}/host/+/#",
         f"topic write {topics.all_hosts('cmd')}",
+        "",
+        f"user {CONTROLLER_TELEMETRY_USER}",
+        f"topic read {topics.all_hosts('telemetry')}",
         "",
     ]
     for host in hosts:
@@ -104,7 +110,7 @@ def generate(
     for host in hosts:
         if not HOST_ID_RE.fullmatch(host):
             problems.append(f"host id {host!r} is invalid (letters, digits, '.', '_' and '-')")
-        elif host == CONTROLLER_USER:
+        elif host in (CONTROLLER_USER, CONTROLLER_TELEMETRY_USER):
             problems.append(f"host id {host!r} is reserved for the controller's user; rename the host")
     duplicates = sorted({h for h in hosts if hosts.count(h) > 1})
     if duplicates:
@@ -122,6 +128,9 @@ def generate(
         path, password = _secret(creds_dir, user)
         credentials[user] = path
         passwd_lines.append(f"{user}:{hash_password(password, iterations=iterations)}")
+        if user == CONTROLLER_USER:
+            hashed = hash_password(password, iterations=iterations)
+            passwd_lines.append(f"{CONTROLLER_TELEMETRY_USER}:{hashed}")
     passwd = out_dir / "passwd"
     acl = out_dir / "acl"
     conf = out_dir / "mosquitto.conf"

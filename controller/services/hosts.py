@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
+from typing import Literal
 
 from controller.common.errors import Conflict, NotFound
 from controller.scheduler import FleetState
@@ -25,6 +27,15 @@ from protocols.messages import HostInventory, HostState, RefreshInventory
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    """How hosts join the fleet."""
+
+    #: ``operator``: a new host id is pending until an operator accepts it (``host accept``) or it
+    #: presents a one-time join token. ``open``: any host id that reaches the bus joins.
+    enrolment: Literal["operator", "open"] = "operator"
+
+
 class HostService:
     """Keeps host records true to what agents report, and applies operators' host settings."""
 
@@ -36,7 +47,9 @@ class HostService:
         fleet_state: FleetState,
         rpc: AgentRpc,
         stale: StaleCopies,
+        settings: HostSettings | None = None,
     ) -> None:
+        self.settings = settings or HostSettings()
         self.store = store
         self.events = events
         self.live = live

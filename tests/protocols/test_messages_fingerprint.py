@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:761a307b2e91f106421e8a8f9d26945c4bc4fd14838faee59eb619d18a4ccfc9"
+FINGERPRINT = "sha256:b4e27e6faaa08b613610759eb354f39724915bb3ce7f5e4e14cbb10bd5a947b8"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -13,7 +13,10 @@ used only when the connection speaks it.
 
 Handlers are plain functions called on the bus task for every message. They must be quick and must
 not block: real work goes to a queue or a task of the owner. An exception in a handler is logged
-and counted, never fatal to the connection.
+and counted, never fatal to the connection. Before any handler, an admission (:meth:`Bus.admit_with`,
+:mod:`protocols.inbound`) sees each message with its retain flag as it leaves the socket, drops it
+or names its lane, and the bus dispatches round-robin across lanes, so one flooding sender cannot
+queue the others out.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 import socket
@@ -35,6 +39,8 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from protocols.inbound import Admission, InboundCounters, LaneQueue, admit_all
 
 log = logging.getLogger(__name__)
 #: aiomqtt's own logger. It warns about every burst of concurrent QoS 1 publishes, which is normal
@@ -120,8 +126,10 @@ class BusSettings:
     backoff_max_s: float = 5.0
     #: QoS 1 messages kept while disconnected; the oldest are dropped (and counted) past this.
     max_pending: int = 10_000
-    #: Bound on messages received but not yet dispatched (the paho-to-asyncio queue).
+    #: Bound on messages received but not yet dispatched (the paho-to-asyncio queue), in all lanes.
     max_incoming: int = 100_000
+    #: Bound on one lane of that queue (one sender, as the admission names it); its oldest go first.
+    max_incoming_per_lane: int = 10_000
     tls_context: ssl.SSLContext | None = None
 
 
@@ -175,6 +183,9 @@ class Bus:
         self.address = BrokerAddress.parse(settings.url)
         self.will = will
         self.counters = BusCounters()
+        #: What the admission and the lanes of the incoming queue dropped.
+        self.inbound = InboundCounters()
+        self._admission: Admission = admit_all
         self.connected = asyncio.Event()
         self.protocol_in_use: Literal["3.1.1", "5"] | None = None
         self._handlers: list[tuple[str, int, Handler]] = []
@@ -200,6 +211,12 @@ class Bus:
         if client is not None and self.connected.is_set():
             task = asyncio.get_running_loop().create_task(self._subscribe_one(client, topic_filter, qos))
             task.add_done_callback(_log_task_failure)
+
+    def admit_with(self, admission: Admission) -> None:
+        """Run ``admission(topic, payload, retain)`` on every incoming message before it is queued;
+        it returns the message's lane (one per sender for fairness) or None to drop it (counted).
+        """
+        self._admission = admission
 
     def on_connect(self, callback: ConnectCallback) -> None:
         """Run ``await callback(first)`` after each successful connect (``first`` is True once)."""
@@ -332,7 +349,13 @@ class Bus:
             "will": will,
             "keepalive": s.keepalive_s,
             "timeout": s.timeout_s,
-            "max_queued_incoming_messages": s.max_incoming,
+            "queue_type": functools.partial(
+                LaneQueue,
+                admission=lambda: self._admission,
+                counters=self.inbound,
+                lane_max=s.max_incoming_per_lane,
+                total_max=s.max_incoming,
+            ),
             "tls_context": self._tls_context(),
         }
         if self._protocol_choice == "5":

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 EnergySource = Literal["measured", "model", "standby"]
 _SOURCES: frozenset[str] = frozenset(get_args(EnergySource))
 _JOULES_PER_KWH = 3_600_000.0
+#: No single host draws more than this; a larger measurement is treated as none.
+_MAX_PLAUSIBLE_W = 1_000_000.0
 
 
 class HostPowerModel(Protocol):
@@ -59,9 +61,10 @@ class LinearPowerModel:
     max_w: float
 
     def __post_init__(self) -> None:
-        if not 0 <= self.idle_w <= self.max_w:
+        if not 0 <= self.idle_w <= self.max_w <= _MAX_PLAUSIBLE_W:
             raise ValueError(
-                f"power model: need 0 <= idle_w <= max_w, got idle {self.idle_w}, max {self.max_w}"
+                f"power model: need 0 <= idle_w <= max_w <= {_MAX_PLAUSIBLE_W:g}, "
+                f"got idle {self.idle_w}, max {self.max_w}"
             )
 
     def power(self, utilization: float, /) -> float:
@@ -231,7 +234,7 @@ class EnergyMeter:
     def _value(
         self, host: _Host, measured_w: float | None, cpu_util: float | None, powered_on: bool
     ) -> tuple[float, EnergySource] | None:
-        if measured_w is not None and math.isfinite(measured_w) and measured_w >= 0:
+        if measured_w is not None and math.isfinite(measured_w) and 0 <= measured_w <= _MAX_PLAUSIBLE_W:
             return measured_w, "measured"
         if not powered_on:
             return self.settings.standby_w, "standby"

@@ -1,15 +1,23 @@
-"""The controller's bus subscriptions: each message is rate-limited per host, decoded, and handed to
-the service that owns it.
+"""The controller's bus subscriptions: each message is admitted per host, decoded, checked, and
+handed to the service that owns it.
+
+Admission runs as each message leaves the socket, before any queue (``Bus.admit_with``): a retained
+copy on a news topic is refused, the per-host rate limit applies, telemetry counts as the host's
+heartbeat right there, and what passes waits in its host's lane of the bus queue, taken round-robin.
+So a host that floods meets its limit before its messages can stand in front of its neighbours',
+and no queue lies between a healthy host and the HA failure detector.
 
 Handlers run in the bus client's receive loop, so they are quick and never await. Routing:
 
 | topic family | goes to |
 |---|---|
-| ``telemetry`` (own connection) | :class:`~controller.state.live.LiveState`, then HA's heartbeat |
+| ``telemetry`` (own connection) | HA's heartbeat (at admission), then :class:`~controller.state.live.LiveState` |
 | ``state`` | HA's view of the connection, then :class:`~controller.services.hosts.HostService` |
 | ``inventory`` | :meth:`HostService.on_inventory <controller.services.hosts.HostService.on_inventory>` |
 | ``events`` | migration progress to the migration service, VM events to the VM service |
 | ``reply`` | :class:`~controller.services.agent_rpc.AgentRpc`, or the VM service for a late one |
+
+What a host has no standing to say is refused and counted by :mod:`controller.intake.guards`.
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgspec
 
-from controller.intake.rate_limit import InboundLimiter
+from controller.intake import guards
+from controller.intake.rate_limit import InboundLimiter, RateLimits
 from controller.services.agent_rpc import AgentRpc
 from controller.services.ha.manager import HaService
 from controller.services.hosts import HostService
@@ -36,6 +46,12 @@ log = logging.getLogger(__name__)
 BusHandler = Callable[[str, bytes], None]
 
 
+@dataclass(frozen=True, slots=True)
+class IntakeSettings:
+    limits: RateLimits = field(default_factory=RateLimits)
+    guards: guards.GuardSettings = field(default_factory=guards.GuardSettings)
+
+
 class Intake:
     """Subscribes to every host's topics and routes what arrives."""
 
@@ -49,58 +65,80 @@ class Intake:
         vms: VmService,
         migrations: MigrationService,
         ha: HaService,
+        settings: IntakeSettings | None = None,
     ) -> None:
+        settings = settings or IntakeSettings()
         self.live = live
         self.rpc = rpc
         self.hosts = hosts
         self.vms = vms
         self.migrations = migrations
         self.ha = ha
+        self.store = hosts.store
         self.decoder = codec.InboundDecoder()
-        self.limiter = InboundLimiter()
-        self._deferred: dict[tuple[str, str], tuple[BusHandler, str, bytes]] = {}
-        for family, handler in (
-            ("state", self._on_state),
-            ("inventory", self._on_inventory),
-            ("events", self._on_event),
-            ("reply", self._on_reply),
-        ):
-            bus.subscribe(topics.all_hosts(family), self._limited(handler), qos=1)  # type: ignore[arg-type]
-        telemetry_bus.subscribe(topics.all_hosts("telemetry"), self._limited(self._on_telemetry), qos=0)
+        self.limiter = InboundLimiter(settings.limits)
+        #: Messages refused by the guards (a forged reply is counted in ``rpc.forged``).
+        self.guards = guards.GuardCounters(settings.guards.log_every_s)
+        self.sequence = guards.SequenceGuard(settings.guards)
+        #: The newest state or inventory of a host held back by its rate (topic, payload).
+        self._deferred: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self._handlers: dict[str, BusHandler] = {
+            "state": self._on_state,
+            "inventory": self._on_inventory,
+            "events": self._on_event,
+            "reply": self._on_reply,
+            "telemetry": self._on_telemetry,
+        }
+        for family in ("state", "inventory", "events", "reply"):
+            bus.subscribe(topics.all_hosts(family), self._handlers[family], qos=1)
+        telemetry_bus.subscribe(topics.all_hosts("telemetry"), self._on_telemetry, qos=0)
+        bus.admit_with(self._admit)
+        telemetry_bus.admit_with(self._admit)
         bus.on_connect(hosts.refresh_inventories)
 
-    def _limited(self, handler: BusHandler) -> BusHandler:
-        """Wrap a bus handler with the per-host rate limit (checked before any decoding).
+    def _admit(self, topic: str, payload: bytes, retain: bool) -> str | None:
+        """The lane of a message as it arrives (its host's), or None to drop it; before any queue.
 
-        Over the limit, telemetry, events and replies are dropped (and counted). A host's state and
-        inventory are not: each message replaces the last, so the newest is kept aside and handled
-        when the host's bucket allows. Dropping it would leave the controller with a stale picture
-        until the host's next change, which may never come.
+        A retained copy on a news topic is refused. Over the rate limit, telemetry, events and
+        replies are dropped (and counted). A host's state and inventory are not: each message
+        replaces the last, so the newest is kept aside and handled when the host's bucket allows.
+        Dropping it would leave the controller with a stale picture until the host's next change,
+        which may never come.
         """
-        limiter = self.limiter
-        deferred = self._deferred
-
-        def limited(topic: str, payload: bytes) -> None:
-            parts = topic.split("/", 5)
-            if len(parts) == 5:
-                if not limiter.allow(parts[3], parts[4]):
-                    if parts[4] in ("state", "inventory"):
-                        deferred[(parts[3], parts[4])] = (handler, topic, payload)
-                    return
-                deferred.pop((parts[3], parts[4]), None)  # this newer message supersedes a held-back one
-            handler(topic, payload)
-
-        return limited
+        parts = topic.split("/", 5)
+        if len(parts) != 5:
+            return ""  # not a host topic: the decoder refuses and counts it
+        host_id, family = parts[3], parts[4]
+        if len(payload) > self.decoder.max_bytes:
+            self.decoder.decode(topic, payload)  # refuses it as oversize, counted, before it is queued
+            return None
+        if retain and family in guards.NO_RETAINED:
+            self.guards.refuse(
+                "retained", host_id, f"ignoring a retained message on its {family} topic; clear it with "
+                f"an empty retained publish to {topic}",
+            )  # fmt: skip
+            return None
+        if not self.limiter.allow(host_id, family, len(payload)):
+            if family in ("state", "inventory"):
+                self._deferred[(host_id, family)] = (topic, payload)
+            return None
+        self._deferred.pop((host_id, family), None)  # this newer message supersedes a held-back one
+        if family == "telemetry":
+            self.ha.heartbeat(host_id)
+        return host_id
 
     async def drain_deferred(self) -> None:
-        """Handle the newest held-back state or inventory of each host as its rate allows, forever."""
+        """Handle the newest held-back state or inventory of each host as its rate allows, and sum up
+        the rate limit's drops, forever.
+        """
         while True:
             await asyncio.sleep(0.1)
+            self.limiter.report()
             for key in list(self._deferred):
                 if self.limiter.allow(*key, count_drop=False):
-                    handler, topic, payload = self._deferred.pop(key)
+                    topic, payload = self._deferred.pop(key)
                     try:
-                        handler(topic, payload)
+                        self._handlers[key[1]](topic, payload)
                     except Exception:
                         log.exception("handling a held-back %s of %s failed", key[1], key[0])
 
@@ -110,8 +148,11 @@ class Intake:
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
         if isinstance(message, HostTelemetry):
+            why = guards.telemetry_problem(message)
+            if why is not None:
+                self.guards.refuse("telemetry", message.host_id, why)
+                return
             self.live.record_telemetry(message)
-            self.ha.heartbeat(message.host_id)
 
     def _on_state(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
@@ -121,12 +162,27 @@ class Intake:
 
     def _on_inventory(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
-        if isinstance(message, HostInventory):
-            self.hosts.on_inventory(message)
+        if not isinstance(message, HostInventory):
+            return
+        why = self.sequence.problem(message)
+        if why is not None:
+            self.guards.refuse("seq", message.host_id, why)
+            return
+        self.hosts.on_inventory(message)
+        if self.live.inventories.get(message.host_id) is message:
+            self.sequence.accepted(message)
+            if any(self.store.vm(vm.name) is None for vm in message.vms):
+                # Adoption is capped per round: the next round (as the rate allows) takes more.
+                self._deferred.setdefault((message.host_id, "inventory"), (topic, payload))
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         message = self._decode(topic, payload)
-        if isinstance(message, MigrationProgress):
+        if not isinstance(message, (MigrationProgress, VmEvent)):
+            return
+        why = guards.event_problem(self.store, message)
+        if why is not None:
+            self.guards.refuse("event", message.host_id, why)
+        elif isinstance(message, MigrationProgress):
             self.migrations.on_progress(message)
         elif isinstance(message, VmEvent):
             self.vms.on_event(message)
@@ -135,5 +191,12 @@ class Intake:
         message = self._decode(topic, payload)
         if not isinstance(message, Reply) or message.op_id.startswith("refresh-"):
             return  # a refresh's inventory is what matters, not its reply
-        if not self.rpc.deliver(message) and not self.vms.settle_late_reply(message):
-            self.rpc.keep_early(message)
+        host_id = message.host_id  # the decoder checked that it is the topic's host
+        if self.rpc.deliver(message, host_id):
+            return
+        op = self.store.operation(message.op_id)
+        if op is not None and op.state == "failed":
+            if op.kind != "delete" or self.rpc.is_from(message, host_id, op.host_id):
+                self.vms.settle_late_reply(message)  # only a late delete changes a record
+            return
+        self.rpc.keep_early(message, host_id)

@@ -4,21 +4,30 @@
 while the host is offline. Once the deadline has passed it asks the host one last time: the agent
 answers from its ledger (the command was applied: its reply) or says the command expired (it was not,
 and never will be), so a reply lost on the way (a broker killed, a controller restarted past the
-deadline) still reaches its operation. The intake layer hands every reply to :meth:`AgentRpc.deliver`; a reply
-that nobody waits for yet is kept (bounded) for the exchange that will ask for it.
+deadline) still reaches its operation. The intake layer hands every reply to :meth:`AgentRpc.deliver`
+with the host whose reply topic it came on; a reply that nobody waits for yet is kept (bounded) for
+the exchange that will ask for it.
+
+A reply counts only when it comes from the host its command was sent to: on that host's reply topic
+(the broker's ACL ties the topic to the host's credentials) and naming that host. Any other host
+that answers (a prepare reply carries the address a migration streams guest memory to) is counted
+in :attr:`AgentRpc.forged`, logged, and completes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from controller.state.store import Store
 from protocols import codec, topics
 from protocols.bus import Bus
 from protocols.messages import Command, Reply
+
+log = logging.getLogger(__name__)
 
 #: Replies kept for an exchange that has not started yet (a resumed operation's answer).
 EARLY_REPLIES = 10_000
@@ -32,8 +41,12 @@ class AgentRpc:
         self.store = store
         #: How long to wait for a reply before sending the command again (same operation id).
         self.retry_s = retry_s
-        self._waiters: dict[str, asyncio.Future[Reply]] = {}
-        self._early: OrderedDict[str, Reply] = OrderedDict()
+        #: Each exchange under way: the host its command went to, and the future its reply completes.
+        self._waiters: dict[str, tuple[str, asyncio.Future[Reply]]] = {}
+        #: Replies that came before their exchange began, with the host whose topic they came on.
+        self._early: OrderedDict[str, tuple[str, Reply]] = OrderedDict()
+        #: Replies refused because another host than the command's sent them, by the sending host.
+        self.forged: Counter[str] = Counter()
         self._online: dict[str, asyncio.Event] = {}
 
     def set_online(self, host_id: str, online: bool) -> None:
@@ -44,17 +57,40 @@ class AgentRpc:
         else:
             event.clear()
 
-    def deliver(self, reply: Reply) -> bool:
-        """Hand ``reply`` to the exchange waiting for it. Returns False when none waits."""
-        waiter = self._waiters.get(reply.op_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(reply)
+    def deliver(self, reply: Reply, from_host: str) -> bool:
+        """Hand ``reply``, which came on ``from_host``'s reply topic, to the exchange waiting for it.
+
+        Returns False when none waits. A reply from another host than the one the command went to
+        is forged: counted, logged, and it completes nothing (True: it was handled).
+        """
+        entry = self._waiters.get(reply.op_id)
+        if entry is None:
+            return False
+        host_id, waiter = entry
+        if not self.is_from(reply, from_host, host_id):
             return True
+        if not waiter.done():
+            waiter.set_result(reply)
+        return True
+
+    def is_from(self, reply: Reply, from_host: str, expected: str | None) -> bool:
+        """Whether ``reply`` (on ``from_host``'s reply topic) comes from ``expected``; if not, count and
+        log it as forged.
+        """
+        if from_host == expected and reply.host_id == expected:
+            return True
+        self.forged[from_host] += 1
+        log.warning(
+            "op %s: ignoring a reply from host %s (naming %s, ok=%s): the command went to %s, and only "
+            "its host's reply counts; check %s (%d forged replies from it)",
+            reply.op_id, from_host, reply.host_id, reply.ok, expected or "no host", from_host,
+            self.forged[from_host],
+        )  # fmt: skip
         return False
 
-    def keep_early(self, reply: Reply) -> None:
+    def keep_early(self, reply: Reply, from_host: str) -> None:
         """Keep ``reply`` for an exchange that has not begun yet (bounded; the oldest go first)."""
-        self._early[reply.op_id] = reply
+        self._early[reply.op_id] = (from_host, reply)
         while len(self._early) > EARLY_REPLIES:
             self._early.popitem(last=False)
 
@@ -72,12 +108,12 @@ class AgentRpc:
         copy, and the command goes again when the host is back. The agent applies an operation id once.
         """
         early = self._early.pop(command.op_id, None)
-        if early is not None:
-            return early
+        if early is not None and self.is_from(early[1], early[0], host_id):
+            return early[1]
         topic = topics.host_topic(host_id, "cmd")
         payload = codec.encode(command)
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiters[command.op_id] = waiter
+        self._waiters[command.op_id] = (host_id, waiter)
         online = self._online.setdefault(host_id, asyncio.Event())
         host = self.store.host(host_id)
         if host is not None and host.online:

@@ -4,7 +4,9 @@
 BMC's DCMI power of every powered-on host that has one (a BMC that gives none is left alone for
 ``_DCMI_RETRY_S``), values the others by their reported power model at their telemetry CPU use, and
 counts standby hosts at 0 W. The counters are restored from the store at start and saved every
-``energy_save_s``, when a host is first counted, and at close. It may import ``controller.hardware``,
+``energy_save_s``, when a host is first counted, and at close. One host's bad numbers (a power
+model with idle above max, a NaN) never stop the count of the others: that host is skipped, and
+the reason is logged once until it changes. It may import ``controller.hardware``,
 ``controller.state`` and its package's ``settings``.
 """
 
@@ -41,6 +43,8 @@ class EnergyCounter:
         self.since: dict[str, float] = {}
         self._saved_at = float("-inf")
         self._dcmi_next: dict[str, float] = {}
+        #: Hosts whose samples cannot be counted, and why (logged once per reason).
+        self.broken: dict[str, str] = {}
         for saved in store.energy().values():
             self.meter.restore(saved.host_id, saved.joules)
             self.since[saved.host_id] = saved.since
@@ -52,19 +56,39 @@ class EnergyCounter:
         on = [h for h in hosts if h.online and h.standby_since is None]
         readings = await asyncio.gather(*(self._reading(h, now) for h in on))
         for host, measured in zip(on, readings, strict=True):
-            caps = host.capabilities
-            if caps.power_max_w > 0:
-                self.meter.set_model(host.host_id, LinearPowerModel(caps.power_idle_w, caps.power_max_w))
-            telemetry = self.live.telemetry.get(host.host_id)
-            cpu = telemetry.cpu_util if telemetry is not None else None
-            if measured is None and (cpu is None or caps.power_max_w <= 0):
-                continue  # nothing to value a sample with yet (no telemetry, or no power model)
-            self.meter.record(host.host_id, now, measured_w=measured, cpu_util=cpu)
+            try:
+                self._count(host, now, measured)
+            except (ValueError, ArithmeticError) as exc:
+                self._broken(host.host_id, str(exc))
+            else:
+                if self.broken.pop(host.host_id, None) is not None:
+                    log.info("host %s: energy is counted again", host.host_id)
         for host in hosts:
             if host.standby_since is not None and not host.online:
                 self.meter.record(host.host_id, now, powered_on=False)
         if now - self._saved_at >= self.settings.energy_save_s or self.meter.counted() - self.since.keys():
             self.save()
+
+    def _count(self, host: HostRecord, now: float, measured: float | None) -> None:
+        """Count one sample of ``host``. Raises ValueError or ArithmeticError on its bad numbers."""
+        caps = host.capabilities
+        if caps.power_max_w > 0:
+            self.meter.set_model(host.host_id, LinearPowerModel(caps.power_idle_w, caps.power_max_w))
+        telemetry = self.live.telemetry.get(host.host_id)
+        cpu = telemetry.cpu_util if telemetry is not None else None
+        if measured is None and (cpu is None or caps.power_max_w <= 0):
+            return  # nothing to value a sample with yet (no telemetry, or no power model)
+        self.meter.record(host.host_id, now, measured_w=measured, cpu_util=cpu)
+
+    def _broken(self, host_id: str, why: str) -> None:
+        if self.broken.get(host_id) != why:
+            log.warning(
+                "host %s: its energy is not counted: %s; fix what the host reports (its agent's power "
+                "model settings); the other hosts are counted as usual",
+                host_id,
+                why,
+            )
+        self.broken[host_id] = why
 
     async def _reading(self, host: HostRecord, now: float) -> float | None:
         """The host's measured power (W), or None when its BMC gives none (then not asked for a while)."""
@@ -73,7 +97,7 @@ class EnergyCounter:
             return None
         try:
             watts = await driver.power_reading_w()
-        except PowerError as exc:
+        except (PowerError, ValueError) as exc:
             log.info("host %s: no measured power: %s", host.host_id, exc)
             watts = None
         if watts is None:

@@ -13,11 +13,19 @@ from typing import Annotated, Literal
 
 import msgspec
 
+# Every pattern ends in ``\Z``, never ``$``: msgspec matches with ``re.search``, and ``$`` also
+# matches before a final newline, so ``^[a-z]+$`` accepts "vm-a\n" (a directory name with a newline,
+# a topic with one). In Python code, match these with ``fullmatch``.
+
 #: VM names end up in file names, topics and QEMU arguments, so they are deliberately narrow.
-VM_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+VM_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z"
 VM_NAME_RE = re.compile(VM_NAME_PATTERN)
-HOST_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"
+HOST_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?\Z"
 HOST_ID_RE = re.compile(HOST_ID_PATTERN)
+LABEL_PATTERN = r"^[A-Za-z0-9._/-]{1,63}\Z"
+HOST_PATH_PATTERN = r"^/[^\x00]{0,4095}\Z"
+DISK_TARGET_PATTERN = r"^(vd|sd|hd)[a-z]{1,2}\Z"
+MAC_PATTERN = r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z"
 
 VmName = Annotated[
     str,
@@ -33,7 +41,7 @@ HostId = Annotated[
         description="letters, digits, '.', '_' and '-', 1-64 characters",
     ),
 ]
-Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,63}$")]
+Label = Annotated[str, msgspec.Meta(pattern=LABEL_PATTERN)]
 
 Arch = Literal["x86_64", "i386", "aarch64", "ppc64le", "s390x", "riscv64"]
 
@@ -47,13 +55,11 @@ class VmWorkload(msgspec.Struct, frozen=True, kw_only=True):
 
 
 #: Absolute host paths of images and kernels. Engines also confine them to their image directory.
-HostPath = Annotated[
-    str, msgspec.Meta(pattern=r"^/[^\x00]{0,4095}$", description="absolute path on the host")
-]
+HostPath = Annotated[str, msgspec.Meta(pattern=HOST_PATH_PATTERN, description="absolute path on the host")]
 DiskTarget = Annotated[
-    str, msgspec.Meta(pattern=r"^(vd|sd|hd)[a-z]{1,2}$", description="guest device name, e.g. vda")
+    str, msgspec.Meta(pattern=DISK_TARGET_PATTERN, description="guest device name, e.g. vda")
 ]
-MacAddress = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")]
+MacAddress = Annotated[str, msgspec.Meta(pattern=MAC_PATTERN)]
 Machine = Literal["pc", "q35", "microvm"]
 CpuMode = Literal["default", "host-passthrough", "host-model", "custom"]
 Feature = Literal["acpi", "apic", "pae"]
@@ -69,7 +75,14 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A block device. With ``overlay`` (the default) the engine creates a qcow2 overlay on ``source``,
-    so the base image is shared and never written; without it the file is used as it is.
+    so the base image is shared and never written; without it the file itself is the disk.
+
+    A disk without an overlay opens read-only unless ``writable`` says otherwise: such a file is
+    often an image other VMs share, and one guest must not be able to change it for all of them.
+    ``writable: true`` is for an image this VM alone owns.
+
+    Raises (decode, construction):
+        ValueError: ``writable`` with ``readonly``, or with an overlay (an overlay is always writable).
     """
 
     target: DiskTarget
@@ -78,6 +91,22 @@ class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
     bus: Literal["virtio", "sata"] = "virtio"
     readonly: bool = False
     overlay: bool = True
+    #: Open the file itself for writing (only without an overlay; the default opens it read-only).
+    writable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.writable and self.readonly:
+            raise ValueError(f"disk {self.target}: writable and readonly contradict; keep one")
+        if self.writable and self.overlay:
+            raise ValueError(
+                f"disk {self.target}: writable applies to a disk without an overlay (its overlay is "
+                "always writable and its base never is); drop writable, or set overlay: false"
+            )
+
+    @property
+    def guest_read_only(self) -> bool:
+        """Whether the guest sees the disk read-only: ``readonly``, or the file itself unless writable."""
+        return self.readonly or (not self.overlay and not self.writable)
 
 
 class NicSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,7 +116,7 @@ class NicSpec(msgspec.Struct, frozen=True, kw_only=True):
     mode: Literal["user", "tap", "bridge"] = "user"
     mac: MacAddress | None = None
     #: Bridge name for mode=bridge, tap device name for mode=tap.
-    device: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
+    device: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,15}\Z")] | None = None
 
 
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,7 +137,7 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     machine: Machine = "pc"
     cpu_mode: CpuMode = "default"
     #: CPU model for cpu_mode=custom (a QEMU/libvirt model name such as "Skylake-Server").
-    cpu_model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}$")] = ""
+    cpu_model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}\Z")] = ""
     #: Guest memory at boot when lower than ``memory_mib`` (the balloon target); None means all of it.
     current_memory_mib: Annotated[int, msgspec.Meta(ge=16)] | None = None
     boot: BootSpec = BootSpec()
@@ -136,9 +165,9 @@ class VmSpecInput(VmSpec, frozen=True, kw_only=True, forbid_unknown_fields=True)
 _PATTERN_HINTS = {
     VM_NAME_PATTERN: "a VM name: 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit",
     HOST_ID_PATTERN: "a host id: letters, digits, '.', '_' and '-', up to 64 characters",
-    r"^/[^\x00]{0,4095}$": "an absolute path on the host, e.g. /var/lib/fleetvisor/images/base.qcow2",
-    r"^(vd|sd|hd)[a-z]{1,2}$": "a guest disk name such as vda or sdb",
-    r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$": "a lower-case MAC address such as 52:54:00:12:34:56",
+    HOST_PATH_PATTERN: "an absolute path on the host, e.g. /var/lib/fleetvisor/images/base.qcow2",
+    DISK_TARGET_PATTERN: "a guest disk name such as vda or sdb",
+    MAC_PATTERN: "a lower-case MAC address such as 52:54:00:12:34:56",
 }
 
 

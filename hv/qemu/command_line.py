@@ -10,6 +10,9 @@ created), and :func:`build_argv` turns a :class:`LaunchPlan` into an argument li
   ``qemu-bridge-helper``, so those VMs may spawn it (``spawn=allow,elevateprivileges=children``).
 - Disks are explicit ``-blockdev`` chains (JSON) with ``backing: null`` at the bottom, so QEMU opens
   exactly the layers :mod:`hv.qemu.image_policy` checked and follows no path stored in an image.
+  Every layer below the top is ``read-only``, and so is the top when the guest must not write:
+  ``readonly``, or a disk without an overlay (often a shared image) that the spec does not mark
+  ``writable``.
 - pc and q35 get PCI virtio devices (``virtio-*-pci``); microvm has no PCI, so it gets virtio-mmio
   ones (``virtio-*-device``) and can carry neither SATA nor e1000.
 - QMP listens on the socket the driver binds and passes in as fd :data:`hv.qemu.process.QMP_FD`.
@@ -177,6 +180,12 @@ def _disk_problems(spec: VmSpec) -> list[str]:
             problems.append(
                 f"disk {disk.target}: QEMU's SATA disk (ide-hd) cannot be read-only; use bus=virtio"
             )
+        elif disk.guest_read_only:
+            problems.append(
+                f"disk {disk.target}: without an overlay the image opens read-only (it may be shared), "
+                "and QEMU's SATA disk (ide-hd) cannot be read-only; use bus=virtio, keep the overlay, "
+                "or set writable: true if this VM alone owns the image"
+            )
     return problems
 
 
@@ -290,7 +299,7 @@ def _blockdev_chain(disk: DiskPlan, argv: list[str]) -> str:
     depth = len(disk.layers)
     for level in range(depth - 1, -1, -1):  # from the base (last) up to the top (first)
         layer = disk.layers[level]
-        read_only = disk.spec.readonly or level > 0
+        read_only = disk.spec.guest_read_only or level > 0
         file_node, format_node = f"{target}-file{level}", f"{target}-fmt{level}"
         argv += [
             "-blockdev",

@@ -3,7 +3,11 @@
 A VM spec names host paths (kernel, initrd, disk sources). A spec must never make QEMU read
 anything else, so each path is resolved (``realpath``: every symlink followed, ``..`` removed) and
 must land on a regular file inside one of the driver's image directories. A symlink inside an
-image directory that points out of it is refused like the outside path itself.
+image directory that points out of it is refused like the outside path itself. A hard link has no
+such tell (its other name may be anywhere on the same filesystem), so a file with more than one
+hard link is refused: copy the image instead. The file is then opened without following a symlink
+and checked through that descriptor (type, links, and its real path from ``/proc/self/fd``), so a
+name swapped during the check cannot pass for the file that was checked.
 
 Disk images carry paths of their own: a qcow2 may name a backing file, and a backing file may
 name another. :meth:`ImagePolicy.disk_chain` walks that chain one layer at a time with ``qemu-img
@@ -15,7 +19,8 @@ chain is then given to QEMU layer by layer as explicit ``-blockdev`` nodes (see
 :mod:`hv.qemu.command_line`), so QEMU follows no path stored in an image either.
 
 What remains is a race: an operator with write access to an image directory could swap a file
-between the check and QEMU opening it. The image directories are the trust boundary.
+between the check and QEMU opening it (the driver checks again right before each start). The
+image directories are the trust boundary.
 
 Imports: :mod:`hv.driver` and :mod:`hv.qemu.errors` only.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -81,7 +87,8 @@ class ImagePolicy:
 
         Raises:
             InvalidSpec: the path is relative, resolves outside the image directories (directly or
-                through a symlink), does not exist, is not a regular file, or is not readable.
+                through a symlink), does not exist, is not a regular file, is not readable, has
+                more than one hard link, or changed while it was checked.
         """
         if not os.path.isabs(path):
             raise InvalidSpec(f"vm {vm!r}: {what} {path!r} is not an absolute path; give the full path")
@@ -97,22 +104,58 @@ class ImagePolicy:
                 "QEMU may only read files there: copy the file into an image directory, or add its "
                 "directory to the agent's image directories"
             )
+        self._check_file(vm, what, path, resolved)
+        return resolved
+
+    def _check_file(self, vm: str, what: str, path: str, resolved: Path) -> None:
+        """Check that ``resolved`` is a regular file with one link, through a descriptor of it.
+
+        The name is looked at first (so no device or FIFO is ever opened), then opened without
+        following a symlink; the opened file must be the one looked at (same device and inode) and
+        its real path (``/proc/self/fd``) must still be ``resolved``, so a name swapped during the
+        check is refused rather than passed.
+
+        Raises:
+            InvalidSpec: the file is missing, unreadable, not a regular file, was swapped while being
+                checked, or has more than one hard link.
+        """
         try:
-            st = resolved.stat()
+            named = os.lstat(resolved)
+            if stat.S_ISLNK(named.st_mode):
+                raise _swapped(vm, what, path, resolved, "a symlink")
+            if not stat.S_ISREG(named.st_mode):
+                raise InvalidSpec(
+                    f"vm {vm!r}: {what} {path} is not a regular file; give an image or kernel file, "
+                    "not a directory or a device"
+                )
+            fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise InvalidSpec(
                 f"vm {vm!r}: {what} {path} does not exist; check the path, or copy the file there first"
             ) from None
-        except OSError as exc:
-            raise InvalidSpec(f"vm {vm!r}: {what} {path} cannot be read: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(st.st_mode):
+        except PermissionError:
             raise InvalidSpec(
-                f"vm {vm!r}: {what} {path} is not a regular file; give an image or kernel file, "
-                "not a directory or a device"
+                f"vm {vm!r}: {what} {path} is not readable by the agent; fix its permissions"
+            ) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _swapped(vm, what, path, resolved, "a symlink") from None
+            raise InvalidSpec(f"vm {vm!r}: {what} {path} cannot be read: {exc.strerror or exc}") from None
+        try:
+            opened = os.fstat(fd)
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino) or Path(real) != resolved:
+            raise _swapped(vm, what, path, resolved, real)
+        if opened.st_nlink > 1:
+            # A hard link leaves no trace of the file's other names: one of them may be outside
+            # the image directories, a file QEMU must not read, and nothing here can tell.
+            raise InvalidSpec(
+                f"vm {vm!r}: {what} {path} has {opened.st_nlink} hard links, and a hard link can bring "
+                f"a file from outside the image directories ({self.dirs_text}) inside; copy the "
+                "image instead of hard-linking it (a symlink inside an image directory is fine)"
             )
-        if not os.access(resolved, os.R_OK):
-            raise InvalidSpec(f"vm {vm!r}: {what} {path} is not readable by the agent; fix its permissions")
-        return resolved
 
     async def disk_chain(self, vm: str, what: str, source: str, fmt: ImageFormat) -> list[ImageLayer]:
         """The checked layers of a disk image, the named file first and its base last.
@@ -236,6 +279,13 @@ class ImagePolicy:
                     process.kill()
                 await process.wait()
         return out.decode(errors="replace"), err.decode(errors="replace"), process.returncode or 0
+
+
+def _swapped(vm: str, what: str, path: str, resolved: Path, found: str) -> InvalidSpec:
+    return InvalidSpec(
+        f"vm {vm!r}: {what} {path} changed while it was checked ({resolved} was replaced by "
+        f"{found}); leave the image directory alone while VMs start, then try again"
+    )
 
 
 def _resolve(path: str) -> Path:

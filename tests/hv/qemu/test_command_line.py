@@ -173,6 +173,18 @@ def test_a_readonly_disk_is_read_only_at_every_layer() -> None:
     assert "backing" not in nodes[1], "raw has no backing option"
 
 
+@pytest.mark.parametrize(("writable", "read_only"), [(False, True), (True, False)])
+def test_a_disk_without_an_overlay_is_read_only_unless_the_spec_says_writable(
+    writable: bool, read_only: bool
+) -> None:
+    """overlay=False opens the (possibly shared) image itself: read-only, unless writable=True."""
+    vm = spec(disks=[DiskSpec(target="vdb", source="/images/shared.raw", format="raw", overlay=False)])
+    fields: dict[str, object] = {"format": "raw", "overlay": False, "writable": writable}
+    argv = build_argv("qemu", plan(vm, disks=(disk("vdb", ("/images/shared.raw", "raw"), **fields),)))
+    nodes = [json.loads(b) for b in option(argv, "-blockdev")]
+    assert [node["read-only"] for node in nodes] == [read_only, read_only]
+
+
 def test_sata_disks_share_one_ahci_controller() -> None:
     """bus=sata: one ahci controller, one ide-hd per disk on consecutive ports."""
     vm = spec(
@@ -263,6 +275,10 @@ def test_a_comma_in_a_runtime_path_is_escaped_for_qemus_option_syntax() -> None:
             "cannot be read-only",
         ),
         (
+            {"disks": [DiskSpec(target="sda", source="/i/a", bus="sata", overlay=False)]},
+            "or set writable: true if this VM alone owns the image",
+        ),
+        (
             {"disks": [DiskSpec(target="vda", source="/i/a"), DiskSpec(target="vda", source="/i/b")]},
             "used twice",
         ),
@@ -284,3 +300,9 @@ def test_spec_problems_explain_what_qemu_cannot_do(fields: dict[str, object], pr
 def test_a_plain_spec_has_no_problems() -> None:
     """The defaults (pc, virtio, kernel boot) are fine."""
     assert spec_problems(spec(nics=[NicSpec()]), machine_types=MACHINES, cpu_models=[]) == []
+
+
+def test_a_writable_sata_disk_without_an_overlay_has_no_problem() -> None:
+    """A SATA disk on its own image, marked writable, is something ide-hd can carry."""
+    disks = [DiskSpec(target="sda", source="/i/own.raw", bus="sata", overlay=False, writable=True)]
+    assert spec_problems(spec(disks=disks), machine_types=MACHINES, cpu_models=[]) == []

@@ -30,6 +30,7 @@ from typing import Any, Self
 
 import uvicorn
 
+from controller.api import edge
 from controller.api.app import ApiParts, create_app
 from controller.api.views import Views
 from controller.broker.embedded import EmbeddedBroker
@@ -50,8 +51,10 @@ from controller.services.moves import VmMoves
 from controller.services.operations import Operations
 from controller.services.power import PowerService, PowerSettings
 from controller.services.vms import VmService, VmSettings
+from controller.state import retention as retention_flags
 from controller.state.events import EventHub
 from controller.state.live import LiveState, StandbyHosts
+from controller.state.retention import Retention, RetentionSettings
 from controller.state.store import Store
 from protocols.bus import Bus, BusSettings
 
@@ -93,6 +96,9 @@ class ControllerSettings:
     tls_cert: pathlib.Path | None = None
     tls_key: pathlib.Path | None = None
     admin_token_path: pathlib.Path | None = None
+    #: The API's limits and its checks of Host and Origin.
+    edge: edge.EdgeOptions = field(default_factory=lambda: edge.EdgeOptions())
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     bus_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,6 +201,8 @@ class Controller:
         self._tasks.spawn(self.power.run_rounds(), name="power:rounds", forever=True)
         self._tasks.spawn(self.power.run_energy(), name="power:energy", forever=True)
         self._tasks.spawn(self.intake.drain_deferred(), name="intake:deferred", forever=True)
+        retention = Retention(self.store.connection, s.retention)
+        self._tasks.spawn(retention.run(), name="retention", forever=True)
         self.operations.resume()
         if s.serve_api:
             await self._serve_api()
@@ -325,6 +333,7 @@ class Controller:
 
     async def _serve_api(self) -> None:
         s = self.settings
+        edge.check_exposure(s.api_host, s.auth, s.edge)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -341,8 +350,13 @@ class Controller:
         token_path = s.admin_token_path or s.db_path.parent / "admin.token"
         if self.authority.ensure_admin_token(token_path) is not None:
             log.warning("API auth is on: created the first admin token in %s (mode 0600)", token_path)
+        s = self.settings
         config = uvicorn.Config(
-            create_app(self._api_parts(self.authority)),
+            edge.Edge(
+                create_app(self._api_parts(self.authority)),
+                edge.request_checks(s.edge, s.api_host, s.api_port),
+            ),
+            **edge.server_limits(s.edge),
             ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
             ssl_keyfile=str(s.tls_key) if s.tls_key else None,
             log_level="warning",
@@ -405,6 +419,8 @@ def add_arguments(p: argparse.ArgumentParser, broker_url: Callable[[str], str]) 
         action="store_true",
         help="require API tokens; the first start writes an admin token next to the store (admin.token)",
     )
+    edge.add_arguments(p)
+    retention_flags.add_arguments(p)
     p.add_argument(
         "--enrolment",
         choices=("operator", "open"),
@@ -534,7 +550,7 @@ def controller_settings(
         bmcs=bmcs,
         host_failures_to_tolerate=args.ha_tolerate,
     )
-    return ControllerSettings(
+    settings = ControllerSettings(
         username=args.username,
         password=password,
         broker_url=args.broker,
@@ -546,6 +562,8 @@ def controller_settings(
         auth=args.auth,
         tls_cert=pathlib.Path(args.tls_cert) if args.tls_cert else None,
         tls_key=pathlib.Path(args.tls_key) if args.tls_key else None,
+        edge=edge.options_of(args),
+        retention=retention_flags.settings_of(args),
         bus_overrides=bus_overrides,
         fleet=FleetSettings(
             operation_timeout_s=args.operation_timeout,
@@ -554,3 +572,6 @@ def controller_settings(
             power=power,
         ),
     )
+    if settings.serve_api:
+        edge.check_exposure(settings.api_host, settings.auth, settings.edge)
+    return settings

@@ -24,7 +24,6 @@ from protocols.vmspec import explain_validation_error
 PREFIX = "/api/v1"
 #: Sequence numbers are SQLite integers; anything larger is a client error, not an overflow.
 MAX_SEQ = 2**63 - 1
-MAX_BODY_BYTES = 256 * 1024
 
 #: The HTTP status of each kind of domain error. The only place a status is chosen for one.
 STATUS_OF: dict[type[DomainError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, HardwareFailed: 502}
@@ -123,15 +122,9 @@ async def read_body(request: Request, type_: type[Any], what: str, required: boo
     """Decode a JSON body into ``type_``.
 
     Raises:
-        ApiError: 413 over the size limit; 400 empty, not JSON, or a field is wrong (with its path).
+        ApiError: 400 empty, not JSON, or a field is wrong (with its path).
     """
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(
-            413,
-            "body_too_large",
-            f"{what}: the body is {len(raw)} bytes, over the {MAX_BODY_BYTES} byte limit",
-        )
+    raw = await request.body()  # already read, within the size limit, by controller.api.edge
     if not raw.strip():
         if not required:
             return msgspec.json.decode(b"{}", type=type_)

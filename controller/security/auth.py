@@ -7,11 +7,17 @@ ever logs a token or an Authorization header.
 
 With auth off (the default for a loopback-only controller and the demo) every caller is the
 ``anonymous`` admin, but mutating requests are still audited.
+
+The audit log is bounded: paths and details are cut to :data:`AUDIT_FIELD_MAX` characters, refused
+requests without a valid token are recorded one by one only up to :data:`UNAUTHENTICATED_PER_MINUTE`
+a minute (the rest become one summary row and a log line), and ``controller.state.retention`` prunes
+old rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import secrets
@@ -20,6 +26,13 @@ import time
 from typing import Literal
 
 import msgspec
+
+log = logging.getLogger(__name__)
+
+#: The longest path or detail an audit row keeps; longer ones are cut and marked.
+AUDIT_FIELD_MAX = 256
+#: Refused unauthenticated requests recorded one by one per minute; the rest are only counted.
+UNAUTHENTICATED_PER_MINUTE = 60
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
@@ -106,6 +119,8 @@ class Authority:
         self._db = db
         self.enabled = enabled
         self._db.executescript(_SCHEMA)
+        #: The current minute of unauthenticated refusals: its start, rows written, rows left out.
+        self._window = (0.0, 0, 0)
 
     # -- tokens ---------------------------------------------------------------------------------
 
@@ -200,10 +215,42 @@ class Authority:
     # -- audit ----------------------------------------------------------------------------------
 
     def audit(self, caller: Caller | None, method: str, path: str, status: int, detail: str = "") -> None:
+        """Record a mutating request; ``caller`` None is one refused before it had a valid token."""
+        now = time.time()
+        if caller is None and not self._admit_unauthenticated(now):
+            return
+        self._insert(now, caller, method, _cut(path), status, _cut(detail))
+
+    def _admit_unauthenticated(self, now: float) -> bool:
+        """Whether this minute still has room for one more unauthenticated row (see the docstring)."""
+        start, written, left_out = self._window
+        if now - start >= 60.0:
+            if left_out:
+                self._insert(
+                    now, None, "-", "", 401,
+                    f"{left_out} more unauthenticated requests were refused in the minute after "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(start))} UTC; not recorded one by one",
+                )  # fmt: skip
+            start, written, left_out = now, 0, 0
+        if written >= UNAUTHENTICATED_PER_MINUTE:
+            if left_out == 0:
+                log.warning(
+                    "audit: over %d unauthenticated requests refused this minute; the rest are only "
+                    "counted (one summary row follows)",
+                    UNAUTHENTICATED_PER_MINUTE,
+                )
+            self._window = (start, written, left_out + 1)
+            return False
+        self._window = (start, written + 1, left_out)
+        return True
+
+    def _insert(
+        self, ts: float, caller: Caller | None, method: str, path: str, status: int, detail: str
+    ) -> None:
         self._db.execute(
             "INSERT INTO audit (ts, actor, role, method, path, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
-                time.time(),
+                ts,
                 caller.name if caller else "unauthenticated",
                 caller.role if caller else "",
                 method,
@@ -224,6 +271,13 @@ class Authority:
             )
             for r in rows
         ]
+
+
+def _cut(text: str) -> str:
+    """``text`` cut to :data:`AUDIT_FIELD_MAX` characters, marked when it was longer."""
+    if len(text) <= AUDIT_FIELD_MAX:
+        return text
+    return f"{text[: AUDIT_FIELD_MAX - 30]}... ({len(text)} characters)"
 
 
 def required_role(method: str, path: str) -> Role | None:

@@ -9,18 +9,76 @@ Evolution rules (checked by the fingerprint test in ``tests/protocols``):
 - a field is never retyped, renamed or reordered;
 - a breaking change moves to a new topic version (``fv/v2``).
 Receivers ignore unknown fields, so older peers keep working when a field is added.
+
+Every field a peer sends is bounded (see "Bounds on the wire" below): a value outside its bound
+fails decoding, and the receiver drops the whole message, counted and logged with the field's path.
+Adding or widening a bound on an existing field is compatible while every value a correct peer
+sends stays inside it; narrowing one below what a correct peer can send is a breaking change.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from protocols.migration import MigrationPolicy, MigrationResult, MigrationSample, MigrationStage
-from protocols.vmspec import VmSpec
+from protocols.vmspec import HostId, Label, VmName, VmSpec
 
 WIRE_VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# Bounds on the wire
+# --------------------------------------------------------------------------------------------
+# A host with valid credentials can still send any number it likes, so every field is bounded to
+# what real hardware can have, with room to spare, and the decoder refuses the rest:
+#
+#   cores                  1 .. 4,096             (the largest single-image servers have ~1,000)
+#   memory                 1 MiB .. 64 TiB         (host); a VM's is bounded by VmSpec (16 TiB)
+#   disk                   0 .. 16 PiB
+#   power                  0 .. 100 kW, finite     (a loaded 8-socket server draws ~5 kW)
+#   utilisation            0 .. 1
+#   dirty rate             0 .. 100,000 MiB/s      (as VmWorkload; beyond any memory bus)
+#   seq                    0 .. 2**63 - 1          (SQLite's INTEGER)
+#   timestamps, deadlines  0 .. 2**36 s            (Unix time; year ~4100), finite
+#   stop timeout           > 0 .. 3,600 s
+#   VMs per message        4,096
+#   labels                 64 per host, keys as VmSpec labels, values 256 characters
+#   host ids, VM names     the patterns of protocols.vmspec (no control characters, 64 at most)
+#   other ids, versions    128 characters (op ids 256, they grow a suffix per step)
+#   addresses              256 characters (a DNS name is at most 253); migration URIs 512
+#   reasons, notes         1,024 characters; errors 4,096 (an engine's message can be long)
+#   lists of names         1,024 CPU features, 256 machine types, 32 guest arches; 64 chars each
+#
+# Text within its length can still hold control characters: print or log it through
+# protocols.text.printable.
+
+MAX_CORES = 4096
+MAX_HOST_MEMORY_MIB = 64 * 1024 * 1024
+MAX_DISK_GIB = 16 * 1024 * 1024
+MAX_POWER_W = 100_000.0
+MAX_DIRTY_MIB_S = 100_000.0
+MAX_SEQ = 2**63 - 1
+MAX_TS = float(2**36)
+MAX_STOP_TIMEOUT_S = 3600.0
+MAX_VMS = 4096
+MAX_LABELS = 64
+
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TS)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Watts = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_POWER_W)]
+HostMemoryMib = Annotated[int, msgspec.Meta(ge=0, le=MAX_HOST_MEMORY_MIB)]
+DirtyRate = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_DIRTY_MIB_S)]
+Ident = Annotated[str, msgspec.Meta(max_length=128)]
+OpId = Annotated[str, msgspec.Meta(max_length=256)]
+Name = Annotated[str, msgspec.Meta(max_length=64)]
+Address = Annotated[str, msgspec.Meta(max_length=256)]
+Uri = Annotated[str, msgspec.Meta(max_length=512)]
+Reason = Annotated[str, msgspec.Meta(max_length=1024)]
+ErrorText = Annotated[str, msgspec.Meta(max_length=4096)]
+LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
+StopTimeout = Annotated[float, msgspec.Meta(gt=0.0, le=MAX_STOP_TIMEOUT_S)]
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -37,21 +95,21 @@ Accel = Literal["sim", "kvm", "tcg"]
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     """What a host can run. The scheduler's filters read these."""
 
-    engine: str
-    engine_version: str = ""
-    arch: str
-    cpu_vendor: str = ""
-    cpu_model: str = ""
-    cpu_features: list[str] = []
+    engine: Ident
+    engine_version: Ident = ""
+    arch: Ident
+    cpu_vendor: Ident = ""
+    cpu_model: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    cpu_features: Annotated[list[Name], msgspec.Meta(max_length=1024)] = []
     accel: Accel
-    cores: int
-    memory_mib: int
-    disk_gib: int = 0
-    guest_arches: list[str] = []
-    machine_types: list[str] = []
+    cores: Annotated[int, msgspec.Meta(ge=1, le=MAX_CORES)]
+    memory_mib: Annotated[int, msgspec.Meta(ge=1, le=MAX_HOST_MEMORY_MIB)]
+    disk_gib: Annotated[int, msgspec.Meta(ge=0, le=MAX_DISK_GIB)] = 0
+    guest_arches: Annotated[list[Name], msgspec.Meta(max_length=32)] = []
+    machine_types: Annotated[list[Name], msgspec.Meta(max_length=256)] = []
     #: Power model: watts drawn at idle and at full load (SPECpower style endpoints).
-    power_idle_w: float = 0.0
-    power_max_w: float = 0.0
+    power_idle_w: Watts = 0.0
+    power_max_w: Watts = 0.0
 
 
 #: ``incoming``: a destination copy waiting for a live migration's stream (never runs on its own).
@@ -63,21 +121,21 @@ VmPowerState = Literal[
 class VmStatus(msgspec.Struct, frozen=True, kw_only=True):
     """One VM as its host sees it right now."""
 
-    name: str
+    name: VmName
     state: VmPowerState
     spec: VmSpec
-    started_at: float | None = None
-    reason: str = ""
+    started_at: Timestamp | None = None
+    reason: Reason = ""
 
 
 class HostState(_Message, tag="host_state", frozen=True, kw_only=True):
     """Retained liveness record; the agent's Last Will publishes the ``online=False`` variant."""
 
-    host_id: str
+    host_id: HostId
     online: bool
-    boot_id: str
-    ts: float
-    reason: str = ""
+    boot_id: Ident
+    ts: Timestamp
+    reason: Reason = ""
 
 
 class HostInventory(_Message, tag="inventory", frozen=True, kw_only=True):
@@ -87,21 +145,21 @@ class HostInventory(_Message, tag="inventory", frozen=True, kw_only=True):
     that restarts learns the whole fleet from the broker at once.
     """
 
-    host_id: str
-    boot_id: str
-    seq: int
-    ts: float
-    agent_version: str
+    host_id: HostId
+    boot_id: Ident
+    seq: Seq
+    ts: Timestamp
+    agent_version: Ident
     #: Address other hosts use to reach this one (migration data path).
-    address: str
+    address: Address
     capabilities: Capabilities
-    vms: list[VmStatus]
+    vms: Annotated[list[VmStatus], msgspec.Meta(max_length=MAX_VMS)]
     reason: Literal["hello", "reconnect", "change", "refresh"] = "hello"
     #: Labels the host asserts about itself (``agent --label``); operator-set labels override them.
-    labels: dict[str, str] = {}
+    labels: Annotated[dict[Label, LabelValue], msgspec.Meta(max_length=MAX_LABELS)] = {}
     #: A one-time join token (``agent --join-token``) that enrols a new host id without an operator's
     #: ``host accept``; empty for an enrolled host.
-    join_token: str = ""
+    join_token: Ident = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,22 +170,22 @@ class HostInventory(_Message, tag="inventory", frozen=True, kw_only=True):
 class VmTelemetry(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """Per-VM sample. ``array_like`` keeps the frequent message small; order is part of the contract."""
 
-    name: str
-    cpu_util: float
-    dirty_mib_s: float
-    memory_mib: int
+    name: VmName
+    cpu_util: Fraction
+    dirty_mib_s: DirtyRate
+    memory_mib: HostMemoryMib
 
 
 class HostTelemetry(_Message, tag="telemetry", frozen=True, kw_only=True):
     """One sample of the host and all of its running VMs."""
 
-    host_id: str
-    seq: int
-    ts: float
-    cpu_util: float
-    memory_used_mib: int
-    power_w: float
-    vms: list[VmTelemetry] = []
+    host_id: HostId
+    seq: Seq
+    ts: Timestamp
+    cpu_util: Fraction
+    memory_used_mib: HostMemoryMib
+    power_w: Watts
+    vms: Annotated[list[VmTelemetry], msgspec.Meta(max_length=MAX_VMS)] = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,8 +196,8 @@ class HostTelemetry(_Message, tag="telemetry", frozen=True, kw_only=True):
 class _Command(_Message, frozen=True, kw_only=True):
     """Every command carries the id the agent deduplicates on, and a deadline after which it is void."""
 
-    op_id: str
-    deadline: float
+    op_id: OpId
+    deadline: Timestamp
 
 
 class DefineVm(_Command, tag="define_vm", frozen=True, kw_only=True):
@@ -150,38 +208,38 @@ class DefineVm(_Command, tag="define_vm", frozen=True, kw_only=True):
 
 
 class StartVm(_Command, tag="start_vm", frozen=True, kw_only=True):
-    vm: str
+    vm: VmName
 
 
 class ShutdownVm(_Command, tag="shutdown_vm", frozen=True, kw_only=True):
     """Ask the guest to power off; destroy it if it has not after ``timeout_s``."""
 
-    vm: str
-    timeout_s: float = 30.0
+    vm: VmName
+    timeout_s: StopTimeout = 30.0
 
 
 class DestroyVm(_Command, tag="destroy_vm", frozen=True, kw_only=True):
     """Power the VM off at once (the guest gets no say)."""
 
-    vm: str
+    vm: VmName
 
 
 class PauseVm(_Command, tag="pause_vm", frozen=True, kw_only=True):
-    vm: str
+    vm: VmName
 
 
 class ResumeVm(_Command, tag="resume_vm", frozen=True, kw_only=True):
-    vm: str
+    vm: VmName
 
 
 class RebootVm(_Command, tag="reboot_vm", frozen=True, kw_only=True):
-    vm: str
+    vm: VmName
 
 
 class UndefineVm(_Command, tag="undefine_vm", frozen=True, kw_only=True):
     """Destroy the VM if it runs, then forget it and its runtime files."""
 
-    vm: str
+    vm: VmName
 
 
 class RefreshInventory(_Command, tag="refresh_inventory", frozen=True, kw_only=True):
@@ -195,7 +253,7 @@ class PrepareMigration(_Command, tag="prepare_migration", frozen=True, kw_only=T
     """Destination: define the VM and start a copy that listens for the stream; the reply has the URI."""
 
     spec: VmSpec
-    source_host: str
+    source_host: HostId
     #: The destination needs part of it (capabilities both sides must enable, e.g. multifd).
     policy: MigrationPolicy = MigrationPolicy()
 
@@ -207,28 +265,28 @@ class MigrateVm(_Command, tag="migrate_vm", frozen=True, kw_only=True):
     another, so a restarted agent or controller picks up where it was.
     """
 
-    vm: str
-    uri: str
-    dest_host: str
+    vm: VmName
+    uri: Uri
+    dest_host: HostId
     policy: MigrationPolicy = MigrationPolicy()
 
 
 class CancelMigration(_Command, tag="cancel_migration", frozen=True, kw_only=True):
     """Source: cancel the VM's pre-copy migration; the VM keeps running here. Refused in post-copy."""
 
-    vm: str
+    vm: VmName
 
 
 class FinishMigration(_Command, tag="finish_migration", frozen=True, kw_only=True):
     """Destination: the stream is complete; make sure the copy runs and keep it as an ordinary VM."""
 
-    vm: str
+    vm: VmName
 
 
 class AbortMigration(_Command, tag="abort_migration", frozen=True, kw_only=True):
     """Destination: discard the incoming copy and its files (a no-op when there is none)."""
 
-    vm: str
+    vm: VmName
 
 
 Command = (
@@ -264,15 +322,15 @@ ErrorCode = Literal[
 class Reply(_Message, tag="reply", frozen=True, kw_only=True):
     """The outcome of one command. Replaying the same ``op_id`` yields the same reply."""
 
-    op_id: str
-    host_id: str
+    op_id: OpId
+    host_id: HostId
     ok: bool
-    ts: float
+    ts: Timestamp
     code: ErrorCode = ""
-    error: str = ""
+    error: ErrorText = ""
     vm: VmStatus | None = None
     #: PrepareMigration: where the source sends the stream (``tcp:HOST:PORT``).
-    uri: str = ""
+    uri: Uri = ""
     #: MigrateVm: how the migration ended (also on failure).
     migration: MigrationResult | None = None
 
@@ -289,30 +347,30 @@ VmEventKind = Literal[
 class VmEvent(_Message, tag="vm_event", frozen=True, kw_only=True):
     """Something happened to a VM, whether or not a command asked for it (guest shutdown, crash)."""
 
-    host_id: str
-    seq: int
-    ts: float
-    vm: str
+    host_id: HostId
+    seq: Seq
+    ts: Timestamp
+    vm: VmName
     event: VmEventKind
     state: VmPowerState
-    reason: str = ""
-    op_id: str = ""
+    reason: Reason = ""
+    op_id: OpId = ""
 
 
 class MigrationProgress(_Message, tag="migration_progress", frozen=True, kw_only=True):
     """The source agent's running account of one migration, about twice a second."""
 
-    host_id: str
-    seq: int
-    ts: float
-    vm: str
-    op_id: str
+    host_id: HostId
+    seq: Seq
+    ts: Timestamp
+    vm: VmName
+    op_id: OpId
     stage: MigrationStage
     sample: MigrationSample
     #: The allowed downtime now (the guard may have raised it).
-    downtime_limit_ms: int
+    downtime_limit_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)]
     #: Set when the guard acted on this sample.
-    note: str = ""
+    note: Reason = ""
 
 
 Event = VmEvent | MigrationProgress

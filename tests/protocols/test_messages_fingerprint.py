@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:b4e27e6faaa08b613610759eb354f39724915bb3ce7f5e4e14cbb10bd5a947b8"
+FINGERPRINT = "sha256:60a88f28fb404e315ae24aa6d49d9d62fd48137fec01bce403e7188a7e788815"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -1,10 +1,12 @@
-"""Generated per-host credentials and ACLs, enforced by a real Mosquitto started from the generated config."""
+"""Generated credentials, client ids and ACLs, enforced by a real Mosquitto started as `broker-config` prints it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import subprocess
+import pwd
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,161 +14,245 @@ import pytest
 
 from controller.broker import acl_config as broker_config
 from protocols import codec, topics
-from protocols.bus import Bus, BusSettings, read_secret
+from protocols.bus import Bus, BusSettings
 from protocols.messages import HostState
-from tests.support import free_port
-from tests.support.brokers import find_mosquitto, wait_listening
+from tests.support.brokers import find_mosquitto
 from tests.support.fleet import FAST_BUS, eventually
 from tests.support.needs import need
+from tests.support.secure_fleet import SecureBroker
 
-
-class Secured:
-    def __init__(self, config: broker_config.BrokerConfig, port: int) -> None:
-        self.config = config
-        self.url = f"mqtt://127.0.0.1:{port}"
-
-    def bus(self, user: str, client_id: str, **overrides: object) -> Bus:
-        password = (
-            read_secret(str(self.config.credentials[user])) if user in self.config.credentials else "wrong"
-        )
-        return Bus(
-            BusSettings(
-                url=self.url,
-                client_id=client_id,
-                username=user,
-                password=password,
-                **{**FAST_BUS, **overrides},  # type: ignore[arg-type]
-            )
-        )
+AS_ROOT = os.geteuid() == 0
 
 
 @pytest.fixture
-def secured(tmp_path: Path) -> Iterator[Secured]:
-    binary = find_mosquitto()
-    need(binary, "mosquitto is not installed (apt-get install -y mosquitto)")
-    assert binary is not None
-    port = free_port()
-    config = broker_config.generate(
-        ["h1", "h2"], tmp_path / "broker", listen="127.0.0.1", port=port, iterations=1000
-    )
-    if os.geteuid() == 0:  # mosquitto would drop to its own user and lose access to the 0600 files
-        with config.conf.open("a") as f:
-            f.write("user root\n")
-    log = (tmp_path / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([binary, "-c", str(config.conf)], stdout=log, stderr=subprocess.STDOUT)
+def out_dir() -> Iterator[Path]:
+    """A directory the broker's user can reach (pytest's tmp_path is closed to it when run as root)."""
+    path = Path(tempfile.mkdtemp(prefix="fv-broker-config-"))
+    path.chmod(0o711)  # enterable, not listable
+    yield path / "broker"
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def secured() -> Iterator[SecureBroker]:
+    need(find_mosquitto(), "mosquitto is not installed (apt-get install -y mosquitto)")
+    broker = SecureBroker(["h1", "h2"], tls=False)
     try:
-        wait_listening("127.0.0.1", port, 10, alive=lambda: proc.poll() is None)
-        yield Secured(config, port)
+        yield broker
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        broker.close()
 
 
 def _state(host: str, boot: str = "b") -> bytes:
     return codec.encode(HostState(host_id=host, online=True, boot_id=boot, ts=1.0))
 
 
-def test_generated_files_are_private_and_list_every_host(tmp_path):
-    """passwd, acl and secrets are mode 0600; each host gets write rules for its own subtree only."""
-    config = broker_config.generate(["h1", "h2"], tmp_path, iterations=1000)
-    for path in (config.passwd, config.acl, *config.credentials.values()):
-        assert path.stat().st_mode & 0o777 == 0o600, path
-    acl = config.acl.read_text()
-    assert "user h1\ntopic write fv/v1/host/h1/state" in acl
-    assert "topic read fv/v1/host/h1/cmd" in acl
-    assert "topic write fv/v1/host/h2" not in acl.split("user h2")[0].split("user h1")[1]
-    assert (
-        f"user {broker_config.CONTROLLER_USER}\ntopic read fv/v1/host/+/#\ntopic write fv/v1/host/+/cmd"
-        in acl
-    )
+def _state(host: str, boot: str = "b") -> bytes:
+    return codec.encode(HostState(host_id=host, online=True, boot_id=boot, ts=1.0))
 
 
-def test_generated_broker_config_turns_nagle_off(tmp_path):
-    """The generated mosquitto.conf sets TCP_NODELAY: a command or reply must not wait for a delayed ACK."""
-    config = broker_config.generate(["h1"], tmp_path, iterations=1000)
-    assert "set_tcp_nodelay true" in config.conf.read_text().splitlines()
+def test_generated_database_gives_each_user_one_role_over_its_own_subtree(out_dir):
+    """Client ids are user names; a host's role writes only its own subtree and reads only its cmd."""
+    config = broker_config.generate(["h1", "h2"], out_dir, tls=None, iterations=1000)
+    lines = config.conf.read_text().splitlines()
+    assert lines[lines.index("listener 1883 127.0.0.1") + 1] == "use_username_as_clientid true"
+    database = json.loads(config.security.read_text())
+    roles = {c["username"]: [r["rolename"] for r in c["roles"]] for c in database["clients"]}
+    assert roles == {u: [u] for u in ("fv-controller", "fv-controller-telemetry", "h1", "h2")}
+    assert database["defaultACLAccess"] == {
+        "publishClientSend": False, "publishClientReceive": False, "subscribe": False, "unsubscribe": True,
+    }  # fmt: skip
+    acls = {r["rolename"]: {(a["acltype"], a["topic"]) for a in r["acls"]} for r in database["roles"]}
+    assert acls["h1"] == {
+        ("publishClientSend", f"fv/v1/host/h1/{f}") for f in broker_config._HOST_PUBLISHES
+    } | {
+        ("subscribePattern", "fv/v1/host/h1/cmd"),
+        ("publishClientReceive", "fv/v1/host/h1/cmd"),
+    }
+    assert ("publishClientSend", "fv/v1/host/+/cmd") in acls["fv-controller"]
+    assert not any(kind == "publishClientSend" for kind, _ in acls["fv-controller-telemetry"])
 
 
-def test_regenerating_keeps_existing_passwords_and_adds_new_hosts(tmp_path):
+def test_generated_files_are_readable_by_the_broker_and_private_from_others(out_dir):
+    """As root: broker files root:mosquitto 0640 (dir 0750), persistence the broker's, secrets root's 0600."""
+    config = broker_config.generate(["h1"], out_dir, tls=None, iterations=1000)
+    for path in config.credentials.values():
+        assert (path.stat().st_mode & 0o777, path.stat().st_uid) == (0o600, os.geteuid()), path
+    group_mode = 0o640 if AS_ROOT else 0o600
+    for path in (config.conf, config.security):
+        assert path.stat().st_mode & 0o777 == group_mode, path
+    if AS_ROOT:
+        broker = pwd.getpwnam(broker_config.BROKER_USER)
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in (out_dir, config.conf, config.security)} == {
+            (0, broker.pw_gid)
+        }
+        assert out_dir.stat().st_mode & 0o777 == 0o750
+        assert (out_dir / "persist").stat().st_uid == broker.pw_uid
+        assert (out_dir / "credentials").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_directory_the_broker_cannot_enter_is_refused_with_the_fix(tmp_path):
+    """As root, an --out below a 0700 directory would give `Unable to open` at start: refused up front."""
+    need(AS_ROOT, "only root's broker drops to the mosquitto user (run the suite as root)")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    with pytest.raises(broker_config.BrokerConfigError, match=r"cannot enter .*closed.*chmod o\+x"):
+        broker_config.generate(["h1"], closed / "broker", tls=None, iterations=1000)
+
+
+def test_generated_broker_config_turns_nagle_off_and_serves_plain_mqtt_on_loopback_only(out_dir):
+    """TCP_NODELAY is on; without TLS the only listener is 127.0.0.1."""
+    config = broker_config.generate(["h1"], out_dir, tls=None, iterations=1000)
+    lines = config.conf.read_text().splitlines()
+    assert "set_tcp_nodelay true" in lines
+    assert [line for line in lines if line.startswith("listener")] == ["listener 1883 127.0.0.1"]
+    assert not any(line.startswith("user ") for line in lines)
+
+
+def test_tls_needs_a_ca_and_issues_the_broker_certificate_once(out_dir, tmp_path):
+    """Without a CA the error names `fleetvisor ca init`; with one, a second run keeps the certificate."""
+    names = broker_config.TlsNames(tmp_path / "pki")
+    with pytest.raises(broker_config.BrokerConfigError, match="fleetvisor ca init --dir"):
+        broker_config.generate(["h1"], out_dir, tls=names, iterations=1000)
+    from controller.security import pki
+
+    pki.init_ca(tmp_path / "pki")
+    config = broker_config.generate(["h1"], out_dir, tls=names, port=18883, iterations=1000)
+    listeners = [line for line in config.conf.read_text().splitlines() if line.startswith("listener")]
+    assert listeners == ["listener 1883 127.0.0.1", "listener 18883 0.0.0.0"]
+    cert = (out_dir / "broker.crt").read_bytes()
+    broker_config.generate(["h1", "h2"], out_dir, tls=names, iterations=1000)
+    assert (out_dir / "broker.crt").read_bytes() == cert
+    assert (out_dir / "broker.key").stat().st_mode & 0o777 == (0o640 if AS_ROOT else 0o600)
+
+
+def test_regenerating_keeps_existing_passwords_and_adds_new_hosts(out_dir):
     """Adding a host later does not rotate the passwords the other hosts already use."""
-    first = broker_config.generate(["h1"], tmp_path, iterations=1000)
+    first = broker_config.generate(["h1"], out_dir, tls=None, iterations=1000)
     h1_password = first.credentials["h1"].read_text()
-    second = broker_config.generate(["h1", "h2"], tmp_path, iterations=1000)
+    second = broker_config.generate(["h1", "h2"], out_dir, tls=None, iterations=1000)
     assert second.credentials["h1"].read_text() == h1_password
-    assert "h2" in second.credentials and "user h2" in second.acl.read_text()
+    assert "h2" in {c["username"] for c in json.loads(second.security.read_text())["clients"]}
 
 
 def test_bad_host_lists_are_refused_with_every_problem_named(tmp_path):
     """Invalid, reserved and repeated host ids are all reported at once, and nothing is written."""
     with pytest.raises(broker_config.BrokerConfigError) as err:
-        broker_config.generate(["ok", "bad id", "fv-controller", "ok"], tmp_path / "out")
+        broker_config.generate(["ok", "bad id", "fv-controller", "ok"], tmp_path / "out", tls=None)
     message = str(err.value)
     assert "'bad id' is invalid" in message and "reserved" in message and "repeated: ok" in message
     assert not (tmp_path / "out").exists()
 
 
-def test_password_hash_matches_mosquittos_pbkdf2_format():
-    """The $7$ hash is PBKDF2-SHA512 over a 12-byte salt, base64 encoded, as mosquitto_passwd writes it."""
-    hashed = broker_config.hash_password("secret", iterations=101, salt=bytes(range(12)))
-    assert hashed.startswith("$7$101$AAECAwQFBgcICQoL$")
-    assert len(hashed.split("$")[4]) == 88  # 64 bytes of digest in base64
+def test_password_hash_is_the_dynamic_security_plugins_pbkdf2():
+    """PBKDF2-SHA512 over a 12-byte salt, both base64 (Mosquitto accepting it is proven by every login below)."""
+    hashed = broker_config.hashed_password("secret", iterations=101, salt=bytes(range(12)))
+    assert hashed["salt"] == "AAECAwQFBgcICQoL" and hashed["iterations"] == 101
+    assert len(hashed["password"]) == 88  # 64 bytes of digest in base64
+
+
+def test_the_broker_started_as_root_runs_as_its_own_user(secured):
+    """`mosquitto -c` as printed, with no `user root`: it drops to mosquitto and still reads its files."""
+    need(AS_ROOT, "only root's broker drops to the mosquitto user (run the suite as root)")
+    status = Path(f"/proc/{secured.process.pid}/status").read_text()
+    uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+    assert int(uid) == pwd.getpwnam(broker_config.BROKER_USER).pw_uid
+    assert "user root" not in secured.config.conf.read_text()
+    opened = [line.split()[-1] for line in secured.log().splitlines() if "listen socket on port" in line]
+    assert opened == [f"{secured.plain_port}."], opened  # loopback only: no default listener on 1883
 
 
 async def test_host_a_cannot_publish_as_host_b_or_send_commands(secured):
     """With the generated ACL, h1's messages on h2's topics and on any command topic never arrive."""
     seen: list[tuple[str, bytes]] = []
-    controller = secured.bus(broker_config.CONTROLLER_USER, "acl-controller")
-    controller.subscribe("fv/v1/host/#", lambda t, p: seen.append((t, p)), qos=1)
-    h2_commands: list[bytes] = []
-    h2 = secured.bus("h2", "acl-h2")
-    h2.subscribe(topics.host_topic("h2", "cmd"), lambda t, p: h2_commands.append(p), qos=1)
-    h1 = secured.bus("h1", "acl-h1", protocol="3.1.1")
+    controller = secured.bus(broker_config.CONTROLLER_USER)
+    controller.subscribe("fv/v1/host/+/#", lambda t, p: seen.append((t, p)), qos=1)
+    commands: list[tuple[str, bytes]] = []
+    h2 = secured.bus("h2")
+    h2.subscribe(topics.host_topic("h2", "cmd"), lambda t, p: commands.append((t, p)), qos=1)
+    h1 = secured.bus("h1", protocol="3.1.1")
+    h1.subscribe(topics.host_topic("h1", "cmd"), lambda t, p: commands.append((t, p)), qos=1)
     async with controller, h2, h1:
         for bus in (controller, h2, h1):
             await bus.wait_connected(10)
-        await h1.publish(topics.host_topic("h2", "state"), _state("h2", "forged"), qos=1)
-        await h1.publish(topics.host_topic("h2", "cmd"), b"forged command", qos=1)
+        for family in topics.FAMILIES:
+            await h1.publish(topics.host_topic("h2", family), _state("h2", "forged"), qos=1)
+        await h1.publish(topics.host_topic("h1", "cmd"), b"forged command to itself", qos=1)
         await h1.publish(
             topics.host_topic("h1", "state"), _state("h1"), qos=1
         )  # a marker after the forgeries
-        await eventually(
-            lambda: any(t == topics.host_topic("h1", "state") for t, _ in seen), 5, "h1's own state"
-        )
+        await eventually(lambda: any(t == topics.host_topic("h1", "state") for t, _ in seen), 5, "h1's state")
         await asyncio.sleep(0.3)
-        assert [t for t, _ in seen if "/h2/" in t] == []
-        assert h2_commands == []
+        assert [t for t, _ in seen if "/h2/" in t or t.endswith("/cmd")] == []
+        assert commands == []
 
         await controller.publish(topics.host_topic("h2", "cmd"), b"real command", qos=1)
-        await eventually(lambda: h2_commands == [b"real command"], 5, "the controller's command")
+        await eventually(
+            lambda: commands == [(topics.host_topic("h2", "cmd"), b"real command")], 5, "the command"
+        )
 
 
-async def test_host_cannot_read_another_hosts_commands(secured):
-    """h1 may subscribe to h2's command topic, but the broker delivers it nothing."""
-    stolen: list[bytes] = []
+async def test_a_host_reads_only_its_own_commands_of_every_family(secured):
+    """h1 subscribed to everything receives none of h2's topics, nor h2's commands, only its own commands."""
+    stolen: list[str] = []
+    h1 = secured.bus("h1")
+    for everything in ("fv/v1/host/#", "fv/v1/host/+/#", "#"):
+        h1.subscribe(everything, lambda t, p: stolen.append(t), qos=1)
+    for family in topics.FAMILIES:
+        h1.subscribe(topics.host_topic("h2", family), lambda t, p: stolen.append(t), qos=1)
     own: list[bytes] = []
-    h1 = secured.bus("h1", "acl-h1-reader")
-    h1.subscribe(topics.host_topic("h2", "cmd"), lambda t, p: stolen.append(p), qos=1)
     h1.subscribe(topics.host_topic("h1", "cmd"), lambda t, p: own.append(p), qos=1)
-    controller = secured.bus(broker_config.CONTROLLER_USER, "acl-controller-2")
-    async with h1, controller:
-        await h1.wait_connected(10)
-        await controller.wait_connected(10)
+    telemetry: list[str] = []
+    tele = secured.bus(broker_config.CONTROLLER_TELEMETRY_USER)
+    for wanted in ("fv/v1/host/+/#", topics.all_hosts("telemetry")):
+        tele.subscribe(wanted, lambda t, p: telemetry.append(t), qos=1)
+    h2, controller = secured.bus("h2"), secured.bus(broker_config.CONTROLLER_USER)
+    async with h1, h2, controller, tele:
+        for bus in (h1, h2, controller, tele):
+            await bus.wait_connected(10)
+        for family in ("state", "inventory", "telemetry", "events", "reply"):
+            await h2.publish(topics.host_topic("h2", family), _state("h2"), qos=1)  # type: ignore[arg-type]
         await controller.publish(topics.host_topic("h2", "cmd"), b"for h2 only", qos=1)
         await controller.publish(topics.host_topic("h1", "cmd"), b"for h1", qos=1)
         await eventually(lambda: own == [b"for h1"], 5, "h1's own command")
-        await asyncio.sleep(0.2)
-        assert stolen == []
+        await eventually(lambda: telemetry, 5, "h2's telemetry")
+        await asyncio.sleep(0.3)
+        assert [t for t in stolen if t != topics.host_topic("h1", "cmd")] == []
+        assert set(telemetry) == {topics.host_topic("h2", "telemetry")}  # both local filters match it
+
+
+@pytest.mark.parametrize(
+    ("owner", "stolen_id"),
+    [
+        ("h2", "fv-agent-h2"),
+        ("h2", "h2"),
+        (broker_config.CONTROLLER_TELEMETRY_USER, "fv-controller-telemetry"),
+    ],
+)
+async def test_a_stolen_password_cannot_take_another_users_client_id(secured, owner, stolen_id):
+    """h1's password asking for the owner's client id, again and again, gets h1's; the owner stays connected."""
+    victim = secured.bus(owner, keepalive_s=5)
+    async with victim:
+        await victim.wait_connected(10)
+        for _ in range(8):
+            attacker = secured.bus("h1", stolen_id, protocol="3.1.1")
+            async with attacker:
+                await attacker.wait_connected(5)
+                await asyncio.sleep(0.5)
+        assert (victim.counters.connects, victim.counters.disconnects) == (1, 0)
+        assert victim.connected.is_set()
+    log = secured.log()
+    assert log.count(f"as {owner} (p5, c0") == 1, log  # the owner's one session, never taken over
+    assert log.count("as h1 (") == 8, log
 
 
 async def test_wrong_password_and_anonymous_clients_are_refused(secured):
     """A bad password or no credentials at all never gets a connection."""
-    wrong = secured.bus("intruder", "acl-intruder")
-    anonymous = Bus(BusSettings(url=secured.url, client_id="acl-anon", **FAST_BUS))  # type: ignore[arg-type]
+    settings = {"url": secured.plain_url, **FAST_BUS}
+    wrong = Bus(BusSettings(client_id="fv-agent-h1", username="h1", password="wrong", **settings))  # type: ignore[arg-type]
+    anonymous = Bus(BusSettings(url=secured.plain_url, client_id="acl-anon", **FAST_BUS))  # type: ignore[arg-type]
     async with wrong, anonymous:
         await asyncio.sleep(1.0)
         assert not wrong.connected.is_set()
@@ -180,13 +266,12 @@ async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_p
     from hv.sim.driver import SimDriver
     from protocols.vmspec import VmSpec
 
-    creds = secured.config.credentials
     settings = ControllerSettings(
-        broker_url=secured.url,
+        broker_url=secured.plain_url,
         db_path=tmp_path / "c.sqlite",
         serve_api=False,
         username=broker_config.CONTROLLER_USER,
-        password=read_secret(str(creds[broker_config.CONTROLLER_USER])),
+        password=secured.password(broker_config.CONTROLLER_USER),
         bus_overrides=FAST_BUS,
     )
     async with Controller(settings) as controller:
@@ -195,10 +280,10 @@ async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_p
         agent = Agent(
             AgentSettings(
                 host_id="h1",
-                broker_url=secured.url,
+                broker_url=secured.plain_url,
                 state_dir=tmp_path / "h1",
                 username="h1",
-                password=read_secret(str(creds["h1"])),
+                password=secured.password("h1"),
                 bus_overrides=FAST_BUS,
             ),
             SimDriver(host_id="h1", state_dir=tmp_path / "h1"),

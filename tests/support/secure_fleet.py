@@ -1,0 +1,115 @@
+"""A Mosquitto started exactly as `fleetvisor broker-config` prints it, and clients that log in to it.
+
+The broker's files live in a fresh directory under the system's temp dir, not in the test's
+``tmp_path``: started as root, Mosquitto drops to its own user, which cannot enter pytest's private
+``/tmp/pytest-of-root``. `broker-config` gives the files to that user's group, so no ``user root``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import tempfile
+from pathlib import Path
+
+from controller.broker import acl_config
+from controller.security import pki
+from protocols.bus import Bus, BusSettings, LastWill, read_secret
+from tests.support import free_port
+from tests.support.brokers import BrokerError, find_mosquitto, wait_listening
+from tests.support.fleet import FAST_BUS
+
+
+def daemon_client_id(user: str) -> str:
+    """The client id the controller's or an agent's daemon asks for as ``user``."""
+    controller = (acl_config.CONTROLLER_USER, acl_config.CONTROLLER_TELEMETRY_USER)
+    return user if user in controller else f"fv-agent-{user}"
+
+
+class SecureBroker:
+    """``broker-config`` for ``hosts`` (TLS on unless ``tls=False``) and a Mosquitto running it."""
+
+    def __init__(self, hosts: list[str], *, tls: bool = True, persistence: bool = False) -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            raise BrokerError("mosquitto is not installed; apt-get install -y mosquitto")
+        self.root = Path(tempfile.mkdtemp(prefix="fv-secure-broker-"))
+        self.root.chmod(0o711)  # enterable by the broker's user, not listable
+        self.plain_port, self.tls_port = free_port(), free_port()
+        names = None
+        if tls:
+            pki.init_ca(self.root / "pki")
+            names = acl_config.TlsNames(self.root / "pki", ips=["127.0.0.1"], dns=["localhost"])
+        self.config = acl_config.generate(
+            hosts,
+            self.root / "broker",
+            tls=names,
+            port=self.tls_port,
+            plain_port=self.plain_port,
+            persistence=persistence,
+            iterations=1000,
+        )
+        self.log_path = self.root / "mosquitto.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [binary, "-c", str(self.config.conf)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        try:
+            for port in (self.plain_port, *([self.tls_port] if tls else [])):
+                wait_listening("127.0.0.1", port, 10, alive=lambda: self.process.poll() is None)
+        except BrokerError as exc:
+            self.close()
+            raise BrokerError(f"{exc}\n--- log ---\n{self.log()}") from None
+
+    @property
+    def plain_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.plain_port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://localhost:{self.tls_port}"
+
+    def password(self, user: str) -> str:
+        if user == acl_config.CONTROLLER_TELEMETRY_USER:
+            user = acl_config.CONTROLLER_USER
+        return read_secret(str(self.config.credentials[user]))
+
+    def tls_context(self) -> ssl.SSLContext:
+        assert self.config.ca is not None
+        return ssl.create_default_context(cafile=str(self.config.ca))
+
+    def bus(
+        self,
+        user: str,
+        client_id: str | None = None,
+        *,
+        tls: bool = False,
+        will: LastWill | None = None,
+        **overrides: object,
+    ) -> Bus:
+        """A bus logged in as ``user`` with its own client id unless ``client_id`` says otherwise."""
+        settings = BusSettings(
+            url=self.tls_url if tls else self.plain_url,
+            client_id=client_id or daemon_client_id(user),
+            username=user,
+            password=self.password(user),
+            tls_context=self.tls_context() if tls else None,
+            **{**FAST_BUS, **overrides},  # type: ignore[arg-type]
+        )
+        return Bus(settings, will=will)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        """Stop the broker by its PID and remove its files."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        shutil.rmtree(self.root, ignore_errors=True)

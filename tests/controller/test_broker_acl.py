@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import pwd
@@ -43,10 +44,6 @@ def secured() -> Iterator[SecureBroker]:
         yield broker
     finally:
         broker.close()
-
-
-def _state(host: str, boot: str = "b") -> bytes:
-    return codec.encode(HostState(host_id=host, online=True, boot_id=boot, ts=1.0))
 
 
 def _state(host: str, boot: str = "b") -> bytes:
@@ -213,7 +210,7 @@ async def test_a_host_reads_only_its_own_commands_of_every_family(secured):
         for bus in (h1, h2, controller, tele):
             await bus.wait_connected(10)
         for family in ("state", "inventory", "telemetry", "events", "reply"):
-            await h2.publish(topics.host_topic("h2", family), _state("h2"), qos=1)  # type: ignore[arg-type]
+            await h2.publish(topics.host_topic("h2", family), _state("h2"), qos=1)
         await controller.publish(topics.host_topic("h2", "cmd"), b"for h2 only", qos=1)
         await controller.publish(topics.host_topic("h1", "cmd"), b"for h1", qos=1)
         await eventually(lambda: own == [b"for h1"], 5, "h1's own command")
@@ -250,8 +247,8 @@ async def test_a_stolen_password_cannot_take_another_users_client_id(secured, ow
 
 async def test_wrong_password_and_anonymous_clients_are_refused(secured):
     """A bad password or no credentials at all never gets a connection."""
-    settings = {"url": secured.plain_url, **FAST_BUS}
-    wrong = Bus(BusSettings(client_id="fv-agent-h1", username="h1", password="wrong", **settings))  # type: ignore[arg-type]
+    wrong = secured.bus("h1")
+    wrong.settings = dataclasses.replace(wrong.settings, password="wrong")
     anonymous = Bus(BusSettings(url=secured.plain_url, client_id="acl-anon", **FAST_BUS))  # type: ignore[arg-type]
     async with wrong, anonymous:
         await asyncio.sleep(1.0)

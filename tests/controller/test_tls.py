@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 
 import httpx
 import pytest
 from cryptography import x509
 
+from controller.broker import acl_config
 from controller.daemon import Controller, ControllerSettings
 from controller.security import pki
-from protocols.bus import Bus, BusSettings
+from protocols import topics
+from protocols.bus import Bus
 from tests.support.fleet import FAST_BUS, eventually
+from tests.support.secure_fleet import SecureBroker
 
 
 def test_issued_certificates_chain_to_the_ca_and_carry_their_names(tmp_path):
@@ -37,26 +41,25 @@ def test_issued_certificates_chain_to_the_ca_and_carry_their_names(tmp_path):
 # paho leaks the socket of a failed TLS handshake (third-party; the refused client below triggers it).
 @pytest.mark.filterwarnings("ignore:unclosed <ssl.SSLSocket:ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-async def test_bus_over_mqtts_verifies_the_broker_against_our_ca(mosquitto_factory, tmp_path):
-    """An mqtts:// bus with our CA talks to a TLS Mosquitto; one trusting only the system CAs is refused."""
-    ca = pki.init_ca(tmp_path / "pki")
-    cert, key = pki.issue(tmp_path / "pki", "broker", ips=["127.0.0.1"])
-    broker = mosquitto_factory(extra_config=f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n")
-    url = f"mqtts://127.0.0.1:{broker.port}"
-    got: list[bytes] = []
-    trusted = Bus(
-        BusSettings(
-            url=url, client_id="tls-ok", tls_context=ssl.create_default_context(cafile=str(ca)), **FAST_BUS
-        )
-    )  # type: ignore[arg-type]
-    trusted.subscribe("tls/#", lambda t, p: got.append(p))
-    stranger = Bus(BusSettings(url=url, client_id="tls-no", **FAST_BUS))  # type: ignore[arg-type]
-    async with trusted, stranger:
-        await trusted.wait_connected(10)
-        await trusted.publish("tls/x", b"secret", qos=1)
-        await eventually(lambda: got == [b"secret"], 5, "the message over TLS")
-        await asyncio.sleep(1.0)
-        assert not stranger.connected.is_set()
+async def test_generated_broker_serves_mqtts_verified_against_our_ca(mosquitto_binary):
+    """broker-config's TLS listener: a host's bus trusting our CA logs in; one trusting only the system CAs cannot."""
+    broker = SecureBroker(["h1"])
+    try:
+        got: list[bytes] = []
+        controller = broker.bus(acl_config.CONTROLLER_USER)
+        controller.subscribe(topics.all_hosts("events"), lambda t, p: got.append(p))
+        trusted = broker.bus("h1", tls=True)
+        stranger = Bus(dataclasses.replace(trusted.settings, client_id="tls-no", tls_context=None))
+        async with controller, trusted, stranger:
+            await controller.wait_connected(10)
+            await trusted.wait_connected(10)
+            assert trusted.address.tls
+            await trusted.publish(topics.host_topic("h1", "events"), b"over tls", qos=1)
+            await eventually(lambda: got == [b"over tls"], 5, "the message over TLS")
+            await asyncio.sleep(1.0)
+            assert not stranger.connected.is_set()
+    finally:
+        broker.close()
 
 
 async def test_api_over_https_with_our_ca(mosquitto, tmp_path):

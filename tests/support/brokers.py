@@ -11,14 +11,17 @@ speaks MQTT 3.1.1 only.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,19 @@ def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _broker_owned_dir() -> Path:
+    """A persistence directory for a broker started as root, which drops to the 'mosquitto' user.
+
+    That user cannot enter pytest's private tmp_path, so the directory lives in the system's temp dir,
+    owned by the broker's user, and is removed when the test process no longer needs it.
+    """
+    path = Path(tempfile.mkdtemp(prefix="fv-mosquitto-persist-"))
+    entry = pwd.getpwnam("mosquitto")
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 class BrokerError(Exception):
@@ -75,7 +91,8 @@ def wait_listening(host: str, port: int, timeout: float, alive: Any = None) -> N
 class MosquittoBroker:
     """One Mosquitto process on ``127.0.0.1:port``, with its config and log under ``workdir``.
 
-    ``persistence=True`` keeps sessions and retained messages in ``workdir/persist`` across a
+    ``persistence=True`` keeps sessions and retained messages in ``workdir/persist`` (as root, in a
+    directory of the broker's own user, see :func:`_broker_owned_dir`) across a
     graceful :meth:`stop` and the next :meth:`start` (a :meth:`kill` loses what was not saved yet).
     ``extra_config`` lines are appended to the generated config.
     """
@@ -101,7 +118,8 @@ class MosquittoBroker:
         self.extra_config = extra_config
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
-        self.persistence_dir = workdir / "persist"
+        as_root = os.geteuid() == 0
+        self.persistence_dir = _broker_owned_dir() if persistence and as_root else workdir / "persist"
         self.starts = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -131,10 +149,6 @@ class MosquittoBroker:
         ]
         if self.persistence:
             lines.append(f"persistence_location {self.persistence_dir}/")
-        if os.geteuid() == 0:
-            # As root, mosquitto would switch to the 'mosquitto' user, which cannot write to the
-            # test's private tmp_path (persistence, log).
-            lines.append("user root")
         if self.extra_config:
             lines.append(self.extra_config.strip())
         return "\n".join(lines) + "\n"

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+from protocols.vmspec import HOST_ID_RE
+
 PREFIX: Final = "fv/v1"
 
 Family = Literal["state", "inventory", "telemetry", "events", "cmd", "reply"]
@@ -46,6 +48,6 @@ def parse(topic: str) -> tuple[str, Family] | None:
     if len(parts) != 5 or parts[0] != "fv" or parts[1] != "v1" or parts[2] != "host":
         return None
     family = parts[4]
-    if family not in FAMILIES:
+    if family not in FAMILIES or not HOST_ID_RE.fullmatch(parts[3]):
         return None
     return parts[3], family

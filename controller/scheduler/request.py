@@ -20,13 +20,13 @@ GroupPolicy = Literal["affinity", "anti-affinity", "soft-affinity", "soft-anti-a
 HARD_GROUP_POLICIES: frozenset[str] = frozenset({"affinity", "anti-affinity"})
 
 GroupName = Annotated[
-    str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,63}$", description="letters, digits, '.', '_', '-'")
+    str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,63}\Z", description="letters, digits, '.', '_', '-'")
 ]
 CpuFeature = Annotated[
-    str, msgspec.Meta(pattern=r"^[a-z0-9_.-]{1,32}$", description="a CPU flag as /proc/cpuinfo names it")
+    str, msgspec.Meta(pattern=r"^[a-z0-9_.-]{1,32}\Z", description="a CPU flag as /proc/cpuinfo names it")
 ]
 LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
-PolicyName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9-]{1,32}$", description="e.g. pack, spread")]
+PolicyName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9-]{1,32}\Z", description="e.g. pack, spread")]
 
 
 class SchedulingHints(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -48,7 +48,7 @@ class SchedulingHints(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     avoid_hosts: list[HostId] = []
     required_features: list[CpuFeature] = []
     accel: Literal["sim", "kvm", "tcg"] | None = None
-    engine: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,32}$")] | None = None
+    engine: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,32}\Z")] | None = None
     policy: PolicyName | None = None
     #: In a batch (``--count``), place what fits instead of failing the whole batch.
     best_effort: bool = False

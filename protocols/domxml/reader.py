@@ -417,7 +417,7 @@ class _Reader(Checks):
             f"{FV_PREFIX}disk_gib": self.disk_gib,
             f"{FV_PREFIX}ha": self.ha,
         }
-        overlays: dict[str, tuple[Node, bool]] = {}
+        overlays: dict[str, tuple[Node, bool, bool]] = {}
         for child in self.contents(vm, rule_at(_VM)):
             if child.name in handlers:
                 handlers[child.name](child, data)
@@ -467,19 +467,21 @@ class _Reader(Checks):
             priority = self.whole_number(where, attrs["priority"], "the priority")
             self.store(data, "ha_priority", self.checked(where, priority, _VM_TYPES["ha_priority"]))
 
-    def overlay(self, node: Node, overlays: dict[str, tuple[Node, bool]]) -> None:
-        """One ``<fleetvisor:disk target overlay>``, collected until the disks are known."""
+    def overlay(self, node: Node, overlays: dict[str, tuple[Node, bool, bool]]) -> None:
+        """One ``<fleetvisor:disk target overlay [writable]>``, collected until the disks are known."""
         attrs = self.empty(node, rule_at(f"{_VM}/{FV_PREFIX}disk"))
         if "target" in attrs and attrs["target"] in overlays:
             self.problem(node.attr_path("target"), "disk listed twice", "keep only one")
         elif "target" in attrs and "overlay" in attrs:
-            overlays[attrs["target"]] = (node, attrs["overlay"] == "yes")
+            overlays[attrs["target"]] = (node, attrs["overlay"] == "yes", attrs.get("writable") == "yes")
 
-    def apply_overlays(self, overlays: Mapping[str, tuple[Node, bool]], data: Data) -> None:
+    def apply_overlays(self, overlays: Mapping[str, tuple[Node, bool, bool]], data: Data) -> None:
         disks_by_target = {disk.get("target"): disk for disk in data.get("disks", [])}
-        for target, (node, overlay) in overlays.items():
+        for target, (node, overlay, writable) in overlays.items():
             if target in disks_by_target:
                 disks_by_target[target]["overlay"] = overlay
+                if writable:
+                    disks_by_target[target]["writable"] = True
             else:
                 self.problem(
                     node.attr_path("target"),

@@ -330,10 +330,11 @@ ELEMENTS: Final[tuple[Element, ...]] = (
     Element(f"{_VM}/{_fv('ha')}", "ha, ha_priority", attributes={"enabled": ("yes", "no"), "priority": None}),
     Element(
         f"{_VM}/{_fv('disk')}",
-        "disks[].overlay",
-        attributes={"target": None, "overlay": ("yes", "no")},
+        "disks[].overlay, disks[].writable",
+        attributes={"target": None, "overlay": ("yes", "no"), "writable": ("yes", "no")},
         required=("target", "overlay"),
-        note="one per disk whose overlay differs from the default, named by its target",
+        note="one per disk whose overlay differs from the default, named by its target; "
+        "writable='yes' lets the guest write an image it uses without an overlay",
     ),
 )
 #: :data:`ELEMENTS` by path.

@@ -129,7 +129,8 @@ def _fleetvisor_metadata(spec: vmspec.VmSpec) -> _Out | None:
         vm.add(f"{FLEETVISOR_PREFIX}:ha", ("enabled", enabled), ("priority", str(spec.ha_priority)))
     for disk in spec.disks:
         if not disk.overlay:
-            vm.add(f"{FLEETVISOR_PREFIX}:disk", ("target", disk.target), ("overlay", "no"))
+            writable = (("writable", "yes"),) if disk.writable else ()
+            vm.add(f"{FLEETVISOR_PREFIX}:disk", ("target", disk.target), ("overlay", "no"), *writable)
     return vm if vm.children else None
 
 

@@ -182,7 +182,9 @@ FULL_SPEC = VmSpec(
     ),
     disks=[
         DiskSpec(target="vda", source=f"{IMAGES}/base.qcow2"),
-        DiskSpec(target="sda", source=f"{IMAGES}/data.raw", format="raw", bus="sata", overlay=False),
+        DiskSpec(
+            target="sda", source=f"{IMAGES}/data.raw", format="raw", bus="sata", overlay=False, writable=True
+        ),
         DiskSpec(target="vdb", source=f"{IMAGES}/seed.img", format="raw", readonly=True),
     ],
     nics=[
@@ -232,6 +234,7 @@ XML_HOME: dict[type[msgspec.Struct], dict[str, str]] = {
         "bus": "target/@bus",
         "readonly": "readonly",
         "overlay": "/domain/metadata/fleetvisor:vm/fleetvisor:disk/@overlay",
+        "writable": "/domain/metadata/fleetvisor:vm/fleetvisor:disk/@writable",
     },
     NicSpec: {"model": "model/@type", "mode": "@type", "mac": "mac/@address", "device": "source or target"},
     BootSpec: {"kernel": "kernel", "initrd": "initrd", "cmdline": "cmdline"},
@@ -678,13 +681,16 @@ def _regex(pattern: str) -> st.SearchStrategy[str]:
 
 
 _disks = st.builds(
-    DiskSpec,
+    lambda writable, **fields: DiskSpec(
+        **fields, writable=writable and not fields["readonly"] and not fields["overlay"]
+    ),
     target=_regex(r"(vd|sd|hd)[a-z]{1,2}"),
     source=_paths,
     format=st.sampled_from(["qcow2", "raw"]),
     bus=st.sampled_from(["virtio", "sata"]),
     readonly=st.booleans(),
     overlay=st.booleans(),
+    writable=st.booleans(),
 )
 _nics = st.builds(
     NicSpec,

@@ -39,6 +39,9 @@ def test_parse_round_trips_every_family(host_id: str, family: topics.Family) -> 
         "$SYS/broker/uptime",
         "",
         "/fv/v1/host/node-1/state",
+        "fv/v1/host//state",  # an empty host id
+        "fv/v1/host/node 1/state",  # not a host id: a space
+        "fv/v1/host/-rf/state",  # not a host id: must start with a letter or digit
     ],
 )
 def test_parse_rejects_foreign_topics(topic: str) -> None:

@@ -37,6 +37,7 @@ from typing import Final, Literal, Self
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -52,6 +53,8 @@ Handler = Callable[[str, bytes], None]
 ConnectCallback = Callable[[bool], Awaitable[None]]
 
 _UNSUPPORTED_PROTOCOL_CODES: Final = {1, 132}  # 3.1.1 CONNACK 0x01, MQTT 5 reason 0x84
+#: Packets one readable event of the socket may read (see :func:`_read_bursts`).
+_READ_BURST: Final = 1000
 
 
 def _no_delay(client: aiomqtt.Client) -> None:
@@ -62,6 +65,31 @@ def _no_delay(client: aiomqtt.Client) -> None:
     sock = client._client.socket()  # aiomqtt's paho client; paho has no option for this
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _read_bursts(client: aiomqtt.Client) -> None:
+    """Let each readable event read up to ``_READ_BURST`` packets, not one.
+
+    aiomqtt calls paho's ``loop_read`` once per readable event, and for QoS 0 traffic paho reads one
+    packet per call: the socket then drains one message per event-loop turn, and a flood from one
+    sender stays in the kernel's buffer in front of every other sender's messages (their heartbeats),
+    out of reach of any admission. Reading until the socket would block (bounded, so other tasks
+    still run) lets the admission see and drop the flood at the rate it arrives.
+    """
+    paho = client._client
+
+    def loop_read(max_packets: int = 1) -> MQTTErrorCode:
+        for _ in range(_READ_BURST):
+            if paho._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = paho._packet_read()
+            if rc > 0:
+                return paho._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    paho.loop_read = loop_read  # type: ignore[method-assign]
 
 
 class BusError(Exception):
@@ -450,6 +478,7 @@ class Bus:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         _no_delay(client)
+        _read_bursts(client)
         self.protocol_in_use = self._protocol_choice
         for topic_filter, qos, _ in self._handlers:
             await self._subscribe_one(client, topic_filter, qos)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import stat
+import time
+import types
 
 import httpx
 
 from controller.daemon import Controller, ControllerSettings
+from controller.security import auth
 from tests.support.fleet import FAST_BUS
 
 
@@ -112,3 +115,33 @@ async def test_without_auth_everything_is_allowed_but_changes_are_still_audited(
             await api.post("/vms", json={"name": "nohost"})
             audit = (await api.get("/audit")).json()
     assert [(a["actor"], a["path"], a["status"]) for a in audit] == [("anonymous", "/api/v1/vms", 409)]
+
+
+async def test_unauthenticated_floods_with_long_paths_leave_a_bounded_audit_log(
+    mosquitto, tmp_path, monkeypatch
+):
+    """300 tokenless POSTs with 4 KB paths: at most 60 rows a minute, each path cut to 256
+    characters, then one summary row for the rest; the audit log grows by kilobytes, not megabytes.
+    """
+    clock = [1_000_000.0]
+    fake = types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime, gmtime=time.gmtime)
+    monkeypatch.setattr(auth, "time", fake)
+    async with (
+        Controller(_settings(tmp_path, mosquitto.url)) as controller,
+        httpx.AsyncClient(base_url=f"{controller.api_url}/api/v1") as api,
+    ):
+        for i in range(300):
+            r = await api.post(f"/vms/{'p' * 4000}{i}/start")
+            assert r.status_code == 401
+        clock[0] += 61
+        await api.post("/vms/last/start")
+        assert controller.authority is not None
+        rows = controller.authority.audit_since(0, 1000)
+    assert len(rows) == auth.UNAUTHENTICATED_PER_MINUTE + 2
+    assert all(len(row.path) <= auth.AUDIT_FIELD_MAX for row in rows)
+    assert rows[0].path.endswith("(4019 characters)")
+    summary = rows[-2]
+    assert summary.actor == "unauthenticated" and summary.status == 401
+    assert summary.detail.startswith(f"{300 - auth.UNAUTHENTICATED_PER_MINUTE} more unauthenticated requests")
+    assert rows[-1].path == "/api/v1/vms/last/start"
+    assert sum(len(r.path) + len(r.detail) for r in rows) < 32_000

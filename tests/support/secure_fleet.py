@@ -1,4 +1,5 @@
-"""A Mosquitto started exactly as `fleetvisor broker-config` prints it, and clients that log in to it.
+"""A Mosquitto started exactly as `fleetvisor broker-config` prints it, clients that log in to it, and
+a whole fleet of ``fleetvisor`` processes over ``mqtts://``.
 
 The broker's files live in a fresh directory under the system's temp dir, not in the test's
 ``tmp_path``: started as root, Mosquitto drops to its own user, which cannot enter pytest's private
@@ -11,7 +12,10 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from controller.broker import acl_config
 from controller.security import pki
@@ -19,6 +23,7 @@ from protocols.bus import Bus, BusSettings, LastWill, read_secret
 from tests.support import free_port
 from tests.support.brokers import BrokerError, find_mosquitto, wait_listening
 from tests.support.fleet import FAST_BUS
+from tests.support.processes import Proc, wait_for
 
 
 def daemon_client_id(user: str) -> str:
@@ -113,3 +118,64 @@ class SecureBroker:
                 self.process.wait(5)
         self._log.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class SecureFleet:
+    """A controller and sim agents, each a ``fleetvisor`` process, over ``mqtts://`` with their own
+    credentials, and the API on HTTPS (a certificate from the broker's CA).
+    """
+
+    def __init__(
+        self, broker: SecureBroker, procs: Callable[..., Proc], root: Path, agents: list[str]
+    ) -> None:
+        assert broker.config.ca is not None
+        self.broker = broker
+        self.ca = broker.config.ca
+        cert, key = pki.issue(broker.root / "pki", "controller", ips=["127.0.0.1"])
+        self.url = f"https://127.0.0.1:{free_port()}"
+        self.controller = procs(
+            "controller", "controller", *self._bus_args(acl_config.CONTROLLER_USER),
+            "--db", str(root / "c.sqlite"), "--port", self.url.rsplit(":", 1)[1],
+            "--tls-cert", str(cert), "--tls-key", str(key), "--enrolment", "open",
+        )  # fmt: skip
+        self.agents = {
+            host: procs(
+                host,
+                "agent",
+                "--host-id",
+                host,
+                *self._bus_args(host),
+                "--state-dir",
+                str(root / host),
+                "--memory-mib",
+                "8192",
+            )
+            for host in agents
+        }
+        self.http = httpx.Client(
+            base_url=f"{self.url}/api/v1", verify=ssl.create_default_context(cafile=str(self.ca))
+        )
+        wait_for(lambda: set(agents) <= self.online(), 30, "every host online over mqtts", self.all)
+
+    def _bus_args(self, user: str) -> list[str]:
+        secret = str(self.broker.config.credentials[user])
+        return [
+            "--broker",
+            self.broker.tls_url,
+            "--ca-file",
+            str(self.ca),
+            "--username",
+            user,
+            "--password-file",
+            secret,
+        ]
+
+    @property
+    def all(self) -> list[Proc]:
+        return [self.controller, *self.agents.values()]
+
+    def online(self) -> set[str]:
+        return {h["host_id"] for h in self.http.get("/hosts", timeout=3).json() if h["online"]}
+
+    def close(self) -> None:
+        self.http.close()

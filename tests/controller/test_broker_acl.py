@@ -259,7 +259,8 @@ async def test_wrong_password_and_anonymous_clients_are_refused(secured):
 async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_path):
     """Controller and agent authenticate with their generated secrets, and a VM gets created."""
     from agent.daemon import Agent, AgentSettings
-    from controller.daemon import Controller, ControllerSettings
+    from controller.daemon import Controller, ControllerSettings, FleetSettings
+    from controller.services.enrolment import HostSettings
     from hv.sim.driver import SimDriver
     from protocols.vmspec import VmSpec
 
@@ -269,6 +270,7 @@ async def test_a_fleet_runs_end_to_end_with_generated_credentials(secured, tmp_p
         serve_api=False,
         username=broker_config.CONTROLLER_USER,
         password=secured.password(broker_config.CONTROLLER_USER),
+        fleet=FleetSettings(hosts=HostSettings(enrolment="open")),
         bus_overrides=FAST_BUS,
     )
     async with Controller(settings) as controller:

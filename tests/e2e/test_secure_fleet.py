@@ -68,7 +68,9 @@ def _run_spy(fleet: SecureFleet, seen: list[str], ready: threading.Event, stop: 
     return spy()
 
 
-def test_a_fleet_over_mqtts_migrates_a_vm_the_spy_sees_nothing_and_a_kill_9_is_seen_offline(secure_fleet):
+def test_a_fleet_over_mqtts_migrates_a_vm_the_spy_sees_nothing_and_a_kill_9_is_seen_offline(
+    secure_fleet: SecureFleet,
+) -> None:
     """mqtts:// with per-host users and HTTPS: create and live-migrate a VM; the spy host reads and
     forges nothing; kill -9 an agent and its Last Will marks it offline within seconds.
     """

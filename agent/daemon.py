@@ -21,12 +21,13 @@ import pathlib
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
 from agent.ledger import OpLedger
 from agent.migration import MigrationRunner
+from agent.settings import AgentSettings
 from hv.driver import Driver, DriverEvent, HvError
 from protocols import codec, topics
 from protocols.bus import Bus, BusSettings, LastWill
@@ -61,31 +62,11 @@ from protocols.messages import (
 from protocols.migration import MigrationResult, MigrationSample, MigrationStage
 from protocols.tasks import cancel_and_wait
 
+__all__ = ["AGENT_VERSION", "Agent", "AgentSettings"]
+
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSettings:
-    host_id: str
-    broker_url: str
-    state_dir: pathlib.Path | None = None
-    telemetry_interval_s: float = 1.0
-    #: Address other hosts use to reach this one (the migration data path).
-    address: str = "127.0.0.1"
-    username: str | None = None
-    password: str | None = None
-    #: Commands waiting per VM before new ones are refused as busy.
-    max_queued_per_vm: int = 64
-    #: Coalesce inventory updates: at most one publication per this many seconds.
-    inventory_debounce_s: float = 0.1
-    #: HA lease: after this long without the bus, HA VMs are destroyed (self-fencing), because the
-    #: controller may restart them elsewhere. Must match the controller's lease. None disables it.
-    ha_lease_s: float | None = None
-    #: Labels this host reports (zone, rack, ...); the scheduler's label filter matches on them.
-    labels: dict[str, str] = field(default_factory=dict)
-    bus_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -269,6 +250,7 @@ class Agent:
             vms=await self.driver.list(),
             reason=reason,  # type: ignore[arg-type]
             labels=dict(self.settings.labels),
+            join_token=self.settings.join_token,
         )
 
     async def _publish_inventory(self, reason: str) -> None:

@@ -1,9 +1,14 @@
-"""Routes of ``/hosts``: list, show, labels and maintenance, evacuation, confirm-down and forget."""
+"""Routes of ``/hosts``: list, show, labels and maintenance, evacuation, confirm-down and forget;
+enrolment (pending hosts, accept) and one-time join tokens (``/tokens/join``, admin like every
+``/tokens`` route).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
+import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -15,6 +20,15 @@ from controller.services.migration.evacuation import Evacuations
 from controller.state.store import Store, Usage
 
 _ZERO = Usage()
+
+#: The longest a join token may live: a week.
+MAX_JOIN_TOKEN_TTL_S = 7 * 86400.0
+
+
+class JoinTokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    #: The host id the token enrols; empty: any new host id.
+    host_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_JOIN_TOKEN_TTL_S)] = 3600.0
 
 
 def router(
@@ -32,6 +46,8 @@ def router(
     async def list_hosts() -> Response:
         usage = store.usage()
         return json_response([view.host(h, usage.get(h.host_id, _ZERO)) for h in store.hosts()])
+
+    _enrolment_routes(api, hosts)
 
     @api.get(f"{PREFIX}/hosts/{{host_id}}", summary="Show a host", responses=responses(200, "host", 404))
     async def show_host(host_id: str) -> Response:
@@ -85,3 +101,33 @@ def router(
         return await ops.respond(evacuations.start(host_id, asked.policy).op_id, wait)
 
     return api
+
+
+def _enrolment_routes(api: APIRouter, hosts: HostService) -> None:
+    """Pending hosts, accepting one, and one-time join tokens."""
+
+    @api.get(f"{PREFIX}/hosts/pending", summary="List hosts waiting to be accepted")
+    async def list_pending() -> Response:
+        return json_response(
+            [
+                {
+                    "host_id": r.host_id, "boot_id": r.boot_id, "address": r.address, "cores": r.cores,
+                    "memory_mib": r.memory_mib, "reason": r.reason, "first_seen": r.first_seen,
+                    "updated_at": r.updated_at,
+                }
+                for r in hosts.enrolment.pending()
+            ]
+        )  # fmt: skip
+
+    @api.post(f"{PREFIX}/hosts/{{host_id}}/accept", summary="Accept a pending host into the fleet (admin)")
+    async def accept_host(host_id: str) -> Response:
+        await hosts.accept(host_id)
+        return json_response({"host_id": host_id, "accepted": True})
+
+    @api.post(f"{PREFIX}/tokens/join", summary="Create a one-time join token for a new host (admin)")
+    async def create_join_token(request: Request) -> Response:
+        asked: JoinTokenRequest = await read_body(
+            request, JoinTokenRequest, "join token request", required=False
+        )
+        made = hosts.enrolment.create_token(asked.host_id, asked.ttl_s)
+        return json_response({"token": made.token, "host_id": made.host_id, "expires_at": made.expires_at})

@@ -1,4 +1,5 @@
-"""``fleetvisor host list|show|label|maintenance``: a host's capacity, load, labels and maintenance.
+"""``fleetvisor host list|show|label|maintenance|accept|join-token``: a host's capacity, load, labels
+and maintenance, and enrolment (pending hosts, accepting one, one-time join tokens).
 
 Maintenance on evacuates the host through ``controller.cli.migrate``; a host's power is in
 ``controller.cli.power``. It imports only ``controller.cli`` modules of ours.
@@ -7,6 +8,7 @@ Maintenance on evacuates the host through ``controller.cli.migrate``; a host's p
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -84,9 +86,37 @@ def _power_line(h: dict[str, Any]) -> str:
     return f"{state}, via {method}" if method else f"{state} (no power method configured)"
 
 
+def _render_pending(pending: list[dict[str, Any]]) -> str:
+    if not pending:
+        return "no host is pending"
+    rows = [[p["host_id"], p["address"], str(p["cores"]), gib(p["memory_mib"]), p["reason"]] for p in pending]
+    hint = "\naccept one with `fleetvisor host accept HOST`, or drop it with `fleetvisor host forget HOST`"
+    return table(rows, ["host", "address", "cores", "memory", "why pending"]) + hint
+
+
 def cmd_host_list(client: ApiClient, args: argparse.Namespace) -> int:
-    """``host list``: every host with its capacity and load."""
-    emit(args, client.request("GET", "/hosts"), _render_hosts)
+    """``host list``: every host with its capacity and load; ``--pending``: hosts waiting to be accepted."""
+    if getattr(args, "pending", False):
+        emit(args, client.request("GET", "/hosts/pending"), _render_pending)
+    else:
+        emit(args, client.request("GET", "/hosts"), _render_hosts)
+    return 0
+
+
+def cmd_host_accept(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host accept``: a pending host joins the fleet (admin)."""
+    client.request("POST", f"/hosts/{args.host}/accept")
+    print(f"host {args.host} accepted: its VMs and capacity are now part of the fleet")
+    return 0
+
+
+def cmd_host_join_token(client: ApiClient, args: argparse.Namespace) -> int:
+    """``host join-token``: a one-time token a new agent presents (``agent --join-token``) to enrol."""
+    made = client.request("POST", "/tokens/join", json={"host_id": args.host or "", "ttl_s": args.ttl})
+    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(made["expires_at"]))
+    scope = f"host {made['host_id']}" if made["host_id"] else "any new host id"
+    print(made["token"])
+    print(f"one-time join token for {scope}, valid until {expires}; it is shown only now", file=sys.stderr)
     return 0
 
 

@@ -192,6 +192,7 @@ def _add_vm_commands(sub: _SubParsers) -> None:
 def _add_host_commands(sub: _SubParsers) -> None:
     host = sub.add_parser("host", help="inspect hosts").add_subparsers(dest="action", required=True)
     p = host.add_parser("list", help="list hosts with their capacity and load")
+    p.add_argument("--pending", action="store_true", help="list the hosts waiting to be accepted instead")
     _common(p)
     p.set_defaults(handler=hosts.cmd_host_list)
     p = host.add_parser("show", help="show one host's capabilities and load")
@@ -229,10 +230,23 @@ def _add_host_commands(sub: _SubParsers) -> None:
     p.add_argument("host")
     _common(p)
     p.set_defaults(handler=hosts.cmd_host_confirm_down)
-    p = host.add_parser("forget", help="remove a host that is gone for good, and its VMs' records (admin)")
+    p = host.add_parser(
+        "forget", help="remove a host that is gone for good (or a pending one), and its VMs' records (admin)"
+    )
     p.add_argument("host")
     _common(p)
     p.set_defaults(handler=hosts.cmd_host_forget)
+    p = host.add_parser("accept", help="accept a pending host into the fleet (admin)")
+    p.add_argument("host")
+    _common(p)
+    p.set_defaults(handler=hosts.cmd_host_accept)
+    p = host.add_parser(
+        "join-token", help="create a one-time token that enrols a new host (`agent --join-token`) (admin)"
+    )
+    p.add_argument("--host", default="", help="the host id it enrols (default: any new host id)")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds it stays valid (default 3600)")
+    _common(p)
+    p.set_defaults(handler=hosts.cmd_host_join_token)
 
     p = host.add_parser(
         "power",

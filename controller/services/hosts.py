@@ -1,9 +1,10 @@
 """Host use cases: what hosts say of themselves (online state, inventory) and what operators set
 (labels, maintenance).
 
-Each inventory is reconciled into the store (:func:`controller.state.reconcile.reconcile`); the
-scheduler's claims follow the VMs it adopted, and the stale copies it found go to
-:class:`~controller.services.cleanup.StaleCopies`.
+An inventory is first judged by :class:`~controller.services.enrolment.Enrolment`: the inventory of a
+pending host is held, not reconciled. Each admitted inventory is reconciled into the store
+(:func:`controller.state.reconcile.reconcile`); the scheduler's claims follow the VMs it adopted, and
+the stale copies it found go to :class:`~controller.services.cleanup.StaleCopies`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Literal
 
 from controller.common.errors import Conflict, NotFound
 from controller.scheduler import FleetState
 from controller.services.agent_rpc import AgentRpc
 from controller.services.cleanup import StaleCopies
+from controller.services.enrolment import Enrolment, HostSettings
 from controller.state.events import EventHub
 from controller.state.live import LiveState
 from controller.state.reconcile import reconcile
@@ -27,13 +27,7 @@ from protocols.messages import HostInventory, HostState, RefreshInventory
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class HostSettings:
-    """How hosts join the fleet."""
-
-    #: ``operator``: a new host id is pending until an operator accepts it (``host accept``) or it
-    #: presents a one-time join token. ``open``: any host id that reaches the bus joins.
-    enrolment: Literal["operator", "open"] = "operator"
+__all__ = ["HostService", "HostSettings"]
 
 
 class HostService:
@@ -56,6 +50,7 @@ class HostService:
         self.fleet_state = fleet_state
         self.rpc = rpc
         self.stale = stale
+        self.enrolment = Enrolment(store, events, self.settings)
 
     def require(self, host_id: str) -> HostRecord:
         """The record of host ``host_id``.
@@ -84,8 +79,8 @@ class HostService:
             return False
         if message.online:
             self.live.boot_ids[message.host_id] = message.boot_id
-        # The inventory (hello) creates the host; it follows the online state.
-        return self.store.host(message.host_id) is not None
+        # The inventory (hello) creates the host; it follows the online state. A pending host has none.
+        return self.store.host(message.host_id) is not None and not self.enrolment.is_pending(message.host_id)
 
     def apply_state(self, message: HostState) -> None:
         """Record that a known host went online or offline (after :meth:`accepts_state`)."""
@@ -116,6 +111,12 @@ class HostService:
                 message.host_id, message.seq, message.boot_id[:8], newest.seq, newest.boot_id[:8],
             )  # fmt: skip
             return
+        if not self.enrolment.admit(message):
+            self._hold(message.host_id)
+            return
+        self._reconcile(message)
+
+    def _reconcile(self, message: HostInventory) -> None:
         self.live.inventories[message.host_id] = message
         self.live.boot_ids[message.host_id] = message.boot_id
         self._back(message.host_id)
@@ -133,6 +134,31 @@ class HostService:
         for copy in done.stale:
             self.stale.remove(copy)
         self.rpc.set_online(message.host_id, True)
+
+    def _hold(self, host_id: str) -> None:
+        """A known host became pending (its capacity): nothing more is placed on it until accepted."""
+        self.live.inventories.pop(host_id, None)
+        if self.store.host(host_id) is None:
+            return
+        self.store.set_host_online(host_id, False, "pending: accept it with `fleetvisor host accept`")
+        if host_id in self.fleet_state.index:
+            self.fleet_state.set_online(host_id, False)
+        self.rpc.set_online(host_id, False)
+
+    async def accept(self, host_id: str) -> None:
+        """An operator accepts pending ``host_id``: its newest inventory is reconciled now, and the host
+        is asked for a fresh one.
+
+        Raises:
+            NotFound: ``host_id`` is not pending.
+        """
+        held = self.enrolment.accept(host_id)
+        if held is not None:
+            self._reconcile(held)
+            if host_id in self.fleet_state.index:
+                self.fleet_state.set_online(host_id, True)
+        command = RefreshInventory(op_id=f"refresh-{uuid.uuid4().hex}", deadline=time.time() + 30)
+        await self.rpc.send(host_id, command, expiry_s=30)
 
     async def refresh_inventories(self, first: bool) -> None:
         """After every (re)connect, ask each known host for its full inventory (anti-entropy).
@@ -185,6 +211,11 @@ class HostService:
         Raises:
             NotFound: an unknown host. Conflict: the host is online (stop its agent first).
         """
+        if self.store.host(host_id) is None and self.enrolment.forget(host_id):
+            self.events.emit(
+                "host.forgotten", f"pending host {host_id} forgotten by an operator", host_id=host_id
+            )
+            return []
         host = self.require(host_id)
         if host.online:
             raise Conflict(
@@ -202,6 +233,7 @@ class HostService:
         self.fleet_state.remove_host(host_id)
         self.live.telemetry.pop(host_id, None)
         self.live.inventories.pop(host_id, None)
+        self.enrolment.forget(host_id)
         self.events.emit(
             "host.forgotten",
             f"host {host_id} forgotten by an operator"

@@ -6,7 +6,7 @@ step runs once, in order, inside a transaction. It imports nothing of ours.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Steps from one schema version to the next; each runs once, in order, inside a transaction.
 MIGRATIONS: dict[int, str] = {
@@ -39,6 +39,28 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL, created_at REAL NOT NULL);
     ALTER TABLE hosts ADD COLUMN fenced_at REAL;
     ALTER TABLE hosts ADD COLUMN fenced_how TEXT NOT NULL DEFAULT '';
+    """,
+    # 6 -> 7: enrolment (a host id is pending until accepted; an accepted host's capacity is kept to
+    # judge later claims) and one-time join tokens, stored hashed. A host known before this version
+    # has no enrolment row and counts as accepted; its next inventory records its capacity.
+    6: """
+    CREATE TABLE enrolment (
+        host_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        boot_id TEXT NOT NULL,
+        address TEXT NOT NULL,
+        cores INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE join_tokens (
+        token_hash TEXT PRIMARY KEY,
+        host_id TEXT NOT NULL DEFAULT '',
+        expires_at REAL NOT NULL,
+        created_at REAL NOT NULL
+    );
     """,
 }
 

@@ -17,7 +17,8 @@ def test_controller_killed_mid_creates_resumes_every_operation_to_success(mosqui
     broker = mosquitto_factory(persistence=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = ("controller", "--broker", broker.url, "--db", str(tmp_path / "c.sqlite"), "--port", str(port))
+    args = ("controller", "--enrolment", "open",
+            "--broker", broker.url, "--db", str(tmp_path / "c.sqlite"), "--port", str(port))  # fmt: skip
     fleet = start_process_fleet(procs, broker.url, tmp_path, hosts=("h1", "h2"), port=port)
     controller, agents = fleet.controller, list(fleet.agents.values())
     # Hold the agents so that every create is still in flight when the controller dies.

@@ -250,7 +250,8 @@ def test_controller_killed_mid_migration_is_resumed_by_the_next_one(mosquitto, p
     os.kill(fleet.controller.popen.pid, signal.SIGKILL)
     fleet.controller.popen.wait(5)
     port = fleet.url.rsplit(":", 1)[1]
-    controller = procs("controller-2", "controller", "--broker", mosquitto.url, "--db", str(tmp_path / "c.sqlite"),
+    controller = procs("controller-2", "controller", "--enrolment", "open",
+                       "--broker", mosquitto.url, "--db", str(tmp_path / "c.sqlite"),
                        "--port", port, "--operation-timeout", "30")  # fmt: skip
     wait_for(
         lambda: _op(fleet.url, op["op_id"])["state"] != "running", 90, "the resumed migration", [controller]

@@ -124,7 +124,8 @@ def test_load_falls_hosts_power_off_over_ipmi_load_rises_they_power_on_and_no_vm
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         controller: Proc = procs(
-            "controller", "controller", "--broker", mosquitto.url, "--db", str(tmp_path / "c.sqlite"),
+            "controller", "controller", "--enrolment", "open",
+            "--broker", mosquitto.url, "--db", str(tmp_path / "c.sqlite"),
             "--port", str(port), "--bmc-config", str(tmp_path / "bmc.json"), "--power-mode", "auto",
             "--power-interval", "0.5", "--spare-hosts", "0", "--headroom", "0.2", "--idle-rounds", "3",
             "--power-cooldown", "2",

@@ -52,6 +52,8 @@ def _scenario(broker: str, procs: Callable[..., Proc], tmp_path: Path, state_dir
     controller = procs(
         "controller",
         "controller",
+        "--enrolment",
+        "open",
         "--broker",
         broker,
         "--db",

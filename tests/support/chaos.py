@@ -337,7 +337,7 @@ class ChaosRun:
 
     def start_controller(self) -> Proc:
         return self._spawn(
-            "controller", "controller", "--broker", self.broker.url, "--db", str(self.db_path),
+            "controller", "controller", "--enrolment", "open", "--broker", self.broker.url, "--db", str(self.db_path),
             "--port", str(self.port), "--operation-timeout", f"{self.settings.operation_timeout_s:g}",
         )  # fmt: skip
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import pathlib
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from agent.daemon import Agent, AgentSettings
 from controller.daemon import Controller, ControllerSettings, FleetSettings
@@ -42,10 +43,15 @@ class Fleet:
         *,
         fleet_settings: FleetSettings | None = None,
         serve_api: bool = True,
+        enrolment: Literal["operator", "open"] = "open",
     ) -> None:
         self.broker_url = broker_url
         self.root = root
-        self.fleet_settings = fleet_settings or FleetSettings()
+        # Hosts of a test fleet simply join, unless a test is about enrolment itself.
+        settings = fleet_settings or FleetSettings()
+        self.fleet_settings = dataclasses.replace(
+            settings, hosts=dataclasses.replace(settings.hosts, enrolment=enrolment)
+        )
         self.serve_api = serve_api
         self.controller: Controller | None = None
         self.agents: dict[str, Agent] = {}
@@ -82,7 +88,7 @@ class Fleet:
             await self.controller.__aexit__(None, None, None)
             self.controller = None
 
-    async def add_agent(self, host_id: str, *, wait: bool = True, **sim: Any) -> Agent:
+    async def add_agent(self, host_id: str, *, wait: bool = True, join_token: str = "", **sim: Any) -> Agent:
         driver = SimDriver(host_id=host_id, state_dir=self.root / host_id, **sim)
         agent = Agent(
             AgentSettings(
@@ -91,6 +97,7 @@ class Fleet:
                 state_dir=self.root / host_id,
                 telemetry_interval_s=0.2,
                 bus_overrides=FAST_BUS,
+                join_token=join_token,
             ),
             driver,
         )

@@ -125,7 +125,8 @@ class FaultFleet:
     def start_controller(self) -> None:
         """A controller on the fleet's store and API port (a restart after a kill uses both again)."""
         self.controller = self._proc(
-            "controller", "controller", "--broker", self.broker.url, "--db", str(self.root / "c.sqlite"),
+            "controller", "controller", "--enrolment", "open",
+            "--broker", self.broker.url, "--db", str(self.root / "c.sqlite"),
             "--port", str(self.api_port), "--operation-timeout", "30",
         )  # fmt: skip
 

@@ -113,7 +113,8 @@ def start_process_fleet(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     controller = procs(
-        "controller", "controller", "--broker", broker_url, "--db", str(root / "c.sqlite"), "--port", str(port),
+        "controller", "controller", "--enrolment", "open",
+        "--broker", broker_url, "--db", str(root / "c.sqlite"), "--port", str(port),
         *controller_args,
     )  # fmt: skip
     agents = {h: start_agent(procs, broker_url, root, h, *agent_args) for h in hosts}

@@ -338,32 +338,38 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 # -- broker configuration -------------------------------------------------------------------------
 
 
+def _broker_certificate(args: argparse.Namespace) -> broker_config.TlsFiles:
+    """The broker's certificate from the CA in --pki: issued on the first run, reused after."""
+    pki_dir = pathlib.Path(args.pki)
+    cert, key = pki_dir / "broker.crt", pki_dir / "broker.key"
+    if not (cert.exists() and key.exists()):
+        dns = args.tls_dns or sorted({"localhost", socket.gethostname(), socket.getfqdn()})
+        cert, key = pki.issue(pki_dir, "broker", ips=args.tls_ip or ["127.0.0.1"], dns=dns)
+    return broker_config.TlsFiles(ca=pki_dir / "ca.crt", cert=cert, key=key)
+
+
 def cmd_broker_config(args: argparse.Namespace) -> int:
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    dns = args.tls_dns or sorted({"localhost", socket.gethostname(), socket.getfqdn()})
-    tls = (
-        None
-        if args.no_tls
-        else broker_config.TlsNames(pathlib.Path(args.pki), args.tls_ip or ["127.0.0.1"], dns)
-    )
     try:
+        tls = None if args.no_tls else _broker_certificate(args)
+        plugin = pathlib.Path(args.dynsec_plugin) if args.dynsec_plugin else None
+        ports = {"listen": args.listen, "port": args.port, "plain_port": args.plain_port}
         config = broker_config.generate(
             hosts,
             pathlib.Path(args.out),
             tls=tls,
-            listen=args.listen,
-            port=args.port,
-            plain_port=args.plain_port,
             persistence=not args.no_persistence,
-            plugin=pathlib.Path(args.dynsec_plugin) if args.dynsec_plugin else None,
+            plugin=plugin,
+            **ports,
         )
-    except broker_config.BrokerConfigError as exc:
+    except (broker_config.BrokerConfigError, pki.PkiError) as exc:
         print(f"fleetvisor broker-config: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {config.conf} and {config.security}")
     print(f"start the broker:  mosquitto -c {config.conf}")
     local = f"--broker mqtt://127.0.0.1:{args.plain_port}"
-    remote = f"--broker mqtts://{dns[0]}:{args.port} --ca-file {config.ca}" if config.ca else local
+    host = (args.tls_dns or [socket.getfqdn()])[0]
+    remote = f"--broker mqtts://{host}:{args.port} --ca-file {config.ca}" if config.ca else local
     for user, path in config.credentials.items():
         role, url = ("controller", local) if user == broker_config.CONTROLLER_USER else ("agent", remote)
         print(f"  {role:10} {url} --username {user} --password-file {path}")
@@ -542,40 +548,18 @@ def _add_tool_parsers(sub: Subparsers) -> None:
     p.add_argument("--ip", action="append", default=[], help="IP subject alternative name (repeatable)")
     p.add_argument("--dns", action="append", default=[], help="DNS subject alternative name (repeatable)")
     p.set_defaults(func=cmd_ca)
-    p = sub.add_parser(
-        "broker-config", help="write a Mosquitto config with per-host credentials, client ids, ACLs and TLS"
-    )
+    p = sub.add_parser("broker-config", help="a Mosquitto config: per-host users, client ids, ACLs, TLS")
     p.add_argument("--hosts", required=True, help="comma-separated host ids, e.g. h1,h2,h3")
     p.add_argument("--out", default="deploy/broker", help="output directory (default deploy/broker)")
     p.add_argument("--listen", default="0.0.0.0", help="TLS listener address (default 0.0.0.0)")
-    p.add_argument(
-        "--port", type=int, default=broker_config.TLS_PORT, help="TLS listener port (default 8883)"
-    )
-    p.add_argument(
-        "--plain-port",
-        type=int,
-        default=broker_config.PLAIN_PORT,
-        help="plain listener port, on 127.0.0.1 (default 1883)",
-    )
+    p.add_argument("--port", type=int, default=broker_config.TLS_PORT, help="TLS port (default 8883)")
+    p.add_argument("--plain-port", type=int, default=broker_config.PLAIN_PORT, help="on 127.0.0.1 (1883)")
     p.add_argument("--pki", default="deploy/pki", help="the CA of `fleetvisor ca init` (default deploy/pki)")
-    p.add_argument(
-        "--tls-ip",
-        action="append",
-        default=[],
-        help="broker certificate IP name (repeatable; default 127.0.0.1)",
-    )
-    p.add_argument(
-        "--tls-dns",
-        action="append",
-        default=[],
-        help="broker certificate DNS name (repeatable; default this machine's names)",
-    )
+    p.add_argument("--tls-ip", action="append", default=[], help="broker certificate IP (default 127.0.0.1)")
+    p.add_argument("--tls-dns", action="append", default=[], help="broker certificate DNS (default: ours)")
     p.add_argument("--no-tls", action="store_true", help="no TLS listener: a broker for this machine only")
     p.add_argument("--no-persistence", action="store_true", help="do not persist sessions to disk")
-    p.add_argument(
-        "--dynsec-plugin",
-        help="path of mosquitto_dynamic_security.so (default: found where Mosquitto installs it)",
-    )
+    p.add_argument("--dynsec-plugin", help="mosquitto_dynamic_security.so (default: where Mosquitto puts it)")
     p.set_defaults(func=cmd_broker_config)
     p = sub.add_parser("demo", help="run a whole fleet in one process: broker, controller, sim agents, VMs")
     p.add_argument(

@@ -19,8 +19,9 @@ other files by absolute path), ``DIR/dynamic-security.json``, ``DIR/ca.crt``, ``
 ``DIR/broker.key`` and ``DIR/credentials/<user>.secret`` (one password per file, for the controller
 and agents). Run as root, the broker's files belong to root and the ``mosquitto`` group (0640, the
 directory 0750), which lets Mosquitto read them after it drops to its own user, and ``DIR/persist``
-belongs to that user; the credentials stay root's alone. Running it again keeps existing passwords
-and the broker certificate, so adding a host never rotates the others.
+belongs to that user; the credentials stay root's alone. Running it again keeps existing passwords,
+so adding a host never rotates the others (the CLI issues the broker's certificate once, into the
+CA's directory, and reuses it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import pathlib
 import pwd
 import secrets
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from protocols import topics
@@ -59,12 +60,12 @@ class BrokerConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class TlsNames:
-    """Where the CA lives, and the names the broker's certificate is issued for."""
+class TlsFiles:
+    """The broker's certificate and key, and the CA that signed them (see `fleetvisor ca`)."""
 
-    pki_dir: pathlib.Path
-    ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
-    dns: list[str] = field(default_factory=lambda: ["localhost"])
+    ca: pathlib.Path
+    cert: pathlib.Path
+    key: pathlib.Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,34 +234,53 @@ def _check_hosts(hosts: list[str]) -> None:
         raise BrokerConfigError("cannot write the broker configuration: " + "; ".join(problems))
 
 
-def _tls_files(out_dir: pathlib.Path, names: TlsNames, owner: _Owner) -> tuple[pathlib.Path, list[str]]:
-    """Copy the CA certificate next to the config and issue the broker's certificate once."""
-    from controller.security import pki
-
-    ca_src = names.pki_dir / "ca.crt"
-    if not ca_src.is_file():
-        raise BrokerConfigError(
-            f"no CA in {names.pki_dir} for the broker's TLS listener; create one with "
-            f"`fleetvisor ca init --dir {names.pki_dir}`, or pass --no-tls for a broker on 127.0.0.1 only"
-        )
-    ca = out_dir / "ca.crt"
-    _write(ca, ca_src.read_bytes(), owner, 0o644)
-    cert, key = out_dir / "broker.crt", out_dir / "broker.key"
-    if not (cert.exists() and key.exists()):
+def _tls_files(out_dir: pathlib.Path, tls: TlsFiles, owner: _Owner) -> tuple[pathlib.Path, list[str]]:
+    """Copy the CA, the broker's certificate and its key next to the config, readable by the broker."""
+    copies = []
+    for source, name, mode in (
+        (tls.ca, "ca.crt", 0o644),
+        (tls.cert, "broker.crt", 0o644),
+        (tls.key, "broker.key", owner.file_mode),
+    ):
         try:
-            pki.issue(names.pki_dir, "broker", ips=names.ips, dns=names.dns, out_dir=out_dir)
-        except pki.PkiError as exc:
-            raise BrokerConfigError(f"cannot issue the broker's certificate: {exc}") from None
-    owner.share(cert, 0o644)
-    owner.share(key, owner.file_mode)
+            data = source.read_bytes()
+        except OSError as exc:
+            raise BrokerConfigError(
+                f"cannot read {source} for the broker's TLS listener: {exc.strerror}; issue the broker's "
+                "certificate with `fleetvisor ca issue broker`, or pass --no-tls for a broker on 127.0.0.1 only"
+            ) from None
+        copies.append(out_dir / name)
+        _write(copies[-1], data, owner, mode)
+    ca, cert, key = copies
     return ca, [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}", "tls_version tlsv1.2"]
+
+
+def _prepare(plugin: pathlib.Path | None, out_dir: pathlib.Path) -> tuple[pathlib.Path, _Owner, pathlib.Path]:
+    """The plugin's path, who will own the files, and ``out_dir`` resolved, once all can work."""
+    plugin = plugin or find_plugin()
+    if plugin is None or not plugin.is_file():
+        raise BrokerConfigError(
+            f"Mosquitto's dynamic security plugin ({plugin or _PLUGIN_NAME}) was not found; it holds "
+            "the users and ACLs and ships with Mosquitto 2.0: install Mosquitto 2.0 or later, "
+            "or pass --dynsec-plugin PATH"
+        )
+    owner = _Owner.for_this_process()
+    out_dir = out_dir.resolve()
+    closed = owner.closed_ancestor(out_dir)
+    if closed is not None:
+        raise BrokerConfigError(
+            f"the {BROKER_USER!r} user, which Mosquitto drops to, cannot enter {closed} "
+            f"(mode {stat.S_IMODE(closed.stat().st_mode):04o}), so it could not read {out_dir}; "
+            f"choose an --out it can reach, such as /etc/mosquitto/fleetvisor, or `chmod o+x {closed}`"
+        )
+    return plugin, owner, out_dir
 
 
 def generate(
     hosts: list[str],
     out_dir: pathlib.Path,
     *,
-    tls: TlsNames | None,
+    tls: TlsFiles | None,
     listen: str = "0.0.0.0",
     port: int = TLS_PORT,
     plain_port: int = PLAIN_PORT,
@@ -278,22 +298,7 @@ def generate(
             missing; or the broker's user could not reach ``out_dir``.
     """
     _check_hosts(hosts)
-    plugin = plugin or find_plugin()
-    if plugin is None or not plugin.is_file():
-        raise BrokerConfigError(
-            f"Mosquitto's dynamic security plugin ({plugin or _PLUGIN_NAME}) was not found; it holds "
-            "the users and ACLs and ships with Mosquitto 2.0: install Mosquitto 2.0 or later, "
-            "or pass --dynsec-plugin PATH"
-        )
-    owner = _Owner.for_this_process()
-    out_dir = out_dir.resolve()
-    closed = owner.closed_ancestor(out_dir)
-    if closed is not None:
-        raise BrokerConfigError(
-            f"the {BROKER_USER!r} user, which Mosquitto drops to, cannot enter {closed} "
-            f"(mode {stat.S_IMODE(closed.stat().st_mode):04o}), so it could not read {out_dir}; "
-            f"choose an --out it can reach, such as /etc/mosquitto/fleetvisor, or `chmod o+x {closed}`"
-        )
+    plugin, owner, out_dir = _prepare(plugin, out_dir)
     creds_dir = out_dir / "credentials"
     creds_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     owner.share(out_dir, 0o750 if owner.broker_gid is not None else 0o700)

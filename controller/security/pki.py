@@ -80,16 +80,9 @@ def init_ca(directory: pathlib.Path, name: str = "Fleetvisor CA") -> pathlib.Pat
 
 
 def issue(
-    directory: pathlib.Path,
-    name: str,
-    *,
-    ips: list[str] | None = None,
-    dns: list[str] | None = None,
-    out_dir: pathlib.Path | None = None,
+    directory: pathlib.Path, name: str, *, ips: list[str] | None = None, dns: list[str] | None = None
 ) -> tuple[pathlib.Path, pathlib.Path]:
     """Issue a certificate for ``name`` signed by the CA in ``directory``; returns (cert, key) paths.
-
-    They are written to ``out_dir`` (default: ``directory``) as ``NAME.crt`` and ``NAME.key``.
 
     Raises:
         PkiError: no CA there, a bad IP address, or a bad name.
@@ -130,8 +123,7 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    out_dir = out_dir or directory
-    key_path, cert_path = out_dir / f"{name}.key", out_dir / f"{name}.crt"
+    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path

@@ -108,21 +108,27 @@ def test_generated_broker_config_turns_nagle_off_and_serves_plain_mqtt_on_loopba
     assert not any(line.startswith("user ") for line in lines)
 
 
-def test_tls_needs_a_ca_and_issues_the_broker_certificate_once(out_dir, tmp_path):
-    """Without a CA the error names `fleetvisor ca init`; with one, a second run keeps the certificate."""
-    names = broker_config.TlsNames(tmp_path / "pki")
-    with pytest.raises(broker_config.BrokerConfigError, match="fleetvisor ca init --dir"):
-        broker_config.generate(["h1"], out_dir, tls=names, iterations=1000)
+def test_tls_listener_with_the_broker_certificate_readable_by_the_broker_only(out_dir, tmp_path):
+    """A missing certificate names `fleetvisor ca issue`; the copied key is 0640 root:mosquitto (0600 as a user)."""
     from controller.security import pki
 
-    pki.init_ca(tmp_path / "pki")
-    config = broker_config.generate(["h1"], out_dir, tls=names, port=18883, iterations=1000)
-    listeners = [line for line in config.conf.read_text().splitlines() if line.startswith("listener")]
-    assert listeners == ["listener 1883 127.0.0.1", "listener 18883 0.0.0.0"]
-    cert = (out_dir / "broker.crt").read_bytes()
-    broker_config.generate(["h1", "h2"], out_dir, tls=names, iterations=1000)
-    assert (out_dir / "broker.crt").read_bytes() == cert
+    ca = pki.init_ca(tmp_path / "pki")
+    tls = broker_config.TlsFiles(
+        ca=ca, cert=tmp_path / "pki" / "broker.crt", key=tmp_path / "pki" / "broker.key"
+    )
+    with pytest.raises(broker_config.BrokerConfigError, match="fleetvisor ca issue broker"):
+        broker_config.generate(["h1"], out_dir, tls=tls, iterations=1000)
+    pki.issue(tmp_path / "pki", "broker", ips=["127.0.0.1"])
+    config = broker_config.generate(["h1"], out_dir, tls=tls, port=18883, iterations=1000)
+    lines = config.conf.read_text().splitlines()
+    assert [line for line in lines if line.startswith("listener")] == [
+        "listener 1883 127.0.0.1",
+        "listener 18883 0.0.0.0",
+    ]
+    assert lines[lines.index("listener 18883 0.0.0.0") + 1] == "use_username_as_clientid true"
+    assert (out_dir / "broker.key").read_bytes() == tls.key.read_bytes()
     assert (out_dir / "broker.key").stat().st_mode & 0o777 == (0o640 if AS_ROOT else 0o600)
+    assert config.ca == out_dir / "ca.crt"
 
 
 def test_regenerating_keeps_existing_passwords_and_adds_new_hosts(out_dir):

@@ -44,8 +44,9 @@ class SecureBroker:
         self.plain_port, self.tls_port = free_port(), free_port()
         names = None
         if tls:
-            pki.init_ca(self.root / "pki")
-            names = acl_config.TlsNames(self.root / "pki", ips=["127.0.0.1"], dns=["localhost"])
+            ca = pki.init_ca(self.root / "pki")
+            cert, key = pki.issue(self.root / "pki", "broker", ips=["127.0.0.1"], dns=["localhost"])
+            names = acl_config.TlsFiles(ca=ca, cert=cert, key=key)
         self.config = acl_config.generate(
             hosts,
             self.root / "broker",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from controller.services.ha.detector import DetectorSettings, FailureDetector, PhiAccrual
+from controller.services.ha.detector import DetectorSettings, FailureDetector, PhiAccrual, Transition
 
 
 def _beat(detector: FailureDetector, host: str, start: float, count: int, every: float = 1.0) -> float:
@@ -146,4 +146,41 @@ def test_after_a_rearm_silence_fails_no_host_until_the_reconnect_grace_ends():
         detector.heartbeat("h2", t)
         detector.heartbeat("h3", t)
     detector.tick(16.5)
+    assert detector.state("h1") == "failed"
+
+
+def test_a_contested_session_is_held_suspect_never_failed_until_it_calms_down() -> None:
+    """The attack: a host's session knocked off the broker over and over was failed (and fenced) in
+    2.1 s. Reconnects within the window hold it as suspect, with the reason; once the flapping has
+    stopped for the window, a host that stays silent fails as before.
+    """
+    detector = FailureDetector(DetectorSettings(contest_flaps=3, contest_window_s=10.0))
+    now = _beat(detector, "h2", 0.0, 20)
+    for _ in range(3):  # knocked off, back, knocked off...
+        detector.connection_lost("h2", now, "connection lost")
+        now += 0.3
+        detector.connected("h2", now)
+        detector.heartbeat("h2", now)
+        now += 0.3
+    detector.connection_lost("h2", now, "connection lost")
+    changes: list[Transition] = []
+    for _ in range(60):  # 6 s of silence after a Last Will: far beyond will_confirm_s
+        now += 0.1
+        changes += detector.tick(now)
+    assert detector.state("h2") == "suspect"
+    assert all(c.new != "failed" for c in changes)
+    assert any("contested" in c.reason and "another agent" in c.reason for c in changes), changes
+    for _ in range(60):  # the window passes with no more flapping: silence now fails it
+        now += 0.1
+        changes += detector.tick(now)
+    assert detector.state("h2") == "failed"
+
+
+def test_a_single_reconnect_does_not_make_a_session_contested() -> None:
+    detector = FailureDetector(DetectorSettings(contest_flaps=3, contest_window_s=10.0))
+    now = _beat(detector, "h1", 0.0, 20)
+    detector.connection_lost("h1", now, "connection lost")
+    for _ in range(20):
+        now += 0.1
+        detector.tick(now)
     assert detector.state("h1") == "failed"

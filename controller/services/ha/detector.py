@@ -14,6 +14,11 @@ A host moves ``up -> suspect -> failed``, and each move carries its reason:
   reports until the storm clears, then restarts every heartbeat clock (:meth:`FailureDetector.rearm`)
   so that hosts still reconnecting are not failed for silence nobody could hear. The controller
   does the same when its own connection to the broker comes back.
+- **Contested session**: a host whose connection flaps (``contest_flaps`` offline/online changes
+  within ``contest_window_s``: a second agent with its host id, or someone knocking its session off
+  the broker) is held as suspect, never failed on a gap or a Last Will alone, until it has been
+  quiet for the window. Fencing a host because its session is being fought over would let an
+  attacker kill it and have its VMs started elsewhere.
 - **Reconnect grace**: after a rearm, hosts get ``reconnect_grace_s`` (the agents' longest reconnect
   backoff plus a margin) to come back before silence can fail them; they may be suspect meanwhile.
 
@@ -48,6 +53,10 @@ class DetectorSettings:
     #: jittered backoff of up to 5 s (``BusSettings.backoff_max_s``), and a host still waiting out its
     #: backoff is not dead.
     reconnect_grace_s: float = 6.0
+    #: This many connection changes (online or lost) within ``contest_window_s`` make a host's
+    #: session contested: it is not failed on silence or a Last Will until they stop.
+    contest_flaps: int = 3
+    contest_window_s: float = 30.0
 
 
 class PhiAccrual:
@@ -86,6 +95,8 @@ class _Host:
     reason: str = ""
     gone_at: float | None = None
     gone_reason: str = ""
+    #: When its connection changed lately (online or lost), to tell a contested session.
+    flaps: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +129,23 @@ class FailureDetector:
     def connection_lost(self, host_id: str, now: float, reason: str) -> None:
         """The Last Will arrived."""
         host = self._host(host_id)
+        host.flaps.append(now)
         if host.gone_at is None:
             host.gone_at, host.gone_reason = now, reason
+
+    def connected(self, host_id: str, now: float) -> None:
+        """The host's agent (re)connected: one more connection change, counted for contest."""
+        self._host(host_id).flaps.append(now)
+
+    def contested(self, host_id: str, now: float) -> int:
+        """How many connection changes ``host_id`` had within the window, when that makes its
+        session contested; 0 otherwise.
+        """
+        host = self.hosts.get(host_id)
+        if host is None:
+            return 0
+        recent = sum(1 for t in host.flaps if now - t <= self.settings.contest_window_s)
+        return recent if recent >= self.settings.contest_flaps else 0
 
     def stopped_cleanly(self, host_id: str, now: float) -> None:
         host = self._host(host_id)
@@ -160,7 +186,16 @@ class FailureDetector:
         changes = []
         for host_id, (state, reason) in sorted(wanted.items()):
             host = self.hosts[host_id]
-            if state == "failed" and host.state != "failed" and self.storm:
+            flaps = self.contested(host_id, now)
+            held = state == "failed" and host.state != "failed" and flaps > 0
+            if held:
+                state, reason = (
+                    "suspect",
+                    f"{reason}; held: its session is contested ({flaps} connection changes within "
+                    f"{self.settings.contest_window_s:g}s: another agent with its host id, or its session "
+                    "knocked off the broker), so silence alone does not fail it",
+                )
+            elif state == "failed" and host.state != "failed" and self.storm:
                 state, reason = (
                     "suspect",
                     f"{reason}; held by the storm guard ({len(bad)} of {len(counted)} hosts)",
@@ -170,7 +205,7 @@ class FailureDetector:
                     "suspect",
                     f"{reason}; held {self.grace_until - now:.1f}s more while hosts reconnect to the broker",
                 )
-            if state != host.state:
+            if state != host.state or (held and "contested" not in host.reason):
                 changes.append(Transition(host_id, host.state, state, reason))
                 host.state, host.since, host.reason = state, now, reason
         return changes

@@ -119,6 +119,7 @@ class HaService:
         now = time.monotonic()
         if online:
             self.last_heartbeat[host_id] = now
+            self.detector.connected(host_id, now)
             self.detector.heartbeat(host_id, now)
             self._report(self.detector.revive(host_id, now))
         elif reason == "agent stopped" or host_id in self.standby_hosts:

@@ -14,6 +14,7 @@ from controller.scheduler import Explanation
 from controller.services.operations import Operations
 from controller.services.vms import VmService, refusal_error
 from controller.state.store import OperationRecord, Store, VmRecord
+from protocols.messages import MAX_STOP_TIMEOUT_S
 
 
 def router(
@@ -44,6 +45,7 @@ def router(
     )
     async def stop_vm(request: Request, name: str, wait: float = WAIT) -> Response:
         asked: views.StopRequest = await read_body(request, views.StopRequest, "stop request", required=False)
+        _check_stop_timeout(asked.timeout_s)
         return await ops.respond(vms.stop(name, force=asked.force, timeout_s=asked.timeout_s).op_id, wait)
 
     @api.delete(
@@ -56,6 +58,21 @@ def router(
         return await ops.respond(vms.delete(name).op_id, wait)
 
     return api
+
+
+def _check_stop_timeout(timeout_s: float) -> None:
+    """Refuse a graceful-stop timeout the agent's ShutdownVm would refuse (the wire bound).
+
+    Raises:
+        ApiError: 400 naming the field, the bound and the fix.
+    """
+    if not 0 < timeout_s <= MAX_STOP_TIMEOUT_S:  # also refuses NaN
+        raise ApiError(
+            400,
+            "invalid_body",
+            f"stop request: timeout_s must be more than 0 and at most {MAX_STOP_TIMEOUT_S:g} seconds, "
+            f"got {timeout_s:g}; send a timeout within that range, or force=true to power off at once",
+        )
 
 
 def _lifecycle_routes(api: APIRouter, vms: VmService, ops: OperationResponses) -> None:

@@ -1,7 +1,13 @@
 """Output shared by the command modules: tables, sizes, percentages, and operation outcomes.
 
 A command prints a table or lines for people, or JSON with ``--json`` for scripts; ``emit`` makes
-that choice. It imports only ``controller.cli.client`` of ours.
+that choice. It imports only ``controller.cli.client`` and ``protocols.text`` of ours.
+
+Much of what the CLI shows was written by a host (capabilities, reasons, errors) or a user (names,
+labels). Text for people goes through :func:`protocols.text.printable` here: every table cell,
+every string ``emit`` hands to a renderer, and an operation's outcome. So a newline, a carriage
+return or an ANSI sequence in a host's text shows as an escape and cannot forge a line or steer the
+terminal. JSON output (``--json``) is left as is: the JSON encoder escapes control characters.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 from controller.cli.client import EXIT_FAILED
+from protocols.text import printable
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
-    """Left-aligned columns under upper-case headers, two spaces apart."""
+    """Left-aligned columns under upper-case headers, two spaces apart; each cell escaped to one line."""
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -35,11 +43,22 @@ def pct(value: float | None) -> str:
 
 
 def emit(args: argparse.Namespace, data: Any, render: Callable[[Any], str]) -> None:
-    """Print ``data`` as JSON with ``--json``, else as ``render`` shows it."""
+    """Print ``data`` as JSON with ``--json``, else as ``render`` shows it, every string escaped."""
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        print(render(data))
+        print(render(shown(data)))
+
+
+def shown(data: Any) -> Any:
+    """``data`` (decoded JSON) with every string in it, keys included, escaped for a terminal."""
+    if isinstance(data, str):
+        return printable(data)
+    if isinstance(data, dict):
+        return {shown(k): shown(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [shown(v) for v in data]
+    return data
 
 
 def energy_since(since: float | None) -> str:
@@ -51,6 +70,7 @@ def energy_since(since: float | None) -> str:
 
 def render_explanation(explanation: dict[str, Any]) -> str:
     """The scheduler's reasons for a placement: filters, rejections and the best candidates."""
+    explanation = shown(explanation)
     lines = [
         f"policy {explanation['policy']}: {explanation['candidates']} of {explanation['hosts']} hosts qualify"
     ]
@@ -71,7 +91,9 @@ def finish_op(args: argparse.Namespace, op: dict[str, Any], what: str) -> int:
     """Print how operation ``op`` ended (or that it goes on) and return the exit code."""
     if args.json:
         print(json.dumps(op, indent=2, sort_keys=True))
-    elif op["state"] == "succeeded":
+        return EXIT_FAILED if op["state"] == "failed" else 0
+    op, what = shown(op), printable(what)
+    if op["state"] == "succeeded":
         print(f"{what}: done")
     elif op["state"] == "running":
         print(

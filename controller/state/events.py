@@ -3,6 +3,10 @@
 Subscribers (SSE clients, the CLI) get a bounded queue each. A subscriber that cannot keep up loses
 its oldest events, and the loss is counted and announced to it, so one slow client never stalls the
 controller; it can re-read what it missed from the store with ``Last-Event-ID``.
+
+An event's message often quotes a host (a VM event's reason, an engine's error). The store keeps it
+as sent; the log line escapes its control characters (:func:`protocols.text.printable`), so a
+reason with a newline or an ANSI sequence cannot forge or colour log lines.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import logging
 
 from controller.state.store import EventRecord, Store
+from protocols.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ class EventHub:
     ) -> EventRecord:
         """Store an event and hand it to every live subscriber."""
         event = self.store.append_event(type_, message, host_id=host_id, vm=vm, op_id=op_id)
-        log.info("event %s: %s", type_, message)
+        log.info("event %s: %s", printable(type_), printable(message))
         for sub in self._subscribers:
             sub.offer(event)
         return event

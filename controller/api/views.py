@@ -18,7 +18,7 @@ from controller.state.live import LiveState
 from controller.state.store import HostRecord, OperationRecord, Store, Usage, VmRecord
 from protocols.messages import Capabilities, MigrationProgress
 from protocols.migration import MigrationPolicy
-from protocols.vmspec import VmSpec, VmSpecInput
+from protocols.vmspec import Label, VmSpec, VmSpecInput
 
 
 class HostLoad(msgspec.Struct, frozen=True, kw_only=True):
@@ -161,7 +161,7 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
 class HostUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Operator settings of a host. A label set to null is removed."""
 
-    labels: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], str | None] | None = None
+    labels: dict[Label, str | None] | None = None
     maintenance: bool | None = None
     #: Enter maintenance even when this is the last host that can hold the fleet's HA VMs.
     force: bool = False
@@ -183,7 +183,7 @@ class ForgetResponse(msgspec.Struct, frozen=True, kw_only=True):
 
 class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     force: bool = False
-    timeout_s: float = msgspec.field(default=30.0)
+    timeout_s: float = 30.0  # bounded in the route, with an error that says what to do
 
 
 class Views:

@@ -11,6 +11,7 @@ import time
 
 from controller.cli.client import ApiClient
 from controller.cli.render import emit, table
+from protocols.text import printable
 
 
 def cmd_op_show(client: ApiClient, args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def cmd_events(client: ApiClient, args: argparse.Namespace) -> int:
                 print(json.dumps(e, sort_keys=True))
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
-                print(f"{stamp} #{e['seq']:<5} {e['type']:<20} {e['message']}")
+                print(printable(f"{stamp} #{e['seq']:<5} {e['type']:<20} {e['message']}"))
             since = e["seq"]
         if not args.follow:
             return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from controller.cli.client import EXIT_FAILED, ApiClient
 from controller.cli.render import finish_op, render_explanation
+from protocols.text import printable
 
 
 def _policy(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def _follow(
     deadline = time.monotonic() + args.timeout
     last = ""
     while op["state"] == "running" and time.monotonic() < deadline:
-        text = line(op)
+        text = printable(line(op))
         if text != last:
             if tty:
                 print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
@@ -92,7 +93,7 @@ def cmd_vm_migrate(client: ApiClient, args: argparse.Namespace) -> int:
         print(
             f"vm {args.name}: {plan['source']} -> {plan['target']} (dirtying {plan['dirty_mib_s']:.1f} MiB/s now)"
         )
-        print(f"  {pred['summary']}")
+        print(f"  {printable(pred['summary'])}")
         print(
             f"  predicted: {pred['total_s']:.1f}s in total, {pred['downtime_ms']:.0f} ms of downtime, "
             f"{pred['rounds']} rounds, {pred['transferred_mib']:.0f} MiB sent; "

@@ -18,6 +18,7 @@ from controller.cli.client import EXIT_FAILED, ApiClient, CliError
 from controller.cli.render import emit, finish_op, gib, pct, render_explanation, table
 from controller.cli.spec import build_spec
 from protocols import domxml
+from protocols.text import printable
 from protocols.vmspec import VmSpec
 
 
@@ -95,7 +96,7 @@ def cmd_vm_create(client: ApiClient, args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
         return EXIT_FAILED if op["state"] == "failed" else 0
     if op["state"] == "failed":
-        print(f"vm {body['name']}: create failed: {op['error']}", file=sys.stderr)
+        print(printable(f"vm {body['name']}: create failed: {op['error']}"), file=sys.stderr)
         return EXIT_FAILED
     state = "created" if op["state"] == "succeeded" else "creating"
     print(f"vm {vm['name']}: {state} on {vm['host_id']} (state {vm['state']}, operation {op['op_id']})")

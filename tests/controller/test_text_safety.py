@@ -55,9 +55,14 @@ def _impostor(url: str) -> Bus:
 
 
 async def test_an_event_reason_with_newlines_and_ansi_is_logged_on_one_line(
-    mosquitto: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """h1's crash event with a forged second line and ANSI codes logs as one escaped line; stored as sent."""
+    """h1's crash event with a forged second line and ANSI codes logs and prints (`fleetvisor events`)
+    as one escaped line; stored as sent.
+    """
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         await fleet.add_agent("h1")
         ctl = fleet.ctl
@@ -79,6 +84,10 @@ async def test_an_event_reason_with_newlines_and_ansi_is_logged_on_one_line(
         assert "guest said bye\\n12:00:00 #99" in line and "\\x1b[31m" in line, line
         [stored] = [e for e in ctl.store.events_since(0) if e.type == "vm.crashed"]
         assert FORGED_REASON in stored.message, "the store keeps the original text"
+        printed = await _cli(capsys, "events", "--url", fleet.api_url)
+    [row] = [r for r in printed.splitlines() if "vm.crashed" in r]
+    assert "guest said bye\\n12:00:00 #99" in row and "\\x1b[31m" in row, row
+    assert not any(ch in printed for ch in RAW if ch != "\n"), repr(printed)
 
 
 async def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import pathlib
@@ -24,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
+from agent import cli as agent_cli
 from agent.daemon import Agent, AgentSettings, default_state_dir
 from controller import cli as operator_cli
 from controller.broker import acl_config as broker_config
@@ -35,10 +35,9 @@ from controller.security import pki
 from controller.state import files as store_files
 from controller.state.files import EXIT_BAD_STORE, StoreError
 from hv.driver import HvError
-from hv.engines import ENGINES, UnknownEngine, create_driver
-from hv.sim.driver import SimDriver
+from hv.engines import ENGINES, create_driver
 from protocols.bus import BrokerAddress, BusError, read_secret
-from protocols.vmspec import HOST_ID_RE, BootSpec, VmSpec, VmWorkload
+from protocols.vmspec import BootSpec, VmSpec, VmWorkload
 
 log = logging.getLogger("fleetvisor")
 
@@ -104,51 +103,14 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    if not HOST_ID_RE.fullmatch(args.host_id):
-        print(
-            f"fleetvisor agent: host id {args.host_id!r} is invalid; use letters, digits, '.', '_' and '-'",
-            file=sys.stderr,
-        )
-        return 2
     state_dir = pathlib.Path(args.state_dir) if args.state_dir else default_state_dir(args.host_id)
-    labels = {}
-    for item in args.label:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            print(
-                f"fleetvisor agent: --label {item!r}: write it as KEY=VALUE, e.g. --label zone=a",
-                file=sys.stderr,
-            )
-            return 2
-        labels[key] = value
-    options: dict[str, object] = {}
-    if args.hv == "sim":
-        options = {"cores": args.cores, "memory_mib": args.memory_mib}
-    elif args.hv == "qemu":
-        options = {"accel": args.accel}
-        if args.image_dir:
-            options["image_dirs"] = [pathlib.Path(d) for d in args.image_dir]
-    if args.power_idle_w is not None:
-        options["power_idle_w"] = args.power_idle_w
-    if args.power_max_w is not None:
-        options["power_max_w"] = args.power_max_w
     try:
-        driver = create_driver(args.hv, host_id=args.host_id, state_dir=state_dir, **options)
-    except (UnknownEngine, ValueError) as exc:
+        settings, driver = agent_cli.build(
+            args, password=_password(args), bus_overrides=_bus_tls(args), state_dir=state_dir
+        )
+    except ValueError as exc:
         print(f"fleetvisor agent: {exc}", file=sys.stderr)
         return 2
-    settings = AgentSettings(
-        host_id=args.host_id,
-        broker_url=args.broker,
-        username=args.username,
-        password=_password(args),
-        state_dir=state_dir,
-        telemetry_interval_s=args.telemetry_interval,
-        address=args.address,
-        ha_lease_s=args.ha_lease if args.ha_lease > 0 else None,
-        labels=labels,
-        bus_overrides=_bus_tls(args),
-    )
 
     async def main(stop: asyncio.Event) -> int:
         try:
@@ -202,8 +164,12 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             host_id = f"host-{i}"
             options: dict[str, object] = {"image_dirs": [images]} if args.hv == "qemu" else {}
             driver = create_driver(args.hv, host_id=host_id, state_dir=state_root / host_id, **options)
-            settings = AgentSettings(host_id=host_id, broker_url=broker.url, state_dir=state_root / host_id)
+            token = controller.hosts.enrolment.create_token(host_id, 600).token
+            settings = AgentSettings(
+                host_id=host_id, broker_url=broker.url, state_dir=state_root / host_id, join_token=token
+            )
             await stack.enter_async_context(Agent(settings, driver))
+            say(f"{host_id} joins with a one-time join token (`fleetvisor host join-token --host {host_id}`)")
         await _demo_vms(controller, args, kernel, say)
         print(
             "\nLook around while the demo runs:\n"
@@ -432,57 +398,9 @@ def _add_controller_parser(sub: Subparsers) -> None:
 
 
 def _add_agent_parser(sub: Subparsers) -> None:
-    """``fleetvisor agent``; its defaults are the agent's and the sim engine's own."""
-    agent = AgentSettings(host_id="-", broker_url="")
-    sim = {name: param.default for name, param in inspect.signature(SimDriver).parameters.items()}
+    """``fleetvisor agent``; the agent knows its own flags (agent.cli.add_arguments)."""
     p = sub.add_parser("agent", help="run a host agent")
-    p.add_argument("--host-id", required=True, help="this host's id (unique in the fleet)")
-    p.add_argument(
-        "--broker",
-        type=_broker_url,
-        default=ControllerSettings().broker_url,
-        help="MQTT broker URL (default %(default)s)",
-    )
-    p.add_argument("--hv", choices=ENGINES, default="sim", help="hypervisor engine (default sim)")
-    p.add_argument(
-        "--state-dir", help="where the agent keeps its state (default ~/.local/state/fleetvisor/agent/ID)"
-    )
-    p.add_argument(
-        "--telemetry-interval",
-        type=float,
-        default=agent.telemetry_interval_s,
-        metavar="S",
-        help="seconds between samples",
-    )
-    p.add_argument("--address", default=agent.address, help="address other hosts reach this one on")
-    p.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label this host reports"
-    )
-    p.add_argument(
-        "--image-dir",
-        action="append",
-        metavar="DIR",
-        help="qemu engine: a directory VMs may take kernels and disk images from (repeatable; default STATE/images)",
-    )
-    p.add_argument(
-        "--accel",
-        choices=("auto", "kvm", "tcg"),
-        default="auto",
-        help="qemu engine: KVM when a probe shows it really runs guests (auto), or force one",
-    )
-    p.add_argument("--power-idle-w", type=float, help="the host's power model: watts at idle")
-    p.add_argument("--power-max-w", type=float, help="the host's power model: watts at full load")
-    p.add_argument("--cores", type=int, default=sim["cores"], help="sim engine: cores of the simulated host")
-    p.add_argument(
-        "--memory-mib", type=int, default=sim["memory_mib"], help="sim engine: memory of the simulated host"
-    )
-    p.add_argument(
-        "--ha-lease",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="opt-in self-fencing: destroy HA VMs after this long without the bus; 0 disables (the default)",
-    )
+    agent_cli.add_arguments(p, broker_url=_broker_url, default_broker=ControllerSettings().broker_url)
     _add_credentials(p)
     p.set_defaults(func=cmd_agent)
 

@@ -429,6 +429,14 @@ def add_arguments(p: argparse.ArgumentParser, broker_url: Callable[[str], str]) 
         "token; the default) or open (any host that reaches the bus joins)",
     )
     p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=HostSettings().capacity_factor,
+        metavar="X",
+        help="an enrolled host whose cores or memory change by more than this factor is pending again "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--ha-fencing",
         choices=("none", "process", "lease", "bmc"),
         default=ha.fencing,
@@ -538,6 +546,8 @@ def controller_settings(
         wol=load_wol_config(pathlib.Path(args.wol_config)) if args.wol_config else {},
     )
     problems = power.problems()
+    if not args.capacity_factor > 1:
+        problems.append(f"--capacity-factor {args.capacity_factor:g}: must be more than 1 (e.g. 2)")
     if problems:
         raise ValueError("; ".join(problems))
     ha = HaSettings(
@@ -568,7 +578,7 @@ def controller_settings(
         fleet=FleetSettings(
             operation_timeout_s=args.operation_timeout,
             ha=ha,
-            hosts=HostSettings(enrolment=args.enrolment),
+            hosts=HostSettings(enrolment=args.enrolment, capacity_factor=args.capacity_factor),
             power=power,
         ),
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import urllib.parse
@@ -39,6 +40,9 @@ _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 #: Query parameters that carry credentials; a URL ends up in logs, histories and Referer headers.
 _CREDENTIAL_PARAMS = frozenset({"token", "access_token"})
+#: How much of a refused (too large) body is read and dropped, and for how long, before answering.
+DRAIN_BYTES = 16 * 1024 * 1024
+DRAIN_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +239,12 @@ class Edge:
             body = await self._read_body(headers, receive)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.detail)
-            # The rest of a refused body is never read: the connection cannot carry another request.
+            declared = headers.get("content-length", "")
+            if exc.status == 413 and not (declared.isdigit() and int(declared) > DRAIN_BYTES):
+                # A body a little too large is read to its end and dropped, so the client (still
+                # sending) gets the answer rather than a reset; a huge one is cut off.
+                await _drain(receive, DRAIN_BYTES, DRAIN_S)
+            # The connection cannot carry another request.
             response.headers["connection"] = "close"
             await response(scope, receive, send)
             return
@@ -328,6 +337,18 @@ class Edge:
                 f"the request body did not arrive within {self.settings.body_timeout_s:g} s; "
                 "send it at once, or check the network",
             ) from None
+
+
+async def _drain(receive: Receive, cap: int, timeout_s: float) -> None:
+    """Read and drop what is left of a refused body, up to ``cap`` bytes and ``timeout_s`` seconds."""
+    seen = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            while seen <= cap:
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
 
 
 class _Disconnected(Exception):

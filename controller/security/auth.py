@@ -286,9 +286,10 @@ def required_role(method: str, path: str) -> Role | None:
         return None
     if path.startswith(("/api/v1/tokens", "/api/v1/audit")):
         return "admin"
-    # Telling the controller a host is off for sure, or gone for good, overrides what it can check.
+    # Telling the controller a host is off for sure, or gone for good, overrides what it can check;
+    # accepting a host lets it into the fleet.
     if path.startswith("/api/v1/hosts/") and (
-        path.endswith("/confirm-down") or (method == "DELETE" and path.count("/") == 4)
+        path.endswith(("/confirm-down", "/accept")) or (method == "DELETE" and path.count("/") == 4)
     ):
         return "admin"
     if method in ("GET", "HEAD", "OPTIONS"):

@@ -14,6 +14,7 @@ import pytest
 
 from controller.common.errors import Conflict
 from controller.daemon import FleetSettings
+from controller.services.hosts import HostSettings
 from protocols import codec, topics
 from protocols.vmspec import VmSpec
 from tests.support.fleet import Fleet, eventually
@@ -101,8 +102,11 @@ async def test_bad_api_input_gets_4xx_that_says_what_to_fix_and_changes_nothing(
                 "/api/v1/vms", content=b'{"name": ', headers={"content-type": "application/json"}
             )
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-            r = await client.post("/api/v1/vms", content=b"x" * 300_000)
+            json_type = {"content-type": "application/json"}
+            r = await client.post("/api/v1/vms", content=b"x" * (1024 * 1024 + 1), headers=json_type)
             assert r.status_code == 413
+            r = await client.post("/api/v1/vms", content=b"{}", headers={"content-type": "text/plain"})
+            assert r.status_code == 415
             r = await client.get("/api/v1/vms/nope")
             assert r.status_code == 404 and "fleetvisor vm list" in r.json()["error"]["message"]
             r = await client.get("/api/v1/hosts/nope")
@@ -413,6 +417,7 @@ async def test_controller_with_its_embedded_broker_serves_agents_over_mqtt_3_1_1
         db_path=tmp_path / "c.sqlite",
         serve_api=False,
         bus_overrides=FAST_BUS,
+        fleet=FleetSettings(hosts=HostSettings(enrolment="open")),
     )
     async with Controller(settings) as controller:
         assert controller.broker is not None and controller.bus is not None and controller.vms is not None

@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+from controller.state.schema import SCHEMA_VERSION
 from controller.state.store import HostRecord, Store, StoreError, Usage
 from protocols.messages import Capabilities
 from protocols.vmspec import VmSpec
@@ -110,6 +111,8 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
         raw.execute("ALTER TABLE vms DROP COLUMN hints")
         raw.execute("DROP TABLE energy")
         raw.execute("DROP TABLE groups")
+        raw.execute("DROP TABLE enrolment")
+        raw.execute("DROP TABLE join_tokens")
         raw.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     migrated = Store(path)
     host = migrated.host("h1")
@@ -117,7 +120,9 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     migrated.set_host_admin("h1", operator_labels={"zone": "a"})
     assert migrated.host("h1").labels == {"zone": "a"}  # type: ignore[union-attr]
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
+        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(
+            SCHEMA_VERSION
+        )
     migrated.insert_vm(VmSpec(name="v", memory_mib=256), "h1", "running", None)
     migrated.update_vm("v", migrating_to="h1")
     assert migrated.vm("v").migrating_to == "h1"  # type: ignore[union-attr]

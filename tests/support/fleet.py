@@ -47,11 +47,10 @@ class Fleet:
     ) -> None:
         self.broker_url = broker_url
         self.root = root
-        # Hosts of a test fleet simply join, unless a test is about enrolment itself.
-        settings = fleet_settings or FleetSettings()
-        self.fleet_settings = dataclasses.replace(
-            settings, hosts=dataclasses.replace(settings.hosts, enrolment=enrolment)
-        )
+        #: Applied at each controller start, also to settings a test replaces meanwhile: hosts of a
+        #: test fleet simply join, unless a test is about enrolment itself.
+        self.enrolment = enrolment
+        self.fleet_settings = fleet_settings or FleetSettings()
         self.serve_api = serve_api
         self.controller: Controller | None = None
         self.agents: dict[str, Agent] = {}
@@ -74,7 +73,10 @@ class Fleet:
             db_path=self.root / "controller.sqlite",
             api_port=0,
             serve_api=self.serve_api,
-            fleet=self.fleet_settings,
+            fleet=dataclasses.replace(
+                self.fleet_settings,
+                hosts=dataclasses.replace(self.fleet_settings.hosts, enrolment=self.enrolment),
+            ),
             bus_overrides=FAST_BUS,
         )
         self.controller = Controller(settings)

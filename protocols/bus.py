@@ -53,8 +53,17 @@ Handler = Callable[[str, bytes], None]
 ConnectCallback = Callable[[bool], Awaitable[None]]
 
 _UNSUPPORTED_PROTOCOL_CODES: Final = {1, 132}  # 3.1.1 CONNACK 0x01, MQTT 5 reason 0x84
+#: CONNACK codes of refused credentials: 3.1.1 bad user name or password, not authorised; MQTT 5
+#: bad user name or password (0x86), not authorised (0x87).
+_AUTH_CODES: Final = {4, 5, 134, 135}
 #: Packets one readable event of the socket may read (see :func:`_read_bursts`).
 _READ_BURST: Final = 1000
+
+
+def _code(exc: MqttConnectError) -> int:
+    """The CONNACK's return code (MQTT 3.1.1) or reason code (MQTT 5)."""
+    rc = exc.rc
+    return -1 if rc is None else rc if isinstance(rc, int) else int(rc.value)
 
 
 def _no_delay(client: aiomqtt.Client) -> None:
@@ -425,10 +434,19 @@ class Bus:
             async with probe:
                 self._protocol_choice = "5"
         except MqttConnectError as exc:
-            if getattr(exc.rc, "value", exc.rc) not in _UNSUPPORTED_PROTOCOL_CODES:
+            code = _code(exc)
+            if code in _UNSUPPORTED_PROTOCOL_CODES:
+                log.info("broker %s does not speak MQTT 5; using MQTT 3.1.1", self.address)
+                self._protocol_choice = "3.1.1"
+            elif code >= 128:
+                # An MQTT 5 reason code: the broker speaks MQTT 5. A broker that binds client ids to
+                # users refuses the probe's id, before any session is touched; the real connection
+                # reports any real credential error.
+                log.info("bus %s: the broker at %s refused the MQTT 5 probe (%s); using MQTT 5",
+                         self.settings.client_id, self.address, exc)  # fmt: skip
+                self._protocol_choice = "5"
+            else:
                 raise
-            log.info("broker %s does not speak MQTT 5; using MQTT 3.1.1", self.address)
-            self._protocol_choice = "3.1.1"
         self._probed = True
 
     async def _run(self) -> None:
@@ -449,12 +467,25 @@ class Bus:
                 async with client:
                     attempt = 0
                     await self._serve(client)
+            except MqttConnectError as exc:
+                self._lost(self._refusal(exc), attempt)
             except aiomqtt.MqttError as exc:
                 self._lost(str(exc) or type(exc).__name__, attempt)
             await asyncio.sleep(
                 backoff_delay(attempt, self.settings.backoff_initial_s, self.settings.backoff_max_s)
             )
             attempt += 1
+
+    def _refusal(self, exc: MqttConnectError) -> str:
+        """Why the broker refused the CONNECT, and what to check."""
+        if _code(exc) not in _AUTH_CODES:
+            return f"the broker refused the connection: {exc}"
+        user = repr(self.settings.username) if self.settings.username else "no user (anonymous)"
+        return (
+            f"the broker refused client id {self.settings.client_id!r} as user {user}: {exc}; the "
+            "password is wrong or the client id is not the one bound to that user. Use this daemon's "
+            "own credentials, and for an agent a --host-id equal to its broker user (--username)"
+        )
 
     def _lost(self, why: str, attempt: int) -> None:
         was_connected = self.connected.is_set()

@@ -2,9 +2,11 @@
 
 The broker is the bus's only gatekeeper, so it must stop one host from speaking for another:
 - every host gets its own user, named after its host id, with a random password;
-- each user has one client id, its user name (Mosquitto's ``use_username_as_clientid``): whatever id a
-  client asks for, it gets its user's, so a stolen password only ever collides with the connection
-  of the user it belongs to, never with another host's or the controller's;
+- each user is bound to the one client id its daemon asks for (:func:`daemon_client_id`: an agent's
+  ``fv-agent-<host>``, the controller's ``fv-controller`` and ``fv-controller-telemetry``): the
+  dynamic security plugin refuses a CONNECT with the user's password and any other id ("not
+  authorised") before any session takeover, so a stolen password cannot knock another host or the
+  controller off, and a mistyped --host-id is refused rather than renamed;
 - a host may publish only under its own subtree (``fv/v1/host/<id>/...``), and may subscribe to and
   receive only its own command topic;
 - only the controller's user may publish commands (``fv/v1/host/+/cmd``).
@@ -57,6 +59,15 @@ _PLUGIN_DIRS = ("/usr/lib/*-linux-gnu", "/usr/lib", "/usr/lib64", "/usr/local/li
 
 class BrokerConfigError(ValueError):
     pass
+
+
+def daemon_client_id(user: str) -> str:
+    """The client id the daemon logging in as ``user`` asks for, the only one the broker lets it use.
+
+    The controller's users are their own client ids; a host's user is its host id, and its agent's
+    client id is ``fv-agent-<host id>`` (agent/daemon.py).
+    """
+    return user if user in (CONTROLLER_USER, CONTROLLER_TELEMETRY_USER) else f"fv-agent-{user}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,7 @@ def security_database(passwords: dict[str, str], hosts: list[str], iterations: i
     clients = [
         {
             "username": user,
+            "clientid": daemon_client_id(user),
             **hashed_password(password, iterations=iterations),
             "roles": [{"rolename": user}],
         }
@@ -329,14 +341,15 @@ def generate(
         conf_lines += ["persistence true", f"persistence_location {persist}/"]
     else:
         conf_lines.append("persistence false")
-    # Per listener: a client's id is its user name, whatever it asks for, so nobody can take over
-    # another user's connection. (A listener option above the first `listener` line would open a
-    # default listener on 0.0.0.0:1883.)
-    by_user = "use_username_as_clientid true"
+    # No `use_username_as_clientid`: the client ids are bound in the security database instead. That
+    # option renames a client to its user before the plugin checks the id, so every agent
+    # (`fv-agent-<host>` for user `<host>`) would be refused, and a probe connection would be renamed
+    # onto its user's persistent session and wipe it. Listener options (such as that one, were it
+    # ever needed) go below their `listener` line: above the first one, they would open a default
+    # listener on 0.0.0.0:1883.
     conf_lines += [
         "# Plain MQTT, for clients on this machine only.",
         f"listener {plain_port} 127.0.0.1",
-        by_user,
     ]
     ca = None
     if tls is not None:
@@ -344,7 +357,6 @@ def generate(
         conf_lines += [
             "# MQTT over TLS (mqtts://), for the hosts.",
             f"listener {port} {listen}",
-            by_user,
             *tls_lines,
         ]
     _write(conf, ("\n".join(conf_lines) + "\n").encode(), owner, owner.file_mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import pwd
 import tempfile
@@ -51,11 +52,14 @@ def _state(host: str, boot: str = "b") -> bytes:
 
 
 def test_generated_database_gives_each_user_one_role_over_its_own_subtree(out_dir):
-    """Client ids are user names; a host's role writes only its own subtree and reads only its cmd."""
+    """Each user is bound to its daemon's client id; a host's role writes only its subtree, reads only its cmd."""
     config = broker_config.generate(["h1", "h2"], out_dir, tls=None, iterations=1000)
-    lines = config.conf.read_text().splitlines()
-    assert lines[lines.index("listener 1883 127.0.0.1") + 1] == "use_username_as_clientid true"
+    assert "use_username_as_clientid" not in config.conf.read_text()
     database = json.loads(config.security.read_text())
+    assert {c["username"]: c["clientid"] for c in database["clients"]} == {
+        "fv-controller": "fv-controller", "fv-controller-telemetry": "fv-controller-telemetry",
+        "h1": "fv-agent-h1", "h2": "fv-agent-h2",
+    }  # fmt: skip
     roles = {c["username"]: [r["rolename"] for r in c["roles"]] for c in database["clients"]}
     assert roles == {u: [u] for u in ("fv-controller", "fv-controller-telemetry", "h1", "h2")}
     assert database["defaultACLAccess"] == {
@@ -125,7 +129,7 @@ def test_tls_listener_with_the_broker_certificate_readable_by_the_broker_only(ou
         "listener 1883 127.0.0.1",
         "listener 18883 0.0.0.0",
     ]
-    assert lines[lines.index("listener 18883 0.0.0.0") + 1] == "use_username_as_clientid true"
+    assert lines[lines.index("listener 18883 0.0.0.0") + 1].startswith("cafile ")
     assert (out_dir / "broker.key").read_bytes() == tls.key.read_bytes()
     assert (out_dir / "broker.key").stat().st_mode & 0o777 == (0o640 if AS_ROOT else 0o600)
     assert config.ca == out_dir / "ca.crt"
@@ -226,29 +230,83 @@ async def test_a_host_reads_only_its_own_commands_of_every_family(secured):
         assert set(telemetry) == {topics.host_topic("h2", "telemetry")}  # both local filters match it
 
 
+def test_the_bound_client_ids_are_the_ones_the_daemons_ask_for(tmp_path):
+    """The agent's and the controller's buses ask for exactly the ids the broker binds to their users."""
+    from agent.daemon import Agent, AgentSettings
+    from controller.daemon import ControllerSettings
+    from hv.sim.driver import SimDriver
+
+    agent = Agent(
+        AgentSettings(host_id="h7", broker_url="mqtt://127.0.0.1:1", state_dir=tmp_path),
+        SimDriver(host_id="h7", state_dir=tmp_path),
+    )
+    assert agent.bus.settings.client_id == broker_config.daemon_client_id("h7")
+    assert ControllerSettings().client_id == broker_config.daemon_client_id(broker_config.CONTROLLER_USER)
+
+
 @pytest.mark.parametrize(
     ("owner", "stolen_id"),
     [
         ("h2", "fv-agent-h2"),
         ("h2", "h2"),
         (broker_config.CONTROLLER_TELEMETRY_USER, "fv-controller-telemetry"),
+        (broker_config.CONTROLLER_USER, "fv-controller"),
     ],
 )
-async def test_a_stolen_password_cannot_take_another_users_client_id(secured, owner, stolen_id):
-    """h1's password asking for the owner's client id, again and again, gets h1's; the owner stays connected."""
+async def test_a_stolen_password_with_another_users_client_id_is_refused(secured, owner, stolen_id):
+    """h1's password asking for the owner's client id is refused; the owner keeps its one connection."""
     victim = secured.bus(owner, keepalive_s=5)
     async with victim:
         await victim.wait_connected(10)
-        for _ in range(8):
-            attacker = secured.bus("h1", stolen_id, protocol="3.1.1")
+        for protocol in ("3.1.1", "5", "3.1.1", "5", "3.1.1", "5"):
+            attacker = secured.bus("h1", stolen_id, protocol=protocol)
             async with attacker:
-                await attacker.wait_connected(5)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.7)
+                assert not attacker.connected.is_set()
+                assert attacker.counters.connects == 0
         assert (victim.counters.connects, victim.counters.disconnects) == (1, 0)
         assert victim.connected.is_set()
     log = secured.log()
-    assert log.count(f"as {owner} (p5, c0") == 1, log  # the owner's one session, never taken over
-    assert log.count("as h1 (") == 8, log
+    assert log.count(f"as {broker_config.daemon_client_id(owner)} (p") == 1, log  # one session, never taken
+    assert "as h1 (" not in log, log
+
+
+async def test_an_agent_whose_host_id_is_not_its_user_is_refused_with_a_readable_reason(secured, caplog):
+    """--host-id h2 with h1's credentials: refused, and the log names the id, the user and the fix."""
+    wrong = secured.bus("h1", broker_config.daemon_client_id("h2"))
+    with caplog.at_level(logging.WARNING, logger="protocols.bus"):
+        async with wrong:
+            await asyncio.sleep(1.0)
+            assert not wrong.connected.is_set()
+    text = caplog.text
+    assert "refused client id 'fv-agent-h2' as user 'h1'" in text, text
+    assert "--host-id equal to its broker user" in text, text
+
+
+async def test_a_new_bus_with_the_probe_receives_what_was_queued_while_it_was_away(out_dir):
+    """A persistent agent session survives a restart: the probe of the new bus never wipes it."""
+    need(find_mosquitto(), "mosquitto is not installed (apt-get install -y mosquitto)")
+    broker = SecureBroker(["h1"], tls=False, persistence=True)
+    try:
+        got: list[bytes] = []
+        topic = topics.host_topic("h1", "cmd")
+        first = broker.bus("h1")
+        first.subscribe(topic, lambda t, p: got.append(p), qos=1)
+        async with first:
+            await first.wait_connected(10)
+        assert first.protocol_in_use == "5"
+        controller = broker.bus(broker_config.CONTROLLER_USER)
+        async with controller:
+            await controller.wait_connected(10)
+            await controller.publish(topic, b"queued while away", qos=1)
+            await asyncio.sleep(0.3)
+        again = broker.bus("h1")  # protocol "auto": probes first
+        again.subscribe(topic, lambda t, p: got.append(p), qos=1)
+        async with again:
+            await again.wait_connected(10)
+            await eventually(lambda: got == [b"queued while away"], 5, "the queued command")
+    finally:
+        broker.close()
 
 
 async def test_wrong_password_and_anonymous_clients_are_refused(secured):

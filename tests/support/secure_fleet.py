@@ -26,12 +26,6 @@ from tests.support.fleet import FAST_BUS
 from tests.support.processes import Proc, wait_for
 
 
-def daemon_client_id(user: str) -> str:
-    """The client id the controller's or an agent's daemon asks for as ``user``."""
-    controller = (acl_config.CONTROLLER_USER, acl_config.CONTROLLER_TELEMETRY_USER)
-    return user if user in controller else f"fv-agent-{user}"
-
-
 class SecureBroker:
     """``broker-config`` for ``hosts`` (TLS on unless ``tls=False``) and a Mosquitto running it."""
 
@@ -97,7 +91,7 @@ class SecureBroker:
         """A bus logged in as ``user`` with its own client id unless ``client_id`` says otherwise."""
         settings = BusSettings(
             url=self.tls_url if tls else self.plain_url,
-            client_id=client_id or daemon_client_id(user),
+            client_id=client_id or acl_config.daemon_client_id(user),
             username=user,
             password=self.password(user),
             tls_context=self.tls_context() if tls else None,

@@ -20,7 +20,9 @@ from tests.support.fleet import Fleet, eventually
 
 
 async def _create(client: httpx.AsyncClient, name: str, **extra: Any) -> httpx.Response:
-    return await client.post("/api/v1/vms", json={"name": name, "memory_mib": 256, **extra}, params={"wait": 10})
+    return await client.post(
+        "/api/v1/vms", json={"name": name, "memory_mib": 256, **extra}, params={"wait": 10}
+    )
 
 
 def _events(fleet: Fleet, type_: str) -> list[str]:

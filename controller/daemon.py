@@ -421,21 +421,7 @@ def add_arguments(p: argparse.ArgumentParser, broker_url: Callable[[str], str]) 
     )
     edge.add_arguments(p)
     retention_flags.add_arguments(p)
-    p.add_argument(
-        "--enrolment",
-        choices=("operator", "open"),
-        default=HostSettings().enrolment,
-        help="how new host ids join: operator (pending until `fleetvisor host accept`, or a one-time join "
-        "token; the default) or open (any host that reaches the bus joins)",
-    )
-    p.add_argument(
-        "--capacity-factor",
-        type=float,
-        default=HostSettings().capacity_factor,
-        metavar="X",
-        help="an enrolled host whose cores or memory change by more than this factor is pending again "
-        "(default %(default)s)",
-    )
+    _add_host_arguments(p)
     p.add_argument(
         "--ha-fencing",
         choices=("none", "process", "lease", "bmc"),
@@ -475,6 +461,25 @@ def add_arguments(p: argparse.ArgumentParser, broker_url: Callable[[str], str]) 
     )
     p.add_argument(
         "--fence-dir", help="process fencing: the directory that holds each host's state directory"
+    )
+
+
+def _add_host_arguments(p: argparse.ArgumentParser) -> None:
+    """How hosts join: the enrolment flags of ``fleetvisor controller``."""
+    p.add_argument(
+        "--enrolment",
+        choices=("operator", "open"),
+        default=HostSettings().enrolment,
+        help="how new host ids join: operator (pending until `fleetvisor host accept`, or a one-time join "
+        "token; the default) or open (any host that reaches the bus joins)",
+    )
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=HostSettings().capacity_factor,
+        metavar="X",
+        help="an enrolled host whose cores or memory change by more than this factor is pending again "
+        "(default %(default)s)",
     )
 
 

@@ -10,8 +10,6 @@ guards refuse what the host has no standing to say, each counted by reason and h
   (a new boot id) with a clock far ahead of the controller's. Either would make the controller
   ignore the host's genuine inventories as older. A refused inventory changes nothing, so it cannot
   poison later ones;
-- ``telemetry``: a sample with numbers no host can have (NaN, infinite, negative, a utilisation
-  beyond 1), which would reach the energy counters, the power planner and the scheduler;
 - ``event``: a VM event from a host that is neither the VM's recorded host nor a side of its
   migration; migration progress from a host that is not a side of that migration;
 - ``retained``: a retained message on a host's events, reply or telemetry topic. Those carry news,
@@ -29,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.state.store import Store
-from protocols.messages import HostInventory, HostTelemetry, MigrationProgress, VmEvent
+from protocols.messages import HostInventory, MigrationProgress, VmEvent
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +99,6 @@ class SequenceGuard:
     def accepted(self, message: HostInventory) -> None:
         """Note that ``message`` was taken as its host's newest inventory."""
         self._runs[message.host_id] = (message.boot_id, message.seq, self._clock())
-
-
-def telemetry_problem(message: HostTelemetry) -> str | None:
-    """Why ``message`` carries numbers no host can have, or None."""
-    if not _fraction(message.cpu_util):
-        return f"ignoring telemetry: cpu_util {message.cpu_util!r} is not within 0..1"
-    if not (math.isfinite(message.power_w) and message.power_w >= 0) or message.memory_used_mib < 0:
-        return f"ignoring telemetry: power {message.power_w!r} W, memory {message.memory_used_mib} MiB"
-    for vm in message.vms:
-        if not _fraction(vm.cpu_util) or not (math.isfinite(vm.dirty_mib_s) and vm.dirty_mib_s >= 0):
-            return f"ignoring telemetry: vm {vm.name} has cpu_util {vm.cpu_util!r}, dirty {vm.dirty_mib_s!r} MiB/s"
-        if vm.memory_mib < 0:
-            return f"ignoring telemetry: vm {vm.name} has memory {vm.memory_mib} MiB"
-    return None
-
-
-def _fraction(value: float) -> bool:
-    return math.isfinite(value) and 0.0 <= value <= 1.0
 
 
 def event_problem(store: Store, message: VmEvent | MigrationProgress) -> str | None:

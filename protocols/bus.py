@@ -526,8 +526,24 @@ class Bus:
             self._pending.popleft()
         for callback in self._on_connect:
             await callback(first)
+        queue = client._queue
+        disconnected = client._disconnected
         async for message in client.messages:
             self._dispatch(message.topic.value, message.payload)
+            # aiomqtt's iterator spends a task and a wait, three event-loop turns, on each message,
+            # and each turn the reader takes in up to a read burst: under load, dispatch would get a
+            # quarter of the loop and the rest would be read only to be dropped from a full queue.
+            # So what is already queued is taken directly, a read burst per turn, and the reader
+            # and dispatch share the loop evenly.
+            taken = 0
+            while not queue.empty():
+                message = queue.get_nowait()
+                self._dispatch(message.topic.value, message.payload)
+                taken += 1
+                if taken % _READ_BURST == 0:
+                    await asyncio.sleep(0)
+                    if disconnected.done():
+                        break  # the iterator raises the disconnect; what is queued waits for it
 
     def _routes(self, topic: str) -> tuple[Handler, ...]:
         routes = self._route_cache.get(topic)

@@ -54,6 +54,35 @@ class _Window:
     nbytes: int = 0
 
 
+class Gate:
+    """The buckets of one host's topic family: tokens in messages, and in bytes where the family has
+    a byte limit. Held by the intake per topic, so admitting a message costs no lookups.
+    """
+
+    __slots__ = (
+        "burst",
+        "byte_burst",
+        "byte_rate",
+        "byte_tokens",
+        "family",
+        "host_id",
+        "rate",
+        "stamp",
+        "tokens",
+    )
+
+    def __init__(self, host_id: str, family: str, limits: RateLimits, now: float) -> None:
+        self.host_id, self.family = host_id, family
+        self.rate, self.burst = limits.per_family.get(family, _DEFAULT)
+        self.tokens, self.stamp = self.burst, now
+        self.byte_rate, self.byte_burst = limits.bytes_per_family.get(family, (0.0, -1.0))
+        self.byte_tokens = self.byte_burst  # negative: no byte limit
+
+
+#: (per second, burst) of a family the limits do not name.
+_DEFAULT = (1000.0, 5000.0)
+
+
 class InboundLimiter:
     def __init__(
         self, limits: RateLimits | None = None, *, clock: Callable[[], float] = time.monotonic
@@ -64,44 +93,53 @@ class InboundLimiter:
         self.dropped: Counter[str] = Counter()
         #: Bytes dropped, by host.
         self.dropped_bytes: Counter[str] = Counter()
-        self._buckets: dict[tuple[str, str, bool], list[float]] = {}
+        self._gates: dict[tuple[str, str], Gate] = {}
         self._windows: dict[tuple[str, str], _Window] = {}
+
+    def gate(self, host_id: str, family: str) -> Gate:
+        """The buckets of ``host_id``'s ``family`` (made full on first use, with the limits then)."""
+        gate = self._gates.get((host_id, family))
+        if gate is None:
+            gate = self._gates[(host_id, family)] = Gate(host_id, family, self.limits, self._clock())
+        return gate
 
     def allow(self, host_id: str, family: str, size: int = 0, *, count_drop: bool = True) -> bool:
         """Take one message of ``size`` bytes from the host's buckets; False when over a limit (then
         counted and summed up in the next summary, unless ``count_drop`` is off).
         """
+        return self.take(self.gate(host_id, family), size, count_drop=count_drop)
+
+    def take(self, gate: Gate, size: int, *, count_drop: bool = True) -> bool:
+        """:meth:`allow` for a gate already at hand (the intake's per-topic path)."""
         now = self._clock()
-        rate, burst = self.limits.per_family.get(family, (1000.0, 5000.0))
-        messages = self._refill((host_id, family, False), rate, burst, now)
-        byte_limit = self.limits.bytes_per_family.get(family)
-        nbytes = None
-        if byte_limit is not None:
-            nbytes = self._refill((host_id, family, True), byte_limit[0], byte_limit[1], now)
-        if messages[0] >= 1.0 and (nbytes is None or nbytes[0] >= size):
-            messages[0] -= 1.0
-            if nbytes is not None:
-                nbytes[0] -= size
+        elapsed = now - gate.stamp
+        gate.stamp = now
+        tokens = gate.tokens + elapsed * gate.rate
+        gate.tokens = tokens = gate.burst if tokens > gate.burst else tokens
+        if gate.byte_burst >= 0.0:
+            byte_tokens = gate.byte_tokens + elapsed * gate.byte_rate
+            gate.byte_tokens = byte_tokens = gate.byte_burst if byte_tokens > gate.byte_burst else byte_tokens
+            if tokens >= 1.0 and byte_tokens >= size:
+                gate.tokens -= 1.0
+                gate.byte_tokens -= size
+                return True
+        elif tokens >= 1.0:
+            gate.tokens -= 1.0
             return True
         if count_drop:
-            self.dropped[host_id] += 1
-            self.dropped_bytes[host_id] += size
-            window = self._windows.get((host_id, family))
-            if window is None:
-                window = self._windows[(host_id, family)] = _Window(opened=now)
-            window.messages += 1
-            window.nbytes += size
-            if now - window.opened >= self.limits.log_every_s:
-                self.report()
+            self._count_drop(gate.host_id, gate.family, size, now)
         return False
 
-    def _refill(self, key: tuple[str, str, bool], rate: float, burst: float, now: float) -> list[float]:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = [burst, now]
-        bucket[0] = min(burst, bucket[0] + (now - bucket[1]) * rate)
-        bucket[1] = now
-        return bucket
+    def _count_drop(self, host_id: str, family: str, size: int, now: float) -> None:
+        self.dropped[host_id] += 1
+        self.dropped_bytes[host_id] += size
+        window = self._windows.get((host_id, family))
+        if window is None:
+            window = self._windows[(host_id, family)] = _Window(opened=now)
+        window.messages += 1
+        window.nbytes += size
+        if now - window.opened >= self.limits.log_every_s:
+            self.report()
 
     def report(self) -> None:
         """Log one summary line per host and family whose window is over (call it now and then)."""
@@ -112,7 +150,7 @@ class InboundLimiter:
                 continue
             del self._windows[key]
             host_id, family = key
-            rate, _ = self.limits.per_family.get(family, (1000.0, 5000.0))
+            rate, _ = self.limits.per_family.get(family, _DEFAULT)
             byte_limit = self.limits.bytes_per_family.get(family)
             limit = f"{rate:g} msg/s" + (f", {byte_limit[0] / _KIB:g} KiB/s" if byte_limit else "")
             log.warning(

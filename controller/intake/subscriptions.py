@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from controller.intake import guards
-from controller.intake.rate_limit import InboundLimiter, RateLimits
+from controller.intake.rate_limit import Gate, InboundLimiter, RateLimits
 from controller.services.agent_rpc import AgentRpc
 from controller.services.ha.manager import HaService
 from controller.services.hosts import HostService
@@ -44,6 +44,9 @@ from protocols.messages import HostInventory, HostState, HostTelemetry, Migratio
 log = logging.getLogger(__name__)
 
 BusHandler = Callable[[str, bytes], None]
+
+#: Topics whose rate-limit gates admission keeps at hand (five per host).
+_MAX_TOPICS = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,8 @@ class Intake:
         self.store = hosts.store
         self.decoder = codec.InboundDecoder()
         self.limiter = InboundLimiter(settings.limits)
+        #: Each topic's rate-limit gate, so admission parses a topic once, not per message.
+        self._gates: dict[str, Gate] = {}
         #: Messages refused by the guards (a forged reply is counted in ``rpc.forged``).
         self.guards = guards.GuardCounters(settings.guards.log_every_s)
         self.sequence = guards.SequenceGuard(settings.guards)
@@ -105,10 +110,15 @@ class Intake:
         Dropping it would leave the controller with a stale picture until the host's next change,
         which may never come.
         """
-        parts = topic.split("/", 5)
-        if len(parts) != 5:
-            return ""  # not a host topic: the decoder refuses and counts it
-        host_id, family = parts[3], parts[4]
+        gate = self._gates.get(topic)
+        if gate is None:
+            parts = topic.split("/", 5)
+            if len(parts) != 5:
+                return ""  # not a host topic: the decoder refuses and counts it
+            if len(self._gates) >= _MAX_TOPICS:
+                self._gates.clear()  # only a broker without per-host ACLs lets this many ids speak
+            gate = self._gates[topic] = self.limiter.gate(parts[3], parts[4])
+        host_id, family = gate.host_id, gate.family
         if len(payload) > self.decoder.max_bytes:
             self.decoder.decode(topic, payload)  # refuses it as oversize, counted, before it is queued
             return None
@@ -118,7 +128,7 @@ class Intake:
                 f"an empty retained publish to {topic}",
             )  # fmt: skip
             return None
-        if not self.limiter.allow(host_id, family, len(payload)):
+        if not self.limiter.take(gate, len(payload)):
             if family in ("state", "inventory"):
                 self._deferred[(host_id, family)] = (topic, payload)
             return None

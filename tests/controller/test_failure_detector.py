@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from controller.services.ha.detector import DetectorSettings, FailureDetector, PhiAccrual, Transition
@@ -184,3 +185,22 @@ def test_a_single_reconnect_does_not_make_a_session_contested() -> None:
         now += 0.1
         detector.tick(now)
     assert detector.state("h1") == "failed"
+
+
+def test_phi_from_running_sums_matches_the_window_after_it_wraps():
+    """The O(1) mean and spread agree with the window's own after many wraps (no drift)."""
+    rng = random.Random(3)
+    settings = DetectorSettings(window=10)
+    phi = PhiAccrual(settings)
+    t = 0.0
+    for _ in range(10_007):
+        t += rng.choice((0.2, 1.0, 3.0)) * rng.uniform(0.9, 1.1)
+        phi.heartbeat(t)
+    xs = list(phi.intervals)
+    mean = sum(xs) / len(xs)
+    std = max((sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5, settings.min_std_s)
+    y = (2.0 - mean - settings.acceptable_pause_s) / std
+    e = math.exp(-y * (1.5976 + 0.070566 * y * y))
+    expected = -math.log10(e / (1.0 + e) if y > 0 else 1.0 - 1.0 / (1.0 + e))
+    assert abs(phi.phi(t + 2.0) - expected) < 1e-9
+    assert phi.on_time(t + mean) and not phi.on_time(t + mean + settings.acceptable_pause_s + 0.01)

@@ -37,6 +37,7 @@ from controller.state.files import EXIT_BAD_STORE, StoreError
 from hv.driver import HvError
 from hv.engines import ENGINES, create_driver
 from protocols.bus import BrokerAddress, BusError, read_secret
+from protocols.tasks import cancel_and_wait
 from protocols.vmspec import BootSpec, VmSpec, VmWorkload
 
 log = logging.getLogger("fleetvisor")
@@ -114,11 +115,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> int:
         try:
-            async with Agent(settings, driver):
-                await stop.wait()
+            async with Agent(settings, driver) as agent:
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(agent.stopped.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await cancel_and_wait(waits)
         except HvError as exc:
             print(f"fleetvisor agent: the {args.hv} engine cannot start: {exc}", file=sys.stderr)
             return 1
+        if agent.refused is not None:
+            print(f"fleetvisor agent: host {args.host_id}: {agent.refused}", file=sys.stderr)
+            return 3
         return 0
 
     return _run(main)

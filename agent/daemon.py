@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from agent.fencing import SelfFence
 from agent.ledger import OpLedger
 from agent.migration import MigrationRunner
 from agent.settings import AgentSettings
@@ -33,6 +34,7 @@ from protocols import codec, topics
 from protocols.bus import Bus, BusSettings, LastWill
 from protocols.messages import (
     AbortMigration,
+    AgentRefused,
     CancelMigration,
     Capabilities,
     Command,
@@ -61,6 +63,7 @@ from protocols.messages import (
 )
 from protocols.migration import MigrationResult, MigrationSample, MigrationStage
 from protocols.tasks import cancel_and_wait
+from protocols.text import printable
 
 __all__ = ["AGENT_VERSION", "Agent", "AgentSettings"]
 
@@ -99,6 +102,16 @@ class Agent:
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
         self.ledger: OpLedger | None = None
+        #: Why the controller refused this run (another live agent has the host id), once it has.
+        self.refused: str | None = None
+        self._stopping = False
+        self.fencing = SelfFence(
+            self.host_id,
+            driver,
+            lambda vm, state, reason: self._queue_event(vm, "stopped", state, reason, op_id=""),
+            settings.state_dir,
+        )
+        self._leaving: asyncio.Future[None] | None = None
         offline = HostState(
             host_id=self.host_id, online=False, boot_id=self.boot_id, ts=0.0, reason="connection lost"
         )
@@ -125,7 +138,7 @@ class Agent:
         self.driver.set_event_sink(self._on_driver_event)
         await self.driver.open()
         self._caps = await self.driver.capabilities()
-        await self._honour_fencing()
+        await self.fencing.honour_marker()
         self._write_pid()
         self.bus.subscribe(topics.host_topic(self.host_id, "cmd"), self._on_command, qos=1)
         self.bus.on_connect(self._announce)
@@ -134,7 +147,7 @@ class Agent:
         self._spawn(self._inventory_loop(), "inventory")
         self._spawn(self._outbox_loop(), "outbox")
         if self.settings.ha_lease_s is not None:
-            self._spawn(self._lease_loop(self.settings.ha_lease_s), "ha-lease")
+            self._spawn(self.fencing.lease_loop(self.bus, self.settings.ha_lease_s), "ha-lease")
         log.info(
             "agent %s: %s engine, %d cores, %d MiB; broker %s",
             self.host_id,
@@ -150,9 +163,15 @@ class Agent:
     ) -> None:
         await self.shutdown()
 
-    async def shutdown(self) -> None:
-        """Leave the bus cleanly (offline state, no Last Will) and detach; VMs keep running."""
-        if self.bus.connected.is_set():
+    async def shutdown(self, *, announce: bool = True) -> None:
+        """Leave the bus cleanly (offline state unless not ``announce``, no Last Will) and detach; VMs
+        keep running.
+        """
+        if self._stopping:
+            await self.stopped.wait()
+            return
+        self._stopping = True
+        if announce and self.bus.connected.is_set():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._publish_state(online=False, reason="agent stopped"), 2.0)
         tasks = self._tasks + [lane.task for lane in self._lanes.values()]
@@ -166,6 +185,19 @@ class Agent:
         if self.ledger is not None:
             self.ledger.close()
         self.stopped.set()
+
+    def _on_refused(self, message: AgentRefused) -> None:
+        """The controller refuses an agent run of this host id: stop, if it is this one."""
+        if message.boot_id != self.boot_id or self._stopping:
+            return  # the other run's refusal (both share the host's command topic)
+        self.refused = (
+            f"refused by the controller: another agent with host id {self.host_id!r} is live (run "
+            f"{message.kept_boot_id[:8]}) and was there first, so this one (run {self.boot_id[:8]}) "
+            f"stops. {printable(message.reason)} Stop one of the two, or give this one its own --host-id"
+        )
+        log.error("agent %s: %s", self.host_id, self.refused)
+        # Not an offline state: the host is online, through the other agent.
+        self._leaving = asyncio.ensure_future(self.shutdown(announce=False))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         task = asyncio.ensure_future(self._guard(coro, name))
@@ -181,46 +213,14 @@ class Agent:
         except Exception:
             log.exception("agent %s: task %s crashed", self.host_id, name)
 
-    # -- HA self-fencing -------------------------------------------------------------------------
-
-    async def _honour_fencing(self) -> None:
-        """At start: if the host was fenced while this agent was away, its HA VMs died with it."""
-        marker = self.settings.state_dir / "fenced" if self.settings.state_dir else None
-        if marker is not None and marker.exists():
-            await self.self_fence("the host was fenced while the agent was away")
-            marker.unlink()
-
-    async def self_fence(self, reason: str) -> list[str]:
-        """Destroy every running HA VM (the controller may restart it elsewhere). Returns their names."""
-        fenced = []
-        for vm in await self.driver.list():
-            if vm.spec.ha and vm.state in ("running", "paused", "starting"):
-                status = await self.driver.destroy(vm.name)
-                self._queue_event(vm.name, "stopped", status.state, f"self-fenced: {reason}", op_id="")
-                fenced.append(vm.name)
-        if fenced:
-            log.warning("agent %s: self-fenced HA VMs %s: %s", self.host_id, ", ".join(fenced), reason)
-        return fenced
-
     def _write_pid(self) -> None:
         """agent.pid in the state directory: how a process fence finds this agent."""
         if self.settings.state_dir is not None:
             (self.settings.state_dir / "agent.pid").write_text(f"{os.getpid()}\n")
 
-    async def _lease_loop(self, lease_s: float) -> None:
-        """Opt-in (``--ha-lease``): destroy HA VMs after ``lease_s`` without the bus."""
-        lost_since: float | None = time.monotonic()
-        fenced = False
-        while True:
-            await asyncio.sleep(min(0.25, lease_s / 4))
-            now = time.monotonic()
-            if self.bus.connected.is_set():
-                lost_since, fenced = None, False
-            else:
-                lost_since = lost_since if lost_since is not None else now
-                if not fenced and now - lost_since >= lease_s:
-                    fenced = True
-                    await self.self_fence(f"lost the bus for {now - lost_since:.1f}s (HA lease {lease_s:g}s)")
+    async def self_fence(self, reason: str) -> list[str]:
+        """Destroy every running HA VM (see :mod:`agent.fencing`). Returns their names."""
+        return await self.fencing.fence(reason)
 
     # -- announcing -----------------------------------------------------------------------------
 
@@ -342,7 +342,10 @@ class Agent:
         command = self.decoder.decode(topic, payload)
         if command is None:
             return  # counted and logged by the decoder
-        self.submit(command)  # type: ignore[arg-type]  # the cmd family decodes only to Command
+        if isinstance(command, AgentRefused):
+            self._on_refused(command)
+            return
+        self.submit(command)  # type: ignore[arg-type]  # the cmd family decodes only to CmdMessage
 
     def submit(self, command: Command) -> None:
         """Accept a command: replay its reply if already applied, else queue it on its VM's lane."""

@@ -296,6 +296,7 @@ class Controller:
         await self.ha.close()
         await self.operations.close()
         await self.stale.close()
+        await self.hosts.close()
 
     def health(self) -> dict[str, Any]:
         """The figures ``GET /health`` shows."""

@@ -32,7 +32,7 @@ _TYPES: Final[dict[topics.Family, Any]] = {
     "inventory": messages.HostInventory,
     "telemetry": messages.HostTelemetry,
     "events": messages.Event,
-    "cmd": messages.Command,
+    "cmd": messages.CmdMessage,
     "reply": messages.Reply,
 }
 

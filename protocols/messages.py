@@ -306,6 +306,24 @@ Command = (
     | AbortMigration
 )
 
+
+class AgentRefused(_Message, tag="agent_refused", frozen=True, kw_only=True):
+    """Controller -> agent: the agent run ``boot_id`` is refused, because another agent with the same
+    host id is live and was there first. The run it names stops (without an offline state, which
+    would speak for the other); any other run of the host ignores it.
+    """
+
+    host_id: HostId
+    boot_id: Ident
+    #: The run that keeps the host id.
+    kept_boot_id: Ident
+    ts: Timestamp
+    reason: Reason = ""
+
+
+#: What the ``cmd`` topic carries: the commands, and the refusal of a duplicate agent run.
+CmdMessage = Command | AgentRefused
+
 ErrorCode = Literal[
     "",
     "unknown_vm",
@@ -394,6 +412,7 @@ ALL_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     CancelMigration,
     FinishMigration,
     AbortMigration,
+    AgentRefused,
     Reply,
     VmEvent,
     MigrationProgress,

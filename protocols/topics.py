@@ -3,16 +3,16 @@
 Each host owns the subtree ``fv/v1/host/<host_id>/``; the broker ACL lets a host publish only there,
 and only the controller publish to ``.../cmd``.
 
-=============================  =====  ========  =========================================
+=============================  =====  ========  ============================================
 topic                          QoS    retained  payload
-=============================  =====  ========  =========================================
+=============================  =====  ========  ============================================
 ``fv/v1/host/H/state``         1      yes       HostState (Last Will: online=False)
 ``fv/v1/host/H/inventory``     1      yes       HostInventory (the hello)
 ``fv/v1/host/H/telemetry``     0      no        HostTelemetry
 ``fv/v1/host/H/events``        1      no        VmEvent
-``fv/v1/host/H/cmd``           1      no        Command (controller -> agent)
+``fv/v1/host/H/cmd``           1      no        Command, AgentRefused (controller -> agent)
 ``fv/v1/host/H/reply``         1      no        Reply (agent -> controller)
-=============================  =====  ========  =========================================
+=============================  =====  ========  ============================================
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from controller.common.errors import Conflict, NotFound
 from controller.scheduler import FleetState
 from controller.services.agent_rpc import AgentRpc
 from controller.services.cleanup import StaleCopies
+from controller.services.duplicates import DuplicateAgents
 from controller.services.enrolment import Enrolment, HostSettings
 from controller.state.events import EventHub
 from controller.state.live import LiveState
@@ -51,6 +52,10 @@ class HostService:
         self.rpc = rpc
         self.stale = stale
         self.enrolment = Enrolment(store, events, self.settings)
+        self.duplicates = DuplicateAgents(rpc, events)
+
+    async def close(self) -> None:
+        await self.duplicates.close()
 
     def require(self, host_id: str) -> HostRecord:
         """The record of host ``host_id``.
@@ -78,6 +83,9 @@ class HostService:
             log.info("ignoring a stale offline state of %s from an earlier agent run", message.host_id)
             return False
         if message.online:
+            if not self.duplicates.online(message.host_id, message.boot_id):
+                self.live.boot_ids[message.host_id] = self.duplicates.kept(message.host_id) or ""
+                return False  # a second live agent with this host id, refused
             self.live.boot_ids[message.host_id] = message.boot_id
         # The inventory (hello) creates the host; it follows the online state. A pending host has none.
         return self.store.host(message.host_id) is not None and not self.enrolment.is_pending(message.host_id)
@@ -102,6 +110,8 @@ class HostService:
 
     def on_inventory(self, message: HostInventory) -> None:
         """Reconcile a host's inventory, unless a newer one was handled already."""
+        if not self.duplicates.believes(message.host_id, message.boot_id):
+            return  # the inventory of a refused second agent
         if self.live.is_stale(message):
             # A QoS 1 retry or a restored retained copy overtook a newer picture; applying it would
             # mark VMs created since as missing.
@@ -234,6 +244,7 @@ class HostService:
         self.live.telemetry.pop(host_id, None)
         self.live.inventories.pop(host_id, None)
         self.enrolment.forget(host_id)
+        self.duplicates.forget(host_id)
         self.events.emit(
             "host.forgotten",
             f"host {host_id} forgotten by an operator"

@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:60a88f28fb404e315ae24aa6d49d9d62fd48137fec01bce403e7188a7e788815"
+FINGERPRINT = "sha256:b142efe431aa149de2896a3917467e948d0a5ec16874700480592f2c03e86a35"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -199,6 +199,9 @@ _BUILDERS: dict[type[msgspec.Struct], Callable[[], msgspec.Struct]] = {
     messages.CancelMigration: lambda: messages.CancelMigration(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
     messages.FinishMigration: lambda: messages.FinishMigration(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
     messages.AbortMigration: lambda: messages.AbortMigration(op_id=OP_ID, deadline=DEADLINE, vm="web-1"),
+    messages.AgentRefused: lambda: messages.AgentRefused(
+        host_id=HOST_ID, boot_id=BOOT_ID, kept_boot_id="0" * 32, ts=TS, reason="two runs took turns"
+    ),
     messages.Reply: _reply,
     messages.MigrationProgress: _progress,
     messages.VmEvent: _vm_event,
@@ -214,6 +217,7 @@ _FAMILIES: dict[type[msgspec.Struct], topics.Family] = {
     messages.Reply: "reply",
     messages.VmEvent: "events",
     messages.MigrationProgress: "events",
+    messages.AgentRefused: "cmd",
 }
 
 

@@ -169,7 +169,7 @@ class MigrationRunner:
             downtime_ms=sample.downtime_ms,
             transferred_bytes=sample.transferred_bytes,
             iterations=sample.iteration,
-            reason=reason,
+            reason=reason[:4000],  # the wire allows 4096
         )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -111,26 +111,36 @@ def policy_problems(subject: str, problems: list[str]) -> str:
     return f"{subject}: the migration policy is invalid: " + "; ".join(problems)
 
 
+# Bounds of what a host reports of a migration (decoded by the controller): finite, non-negative,
+# and far above anything real, so a corrupt or hostile number is refused at decode.
+_Bytes = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+_BytesPerS = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)]
+_Millis = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+_Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
+_Text = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
 class MigrationSample(msgspec.Struct, frozen=True, kw_only=True):
     """One look at a running migration from its source (QEMU ``query-migrate``, or the sim model)."""
 
     status: MigrationStatus
-    total_bytes: int = 0
-    transferred_bytes: int = 0
-    remaining_bytes: int = 0
+    total_bytes: _Bytes = 0
+    transferred_bytes: _Bytes = 0
+    remaining_bytes: _Bytes = 0
     #: Guest memory dirtied per second, as QEMU measures it between syncs.
-    dirty_rate_bytes_s: float = 0.0
+    dirty_rate_bytes_s: _BytesPerS = 0.0
     #: Measured throughput of the link.
-    bandwidth_bytes_s: float = 0.0
+    bandwidth_bytes_s: _BytesPerS = 0.0
     #: Dirty-sync rounds so far (``dirty-sync-count``).
-    iteration: int = 0
-    expected_downtime_ms: float = 0.0
+    iteration: _Count = 0
+    expected_downtime_ms: _Millis = 0.0
     #: vCPU throttle applied by auto-converge, in percent.
-    throttle_pct: int = 0
+    throttle_pct: _Percent = 0
     #: Set once the migration has completed.
-    downtime_ms: float = 0.0
-    total_ms: float = 0.0
-    error: str = ""
+    downtime_ms: _Millis = 0.0
+    total_ms: _Millis = 0.0
+    error: _Text = ""
 
 
 class MigrationResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,11 +148,11 @@ class MigrationResult(msgspec.Struct, frozen=True, kw_only=True):
 
     status: MigrationStatus
     stage: MigrationStage
-    total_ms: float = 0.0
-    downtime_ms: float = 0.0
-    transferred_bytes: int = 0
-    iterations: int = 0
-    reason: str = ""
+    total_ms: _Millis = 0.0
+    downtime_ms: _Millis = 0.0
+    transferred_bytes: _Bytes = 0
+    iterations: _Count = 0
+    reason: _Text = ""
 
 
 class GuardAction(msgspec.Struct, frozen=True, kw_only=True):

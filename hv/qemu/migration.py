@@ -266,7 +266,7 @@ def sample_from_query(
         throttle_pct=_int(info.get("cpu-throttle-percentage")),
         downtime_ms=_float(info.get("downtime")) if completed else 0.0,
         total_ms=_float(info.get("total-time")) if completed else 0.0,
-        error=str(info.get("error-desc", "")) if status == "failed" else "",
+        error=str(info.get("error-desc", ""))[:4000] if status == "failed" else "",  # the wire allows 4096
     )
 
 

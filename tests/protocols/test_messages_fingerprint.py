@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:b142efe431aa149de2896a3917467e948d0a5ec16874700480592f2c03e86a35"
+FINGERPRINT = "sha256:b89a0666807dd9a3c8f2318059f4ebdd7cc758fe0548a5efc816f380ae77c471"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from protocols import codec, messages, topics
-from protocols.migration import MigrationSample
+from protocols.migration import MigrationResult, MigrationSample
 from protocols.vmspec import VmSpec
 from tests.support.samples import BOOT_ID, capabilities
 
@@ -110,6 +110,28 @@ FORGED = [
     ("events", _event(seq=-5), "$.seq"),
     ("events", _progress(note="n" * 5000), "$.note"),
     ("events", _progress(downtime_limit_ms=-1), "$.downtime_limit_ms"),
+    (
+        "events",
+        _progress(sample=MigrationSample(status="active", transferred_bytes=-1)),
+        "$.sample.transferred_bytes",
+    ),
+    (
+        "events",
+        _progress(sample=MigrationSample(status="active", bandwidth_bytes_s=math.nan)),
+        "$.sample.bandwidth_bytes_s",
+    ),
+    ("events", _progress(sample=MigrationSample(status="active", throttle_pct=250)), "$.sample.throttle_pct"),
+    ("events", _progress(sample=MigrationSample(status="failed", error="e" * 10_000)), "$.sample.error"),
+    (
+        "reply",
+        _reply(migration=MigrationResult(status="completed", stage="precopy", total_ms=-1.0)),
+        "$.migration.total_ms",
+    ),
+    (
+        "reply",
+        _reply(migration=MigrationResult(status="failed", stage="aborting", reason="r" * 10_000)),
+        "$.migration.reason",
+    ),
     ("reply", _reply(error="e" * 100_000), "$.error"),
     ("reply", _reply(uri="tcp:" + "9" * 1000), "$.uri"),
     ("cmd", _shutdown(timeout_s=1e9), "$.timeout_s"),

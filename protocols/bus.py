@@ -223,6 +223,8 @@ class Bus:
         #: What the admission and the lanes of the incoming queue dropped.
         self.inbound = InboundCounters()
         self._admission: Admission = admit_all
+        #: Why the broker refused the last connection attempt (None: it did not refuse).
+        self._last_refusal: str | None = None
         self.connected = asyncio.Event()
         self.protocol_in_use: Literal["3.1.1", "5"] | None = None
         self._handlers: list[tuple[str, int, Handler]] = []
@@ -290,6 +292,11 @@ class Bus:
         try:
             await asyncio.wait_for(self.connected.wait(), timeout)
         except TimeoutError:
+            if self._last_refusal is not None:
+                raise BusError(
+                    f"could not connect to the broker at {self.address} within {timeout:g}s: it refused "
+                    f"us ({self._last_refusal})"
+                ) from None
             raise BusError(
                 f"could not connect to the broker at {self.address} within {timeout:g}s; "
                 "check that it runs and that the url is right"
@@ -468,7 +475,7 @@ class Bus:
                     attempt = 0
                     await self._serve(client)
             except MqttConnectError as exc:
-                self._lost(self._refusal(exc), attempt)
+                self._lost(self._refusal(exc), attempt, refused=True)
             except aiomqtt.MqttError as exc:
                 self._lost(str(exc) or type(exc).__name__, attempt)
             await asyncio.sleep(
@@ -487,7 +494,8 @@ class Bus:
             "own credentials, and for an agent a --host-id equal to its broker user (--username)"
         )
 
-    def _lost(self, why: str, attempt: int) -> None:
+    def _lost(self, why: str, attempt: int, *, refused: bool = False) -> None:
+        self._last_refusal = why if refused else None
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._client = None
@@ -498,7 +506,9 @@ class Bus:
             )
         elif attempt in (0, 5) or attempt % 50 == 0:
             log.warning(
-                "bus %s: cannot reach the broker at %s (%s); retrying with backoff",
+                "bus %s: refused by the broker at %s (%s); retrying with backoff"
+                if refused
+                else "bus %s: cannot reach the broker at %s (%s); retrying with backoff",
                 self.settings.client_id,
                 self.address,
                 why,

@@ -83,11 +83,29 @@ def create_app(parts: ApiParts) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(COMPONENTS)
-            app.openapi_schema = schema
+            app.openapi_schema = _ecma_patterns(schema)
         return app.openapi_schema
 
     app.openapi = _openapi  # type: ignore[method-assign]
     return app
+
+
+def _ecma_patterns(node: Any) -> Any:
+    r"""The schema with each name pattern in the regex dialect JSON Schema means (ECMA-262).
+
+    The server matches names with Python's ``\Z`` (end of text; ``$`` would also take a trailing
+    newline). ECMA-262 has no ``\Z``, and there ``$`` without the multiline flag is already the end
+    of the text, so a client validating with the published pattern gets the same answer.
+    """
+    if isinstance(node, dict):
+        return {
+            key: value[:-2] + "$" if key == "pattern" and isinstance(value, str) and value.endswith("\\Z")
+            else _ecma_patterns(value)
+            for key, value in node.items()
+        }  # fmt: skip
+    if isinstance(node, list):
+        return [_ecma_patterns(value) for value in node]
+    return node
 
 
 def _error_handlers(app: FastAPI) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from controller.broker import acl_config as broker_config
 from protocols import codec, topics
-from protocols.bus import Bus, BusSettings
+from protocols.bus import Bus, BusError, BusSettings
 from protocols.messages import HostState
 from tests.support.brokers import find_mosquitto
 from tests.support.fleet import FAST_BUS, eventually
@@ -278,7 +278,10 @@ async def test_an_agent_whose_host_id_is_not_its_user_is_refused_with_a_readable
         async with wrong:
             await asyncio.sleep(1.0)
             assert not wrong.connected.is_set()
+            with pytest.raises(BusError, match=r"within 0\.1s: it refused us \(the broker refused client id"):
+                await wrong.wait_connected(0.1)
     text = caplog.text
+    assert "refused by the broker at" in text and "cannot reach" not in text, text
     assert "refused client id 'fv-agent-h2' as user 'h1'" in text, text
     assert "--host-id equal to its broker user" in text, text
 

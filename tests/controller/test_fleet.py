@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections import Counter
 
@@ -384,6 +385,10 @@ async def test_openapi_document_is_served_with_the_vm_spec_schema(mosquitto, tmp
     spec = doc["components"]["schemas"]["CreateVmRequest"]
     assert "scheduling" in spec["properties"] and "count" in spec["properties"]
     assert spec["required"] == ["name"] and spec["properties"]["vcpus"]["minimum"] == 1
+    # patterns in JSON Schema's own dialect (ECMA-262 has no \Z; there $ is the end of the text)
+    patterns = re.findall(r'"pattern": ?"((?:[^"\\]|\\.)*)"', json.dumps(doc))
+    assert patterns and not [p for p in patterns if p.endswith("\\\\Z")], patterns
+    assert spec["properties"]["name"]["pattern"].endswith("$")
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

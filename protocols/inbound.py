@@ -29,6 +29,9 @@ import aiomqtt
 
 log = logging.getLogger(__name__)
 
+#: Lanes kept at most; past it the empty ones are forgotten.
+_MAX_LANES = 200_000
+
 #: ``admit(topic, payload, retain) -> lane`` (None: drop). Called on the event loop, for every message.
 Admission = Callable[[str, bytes, bool], "str | None"]
 
@@ -71,13 +74,18 @@ class LaneQueue(asyncio.Queue[aiomqtt.Message]):
         super().__init__(0)
 
     def _init(self, maxsize: int) -> None:
+        #: Each lane's FIFO. A lane that empties is kept for its next message: making and dropping a
+        #: deque per message (most lanes hold one at a time) fed the garbage collector measurably.
         self._lanes: dict[str, collections.deque[aiomqtt.Message]] = {}
-        self._queue = self._lanes  # asyncio.Queue.empty() reads it; only lanes with messages are kept
+        #: The lanes with messages, in the order they are served.
         self._turns: collections.deque[str] = collections.deque()
         self._size = 0
 
     def _qsize(self) -> int:
         return self._size
+
+    def empty(self) -> bool:
+        return self._size == 0
 
     def _put(self, item: aiomqtt.Message) -> None:
         counters = self._counters
@@ -98,7 +106,10 @@ class LaneQueue(asyncio.Queue[aiomqtt.Message]):
             return
         queue = self._lanes.get(lane)
         if queue is None:
+            if len(self._lanes) >= _MAX_LANES:
+                self._forget_empty_lanes()
             queue = self._lanes[lane] = collections.deque()
+        if not queue:
             self._turns.append(lane)
         elif len(queue) >= self._lane_max:
             queue.popleft()  # the newest says more than the oldest
@@ -117,9 +128,11 @@ class LaneQueue(asyncio.Queue[aiomqtt.Message]):
         self._size -= 1
         if queue:
             self._turns.append(lane)
-        else:
-            del self._lanes[lane]
         return item
+
+    def _forget_empty_lanes(self) -> None:
+        """Drop the kept empty lanes (only a broker without per-sender ACLs lets this many speak)."""
+        self._lanes = {lane: queue for lane, queue in self._lanes.items() if queue}
 
 
 def _as_bytes(payload: Any) -> bytes:

@@ -19,7 +19,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.api import events, health, hosts, migrations, operations, power, tokens, views, vms
+from controller.api import (
+    events,
+    health,
+    hosts,
+    idempotency,
+    migrations,
+    operations,
+    power,
+    tokens,
+    views,
+    vms,
+)
 from controller.api.http import COMPONENTS, PREFIX, ApiError, error_response, status_of
 from controller.common.errors import DomainError
 from controller.security import auth
@@ -30,6 +41,7 @@ from controller.services.operations import Operations
 from controller.services.power import PowerService
 from controller.services.vms import VmService
 from controller.state.events import EventHub
+from controller.state.idempotency import IdempotencyStore
 from controller.state.store import Store
 
 
@@ -63,6 +75,9 @@ def create_app(parts: ApiParts) -> FastAPI:
         redoc_url=None,
     )
     _error_handlers(app)
+    retries = idempotency.Idempotency(IdempotencyStore(parts.store.connection))
+    # Registered before authentication, so it runs after it (the last registered runs first).
+    app.middleware("http")(retries.handle)
     _authentication(app, parts.authority)
     ops = operations.OperationResponses(parts.operations, parts.migrations)
     for api in (
@@ -72,7 +87,7 @@ def create_app(parts: ApiParts) -> FastAPI:
         vms.router(parts.store, parts.vms, parts.operations, parts.views, ops),
         migrations.router(parts.migrations, ops),
         power.router(parts.power),
-        operations.router(ops),
+        operations.router(ops, parts.evacuations),
         events.router(parts.store, parts.events),
     ):
         app.include_router(api)
@@ -83,6 +98,10 @@ def create_app(parts: ApiParts) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(COMPONENTS)
+            for item in schema.get("paths", {}).values():
+                for method in ("post", "put", "patch", "delete"):
+                    if method in item:
+                        item[method].setdefault("parameters", []).append(idempotency.PARAMETER)
             app.openapi_schema = _ecma_patterns(schema)
         return app.openapi_schema
 

@@ -53,6 +53,7 @@ SCHEMA_TYPES: dict[str, Any] = {
     "host": views.HostView,
     "vm": views.VmView,
     "operation": views.OperationView,
+    "operations": views.OperationPage,
     "created": views.CreateVmResponse,
     "error": views.ErrorBody,
     "stop": views.StopRequest,

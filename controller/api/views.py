@@ -105,6 +105,13 @@ class OperationView(msgspec.Struct, frozen=True, kw_only=True):
     progress: MigrationProgress | None = None
 
 
+class OperationPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of operations, newest first; ``next`` fetches the following page (None: the last)."""
+
+    operations: list[OperationView]
+    next: str | None = None
+
+
 class MigrateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Move a running VM: to a host (the scheduler chooses when omitted), under a policy."""
 

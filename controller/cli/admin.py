@@ -1,4 +1,4 @@
-"""``fleetvisor token ...``, ``audit``, ``events`` and ``op show``: administration and inspection.
+"""``fleetvisor token ...``, ``audit``, ``events`` and ``op ...``: administration and inspection.
 
 It imports only ``controller.cli`` modules of ours.
 """
@@ -8,17 +8,79 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from controller.cli.client import ApiClient
-from controller.cli.render import emit, table
+from controller.cli.render import emit, finish_op, table
 from protocols.text import printable
 
 
+def _when(ts: float) -> str:
+    """A time as the operator reads it: local time, and how long ago (or ahead)."""
+    delta = time.time() - ts
+    ago = f"{abs(delta):.0f}s" if abs(delta) < 120 else f"{abs(delta) / 60:.0f}min"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({ago} {'ago' if delta >= 0 else 'from now'})"
+
+
+def _show(op: dict[str, Any]) -> str:
+    lines = []
+    for key, value in op.items():
+        if key in ("created_at", "updated_at", "deadline") and isinstance(value, int | float):
+            value = _when(value)
+        elif key == "params" and isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        lines.append(f"{key + ':':11} {value}")
+    return "\n".join(lines)
+
+
 def cmd_op_show(client: ApiClient, args: argparse.Namespace) -> int:
-    """``op show``: every field of one operation."""
-    op = client.request("GET", f"/operations/{args.op_id}")
-    emit(args, op, lambda o: "\n".join(f"{k + ':':10} {v}" for k, v in o.items()))
+    """``op show``: every field of one operation, with readable times."""
+    emit(args, client.request("GET", f"/operations/{args.op_id}"), _show)
     return 0
+
+
+def cmd_op_list(client: ApiClient, args: argparse.Namespace) -> int:
+    """``op list``: operations newest first, filtered; ``--all`` follows every page."""
+    params: dict[str, Any] = {"limit": args.limit}
+    for name in ("kind", "state", "host", "vm"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    found: list[dict[str, Any]] = []
+    while True:
+        body = client.request("GET", "/operations", params=params)
+        found += body["operations"]
+        if not args.all or body["next"] is None:
+            break
+        params["page"] = body["next"]
+    emit(args, found, _op_table)
+    return 0
+
+
+def _op_table(ops: list[dict[str, Any]]) -> str:
+    rows = [
+        [o["op_id"], o["kind"], o["vm"], o["host_id"] or "-", o["state"],
+         time.strftime("%H:%M:%S", time.localtime(o["created_at"])), (o["error"] or "")[:60]]
+        for o in ops
+    ]  # fmt: skip
+    return table(rows, ["operation", "kind", "vm", "host", "state", "created", "error"])
+
+
+def cmd_op_wait(client: ApiClient, args: argparse.Namespace) -> int:
+    """``op wait``: wait until an operation ends; exit 1 when it failed or is still running."""
+    deadline = time.monotonic() + args.timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        op = client.request("GET", f"/operations/{args.op_id}", params={"wait": min(left, 60.0)})
+        if op["state"] != "running" or left <= 0:
+            break
+    return finish_op(args, op, f"operation {args.op_id} ({op['kind']} {op['vm']})")
+
+
+def cmd_op_cancel(client: ApiClient, args: argparse.Namespace) -> int:
+    """``op cancel``: cancel a running migration or evacuation, and wait for it to end."""
+    params = {} if args.no_wait else {"wait": args.timeout}
+    op = client.request("POST", f"/operations/{args.op_id}/cancel", params=params)
+    return finish_op(args, op, f"operation {args.op_id} ({op['kind']} {op['vm']}) cancelled; it")
 
 
 def cmd_events(client: ApiClient, args: argparse.Namespace) -> int:

@@ -284,11 +284,32 @@ def _add_power_commands(sub: _SubParsers) -> None:
 
 
 def _add_admin_commands(sub: _SubParsers) -> None:
-    op = sub.add_parser("op", help="inspect operations").add_subparsers(dest="action", required=True)
-    p = op.add_parser("show", help="show an operation")
+    op = sub.add_parser("op", help="list, show, wait for and cancel operations").add_subparsers(
+        dest="action", required=True
+    )
+    p = op.add_parser("list", help="list operations, newest first")
+    p.add_argument("--kind", help="create, start, stop, delete, migrate, evacuate, ...")
+    p.add_argument("--state", choices=("running", "succeeded", "failed"))
+    p.add_argument("--host", help="operations on this host")
+    p.add_argument("--vm", help="operations on this VM")
+    p.add_argument("--limit", type=int, default=50, help="operations per page (default 50, at most 1000)")
+    p.add_argument("--all", action="store_true", help="every page, not only the newest")
+    _common(p)
+    p.set_defaults(handler=admin.cmd_op_list)
+    p = op.add_parser("show", help="show an operation, with readable times")
     p.add_argument("op_id")
     _common(p)
     p.set_defaults(handler=admin.cmd_op_show)
+    p = op.add_parser("wait", help="wait until an operation ends (exit 1 if it failed)")
+    p.add_argument("op_id")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+    _common(p)
+    p.set_defaults(handler=admin.cmd_op_wait)
+    p = op.add_parser("cancel", help="cancel a running live migration (pre-copy) or evacuation")
+    p.add_argument("op_id")
+    _waiting(p)
+    _common(p)
+    p.set_defaults(handler=admin.cmd_op_cancel)
 
     token = sub.add_parser("token", help="manage API tokens (admin)").add_subparsers(
         dest="action", required=True

@@ -429,6 +429,32 @@ class Store:
             for r in self._db.execute("SELECT * FROM operations WHERE state='running' ORDER BY created_at")
         ]
 
+    def operations_page(
+        self,
+        *,
+        limit: int,
+        before: tuple[float, str] | None = None,
+        since: float | None = None,
+        **equal: str,
+    ) -> list[OperationRecord]:
+        """Operations newest first: those created before ``before`` (created_at, op_id), after
+        ``since``, and whose columns (kind, state, vm, host_id) equal ``equal``.
+        """
+        where: list[str] = ["1=1"]
+        args: list[object] = []
+        for column, value in equal.items():
+            assert column in ("kind", "state", "vm", "host_id"), column
+            where.append(f"{column}=?")
+            args.append(value)
+        if since is not None:
+            where.append("created_at>=?")
+            args.append(since)
+        if before is not None:
+            where.append("(created_at<? OR (created_at=? AND op_id<?))")
+            args.extend((before[0], before[0], before[1]))
+        sql = f"SELECT * FROM operations WHERE {' AND '.join(where)} ORDER BY created_at DESC, op_id DESC LIMIT ?"
+        return [op_of(r) for r in self._db.execute(sql, (*args, limit))]
+
     # -- events ---------------------------------------------------------------------------------
 
     def append_event(

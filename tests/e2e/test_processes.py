@@ -178,3 +178,28 @@ def test_cli_migrate_shows_progress_predicts_with_dry_run_and_evacuate_reports(m
     evacuated = _cli(url, "host", "evacuate", "h2")
     assert evacuated.returncode == 0, evacuated.stderr
     assert "mover: moved to h1" in evacuated.stdout and "evacuate host h2: done" in evacuated.stdout
+
+
+def test_op_commands_list_show_wait_and_cancel_through_the_cli(mosquitto, procs, tmp_path):
+    """`op list` filters, `op show` reads as times, `op wait` ends, `op cancel` refuses what ended."""
+    fleet = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1",))
+    url = fleet.url
+    for name in ("a", "b"):
+        assert _cli(url, "vm", "create", name, "--memory", "128").returncode == 0
+    listed = _cli(url, "op", "list", "--vm", "a")
+    assert listed.returncode == 0, listed.stderr
+    rows = [
+        line.split() for line in listed.stdout.splitlines()[1:] if line.strip() and not line.startswith("-")
+    ]
+    assert [(r[1], r[2], r[4]) for r in rows] == [("create", "a", "succeeded")], listed.stdout
+    every = json.loads(_cli(url, "op", "list", "--limit", "1", "--all", "--json").stdout)
+    assert sorted(o["vm"] for o in every) == ["a", "b"]
+    op_id = rows[0][0]
+    shown = _cli(url, "op", "show", op_id)
+    assert "created_at: 20" in shown.stdout and " ago)" in shown.stdout, shown.stdout
+    waited = _cli(url, "op", "wait", op_id)
+    assert waited.returncode == 0 and "done" in waited.stdout, waited.stdout + waited.stderr
+    cancelled = _cli(url, "op", "cancel", op_id)
+    assert cancelled.returncode == 1 and "already succeeded; there is nothing to cancel" in cancelled.stderr
+    bad = _cli(url, "op", "list", "--kind", "explode")
+    assert bad.returncode == 1 and "kind 'explode' is not one of" in bad.stderr

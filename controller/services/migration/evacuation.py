@@ -98,7 +98,8 @@ class Evacuations:
             nonlocal op
             async with lock:
                 results[name] = outcome
-                op = self.store.update_operation(op.op_id, {**op.params, "results": dict(results)})
+                current = self.store.operation(op.op_id) or op  # a cancel may have changed its params
+                op = self.store.update_operation(op.op_id, {**current.params, "results": dict(results)})
             self.events.emit(
                 "host.evacuate.progress",
                 f"evacuating {host_id}: {len(results)}/{len(op.params['vms'])} done; vm {name}: {outcome}",
@@ -119,6 +120,9 @@ class Evacuations:
                 if vm is None or vm.host_id != host_id:
                     await record(name, f"moved to {vm.host_id}" if vm is not None else "deleted meanwhile")
                     return
+                if busy is None and self._cancelled(op.op_id):
+                    await record(name, "cancelled: not started")
+                    return
                 if busy is None:  # else: a move already under way (resumed after a restart)
                     try:
                         busy = self._start_move(vm, host_id, policy)
@@ -135,6 +139,30 @@ class Evacuations:
 
         await asyncio.gather(*(move(name) for name in op.params["vms"]))
         self._report(op, host_id, results)
+
+    def cancel(self, op_id: str) -> OperationRecord:
+        """Cancel a running evacuation: VMs not yet moving stay where they are, moves under way end as
+        they would. Kept in the operation, so a controller restart honours it.
+
+        Raises:
+            NotFound: no such operation. Conflict: not a running evacuation.
+        """
+        op = self.operations.require(op_id)
+        if op.kind != "evacuate" or op.state != "running":
+            raise Conflict("invalid_state", f"operation {op_id} is not a running evacuation")
+        if not op.params.get("cancelled"):
+            op = self.store.update_operation(op_id, {**op.params, "cancelled": True})
+            self.events.emit(
+                "host.evacuate.cancelled",
+                f"evacuation of {op.host_id} cancelled by the operator: moves under way finish, the rest stay",
+                host_id=op.host_id or "",
+                op_id=op_id,
+            )
+        return op
+
+    def _cancelled(self, op_id: str) -> bool:
+        op = self.store.operation(op_id)
+        return op is not None and bool(op.params.get("cancelled"))
 
     def _start_move(self, vm: VmRecord, host_id: str, policy: MigrationPolicy) -> OperationRecord:
         """The move that takes ``vm`` off ``host_id``: a live migration, a cold move of a stopped VM, or,
@@ -160,17 +188,21 @@ class Evacuations:
     def _report(self, op: OperationRecord, host_id: str, results: dict[str, str]) -> None:
         """End the evacuation with its per-VM report: what moved, what could not, what is left."""
         failed = {n: r for n, r in results.items() if r.startswith("failed")}
+        skipped = [n for n, r in results.items() if r.startswith("cancelled")]
         left = [v.name for v in self.store.vms(host_id)]
-        report = f"{len(results) - len(failed)} moved, {len(failed)} failed" + (
+        report = f"{len(results) - len(failed) - len(skipped)} moved, {len(failed)} failed" + (
             f"; still on {host_id}: {', '.join(left)}" if left else f"; {host_id} is empty"
         )
+        if skipped:
+            report = f"cancelled by the operator ({len(skipped)} not started); {report}"
         if failed:
             report += "; not moved: " + "; ".join(
                 f"{n} ({r.removeprefix('failed: ')[:200]})" for n, r in failed.items()
             )
-        self.store.finish_operation(op.op_id, "failed" if failed else "succeeded", report)
+        ok = not failed and not skipped
+        self.store.finish_operation(op.op_id, "succeeded" if ok else "failed", report)
         self.events.emit(
-            "operation.failed" if failed else "operation.succeeded",
+            "operation.succeeded" if ok else "operation.failed",
             f"evacuate host {host_id}: {report}",
             host_id=host_id,
             op_id=op.op_id,

@@ -6,7 +6,8 @@ never starts a second operation, also when both copies arrive at once: the secon
 first to finish. The same key with another request (method, path, query or body) is a 409 that says
 so. Keys belong to the caller (each token has its own), are 1 to 255 visible ASCII characters (a
 UUID is a good key), and their answers are kept in the store for 24 h
-(:mod:`controller.state.idempotency`), so a retry after a controller restart is safe too.
+(:mod:`controller.state.idempotency`; the store's retention task prunes older ones), so a retry
+after a controller restart is safe too.
 
 Answers are kept whatever their status, except 5xx, 408 and 429, which say "try again": a retry
 with the same key then does the work. A 202 is kept as it was: the operation it names has moved on
@@ -45,11 +46,9 @@ PARAMETER = {
 class Idempotency:
     """The middleware of the module docstring (runs after authentication, which names the caller)."""
 
-    def __init__(self, store: IdempotencyStore, prune_every_s: float = 600.0) -> None:
+    def __init__(self, store: IdempotencyStore) -> None:
         self.store = store
-        self.prune_every_s = prune_every_s
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._pruned_at = 0.0
 
     async def handle(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         key = request.headers.get(HEADER)
@@ -88,13 +87,6 @@ class Idempotency:
         finally:
             del self._inflight[slot]
             done.set_result(None)
-            self._prune()
-
-    def _prune(self) -> None:
-        now = time.monotonic()
-        if now - self._pruned_at >= self.prune_every_s:
-            self._pruned_at = now
-            self.store.prune()
 
 
 def _replay(stored: StoredAnswer, digest: str, key: str) -> Response:

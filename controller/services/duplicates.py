@@ -72,8 +72,6 @@ class DuplicateAgents:
         self._clock = clock
         self._hosts: dict[str, _Host] = {}
         self._tasks = TaskSet("duplicate agents")
-        #: Messages ignored because their run was refused, by host.
-        self.ignored: dict[str, int] = {}
 
     def online(self, host_id: str, boot_id: str) -> bool:
         """An online state of run ``boot_id``: whether to believe it (False: a refused run)."""
@@ -131,7 +129,6 @@ class DuplicateAgents:
         self._hosts.pop(host_id, None)
 
     def _refuse_again(self, host_id: str, host: _Host, run: str, now: float) -> None:
-        self.ignored[host_id] = self.ignored.get(host_id, 0) + 1
         kept, told = host.refused[run]
         if now - told < self.settings.resend_every_s:
             return

@@ -2,8 +2,9 @@
 answer instead of doing the work twice.
 
 One row per (scope, key): the scope is the caller (each token has its own keys), the request's hash
-(method, path, query and body), and the response that was sent. Rows are kept ``keep_s`` (24 h by
-default) and pruned after. The table lives in the store's file, on its connection.
+(method, path, query and body), and the response that was sent. Rows are kept :data:`KEEP_S` (24 h);
+the store's retention task (:mod:`controller.state.retention`) prunes older ones. The table lives in
+the store's file, on its connection.
 """
 
 from __future__ import annotations
@@ -40,18 +41,17 @@ class StoredAnswer:
 
 
 class IdempotencyStore:
-    def __init__(self, connection: sqlite3.Connection, keep_s: float = KEEP_S) -> None:
+    def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
-        self.keep_s = keep_s
         with self._db:
             self._db.executescript(_SCHEMA)
 
     def get(self, scope: str, key: str) -> StoredAnswer | None:
-        """The answer kept for ``key`` (younger than ``keep_s``), or None."""
+        """The answer kept for ``key`` (younger than :data:`KEEP_S`), or None."""
         row = self._db.execute(
             "SELECT request_sha256, status, content_type, body, created_at FROM idempotency "
             "WHERE scope=? AND key=? AND created_at>=?",
-            (scope, key, time.time() - self.keep_s),
+            (scope, key, time.time() - KEEP_S),
         ).fetchone()
         return None if row is None else StoredAnswer(row[0], row[1], row[2], bytes(row[3]), row[4])
 
@@ -62,11 +62,3 @@ class IdempotencyStore:
                 (scope, key, answer.request_sha256, answer.status, answer.content_type, answer.body,
                  answer.created_at),
             )  # fmt: skip
-
-    def prune(self) -> int:
-        """Delete the answers older than ``keep_s``; returns how many went."""
-        with self._db:
-            cursor = self._db.execute(
-                "DELETE FROM idempotency WHERE created_at<?", (time.time() - self.keep_s,)
-            )
-        return cursor.rowcount

@@ -1,4 +1,5 @@
-"""Retention: the event history and the audit log are pruned by age and by size.
+"""Retention: the event history and the audit log are pruned by age and by size, and the answers
+kept for idempotent requests by age.
 
 Both tables only grow otherwise, and a host (or a caller) that floods them would fill the disk. A task
 of the controller runs :meth:`Retention.run`: every ``interval_s`` it deletes the rows older than the
@@ -15,6 +16,8 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
+
+from controller.state import idempotency
 
 log = logging.getLogger(__name__)
 
@@ -162,4 +165,21 @@ class Retention:
         """Prune now and then every ``interval_s``, forever."""
         while True:
             await self.prune()
+            self.prune_idempotency()
             await asyncio.sleep(self.settings.interval_s)
+
+    def prune_idempotency(self, now: float | None = None) -> int:
+        """Delete the kept answers of idempotent requests older than they are kept (the table is
+        there once the API has started). Returns how many went.
+        """
+        if not self._exists("idempotency"):
+            return 0
+        now = time.time() if now is None else now
+        gone = self._db.execute(
+            "DELETE FROM idempotency WHERE created_at < ?", (now - idempotency.KEEP_S,)
+        ).rowcount
+        if gone:
+            log.info(
+                "retention: pruned %d idempotency answers older than %gh", gone, idempotency.KEEP_S / 3600
+            )
+        return gone

@@ -89,3 +89,18 @@ async def test_the_controller_prunes_at_start_and_fleetvisor_events_still_works(
         )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "event 49" in done.stdout and "event 44" not in done.stdout
+
+
+def test_idempotency_answers_older_than_a_day_are_pruned_and_newer_ones_kept(tmp_path):
+    """The retention task prunes the kept answers of idempotent requests by age, on a real SQLite file."""
+    from controller.state.idempotency import KEEP_S, IdempotencyStore, StoredAnswer
+
+    store = Store(tmp_path / "c.sqlite")
+    answers = IdempotencyStore(store.connection)
+    now = time.time()
+    for key, age in (("old", KEEP_S + 60), ("new", 60.0)):
+        answers.put("ops", key, StoredAnswer("h", 200, "application/json", b"{}", now - age))
+    retention = Retention(store.connection, RetentionSettings())
+    assert retention.prune_idempotency(now) == 1
+    assert answers.get("ops", "old") is None and answers.get("ops", "new") is not None
+    store.close()

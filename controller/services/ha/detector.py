@@ -222,7 +222,7 @@ class FailureDetector:
             state, reason = self._evaluate(host, now)
             counted += host.state != "offline"
             bad += state in ("suspect", "failed")
-            if state != host.state or state == "failed":
+            if state != host.state:
                 wanted.append((host_id, host, state, reason))
         self.storm = counted >= self.settings.storm_min_hosts and bad > self.settings.storm_fraction * counted
         changes = []

@@ -29,7 +29,7 @@ from agent.fencing import SelfFence
 from agent.ledger import OpLedger
 from agent.migration import MigrationRunner
 from agent.settings import AgentSettings
-from hv.driver import Driver, DriverEvent, HvError
+from hv.driver import Driver, DriverEvent, HvError, MigrationCompleted, UnknownVm
 from protocols import codec, topics
 from protocols.bus import Bus, BusSettings, LastWill
 from protocols.messages import (
@@ -470,6 +470,17 @@ class Agent:
         """A migration's destination: run the copy that arrived, or discard it."""
         if isinstance(command, FinishMigration):
             return await self.driver.migrate_finish(command.vm), "started"
+        try:
+            received = await self.driver.migrate_received(command.vm)
+        except UnknownVm:
+            received = False
+        if received:
+            # The source may have reported a failure it could not see the end of (its QEMU died after
+            # the last byte went out): this copy is then the only whole guest, and it is kept.
+            raise MigrationCompleted(
+                f"the incoming copy of vm {command.vm!r} on host {self.host_id!r} holds the whole guest "
+                "(its stream completed), so it is kept: finish the migration here instead of rolling it back"
+            )
         # Nothing came, or it is cleaned up already: then there is nothing to undefine.
         return (None, "undefined") if await self._remove(command.vm, missing_ok=True) else (None, None)
 

@@ -67,6 +67,12 @@ class InvalidState(HvError):
     code = "invalid_state"
 
 
+class MigrationCompleted(HvError):
+    """The incoming copy holds the whole guest (its stream completed): it must be finished, not discarded."""
+
+    code = "migration_completed"
+
+
 class InsufficientResources(HvError):
     code = "insufficient_resources"
 
@@ -305,6 +311,13 @@ class Driver(abc.ABC):
         Also the rollback after a migration that failed on its own. Raises UnknownVm, InvalidState (in
         post-copy, or completed: the guest already runs on the destination).
         """
+
+    async def migrate_received(self, name: str) -> bool:
+        """Destination: whether the incoming copy has received the whole guest, so that it can run
+        it even if its source is gone. An engine that cannot tell (this default) says False: the
+        caller then trusts the source's word. Raises UnknownVm.
+        """
+        return False
 
     @abc.abstractmethod
     async def migrate_finish(self, name: str) -> VmStatus:

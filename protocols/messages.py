@@ -284,7 +284,9 @@ class FinishMigration(_Command, tag="finish_migration", frozen=True, kw_only=Tru
 
 
 class AbortMigration(_Command, tag="abort_migration", frozen=True, kw_only=True):
-    """Destination: discard the incoming copy and its files (a no-op when there is none)."""
+    """Destination: discard the incoming copy and its files (a no-op when there is none). Refused
+    with ``migration_completed`` when the copy holds the whole guest: it is then finished instead.
+    """
 
     vm: VmName
 
@@ -334,6 +336,7 @@ ErrorCode = Literal[
     "invalid_request",
     "engine_error",
     "migration_failed",
+    "migration_completed",
 ]
 
 

@@ -483,6 +483,17 @@ class QemuDriver(Driver):
         """
         return await self._source.cancel(name)
 
+    async def migrate_received(self, name: str) -> bool:
+        """Destination: True once the incoming copy has loaded the whole stream (QEMU left
+        ``inmigrate`` and its incoming migration says ``completed``), so it can run the guest, whether
+        or not it runs already; False while it still receives, when its QEMU is gone or does not
+        answer, and once migrate_finish has made it an ordinary VM.
+
+        Raises:
+            UnknownVm: no VM of that name.
+        """
+        return await self._destination.received(name)
+
     async def migrate_finish(self, name: str) -> VmStatus:
         """Destination: the stream has completed; stop the NBD exports (when disks were copied) and
         ``cont`` a copy that waits paused. The VM is an ordinary running VM from then on; one that

@@ -133,6 +133,21 @@ class MigrationDestination:
             self.table.save(vm)
             return vm.status()
 
+    async def received(self, name: str) -> bool:
+        """Whether the incoming copy of ``name`` holds the whole guest (see QemuDriver.migrate_received)."""
+        vm = self.table.get(name)
+        async with vm.lock:
+            qemu = vm.qemu
+            # The copy is the destination's until migrate_finish clears its URI, even once it runs.
+            if not (vm.state == "incoming" or vm.incoming_uri) or qemu is None or qemu.exited:
+                return False
+            try:
+                qmp = await qemu.session()
+                loaded = run_status(await qmp.execute("query-status")) != "inmigrate"
+                return loaded and migration_status(await qmp.execute("query-migrate")) == "completed"
+            except EngineError:
+                return False  # a QEMU that does not answer holds nothing anyone can run
+
     async def _received(self, qmp: QmpSession) -> str:
         """The destination's run state, once the stream it is reading has been loaded.
 

@@ -14,6 +14,7 @@ import httpx
 
 from controller.daemon import FleetSettings
 from controller.services.migration.migrate import MigrationSettings
+from hv.driver import EngineError
 from protocols.migration import MigrationPolicy
 from protocols.vmspec import VmSpec, VmWorkload
 from tests.support.fleet import Fleet, eventually
@@ -309,3 +310,42 @@ async def test_concurrent_migrations_share_a_hosts_link_budget(mosquitto, tmp_pa
         assert [op.params["bandwidth_mib_s"] for op in done] == [400.0, 200.0]
         # The sim moves 1024 MiB at the granted rate: the second took about twice as long.
         assert done[1].params["result"]["total_ms"] > 1.8 * done[0].params["result"]["total_ms"]
+
+
+async def test_a_send_reported_failed_after_the_whole_guest_arrived_finishes_on_the_destination(
+    mosquitto, tmp_path
+):
+    """The source's QEMU dies after its last byte, before its agent saw the end: the agent reports the
+    send failed. The destination's copy holds the whole guest, so it refuses the rollback and the
+    migration finishes there; rolling back would discard the only copy of the guest.
+
+    The sim engine cannot tell a received copy from one still waiting, so the two halves of that
+    moment are stand-ins here: h1's engine errors on every sample from then on, as a dead QEMU's
+    agent sees it, and h2's engine says its copy arrived (on QEMU: ``query-status`` left
+    ``inmigrate`` and ``query-migrate`` says ``completed``; tests/e2e/test_migration_faults.py
+    kills the real source QEMU at that point).
+    """
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "whole", "h1", memory=1024, dirty=1)
+        source, dest = fleet.drivers["h1"], fleet.drivers["h2"]
+        op = fleet.ctl.migrations.start("whole", "h2", MigrationPolicy(bandwidth_mib_s=50))
+        await eventually(lambda: op.op_id in fleet.ctl.migrations.progress, 10, "progress")
+
+        async def dead(name: str) -> Any:
+            raise EngineError(f"vm {name!r}: qemu is gone (killed)")
+
+        async def arrived(name: str) -> bool:
+            return name == "whole"
+
+        source.migrate_sample = dead  # type: ignore[method-assign]
+        dest.migrate_received = arrived  # type: ignore[method-assign]
+        done = await fleet.ctl.operations.wait(op.op_id, 30)
+        assert done.state == "succeeded", done.error
+        assert "qemu is gone" in done.params["overruled"], done.params
+        assert await _names(fleet, "h2") == {"whole": "running"}
+        assert await _names(fleet, "h1") == {}  # the cleanup removed the source's husk
+        record = fleet.ctl.store.vm("whole")
+        assert record is not None and (record.host_id, record.state) == ("h2", "running")
+        assert "migration.overruled" in [e.type for e in fleet.ctl.store.events_since(0)]

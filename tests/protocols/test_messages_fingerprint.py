@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:b89a0666807dd9a3c8f2318059f4ebdd7cc758fe0548a5efc816f380ae77c471"
+FINGERPRINT = "sha256:14d9195e9a13cd7275ea09983e1130b38d237b97f43c4499078ac23e4b6f4d29"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

@@ -495,9 +495,29 @@ class MigrationService:
             op_id=op.op_id,
         )
 
+    async def _overrule(self, op: OperationRecord, source: str, target: str, why: str) -> None:
+        """The destination holds the whole guest although the send was reported failed (the source's
+        QEMU died after the last byte, before its agent saw the end): finish there, and clean the
+        source up as after any switch-over (its cleanup powers off a copy that still runs).
+        """
+        log.warning("migration %s: rollback refused by %s: %s", op.op_id, target, why)
+        self.events.emit(
+            "migration.overruled",
+            f"migrate vm {op.vm}: the source reported a failure ({op.params.get('error', '')}), but {why}",
+            host_id=target,
+            vm=op.vm,
+            op_id=op.op_id,
+        )
+        op = self._phase(op, "finish", overruled=op.params.get("error", ""))
+        op = await self._finish_on(op, target)
+        await self._cleanup(op, source, target)
+
     async def _rollback(self, op: OperationRecord, source: str, target: str) -> None:
         self.progress.pop(op.op_id, None)
         reply = await self._settle(target, op, "abort", AbortMigration)
+        if reply is not None and reply.code == "migration_completed":
+            await self._overrule(op, source, target, reply.error)
+            return
         leftover = ""
         if reply is None or not reply.ok:
             why = self._why(reply, target)

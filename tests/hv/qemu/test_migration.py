@@ -188,10 +188,18 @@ async def test_tiny_guest_moves_to_the_destination_and_its_counter_goes_on_there
     assert re.fullmatch(r"tcp:127\.0\.0\.1:\d+", uri), uri
     assert (await dst.migrate_incoming(spec, HOST))[1] == uri, "a repeated call returns the same URI"
     assert (await src.migrate_sample("mig-1")).status == "none"
+    assert not await dst.migrate_received("mig-1"), "nothing has arrived yet"
 
     await src.migrate_send("mig-1", uri, MigrationPolicy())
     sample = await wait_ended(src, "mig-1", 15)
     assert sample.status == "completed", sample
+    # The destination may load the end of the stream for a moment after the source's last byte.
+    for _ in range(150):
+        if await dst.migrate_received("mig-1"):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the whole guest arrived, but the destination does not say so")
     # QEMU counts the downtime in whole milliseconds: under 1 ms reads 0 (about 1 migration in 20 here).
     assert 0 <= sample.downtime_ms <= sample.total_ms and sample.total_ms > 0, sample
     assert sample.total_bytes >= 64 * 1024 * 1024 and sample.transferred_bytes > 0
@@ -201,6 +209,7 @@ async def test_tiny_guest_moves_to_the_destination_and_its_counter_goes_on_there
     await wait_state(dst, "mig-1", "running")  # no local disks: it started on its own
     assert (await dst.migrate_finish("mig-1")).state == "running"
     assert (await dst.migrate_finish("mig-1")).state == "running", "idempotent"
+    assert not await dst.migrate_received("mig-1"), "finished: an ordinary VM, no longer incoming"
 
     dst_counts = await counts_on(dst, "mig-1", 2)
     first_leg = src.serial_log_path("mig-1").read_text()

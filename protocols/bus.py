@@ -30,14 +30,15 @@ import random
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -99,6 +100,26 @@ def _read_bursts(client: aiomqtt.Client) -> None:
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     paho.loop_read = loop_read  # type: ignore[method-assign]
+
+
+class _NoFilteredCallbacks(MQTTMatcher):
+    """paho's table of per-topic message callbacks, for a client that never adds one."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def iter_match(self, topic: str) -> Iterator[Any]:
+        return iter(())
+
+
+def _skip_callback_matching(client: aiomqtt.Client) -> None:
+    """Spare each incoming message paho's walk of its per-topic callback table.
+
+    paho matches every message's topic against the callbacks added with ``message_callback_add``
+    before it calls ``on_message``. aiomqtt adds none, so the walk always finds nothing, and at the
+    ingest ceiling it cost a tenth of the controller's CPU (profiled with bench/ingest).
+    """
+    client._client._on_message_filtered = _NoFilteredCallbacks()
 
 
 class BusError(Exception):
@@ -520,6 +541,7 @@ class Bus:
     async def _serve(self, client: aiomqtt.Client) -> None:
         _no_delay(client)
         _read_bursts(client)
+        _skip_callback_matching(client)
         self.protocol_in_use = self._protocol_choice
         for topic_filter, qos, _ in self._handlers:
             await self._subscribe_one(client, topic_filter, qos)

@@ -55,6 +55,20 @@ class IntakeSettings:
     guards: guards.GuardSettings = field(default_factory=guards.GuardSettings)
 
 
+class _Route:
+    """What admission needs of one topic, worked out on its first message."""
+
+    __slots__ = ("gate", "heartbeat", "host_id", "keeps_newest", "no_retained")
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.host_id = gate.host_id
+        self.heartbeat = gate.family == "telemetry"
+        self.no_retained = gate.family in guards.NO_RETAINED
+        #: The key of the held-back message, for the families whose newest message is kept.
+        self.keeps_newest = (gate.host_id, gate.family) if gate.family in ("state", "inventory") else None
+
+
 class Intake:
     """Subscribes to every host's topics and routes what arrives."""
 
@@ -80,8 +94,9 @@ class Intake:
         self.store = hosts.store
         self.decoder = codec.InboundDecoder()
         self.limiter = InboundLimiter(settings.limits)
-        #: Each topic's rate-limit gate, so admission parses a topic once, not per message.
-        self._gates: dict[str, Gate] = {}
+        #: Each topic's route, so admission parses a topic once, not per message.
+        self._routes: dict[str, _Route] = {}
+        self._max_bytes = self.decoder.max_bytes
         #: Messages refused by the guards (a forged reply is counted in ``rpc.forged``).
         self.guards = guards.GuardCounters(settings.guards.log_every_s)
         self.sequence = guards.SequenceGuard(settings.guards)
@@ -109,33 +124,36 @@ class Intake:
         replaces the last, so the newest is kept aside and handled when the host's bucket allows.
         Dropping it would leave the controller with a stale picture until the host's next change,
         which may never come.
+
+        It runs for every message, so what can be worked out once per topic is (:class:`_Route`).
         """
-        gate = self._gates.get(topic)
-        if gate is None:
+        route = self._routes.get(topic)
+        if route is None:
             parts = topic.split("/", 5)
             if len(parts) != 5:
                 return ""  # not a host topic: the decoder refuses and counts it
-            if len(self._gates) >= _MAX_TOPICS:
-                self._gates.clear()  # only a broker without per-host ACLs lets this many ids speak
-            gate = self._gates[topic] = self.limiter.gate(parts[3], parts[4])
-        host_id, family = gate.host_id, gate.family
-        if len(payload) > self.decoder.max_bytes:
+            if len(self._routes) >= _MAX_TOPICS:
+                self._routes.clear()  # only a broker without per-host ACLs lets this many ids speak
+            route = self._routes[topic] = _Route(self.limiter.gate(parts[3], parts[4]))
+        size = len(payload)
+        if size > self._max_bytes:
             self.decoder.decode(topic, payload)  # refuses it as oversize, counted, before it is queued
             return None
-        if retain and family in guards.NO_RETAINED:
+        if retain and route.no_retained:
             self.guards.refuse(
-                "retained", host_id, f"ignoring a retained message on its {family} topic; clear it with "
-                f"an empty retained publish to {topic}",
+                "retained", route.host_id, f"ignoring a retained message on its {route.gate.family} topic; "
+                f"clear it with an empty retained publish to {topic}",
             )  # fmt: skip
             return None
-        if not self.limiter.take(gate, len(payload)):
-            if family in ("state", "inventory"):
-                self._deferred[(host_id, family)] = (topic, payload)
+        if not self.limiter.take(route.gate, size):
+            if route.keeps_newest is not None:
+                self._deferred[route.keeps_newest] = (topic, payload)
             return None
-        self._deferred.pop((host_id, family), None)  # this newer message supersedes a held-back one
-        if family == "telemetry":
-            self.ha.heartbeat(host_id)
-        return host_id
+        if route.heartbeat:
+            self.ha.heartbeat(route.host_id)
+        elif route.keeps_newest is not None:
+            self._deferred.pop(route.keeps_newest, None)  # this newer message supersedes a held-back one
+        return route.host_id
 
     async def drain_deferred(self) -> None:
         """Handle the newest held-back state or inventory of each host as its rate allows, and sum up

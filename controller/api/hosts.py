@@ -9,14 +9,17 @@ from collections.abc import Callable
 from typing import Annotated
 
 import msgspec
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from controller.api import views
 from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
 from controller.api.operations import OperationResponses
+from controller.api.views import SELECTOR_HELP
+from controller.common import selectors
 from controller.services.hosts import HostService
 from controller.services.migration.evacuation import Evacuations
+from controller.services.selection import select_hosts
 from controller.state.store import Store, Usage
 
 _ZERO = Usage()
@@ -43,9 +46,12 @@ def router(
     api = APIRouter()
 
     @api.get(f"{PREFIX}/hosts", summary="List hosts", responses=responses(200, "hosts"))
-    async def list_hosts() -> Response:
+    async def list_hosts(selector: str = Query("", description=SELECTOR_HELP)) -> Response:
+        chosen = selectors.parse(selector, "host")  # a bad one is a 400 pointing at the character
         usage = store.usage()
-        return json_response([view.host(h, usage.get(h.host_id, _ZERO)) for h in store.hosts()])
+        return json_response(
+            [view.host(h, usage.get(h.host_id, _ZERO)) for h in select_hosts(chosen, store.hosts())]
+        )
 
     _enrolment_routes(api, hosts)
 

@@ -20,6 +20,12 @@ from protocols.messages import Capabilities, MigrationProgress
 from protocols.migration import MigrationPolicy
 from protocols.vmspec import Label, VmSpec, VmSpecInput
 
+#: The ``selector`` parameter of the list routes (grammar: controller.common.selectors).
+SELECTOR_HELP = (
+    "only records that match, e.g. rack=3,tier!=db,gpu,!spare,zone in (a,b),state=running; the fields "
+    "name, state, host and group (VMs) or name and state (hosts) are not labels; label:NAME names a label"
+)
+
 
 class HostLoad(msgspec.Struct, frozen=True, kw_only=True):
     cpu_util: float

@@ -10,8 +10,11 @@ from fastapi.responses import Response
 from controller.api import views
 from controller.api.http import PREFIX, WAIT, ApiError, body, json_response, read_body, responses
 from controller.api.operations import OperationResponses
+from controller.api.views import SELECTOR_HELP
+from controller.common import selectors
 from controller.scheduler import Explanation
 from controller.services.operations import Operations
+from controller.services.selection import select_vms
 from controller.services.vms import VmService, refusal_error
 from controller.state.store import OperationRecord, Store, VmRecord
 from protocols.messages import MAX_STOP_TIMEOUT_S
@@ -24,9 +27,13 @@ def router(
     api = APIRouter()
 
     @api.get(f"{PREFIX}/vms", summary="List VMs", responses=responses(200, "vms"))
-    async def list_vms(host: str | None = Query(None, description="only VMs on this host")) -> Response:
+    async def list_vms(
+        host: str | None = Query(None, description="only VMs on this host"),
+        selector: str = Query("", description=SELECTOR_HELP),
+    ) -> Response:
+        chosen = selectors.parse(selector, "vm")  # a bad one is a 400 pointing at the character
         online = {h.host_id: h.online for h in store.hosts()}
-        return json_response([view.vm(vm, online) for vm in store.vms(host)])
+        return json_response([view.vm(vm, online) for vm in select_vms(chosen, store.vms(host))])
 
     _create_route(api, store, vms, operations, view)
 

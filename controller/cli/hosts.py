@@ -99,7 +99,8 @@ def cmd_host_list(client: ApiClient, args: argparse.Namespace) -> int:
     if getattr(args, "pending", False):
         emit(args, client.request("GET", "/hosts/pending"), _render_pending)
     else:
-        emit(args, client.request("GET", "/hosts"), _render_hosts)
+        params = {"selector": args.selector} if args.selector else {}
+        emit(args, client.request("GET", "/hosts", params=params), _render_hosts)
     return 0
 
 

@@ -24,6 +24,13 @@ OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audi
 _SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
+#: -l/--selector of the list commands (the grammar: docs/selectors.md).
+_SELECTOR_HELP = (
+    "only those that match: rack=3, tier!=db, gpu, !gpu, 'zone in (a,b)', state=running, host=h1, "
+    "group=web; requirements separated by commas"
+)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=None, help=f"controller URL (env FLEETVISOR_URL, default {DEFAULT_URL})"
@@ -120,6 +127,7 @@ def _add_vm_create(vm: _SubParsers) -> None:
 def _add_vm_lifecycle(vm: _SubParsers) -> None:
     p = vm.add_parser("list", help="list VMs")
     p.add_argument("--host", help="only VMs on this host")
+    p.add_argument("-l", "--selector", default="", help=_SELECTOR_HELP)
     _common(p)
     p.set_defaults(handler=vms.cmd_vm_list)
 
@@ -193,6 +201,7 @@ def _add_host_commands(sub: _SubParsers) -> None:
     host = sub.add_parser("host", help="inspect hosts").add_subparsers(dest="action", required=True)
     p = host.add_parser("list", help="list hosts with their capacity and load")
     p.add_argument("--pending", action="store_true", help="list the hosts waiting to be accepted instead")
+    p.add_argument("-l", "--selector", default="", help=_SELECTOR_HELP)
     _common(p)
     p.set_defaults(handler=hosts.cmd_host_list)
     p = host.add_parser("show", help="show one host's capabilities and load")

@@ -117,6 +117,8 @@ def _finish_batch(args: argparse.Namespace, result: dict[str, Any]) -> int:
 def cmd_vm_list(client: ApiClient, args: argparse.Namespace) -> int:
     """``vm list``: every VM, or those on ``--host``."""
     params = {"host": args.host} if args.host else {}
+    if args.selector:
+        params["selector"] = args.selector
     emit(args, client.request("GET", "/vms", params=params), _render_vms)
     return 0
 

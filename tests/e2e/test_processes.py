@@ -48,6 +48,16 @@ def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill
     assert [(v["name"], v["state"], v["host_id"]) for v in listed] == [("web-1", "running", host)]
     table = _cli(url, "host", "list").stdout
     assert "h1" in table and "online" in table
+    assert (
+        json.loads(_cli(url, "vm", "list", "-l", f"host={host},state=running", "--json").stdout)[0]["name"]
+        == "web-1"
+    )
+    assert json.loads(_cli(url, "vm", "list", "--selector", "state=stopped", "--json").stdout) == []
+    assert [
+        h["host_id"] for h in json.loads(_cli(url, "host", "list", "-l", f"name={host}", "--json").stdout)
+    ] == [host]
+    bad = _cli(url, "vm", "list", "-l", "state=")
+    assert bad.returncode != 0 and "at character 7" in bad.stderr and "^" in bad.stderr, bad.stderr
 
     victim = agents[host].popen
     os.kill(victim.pid, signal.SIGKILL)

@@ -27,21 +27,19 @@ import contextlib
 import functools
 import logging
 import random
-import socket
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Final, Literal, Self
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from protocols import paho_tuning
 from protocols.inbound import Admission, InboundCounters, LaneQueue, admit_all
 
 log = logging.getLogger(__name__)
@@ -57,69 +55,12 @@ _UNSUPPORTED_PROTOCOL_CODES: Final = {1, 132}  # 3.1.1 CONNACK 0x01, MQTT 5 reas
 #: CONNACK codes of refused credentials: 3.1.1 bad user name or password, not authorised; MQTT 5
 #: bad user name or password (0x86), not authorised (0x87).
 _AUTH_CODES: Final = {4, 5, 134, 135}
-#: Packets one readable event of the socket may read (see :func:`_read_bursts`).
-_READ_BURST: Final = 1000
 
 
 def _code(exc: MqttConnectError) -> int:
     """The CONNACK's return code (MQTT 3.1.1) or reason code (MQTT 5)."""
     rc = exc.rc
     return -1 if rc is None else rc if isinstance(rc, int) else int(rc.value)
-
-
-def _no_delay(client: aiomqtt.Client) -> None:
-    """Turn Nagle's algorithm off on the client's socket: every message here is small and someone
-    waits for it. With Nagle on, a command sent while an earlier packet is unacknowledged waits for
-    the peer's delayed ACK, 40 ms on Linux, on every hop (paho leaves the socket as it is).
-    """
-    sock = client._client.socket()  # aiomqtt's paho client; paho has no option for this
-    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _read_bursts(client: aiomqtt.Client) -> None:
-    """Let each readable event read up to ``_READ_BURST`` packets, not one.
-
-    aiomqtt calls paho's ``loop_read`` once per readable event, and for QoS 0 traffic paho reads one
-    packet per call: the socket then drains one message per event-loop turn, and a flood from one
-    sender stays in the kernel's buffer in front of every other sender's messages (their heartbeats),
-    out of reach of any admission. Reading until the socket would block (bounded, so other tasks
-    still run) lets the admission see and drop the flood at the rate it arrives.
-    """
-    paho = client._client
-
-    def loop_read(max_packets: int = 1) -> MQTTErrorCode:
-        for _ in range(_READ_BURST):
-            if paho._sock is None:
-                return MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = paho._packet_read()
-            if rc > 0:
-                return paho._loop_rc_handle(rc)
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                break
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    paho.loop_read = loop_read  # type: ignore[method-assign]
-
-
-class _NoFilteredCallbacks(MQTTMatcher):
-    """paho's table of per-topic message callbacks, for a client that never adds one."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    def iter_match(self, topic: str) -> Iterator[Any]:
-        return iter(())
-
-
-def _skip_callback_matching(client: aiomqtt.Client) -> None:
-    """Spare each incoming message paho's walk of its per-topic callback table.
-
-    paho matches every message's topic against the callbacks added with ``message_callback_add``
-    before it calls ``on_message``. aiomqtt adds none, so the walk always finds nothing, and at the
-    ingest ceiling it cost a tenth of the controller's CPU (profiled with bench/ingest).
-    """
-    client._client._on_message_filtered = _NoFilteredCallbacks()
 
 
 class BusError(Exception):
@@ -539,9 +480,7 @@ class Bus:
         await client.subscribe(topic_filter, qos=qos, timeout=self.settings.timeout_s)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        _no_delay(client)
-        _read_bursts(client)
-        _skip_callback_matching(client)
+        paho_tuning.tune(client)
         self.protocol_in_use = self._protocol_choice
         for topic_filter, qos, _ in self._handlers:
             await self._subscribe_one(client, topic_filter, qos)
@@ -572,7 +511,7 @@ class Bus:
                 message = queue.get_nowait()
                 self._dispatch(message.topic.value, message.payload)
                 taken += 1
-                if taken % _READ_BURST == 0:
+                if taken % paho_tuning.READ_BURST == 0:
                     await asyncio.sleep(0)
                     if disconnected.done():
                         break  # the iterator raises the disconnect; what is queued waits for it

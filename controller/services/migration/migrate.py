@@ -39,6 +39,7 @@ from controller.services.operations import Operations
 from controller.services.vms import VmService, busy_error, refusal_error
 from controller.state.events import EventHub
 from controller.state.live import LiveState
+from controller.state.records import VmState
 from controller.state.store import OperationRecord, Store, VmRecord
 from protocols.messages import (
     AbortMigration,
@@ -495,6 +496,17 @@ class MigrationService:
             op_id=op.op_id,
         )
 
+    def _died_on(self, source: str, op: OperationRecord) -> VmState | None:
+        """The VM's state if the source reported it powered off since the migration began (its QEMU
+        died during the rollback, say). The record ignores VM events while the migration holds it,
+        so without this the rollback would write back the state from before the migration.
+        """
+        inventory = self.live.inventories.get(source)
+        if inventory is None or inventory.ts < op.created_at:
+            return None
+        copy = next((vm for vm in inventory.vms if vm.name == op.vm), None)
+        return "crashed" if copy is not None and copy.state == "crashed" else None
+
     async def _overrule(self, op: OperationRecord, source: str, target: str, why: str) -> None:
         """The destination holds the whole guest although the send was reported failed (the source's
         QEMU died after the last byte, before its agent saw the end): finish there, and clean the
@@ -523,7 +535,7 @@ class MigrationService:
             why = self._why(reply, target)
             leftover = f"; the incoming copy on {target} could not be discarded yet ({why})"
         current = self.store.vm(op.vm)
-        state = op.params.get("from_state", "running")
+        state = self._died_on(source, op) or op.params.get("from_state", "running")
         with self.store.transaction():
             if current is not None and current.op_id == op.op_id:
                 self.store.update_vm(op.vm, state=state, op_id=None, migrating_to=None)

@@ -41,6 +41,7 @@ from controller.intake.subscriptions import Intake
 from controller.scheduler import FleetState, Scheduler, SchedulerSettings
 from controller.security.auth import Authority
 from controller.services.agent_rpc import AgentRpc
+from controller.services.bulk import BulkActions
 from controller.services.cleanup import StaleCopies
 from controller.services.ha.detector import DetectorSettings
 from controller.services.ha.manager import HaService, HaSettings
@@ -133,6 +134,7 @@ class Controller:
     stale: StaleCopies
     migrations: MigrationService
     evacuations: Evacuations
+    bulk: BulkActions
     ha: HaService
     power: PowerService
     intake: Intake
@@ -268,6 +270,7 @@ class Controller:
             self.migrations,
             fleet.migration,
         )
+        self.bulk = BulkActions(store, self.events, self.operations, self.hosts, self.vms, self.migrations)
         self.ha = HaService(
             store, self.events, self.scheduler, self.fleet_state, self.moves, self.standby,
             (self.bus, self.telemetry_bus), fleet.ha,
@@ -326,6 +329,7 @@ class Controller:
             operations=self.operations,
             migrations=self.migrations,
             evacuations=self.evacuations,
+            bulk=self.bulk,
             power=self.power,
             authority=authority,
             health=self.health,

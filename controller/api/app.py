@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.api import (
+    actions,
     events,
     health,
     hosts,
@@ -34,6 +35,7 @@ from controller.api import (
 from controller.api.http import COMPONENTS, PREFIX, ApiError, error_response, status_of
 from controller.common.errors import DomainError
 from controller.security import auth
+from controller.services.bulk import BulkActions
 from controller.services.hosts import HostService
 from controller.services.migration.evacuation import Evacuations
 from controller.services.migration.migrate import MigrationService
@@ -57,6 +59,7 @@ class ApiParts:
     operations: Operations
     migrations: MigrationService
     evacuations: Evacuations
+    bulk: BulkActions
     power: PowerService
     authority: auth.Authority
     health: Callable[[], dict[str, Any]]
@@ -87,7 +90,8 @@ def create_app(parts: ApiParts) -> FastAPI:
         vms.router(parts.store, parts.vms, parts.operations, parts.views, ops),
         migrations.router(parts.migrations, ops),
         power.router(parts.power),
-        operations.router(ops, parts.evacuations),
+        operations.router(ops, parts.evacuations, parts.bulk),
+        actions.router(parts.bulk, ops),
         events.router(parts.store, parts.events),
     ):
         app.include_router(api)

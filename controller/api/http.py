@@ -79,6 +79,8 @@ SCHEMA_TYPES: dict[str, Any] = {
     "power_mode": power.ModeRequest,
     "host_power_request": power.HostPowerRequest,
     "host_power": power.HostPowerReport,
+    "bulk_request": views.BulkRequest,
+    "bulk_plan": views.BulkPlan,
 }
 _schemas, COMPONENTS = msgspec.json.schema_components(
     tuple(SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from controller.api import views
 from controller.api.http import PREFIX, WAIT, ApiError, json_response, responses
 from controller.common.errors import Conflict
+from controller.services.bulk import BulkActions
 from controller.services.migration.evacuation import Evacuations
 from controller.services.migration.migrate import MigrationService
 from controller.services.operations import Operations
@@ -32,7 +33,7 @@ class OperationResponses:
         return json_response(view, 202 if op.state == "running" else 200)
 
 
-def router(ops: OperationResponses, evacuations: Evacuations) -> APIRouter:
+def router(ops: OperationResponses, evacuations: Evacuations, bulk: BulkActions) -> APIRouter:
     """The operation routes."""
     api = APIRouter()
     store = ops.operations.store
@@ -47,6 +48,7 @@ def router(ops: OperationResponses, evacuations: Evacuations) -> APIRouter:
         state: str | None = Query(None, description=f"one of: {', '.join(get_args(OpState))}"),
         host: str | None = Query(None, max_length=64, description="the operation's host"),
         vm: str | None = Query(None, max_length=64, description="the operation's VM"),
+        parent: str | None = Query(None, max_length=64, description="started by this bulk action"),
         since: float | None = Query(None, ge=0.0, description="created at or after this time (Unix seconds)"),
         limit: int = Query(100, ge=1, le=1000, description="operations per page"),
         page: str | None = Query(None, max_length=200, description="the `next` of the previous page"),
@@ -61,7 +63,7 @@ def router(ops: OperationResponses, evacuations: Evacuations) -> APIRouter:
                 )
         equal = {
             k: v
-            for k, v in (("kind", kind), ("state", state), ("host_id", host), ("vm", vm))
+            for k, v in (("kind", kind), ("state", state), ("host_id", host), ("vm", vm), ("parent", parent))
             if v is not None
         }
         rows = store.operations_page(limit=limit + 1, before=_cursor(page), since=since, **equal)
@@ -95,12 +97,14 @@ def router(ops: OperationResponses, evacuations: Evacuations) -> APIRouter:
             )
         if op.kind == "evacuate":
             return await ops.respond(evacuations.cancel(op_id).op_id, wait)
+        if op.kind == "bulk":
+            return await ops.respond((await bulk.cancel(op_id)).op_id, wait)
         if op.kind != "migrate":
             raise Conflict(
                 "not_cancellable",
                 f"operation {op_id} ({op.kind} of {op.vm}) cannot be cancelled: the host applies a {op.kind} "
                 "as one step, so it ends on its own (wait for it, then undo it if needed). Live migrations "
-                "and evacuations can be cancelled",
+                "evacuations and bulk actions can be cancelled",
             )
         return await ops.respond((await ops.migrations.cancel(op.vm)).op_id, wait)
 

@@ -109,6 +109,8 @@ class OperationView(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
     #: For a migration under way: the source agent's latest account of it.
     progress: MigrationProgress | None = None
+    #: The bulk action that started this operation ("" for none).
+    parent: str = ""
 
 
 class OperationPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,6 +199,34 @@ class ForgetResponse(msgspec.Struct, frozen=True, kw_only=True):
 class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     force: bool = False
     timeout_s: float = 30.0  # bounded in the route, with an error that says what to do
+
+
+class BulkRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /actions``: one action on every VM or host the selector picks (docs/operations.md)."""
+
+    #: VMs: start, stop, pause, resume, reboot, delete, migrate; hosts: maintenance.
+    action: Annotated[str, msgspec.Meta(max_length=32)]
+    #: The grammar of docs/selectors.md; "" picks every VM (or host).
+    selector: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    max_parallel: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    #: End the action once this many targets failed (0: try every target).
+    stop_after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Only say what the selector picks; start nothing.
+    dry_run: bool = False
+    #: stop: power off at once, or the graceful timeout; maintenance: on or off, and force (past the
+    #: HA room check); migrate: the target host (None: the scheduler's choice per VM).
+    force: bool = False
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    on: bool = True
+    to: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class BulkPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """A dry run's answer: what the action would act on, in the order it would."""
+
+    action: str
+    selector: str
+    targets: list[str]
 
 
 class Views:

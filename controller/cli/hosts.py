@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from controller.cli import migrate
+from controller.cli import bulk, migrate
 from controller.cli.client import ApiClient, CliError
 from controller.cli.render import emit, energy_since, gib, pct, table
 
@@ -139,7 +139,25 @@ def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
-    """``host maintenance on|off``: with on, also evacuate its VMs unless ``--no-evacuate``."""
+    """``host maintenance HOST on|off``: with on, also evacuate its VMs unless ``--no-evacuate``.
+    ``host maintenance -l SELECTOR on|off``: the same flag on every host that matches, as one bulk
+    action (evacuating many hosts at once is not offered: it needs ``--no-evacuate``).
+    """
+    words = args.words
+    if args.selector:
+        if len(words) != 1 or words[0] not in ("on", "off"):
+            raise CliError("host maintenance -l SELECTOR takes on or off, and no host name")
+        if words[0] == "on" and not args.no_evacuate:
+            raise CliError(
+                "host maintenance -l SELECTOR on only flags the hosts, it does not evacuate many hosts at "
+                "once; add --no-evacuate to flag them, then evacuate them one by one with `host evacuate H`"
+            )
+        body = {"action": "maintenance", "selector": args.selector, "on": words[0] == "on",
+                "force": bool(args.force), "max_parallel": args.max_parallel}  # fmt: skip
+        return bulk.run_bulk(client, args, body)
+    if len(words) != 2 or words[1] not in ("on", "off"):
+        raise CliError("host maintenance takes a host and on or off: host maintenance HOST on|off")
+    args.host, args.mode = words
     body = {"maintenance": args.mode == "on", "force": bool(getattr(args, "force", False))}
     host = client.request("PATCH", f"/hosts/{args.host}", json=body)
     state = "in maintenance: no new VMs go there" if host["maintenance"] else "out of maintenance"

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from controller.cli import admin, hosts, migrate, power, vms
+from controller.cli import admin, bulk, hosts, migrate, power, vms
 from controller.cli.client import DEFAULT_URL, EXIT_FAILED, ApiClient, CliError
 
 OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audit", "plan", "power")
@@ -141,10 +141,14 @@ def _add_vm_lifecycle(vm: _SubParsers) -> None:
         ("delete", vms.cmd_vm_delete, "delete a VM (stops it first)"),
     ):
         p = vm.add_parser(name, help=text)
-        p.add_argument("name")
         _common(p)
-        if name != "show":
+        if name == "show":
+            p.add_argument("name")
+        else:
+            p.add_argument("name", nargs="?", default="")
+            bulk.add_arguments(p)
             _waiting(p)
+            handler = bulk.single_or_bulk(name, handler)
         if name == "stop":
             p.add_argument(
                 "--force", action="store_true", help="power off at once instead of asking the guest"
@@ -213,9 +217,14 @@ def _add_host_commands(sub: _SubParsers) -> None:
     p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
     _common(p)
     p.set_defaults(handler=hosts.cmd_host_label)
-    p = host.add_parser("maintenance", help="put a host in maintenance (no new placements) or take it out")
-    p.add_argument("host")
-    p.add_argument("mode", choices=("on", "off"))
+    p = host.add_parser(
+        "maintenance",
+        help="put a host in maintenance (no new placements) or take it out; -l SELECTOR for many",
+        usage="fleetvisor host maintenance (HOST | -l SELECTOR) on|off [options]",
+    )
+    p.add_argument("words", nargs="+", metavar="HOST on|off")
+    p.add_argument("-l", "--selector", default="", help="every host that matches, e.g. rack=3 (flags only)")
+    p.add_argument("--max-parallel", type=int, default=5, help="with -l: hosts changed at once (default 5)")
     p.add_argument("--no-evacuate", action="store_true", help="with on: leave running VMs where they are")
     p.add_argument(
         "--force",

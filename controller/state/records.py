@@ -27,7 +27,18 @@ VmState = Literal[
 ]
 OpState = Literal["running", "succeeded", "failed"]
 OpKind = Literal[
-    "create", "start", "stop", "delete", "restart", "pause", "resume", "reboot", "migrate", "evacuate", "move"
+    "create",
+    "start",
+    "stop",
+    "delete",
+    "restart",
+    "pause",
+    "resume",
+    "reboot",
+    "migrate",
+    "evacuate",
+    "move",
+    "bulk",
 ]
 
 
@@ -85,6 +96,8 @@ class OperationRecord(msgspec.Struct, frozen=True, kw_only=True):
     deadline: float
     created_at: float
     updated_at: float
+    #: The bulk action this operation was started by ("" for none).
+    parent: str = ""
 
 
 class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,4 +184,5 @@ def op_of(row: tuple[Any, ...]) -> OperationRecord:
         deadline=row[7],
         created_at=row[8],
         updated_at=row[9],
+        parent=row[10],
     )

@@ -6,7 +6,7 @@ step runs once, in order, inside a transaction. It imports nothing of ours.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: Steps from one schema version to the next; each runs once, in order, inside a transaction.
 MIGRATIONS: dict[int, str] = {
@@ -61,6 +61,11 @@ MIGRATIONS: dict[int, str] = {
         expires_at REAL NOT NULL,
         created_at REAL NOT NULL
     );
+    """,
+    # 7 -> 8: an operation started by a bulk action names it as its parent.
+    7: """
+    ALTER TABLE operations ADD COLUMN parent TEXT NOT NULL DEFAULT '';
+    CREATE INDEX ops_parent ON operations (parent);
     """,
 }
 

@@ -18,6 +18,7 @@ import uuid
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from controller.state import files
@@ -56,6 +57,10 @@ __all__ = [
     "VmRecord",
     "VmState",
 ]
+
+
+#: The bulk action whose services are creating operations now (see Store.parent).
+_parent: ContextVar[str] = ContextVar("fleetvisor_operation_parent", default="")
 
 
 class Store:
@@ -346,13 +351,33 @@ class Store:
             deadline=deadline,
             created_at=now,
             updated_at=now,
+            parent=_parent.get(),
         )
         self._db.execute(
-            """INSERT INTO operations (op_id, kind, vm, host_id, state, params, deadline, created_at, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            (op.op_id, kind, vm, host_id, "running", encoder.encode(params), deadline, now, now),
+            """INSERT INTO operations
+               (op_id, kind, vm, host_id, state, params, deadline, created_at, updated_at, parent)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (op.op_id, kind, vm, host_id, "running", encoder.encode(params), deadline, now, now, op.parent),
         )
         return op
+
+    @staticmethod
+    @contextmanager
+    def parent(op_id: str) -> Iterator[None]:
+        """Operations inserted inside this block (in this task) are children of ``op_id``: the
+        services a bulk action calls create their operations as they always do, and the bulk
+        action finds them again with :meth:`children`, after a restart too.
+        """
+        token = _parent.set(op_id)
+        try:
+            yield
+        finally:
+            _parent.reset(token)
+
+    def children(self, parent: str) -> list[OperationRecord]:
+        """The operations started by bulk action ``parent``, oldest first."""
+        rows = self._db.execute("SELECT * FROM operations WHERE parent=? ORDER BY created_at", (parent,))
+        return [op_of(r) for r in rows]
 
     def finish_operation(self, op_id: str, state: OpState, error: str = "") -> None:
         self._db.execute(
@@ -438,12 +463,12 @@ class Store:
         **equal: str,
     ) -> list[OperationRecord]:
         """Operations newest first: those created before ``before`` (created_at, op_id), after
-        ``since``, and whose columns (kind, state, vm, host_id) equal ``equal``.
+        ``since``, and whose columns (kind, state, vm, host_id, parent) equal ``equal``.
         """
         where: list[str] = ["1=1"]
         args: list[object] = []
         for column, value in equal.items():
-            assert column in ("kind", "state", "vm", "host_id"), column
+            assert column in ("kind", "state", "vm", "host_id", "parent"), column
             where.append(f"{column}=?")
             args.append(value)
         if since is not None:

@@ -113,6 +113,8 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
         raw.execute("DROP TABLE groups")
         raw.execute("DROP TABLE enrolment")
         raw.execute("DROP TABLE join_tokens")
+        raw.execute("DROP INDEX ops_parent")
+        raw.execute("ALTER TABLE operations DROP COLUMN parent")
         raw.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     migrated = Store(path)
     host = migrated.host("h1")
@@ -127,6 +129,10 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_data(tmp_path):
     migrated.update_vm("v", migrating_to="h1")
     assert migrated.vm("v").migrating_to == "h1"  # type: ignore[union-attr]
     assert migrated.host("h1").standby_since is None  # type: ignore[union-attr]
+    assert migrated.insert_operation(kind="stop", vm="v", host_id="h1", params={}, deadline=0).parent == ""
+    with migrated.parent("p-1"):
+        child = migrated.insert_operation(kind="stop", vm="v", host_id="h1", params={}, deadline=0)
+    assert [c.op_id for c in migrated.children("p-1")] == [child.op_id]
     migrated.set_host_standby("h1", 1234.5)
     assert migrated.host("h1").standby_since == 1234.5  # type: ignore[union-attr]
     assert migrated.energy() == {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,11 +24,9 @@ from typing import Any
 
 import httpx
 
-from protocols import codec, topics
-from protocols.messages import HostInventory
 from tests.support import free_port
 from tests.support.brokers import MosquittoBroker
-from tests.support.processes import Proc
+from tests.support.processes import Proc, reported_vms
 from tests.support.qemu import pid_alive
 
 HOSTS = ("h1", "h2")
@@ -105,7 +102,6 @@ class FaultFleet:
         #: Every process ever started, for the logs of a failure and the final stop.
         self.started: list[Proc] = []
         self._frozen: set[int] = set()
-        self._decoder = codec.InboundDecoder()
 
     # -- processes ---------------------------------------------------------------------------------
 
@@ -240,22 +236,7 @@ class FaultFleet:
         """``host``'s VMs and their states as its agent last published them from its driver (the
         retained inventory on the broker); None when the broker has none or cannot be asked.
         """
-        topic = topics.host_topic(host, "inventory")
-        try:
-            done = subprocess.run(
-                ["mosquitto_sub", "-h", self.broker.host, "-p", str(self.broker.port), "-t", topic,
-                 "-C", "1", "-W", "2", "--retained-only", "-F", "%x"],
-                capture_output=True, text=True, timeout=5, check=False,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        lines = done.stdout.split()
-        if done.returncode != 0 or not lines:
-            return None
-        inventory = self._decoder.decode(topic, bytes.fromhex(lines[0]))
-        if not isinstance(inventory, HostInventory):
-            return None
-        return {vm.name: vm.state for vm in inventory.vms}
+        return reported_vms(self.broker.host, self.broker.port, host)
 
     # -- the controller's API ---------------------------------------------------------------------
 

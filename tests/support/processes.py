@@ -17,6 +17,9 @@ from typing import Any
 
 import httpx
 
+from protocols import codec, topics
+from protocols.messages import HostInventory
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -126,3 +129,25 @@ def start_process_fleet(
         fleet.all,
     )
     return fleet
+
+
+def reported_vms(broker_host: str, broker_port: int, host: str) -> dict[str, str] | None:
+    """``host``'s VMs and their states as its agent last published them from its driver (the retained
+    inventory on the broker, read with mosquitto_sub); None when the broker has none or cannot be asked.
+    """
+    topic = topics.host_topic(host, "inventory")
+    try:
+        done = subprocess.run(
+            ["mosquitto_sub", "-h", broker_host, "-p", str(broker_port), "-t", topic,
+             "-C", "1", "-W", "2", "--retained-only", "-F", "%x"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.split()
+    if done.returncode != 0 or not lines:
+        return None
+    inventory = codec.InboundDecoder().decode(topic, bytes.fromhex(lines[0]))
+    if not isinstance(inventory, HostInventory):
+        return None
+    return {vm.name: vm.state for vm in inventory.vms}

@@ -1,0 +1,50 @@
+"""Route of ``/actions``: one action on every VM or host a selector picks (a bulk operation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from controller.api import views
+from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
+from controller.api.operations import OperationResponses
+from controller.services.bulk import VM_ACTIONS, BulkActions
+
+
+def router(bulk: BulkActions, ops: OperationResponses) -> APIRouter:
+    """The bulk action route."""
+    api = APIRouter()
+
+    @api.post(
+        f"{PREFIX}/actions",
+        summary="Run one action on every VM or host a selector picks, as one parent operation",
+        status_code=202,
+        responses=responses(202, "operation", 400, 409),
+        openapi_extra=body("bulk_request"),
+    )
+    async def start_action(request: Request, wait: float = WAIT) -> Response:
+        asked: views.BulkRequest = await read_body(request, views.BulkRequest, "bulk action")
+        if asked.dry_run:
+            targets = bulk.targets(asked.action, asked.selector)
+            return json_response(
+                views.BulkPlan(action=asked.action, selector=asked.selector, targets=targets)
+            )
+        args: dict[str, Any]
+        if asked.action == "maintenance":
+            args = {"on": asked.on, "force": asked.force}
+        elif asked.action in VM_ACTIONS:
+            args = {"force": asked.force, "timeout_s": asked.timeout_s, "to": asked.to}
+        else:
+            args = {}
+        op = bulk.start(
+            asked.action,
+            asked.selector,
+            max_parallel=asked.max_parallel,
+            stop_after=asked.stop_after,
+            args=args,
+        )
+        return await ops.respond(op.op_id, wait)
+
+    return api

@@ -1,0 +1,108 @@
+"""Bulk actions from the CLI: ``vm stop -l tier=web --max-parallel 5`` and the like.
+
+The lifecycle commands take either a VM name or ``-l SELECTOR``; with a selector they start one bulk
+action (``POST /actions``), show its progress (a line that redraws on a terminal, a line every few
+seconds otherwise) and end with the report: what failed and why, what was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from controller.cli.client import EXIT_FAILED, ApiClient, CliError
+from protocols.text import printable
+
+Handler = Callable[[ApiClient, argparse.Namespace], int]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-l`` and the limits of a bulk action."""
+    g = parser.add_argument_group("many VMs at once (instead of NAME)")
+    g.add_argument(
+        "-l", "--selector", default="", help="act on every VM that matches, e.g. tier=web,state=running"
+    )
+    g.add_argument("--max-parallel", type=int, default=5, help="targets acted on at once (default 5)")
+    g.add_argument(
+        "--stop-after", type=int, default=0, metavar="N", help="stop after N failures (default: never)"
+    )
+    g.add_argument("--dry-run", action="store_true", help="list what the selector picks; change nothing")
+
+
+def single_or_bulk(action: str, single: Handler) -> Handler:
+    """``single`` for ``vm ACTION NAME``, a bulk action for ``vm ACTION -l SELECTOR``."""
+
+    def run(client: ApiClient, args: argparse.Namespace) -> int:
+        if bool(args.name) == bool(args.selector):
+            raise CliError(f"vm {action}: give a VM name or -l SELECTOR (one of them)")
+        if args.name:
+            return single(client, args)
+        body: dict[str, Any] = {
+            "action": action,
+            "selector": args.selector,
+            "max_parallel": args.max_parallel,
+            "stop_after": args.stop_after,
+            "dry_run": args.dry_run,
+            "force": bool(getattr(args, "force", False)),
+        }
+        return run_bulk(client, args, body)
+
+    return run
+
+
+def run_bulk(client: ApiClient, args: argparse.Namespace, body: dict[str, Any]) -> int:
+    """Start a bulk action, follow it to its end (unless ``--no-wait``), and report."""
+    answer = client.request("POST", "/actions", json=body)
+    if body.get("dry_run"):
+        targets = answer["targets"]
+        print(f"{body['action']} would act on {len(targets)}: {', '.join(printable(t) for t in targets)}")
+        return 0
+    op_id = answer["op_id"]
+    total = len(answer["params"]["targets"])
+    print(
+        f"bulk {body['action']} {op_id}: {total} target(s), {body['max_parallel']} at a time", file=sys.stderr
+    )
+    if args.no_wait:
+        print(
+            f"it goes on; follow it with `fleetvisor op wait {op_id}`, stop it with `fleetvisor op cancel {op_id}`"
+        )
+        return 0
+    deadline = time.monotonic() + args.timeout
+    shown_at = 0.0
+    tty = sys.stderr.isatty()
+    while True:
+        op = client.request("GET", f"/operations/{op_id}", params={"wait": 1.0})
+        results = op["params"].get("results", {})
+        line = _progress(results, total)
+        if tty:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - shown_at >= 5 or op["state"] != "running":
+            print(line, file=sys.stderr, flush=True)
+            shown_at = time.monotonic()
+        if op["state"] != "running":
+            break
+        if time.monotonic() > deadline:
+            print(f"\nstill running after {args.timeout:g}s; follow it with `fleetvisor op wait {op_id}`")
+            return EXIT_FAILED
+    if tty:
+        print(file=sys.stderr)
+    for target, result in sorted(results.items()):
+        if not result.startswith("done"):
+            print(f"  {printable(target)}: {printable(result)}")
+    print(printable(op["error"]) if op["error"] else f"bulk {body['action']}: all {total} done")
+    return 0 if op["state"] == "succeeded" else EXIT_FAILED
+
+
+def _progress(results: dict[str, str], total: int) -> str:
+    done = sum(r.startswith("done") for r in results.values())
+    failed = sum(r.startswith("failed") for r in results.values())
+    skipped = sum(r.startswith("skipped") for r in results.values())
+    width = 30
+    filled = width * len(results) // max(total, 1)
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {len(results)}/{total} settled: "
+        f"{done} done, {failed} failed, {skipped} skipped"
+    )

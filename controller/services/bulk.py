@@ -1,0 +1,268 @@
+"""Bulk actions: one action on every host or VM a selector picks, as one parent operation.
+
+``POST /api/v1/actions`` starts one (:meth:`BulkActions.start`). The parent (kind ``bulk``) keeps the
+action, the targets the selector picked when it started, and each target's result as it settles.
+Each target's own operation is a child: the VM service or the migration service creates it as it
+would for a single request, inside :meth:`Store.parent <controller.state.store.Store.parent>`, so it
+names the parent (``GET /operations?parent=ID``). At most ``max_parallel`` children run at once.
+
+- **Errors:** by default every target is tried; ``stop_after`` N ends the action once N have failed,
+  and the targets not started yet are reported as skipped.
+- **Cancel:** targets not started are skipped; children under way end as they would, except live
+  migrations still in pre-copy, which are cancelled (the VM stays on its source).
+- **Restart:** a running parent resumes: settled targets are not touched again, a child under way is
+  waited for (found by its parent id, so none is started twice), the rest start.
+- **Host actions** (maintenance on or off) change the host record at once; they have no child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Literal, get_args
+
+from controller.common import selectors
+from controller.common.errors import Conflict, DomainError, Invalid
+from controller.services.hosts import HostService
+from controller.services.migration.migrate import MigrationService
+from controller.services.operations import Operations
+from controller.services.selection import select_hosts, select_vms
+from controller.services.vms import VmService
+from controller.state.events import EventHub
+from controller.state.store import OperationRecord, Store
+from protocols.migration import MigrationPolicy
+
+Action = Literal["start", "stop", "pause", "resume", "reboot", "delete", "migrate", "maintenance"]
+VM_ACTIONS = frozenset({"start", "stop", "pause", "resume", "reboot", "delete", "migrate"})
+#: How long one child may take before the parent records it as failed (it may still end later).
+CHILD_TIMEOUT_S = 3600.0
+
+
+class BulkActions:
+    """Starts and drives bulk actions."""
+
+    def __init__(
+        self,
+        store: Store,
+        events: EventHub,
+        operations: Operations,
+        hosts: HostService,
+        vms: VmService,
+        migrations: MigrationService,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.operations = operations
+        self.hosts = hosts
+        self.vms = vms
+        self.migrations = migrations
+        operations.register(("bulk",), self.run, self._crashed)
+
+    def targets(self, action: str, selector: str) -> list[str]:
+        """What ``selector`` picks for ``action``, in name order.
+
+        Raises:
+            Invalid: an unknown action, or a bad selector (pointing at the character).
+        """
+        if action not in get_args(Action):
+            raise Invalid("invalid_action", f"action {action!r} is not one of: {', '.join(get_args(Action))}")
+        if action in VM_ACTIONS:
+            chosen = select_vms(selectors.parse(selector, "vm"), self.store.vms())
+            return sorted(v.name for v in chosen)
+        return sorted(h.host_id for h in select_hosts(selectors.parse(selector, "host"), self.store.hosts()))
+
+    def start(
+        self, action: str, selector: str, *, max_parallel: int, stop_after: int, args: dict[str, Any]
+    ) -> OperationRecord:
+        """Begin ``action`` on what ``selector`` picks. Returns the parent operation.
+
+        Raises:
+            Invalid: a bad action, selector or limit, or a selector that picks nothing.
+        """
+        if not 1 <= max_parallel <= 100:
+            raise Invalid("invalid_limit", f"max_parallel must be 1 to 100, got {max_parallel}")
+        if stop_after < 0:
+            raise Invalid("invalid_limit", f"stop_after must be 0 (never stop) or more, got {stop_after}")
+        targets = self.targets(action, selector)
+        if not targets:
+            kind = "VMs" if action in VM_ACTIONS else "hosts"
+            raise Invalid(
+                "nothing_selected",
+                f"selector {selector!r} picks no {kind}; list them with the same selector to check it",
+            )
+        with self.store.transaction():
+            op = self.store.insert_operation(
+                kind="bulk",
+                vm="",
+                host_id=None,
+                params={
+                    "action": action,
+                    "selector": selector,
+                    "targets": targets,
+                    "max_parallel": max_parallel,
+                    "stop_after": stop_after,
+                    "args": args,
+                    "results": {},
+                },
+                deadline=time.time(),
+            )
+        self.events.emit(
+            "bulk.started",
+            f"{action} on {len(targets)} target(s) picked by {selector!r}, {max_parallel} at a time",
+            op_id=op.op_id,
+        )
+        self.operations.start(op)
+        return op
+
+    async def cancel(self, op_id: str) -> OperationRecord:
+        """Skip the targets not started yet, and cancel live migrations still in pre-copy.
+
+        Raises:
+            NotFound: no such operation. Conflict: not a running bulk action.
+        """
+        op = self.operations.require(op_id)
+        if op.kind != "bulk" or op.state != "running":
+            raise Conflict("invalid_state", f"operation {op_id} is not a running bulk action")
+        if not op.params.get("cancelled"):
+            # The flag first: a child started after this loop sees it and cancels itself.
+            op = self.store.update_operation(op_id, {**op.params, "cancelled": True})
+            self.events.emit(
+                "bulk.cancelled",
+                f"bulk {op.params['action']} cancelled: targets not started are skipped",
+                op_id=op_id,
+            )
+            for child in self.store.children(op_id):
+                if child.kind == "migrate" and child.state == "running":
+                    await self._cancel_child(child)
+        return op
+
+    async def run(self, op: OperationRecord) -> None:
+        params = op.params
+        results: dict[str, str] = dict(params.get("results", {}))
+        children = {c.vm or c.host_id or "": c for c in self.store.children(op.op_id)}
+        gate = asyncio.Semaphore(params["max_parallel"])
+        lock = asyncio.Lock()
+
+        async def record(target: str, outcome: str) -> None:
+            async with lock:
+                results[target] = outcome
+                current = self.store.operation(op.op_id) or op
+                self.store.update_operation(op.op_id, {**current.params, "results": dict(results)})
+            self.events.emit(
+                "bulk.progress",
+                f"bulk {params['action']}: {len(results)}/{len(params['targets'])} settled; {target}: {outcome}",
+                vm=target if params["action"] in VM_ACTIONS else "",
+                host_id="" if params["action"] in VM_ACTIONS else target,
+                op_id=op.op_id,
+            )
+
+        async def one(target: str) -> None:
+            if target in results:
+                return  # settled before a restart
+            async with gate:
+                child = children.get(target)
+                if child is None:
+                    why = self._skip_reason(op.op_id, results)
+                    if why:
+                        await record(target, f"skipped: {why}")
+                        return
+                    try:
+                        begun = self._begin(op, target)
+                    except DomainError as exc:
+                        await record(target, f"failed: {exc.message}")
+                        return
+                    if isinstance(begun, str):
+                        await record(target, begun)
+                        return
+                    child = begun
+                if self._cancelled(op.op_id) and child.kind == "migrate" and child.state == "running":
+                    await self._cancel_child(child)
+                done = await self.operations.wait(child.op_id, CHILD_TIMEOUT_S)
+                if done.state == "running":
+                    await record(
+                        target, f"failed: still running after {CHILD_TIMEOUT_S:g}s (operation {done.op_id})"
+                    )
+                elif done.state == "succeeded":
+                    await record(target, "done")
+                else:
+                    await record(target, f"failed: {done.error}")
+
+        await asyncio.gather(*(one(t) for t in params["targets"]))
+        self._report(op.op_id, results)
+
+    def _skip_reason(self, op_id: str, results: dict[str, str]) -> str:
+        current = self.store.operation(op_id)
+        if current is None or current.params.get("cancelled"):
+            return "cancelled before it started"
+        stop_after = current.params.get("stop_after", 0)
+        failed = sum(r.startswith("failed") for r in results.values())
+        if stop_after and failed >= stop_after:
+            return f"the action stopped after {failed} failure(s) (stop_after {stop_after})"
+        return ""
+
+    def _cancelled(self, op_id: str) -> bool:
+        current = self.store.operation(op_id)
+        return current is not None and bool(current.params.get("cancelled"))
+
+    async def _cancel_child(self, child: OperationRecord) -> None:
+        with contextlib.suppress(DomainError):  # past the switch-over, or over: it ends on its own
+            await self.migrations.cancel(child.vm)
+
+    def _begin(self, op: OperationRecord, target: str) -> OperationRecord | str:
+        """Start ``target``'s part: its child operation, or the result of a part that needs none (a
+        host change made at once, a VM already where the action would take it).
+
+        Raises:
+            DomainError: the target refuses (busy, gone, no room), with why.
+        """
+        action, args = op.params["action"], op.params["args"]
+        if action == "maintenance":
+            on = bool(args.get("on", True))
+            self.hosts.update(target, maintenance=on, force=bool(args.get("force")))
+            return "done: in maintenance" if on else "done: out of maintenance"
+        already = {"start": "running", "stop": "stopped", "pause": "paused"}.get(action)
+        vm = self.vms.require(target)
+        if already is not None and vm.state == already and vm.op_id is None:
+            return f"done: already {already}"
+        with self.store.parent(op.op_id):
+            match action:
+                case "start":
+                    return self.vms.start(target)
+                case "stop":
+                    return self.vms.stop(
+                        target, force=bool(args.get("force")), timeout_s=float(args.get("timeout_s", 30.0))
+                    )
+                case "pause":
+                    return self.vms.pause(target)
+                case "resume":
+                    return self.vms.resume(target)
+                case "reboot":
+                    return self.vms.reboot(target)
+                case "delete":
+                    return self.vms.delete(target)
+                case "migrate":
+                    return self.migrations.start(target, args.get("to"), MigrationPolicy())
+        raise AssertionError(action)
+
+    def _report(self, op_id: str, results: dict[str, str]) -> None:
+        op = self.store.operation(op_id)
+        assert op is not None
+        done = [t for t, r in results.items() if r == "done"]
+        failed = {t: r for t, r in results.items() if r.startswith("failed")}
+        skipped = [t for t, r in results.items() if r.startswith("skipped")]
+        summary = (
+            f"bulk {op.params['action']}: {len(done)} done, {len(failed)} failed, {len(skipped)} skipped"
+        )
+        if failed:
+            summary += "; failed: " + "; ".join(
+                f"{t} ({r.removeprefix('failed: ')[:200]})" for t, r in failed.items()
+            )
+        ok = not failed and not skipped
+        self.store.finish_operation(op_id, "succeeded" if ok else "failed", "" if ok else summary[:4000])
+        self.events.emit("operation.succeeded" if ok else "operation.failed", summary, op_id=op_id)
+
+    def _crashed(self, op: OperationRecord, exc: Exception) -> None:
+        self.store.finish_operation(
+            op.op_id, "failed", f"the bulk action crashed: {type(exc).__name__}: {exc}"
+        )

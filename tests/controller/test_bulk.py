@@ -1,0 +1,105 @@
+"""Bulk actions through the controller (in-process sim agents on a real Mosquitto): refusals,
+stop_after, host maintenance and the per-target report. The process-level tests (200 VMs, kill -9,
+cancel half-way) are in tests/e2e/test_bulk_actions.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tests.support.fleet import Fleet
+
+
+async def _vm(client: httpx.AsyncClient, name: str, host: str, labels: dict[str, str]) -> None:
+    body: dict[str, Any] = {
+        "name": name,
+        "memory_mib": 256,
+        "labels": labels,
+        "scheduling": {"start_on": host},
+    }
+    r = await client.post("/api/v1/vms", json=body, params={"wait": 10})
+    assert r.status_code == 200, r.text
+
+
+async def test_bad_bulk_requests_are_refused_and_start_nothing(mosquitto, tmp_path) -> None:
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
+            await _vm(client, "a", "h1", {"tier": "web"})
+            for body, code, words in (
+                ({"action": "explode", "selector": "tier=web"}, "invalid_action", "not one of: start"),
+                ({"action": "stop", "selector": "tier=db"}, "nothing_selected", "picks no VMs"),
+                ({"action": "stop", "selector": "tier=="}, "invalid_selector", "at character 7"),
+                ({"action": "maintenance", "selector": "group=x"}, "invalid_selector", "hosts have no field"),
+            ):
+                r = await client.post("/api/v1/actions", json=body)
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["code"] == code and words in r.json()["error"]["message"], r.text
+            r = await client.post("/api/v1/actions", json={"action": "stop", "max_parallel": 0})
+            assert r.status_code == 400, r.text
+            ops = (await client.get("/api/v1/operations", params={"kind": "bulk"})).json()["operations"]
+            assert ops == [] and (await client.get("/api/v1/vms/a")).json()["state"] == "running"
+
+
+async def test_already_done_targets_count_as_done_and_stop_after_skips_the_rest(mosquitto, tmp_path) -> None:
+    """A pause of VMs already paused is done, not failed. A resume of running VMs fails for each;
+    with stop_after 2 and one at a time, the second failure ends the action: the rest are skipped,
+    and the report names the failures.
+    """
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
+            for name in ("a-1", "a-2", "a-3", "a-4"):
+                await _vm(client, name, "h1", {"tier": "web"})
+            r = await client.post("/api/v1/vms/a-2/pause", params={"wait": 10})
+            assert r.status_code == 200, r.text
+            body = {"action": "pause", "selector": "tier=web", "max_parallel": 2}
+            op = (await client.post("/api/v1/actions", json=body, params={"wait": 30})).json()
+            assert op["state"] == "succeeded", op
+            assert op["params"]["results"] == {
+                "a-1": "done", "a-2": "done: already paused", "a-3": "done", "a-4": "done"
+            }  # fmt: skip
+            body = {"action": "resume", "selector": "name in (a-1,a-2)"}
+            op = (await client.post("/api/v1/actions", json=body, params={"wait": 30})).json()
+            assert op["state"] == "succeeded", op  # every VM runs again
+
+            body = {"action": "resume", "selector": "tier=web", "max_parallel": 1, "stop_after": 2}
+            op = (await client.post("/api/v1/actions", json=body, params={"wait": 30})).json()
+            results = op["params"]["results"]
+            assert op["state"] == "failed", op
+            assert results["a-1"].startswith("failed") and results["a-2"].startswith("failed"), results
+            assert (
+                results["a-3"]
+                == results["a-4"]
+                == ("skipped: the action stopped after 2 failure(s) (stop_after 2)")
+            ), results
+            assert "a-1 (" in op["error"] and "a-2 (" in op["error"] and "2 skipped" in op["error"], op[
+                "error"
+            ]
+            children = (await client.get("/api/v1/operations", params={"parent": op["op_id"]})).json()
+            assert children["operations"] == [], "a refused resume starts no operation"
+
+
+async def test_bulk_maintenance_flags_the_selected_hosts_only(mosquitto, tmp_path) -> None:
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        for h in ("h1", "h2", "h3"):
+            await fleet.add_agent(h)
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
+            for h in ("h1", "h2"):
+                r = await client.patch(f"/api/v1/hosts/{h}", json={"labels": {"rack": "3"}})
+                assert r.status_code == 200, r.text
+            body = {"action": "maintenance", "selector": "rack=3", "on": True}
+            dry = (await client.post("/api/v1/actions", json={**body, "dry_run": True})).json()
+            assert dry["targets"] == ["h1", "h2"]
+            op = (await client.post("/api/v1/actions", json=body, params={"wait": 10})).json()
+            assert op["state"] == "succeeded" and set(op["params"]["results"]) == {"h1", "h2"}, op
+            hosts = {h["host_id"]: h["maintenance"] for h in (await client.get("/api/v1/hosts")).json()}
+            assert hosts == {"h1": True, "h2": True, "h3": False}
+            op = (
+                await client.post("/api/v1/actions", json={**body, "on": False}, params={"wait": 10})
+            ).json()
+            assert op["state"] == "succeeded", op
+            hosts = {h["host_id"]: h["maintenance"] for h in (await client.get("/api/v1/hosts")).json()}
+            assert hosts == {"h1": False, "h2": False, "h3": False}

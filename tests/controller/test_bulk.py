@@ -5,29 +5,16 @@ cancel half-way) are in tests/e2e/test_bulk_actions.py.
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 
-from tests.support.fleet import Fleet
-
-
-async def _vm(client: httpx.AsyncClient, name: str, host: str, labels: dict[str, str]) -> None:
-    body: dict[str, Any] = {
-        "name": name,
-        "memory_mib": 256,
-        "labels": labels,
-        "scheduling": {"start_on": host},
-    }
-    r = await client.post("/api/v1/vms", json=body, params={"wait": 10})
-    assert r.status_code == 200, r.text
+from tests.support.fleet import Fleet, create_vm
 
 
 async def test_bad_bulk_requests_are_refused_and_start_nothing(mosquitto, tmp_path) -> None:
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         await fleet.add_agent("h1")
         async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
-            await _vm(client, "a", "h1", {"tier": "web"})
+            await create_vm(client, "a", "h1", {"tier": "web"})
             for body, code, words in (
                 ({"action": "explode", "selector": "tier=web"}, "invalid_action", "not one of: start"),
                 ({"action": "stop", "selector": "tier=db"}, "nothing_selected", "picks no VMs"),
@@ -52,7 +39,7 @@ async def test_already_done_targets_count_as_done_and_stop_after_skips_the_rest(
         await fleet.add_agent("h1")
         async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
             for name in ("a-1", "a-2", "a-3", "a-4"):
-                await _vm(client, name, "h1", {"tier": "web"})
+                await create_vm(client, name, "h1", {"tier": "web"})
             r = await client.post("/api/v1/vms/a-2/pause", params={"wait": 10})
             assert r.status_code == 200, r.text
             body = {"action": "pause", "selector": "tier=web", "max_parallel": 2}

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
 
 from controller.common.selectors import SelectorError, parse
-from tests.support.fleet import Fleet
+from tests.support.fleet import Fleet, create_vm
 
 VM = {"name": "web-1", "state": "running", "host": "h1", "group": "web"}
 LABELS = {"rack": "3", "tier": "web", "gpu": "", "zone": "a"}
@@ -72,17 +70,6 @@ def test_a_field_the_kind_does_not_have_is_refused_with_the_label_spelling() -> 
     assert parse("label:group=web", "host").matches({}, {"group": "web"})
 
 
-async def _vm(client: httpx.AsyncClient, name: str, host: str, labels: dict[str, str]) -> None:
-    body: dict[str, Any] = {
-        "name": name,
-        "memory_mib": 256,
-        "labels": labels,
-        "scheduling": {"start_on": host},
-    }
-    r = await client.post("/api/v1/vms", json=body, params={"wait": 10})
-    assert r.status_code == 200, r.text
-
-
 async def test_the_list_routes_filter_by_selector_and_refuse_a_bad_one(mosquitto, tmp_path) -> None:
     async with Fleet(mosquitto.url, tmp_path) as fleet:
         await fleet.add_agent("h1")
@@ -90,9 +77,9 @@ async def test_the_list_routes_filter_by_selector_and_refuse_a_bad_one(mosquitto
         async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
             r = await client.patch("/api/v1/hosts/h2", json={"labels": {"rack": "3"}, "maintenance": True})
             assert r.status_code == 200, r.text
-            await _vm(client, "web-1", "h1", {"tier": "web"})
-            await _vm(client, "web-2", "h1", {"tier": "web", "gpu": "1"})
-            await _vm(client, "db-1", "h1", {"tier": "db"})
+            await create_vm(client, "web-1", "h1", {"tier": "web"})
+            await create_vm(client, "web-2", "h1", {"tier": "web", "gpu": "1"})
+            await create_vm(client, "db-1", "h1", {"tier": "db"})
             r = await client.post("/api/v1/vms/db-1/stop", json={"force": True}, params={"wait": 10})
             assert r.status_code == 200, r.text
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import httpx
+
 from agent.daemon import Agent, AgentSettings
 from controller.daemon import Controller, ControllerSettings, FleetSettings
 from hv.sim.driver import SimDriver
@@ -130,3 +132,15 @@ class Fleet:
             with contextlib.suppress(Exception):
                 await self.stop_agent(host_id)
         await self.stop_controller()
+
+
+async def create_vm(client: httpx.AsyncClient, name: str, host: str, labels: dict[str, str]) -> None:
+    """Create and start a 256 MiB VM ``name`` with ``labels`` on ``host`` through the API."""
+    body: dict[str, Any] = {
+        "name": name,
+        "memory_mib": 256,
+        "labels": labels,
+        "scheduling": {"start_on": host},
+    }
+    r = await client.post("/api/v1/vms", json=body, params={"wait": 10})
+    assert r.status_code == 200, r.text

@@ -349,3 +349,48 @@ async def test_a_send_reported_failed_after_the_whole_guest_arrived_finishes_on_
         record = fleet.ctl.store.vm("whole")
         assert record is not None and (record.host_id, record.state) == ("h2", "running")
         assert "migration.overruled" in [e.type for e in fleet.ctl.store.events_since(0)]
+
+
+async def test_a_copy_that_crashes_after_the_switch_over_is_recorded_crashed_when_the_cleanup_ends(
+    mosquitto, tmp_path
+):
+    """The destination's copy dies after the switch-over, while the source's husk is being removed.
+
+    The record ignores VM events while the migration holds it, and the agent sends its inventory
+    only when something changes, so the crash must be read back when the hold is released (seen in
+    CI: a destination QEMU killed during the cleanup stayed 'running' in the store for good).
+    """
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        await _make(fleet, "late", "h1", memory=256, dirty=1)
+        source, dest = fleet.drivers["h1"], fleet.drivers["h2"]
+        crashed = asyncio.Event()
+        undefine = source.undefine
+
+        async def held_undefine(name: str) -> None:
+            await crashed.wait()  # the cleanup waits until the destination's copy has crashed
+            await undefine(name)
+
+        source.undefine = held_undefine  # type: ignore[method-assign]
+        op = fleet.ctl.migrations.start("late", "h2", MigrationPolicy(bandwidth_mib_s=400))
+        await eventually(
+            lambda: fleet.ctl.store.operation(op.op_id).params.get("phase") == "cleanup", 20, "cleanup"
+        )
+        dest.inject_crash("late", "qemu killed")
+
+        def reported_crashed() -> bool:
+            inventory = fleet.ctl.live.inventories.get("h2")
+            return inventory is not None and any(
+                v.name == "late" and v.state == "crashed" for v in inventory.vms
+            )
+
+        await eventually(reported_crashed, 10, "h2's inventory reports the crash")
+        record = fleet.ctl.store.vm("late")
+        assert record is not None and record.state == "running" and record.op_id == op.op_id  # still held
+        crashed.set()
+        done = await fleet.ctl.operations.wait(op.op_id, 20)
+        assert done.state == "succeeded", done.error
+        record = fleet.ctl.store.vm("late")
+        assert record is not None and (record.host_id, record.state, record.op_id) == ("h2", "crashed", None)
+        assert any(e.type == "vm.state" and e.vm == "late" for e in fleet.ctl.store.events_since(0))

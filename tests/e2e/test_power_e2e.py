@@ -16,6 +16,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,18 @@ def _api(url: str, method: str, path: str, **kwargs: Any) -> Any:
     r = httpx.request(method, f"{url}/api/v1{path}", timeout=30, **kwargs)
     assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
     return r.json()
+
+
+def _delete(url: str, name: str) -> None:
+    """DELETE a VM; while the power manager is migrating it (409 vm_busy), wait and retry, as an operator would."""
+    deadline = time.monotonic() + 30
+    while True:
+        r = httpx.delete(f"{url}/api/v1/vms/{name}", params={"wait": 15}, timeout=30)
+        busy = r.status_code == 409 and r.json()["error"]["code"] == "vm_busy"
+        if not busy or time.monotonic() > deadline:
+            assert r.status_code < 300, f"DELETE /vms/{name}: {r.status_code} {r.text}"
+            return
+        time.sleep(0.2)
 
 
 def _hosts(url: str) -> dict[str, dict[str, Any]]:
@@ -152,7 +165,7 @@ def test_load_falls_hosts_power_off_over_ipmi_load_rises_they_power_on_and_no_vm
         # Phase 1: load falls. Light VMs are consolidated; the emptied hosts go to standby over IPMI.
         for vm in light:
             if vm["name"].startswith("busy-"):
-                _api(url, "DELETE", f"/vms/{vm['name']}", params={"wait": 15})
+                _delete(url, vm["name"])
         wait_for(
             lambda: sum(h["power_state"] == "standby" for h in _hosts(url).values()) == 2,
             30,

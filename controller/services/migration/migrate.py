@@ -484,7 +484,17 @@ class MigrationService:
         error = op.params.get("switch_error", "")
         current = self.store.vm(op.vm)
         if current is not None and current.op_id == op.op_id:
-            self.store.update_vm(op.vm, op_id=None)
+            crashed = self._died_on(target, op)
+            self.store.update_vm(op.vm, op_id=None, **({"state": crashed} if crashed else {}))
+            if crashed and current.state != crashed:
+                self.events.emit(
+                    "vm.state",
+                    f"vm {op.vm} is {crashed} on {target}: its QEMU died after the switch-over, "
+                    "while the migration was cleaning up",
+                    host_id=target,
+                    vm=op.vm,
+                    op_id=op.op_id,
+                )
         self.store.finish_operation(op.op_id, "failed" if error else "succeeded", (error + note).lstrip("; "))
         self.events.emit(
             "operation.succeeded" if not error else "operation.failed",
@@ -496,12 +506,13 @@ class MigrationService:
             op_id=op.op_id,
         )
 
-    def _died_on(self, source: str, op: OperationRecord) -> VmState | None:
-        """The VM's state if the source reported it powered off since the migration began (its QEMU
-        died during the rollback, say). The record ignores VM events while the migration holds it,
-        so without this the rollback would write back the state from before the migration.
+    def _died_on(self, host: str, op: OperationRecord) -> VmState | None:
+        """The state "crashed" if ``host`` reported the VM crashed since the migration began: the source's QEMU
+        died during the rollback, or the destination's after the switch-over. The record ignores VM
+        events while the migration holds it, and an agent sends its inventory only when something
+        changes, so without this the hold's release would keep the state from before the crash.
         """
-        inventory = self.live.inventories.get(source)
+        inventory = self.live.inventories.get(host)
         if inventory is None or inventory.ts < op.created_at:
             return None
         copy = next((vm for vm in inventory.vms if vm.name == op.vm), None)

@@ -51,6 +51,7 @@ from controller.services.migration.migrate import MigrationService, MigrationSet
 from controller.services.moves import VmMoves
 from controller.services.operations import Operations
 from controller.services.power import PowerService, PowerSettings
+from controller.services.rolling import RollingMaintenance
 from controller.services.vms import VmService, VmSettings
 from controller.state import retention as retention_flags
 from controller.state.events import EventHub
@@ -135,6 +136,7 @@ class Controller:
     migrations: MigrationService
     evacuations: Evacuations
     bulk: BulkActions
+    rolling: RollingMaintenance
     ha: HaService
     power: PowerService
     intake: Intake
@@ -261,19 +263,16 @@ class Controller:
             self.vms, self.hosts, fleet.migration,
         )  # fmt: skip
         self.evacuations = Evacuations(
-            store,
-            self.events,
-            self.operations,
-            self.hosts,
-            self.vms,
-            self.moves,
-            self.migrations,
-            fleet.migration,
-        )
+            store, self.events, self.operations, self.hosts, self.vms, self.moves, self.migrations, fleet.migration
+        )  # fmt: skip
         self.bulk = BulkActions(store, self.events, self.operations, self.hosts, self.vms, self.migrations)
         self.ha = HaService(
             store, self.events, self.scheduler, self.fleet_state, self.moves, self.standby,
             (self.bus, self.telemetry_bus), fleet.ha,
+        )  # fmt: skip
+        self.rolling = RollingMaintenance(
+            store, self.events, self.operations, self.hosts, self.migrations, self.fleet_state, self.live,
+            self.ha.detector.state, fleet.migration,
         )  # fmt: skip
         self.power = PowerService(
             store=store,
@@ -330,6 +329,7 @@ class Controller:
             migrations=self.migrations,
             evacuations=self.evacuations,
             bulk=self.bulk,
+            rolling=self.rolling,
             power=self.power,
             authority=authority,
             health=self.health,

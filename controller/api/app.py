@@ -28,6 +28,7 @@ from controller.api import (
     migrations,
     operations,
     power,
+    rolling,
     tokens,
     views,
     vms,
@@ -41,6 +42,7 @@ from controller.services.migration.evacuation import Evacuations
 from controller.services.migration.migrate import MigrationService
 from controller.services.operations import Operations
 from controller.services.power import PowerService
+from controller.services.rolling import RollingMaintenance
 from controller.services.vms import VmService
 from controller.state.events import EventHub
 from controller.state.idempotency import IdempotencyStore
@@ -60,6 +62,7 @@ class ApiParts:
     migrations: MigrationService
     evacuations: Evacuations
     bulk: BulkActions
+    rolling: RollingMaintenance
     power: PowerService
     authority: auth.Authority
     health: Callable[[], dict[str, Any]]
@@ -90,8 +93,9 @@ def create_app(parts: ApiParts) -> FastAPI:
         vms.router(parts.store, parts.vms, parts.operations, parts.views, ops),
         migrations.router(parts.migrations, ops),
         power.router(parts.power),
-        operations.router(ops, parts.evacuations, parts.bulk),
+        operations.router(ops, parts.evacuations, parts.bulk, parts.rolling),
         actions.router(parts.bulk, ops),
+        rolling.router(parts.rolling, ops),
         events.router(parts.store, parts.events),
     ):
         app.include_router(api)

@@ -81,6 +81,9 @@ SCHEMA_TYPES: dict[str, Any] = {
     "host_power": power.HostPowerReport,
     "bulk_request": views.BulkRequest,
     "bulk_plan": views.BulkPlan,
+    "rolling_request": views.RollingRequest,
+    "rolling_plan": views.RollingPlan,
+    "continue_request": views.ContinueRequest,
 }
 _schemas, COMPONENTS = msgspec.json.schema_components(
     tuple(SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"

@@ -16,6 +16,7 @@ from controller.services.bulk import BulkActions
 from controller.services.migration.evacuation import Evacuations
 from controller.services.migration.migrate import MigrationService
 from controller.services.operations import Operations
+from controller.services.rolling import RollingMaintenance
 from controller.state.records import OpKind, OpState
 
 
@@ -33,7 +34,9 @@ class OperationResponses:
         return json_response(view, 202 if op.state == "running" else 200)
 
 
-def router(ops: OperationResponses, evacuations: Evacuations, bulk: BulkActions) -> APIRouter:
+def router(
+    ops: OperationResponses, evacuations: Evacuations, bulk: BulkActions, rolling: RollingMaintenance
+) -> APIRouter:
     """The operation routes."""
     api = APIRouter()
     store = ops.operations.store
@@ -86,7 +89,7 @@ def router(ops: OperationResponses, evacuations: Evacuations, bulk: BulkActions)
 
     @api.post(
         f"{PREFIX}/operations/{{op_id}}/cancel",
-        summary="Cancel a running operation (a live migration while pre-copy, an evacuation)",
+        summary="Cancel a running operation (a live migration while pre-copy, an evacuation, a bulk action, a roll)",
         responses=responses(200, "operation", 404, 409),
     )
     async def cancel_operation(op_id: str, wait: float = WAIT) -> Response:
@@ -99,12 +102,14 @@ def router(ops: OperationResponses, evacuations: Evacuations, bulk: BulkActions)
             return await ops.respond(evacuations.cancel(op_id).op_id, wait)
         if op.kind == "bulk":
             return await ops.respond((await bulk.cancel(op_id)).op_id, wait)
+        if op.kind == "rolling":
+            return await ops.respond(rolling.cancel(op_id).op_id, wait)
         if op.kind != "migrate":
             raise Conflict(
                 "not_cancellable",
                 f"operation {op_id} ({op.kind} of {op.vm}) cannot be cancelled: the host applies a {op.kind} "
                 "as one step, so it ends on its own (wait for it, then undo it if needed). Live migrations "
-                "evacuations and bulk actions can be cancelled",
+                "evacuations, bulk actions and rolling maintenance can be cancelled",
             )
         return await ops.respond((await ops.migrations.cancel(op.vm)).op_id, wait)
 

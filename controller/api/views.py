@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -227,6 +227,40 @@ class BulkPlan(msgspec.Struct, frozen=True, kw_only=True):
     action: str
     selector: str
     targets: list[str]
+
+
+class RollingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /rolling-maintenance``: the hosts a selector picks through maintenance in turn."""
+
+    #: The grammar of docs/selectors.md, over hosts; "" picks every host.
+    selector: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    #: Hosts per wave.
+    max_parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    #: Migrate the VMs that left a host back to it once it is out of maintenance.
+    return_vms: bool = False
+    #: "continue": wait for ``POST /operations/{id}/continue`` on each host; "none": no operator step.
+    step: Literal["continue", "none"] = "continue"
+    #: How long a host's agent may take to come back healthy after the step.
+    agent_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 900.0
+    #: Only say which hosts, in which waves; start nothing.
+    dry_run: bool = False
+
+
+class RollingPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """A dry run's answer: the hosts, wave by wave, in the order the roll takes them."""
+
+    selector: str
+    waves: list[list[str]]
+
+
+class ContinueRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /operations/{id}/continue``: the operator's step on a host of a roll is over."""
+
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    #: False: the step failed; the host stays in maintenance and the roll stops.
+    ok: bool = True
+    #: What the step did, or why it failed (kept in the roll's progress and its events).
+    message: Annotated[str, msgspec.Meta(max_length=2000)] = ""
 
 
 class Views:

@@ -39,6 +39,7 @@ OpKind = Literal[
     "evacuate",
     "move",
     "bulk",
+    "rolling",
 ]
 
 

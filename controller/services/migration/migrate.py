@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 
 from controller.common.errors import Conflict, DomainError, Invalid
-from controller.scheduler import Decision, FleetState, Scheduler
+from controller.scheduler import Decision, FleetState, PlacementRequest, Scheduler
 from controller.services import placement
 from controller.services.agent_rpc import AgentRpc
 from controller.services.hosts import HostService
@@ -146,15 +146,26 @@ class MigrationService:
                 raise Invalid(
                     "invalid_request", f"vm {record.name!r} already runs on {to!r}; choose another host"
                 )
-        caps = self.store.host(record.host_id)
-        request = msgspec.structs.replace(
+        request = self.request(record, to=to, avoid=avoid, force=force)
+        return self.scheduler.select_and_claim(request) if claim else self.scheduler.select(request)
+
+    def request(
+        self, record: VmRecord, *, to: str | None = None, avoid: tuple[str, ...] = (), force: bool = False
+    ) -> PlacementRequest:
+        """The scheduler's request for moving ``record`` off its host: its rules, its dirty rate, and
+        its source's engine and accelerator (a live migration needs the same on both ends).
+
+        Raises:
+            Conflict: ``to`` breaks the VM's pinned or avoided hosts (see ``placement.move_request``).
+        """
+        caps = self.store.host(record.host_id) if record.host_id else None
+        return msgspec.structs.replace(
             placement.move_request(
                 self.store, record, to=to, avoid=avoid, dirty_mib_s=self.dirty_rate(record), force=force
             ),
             engine=caps.capabilities.engine if caps else None,
             accel=caps.capabilities.accel if caps else None,
         )
-        return self.scheduler.select_and_claim(request) if claim else self.scheduler.select(request)
 
     def refusal(self, name: str, to: str | None = None, avoid: tuple[str, ...] = ()) -> str | None:
         """Why moving ``name`` (to ``to``) would break its placement rules or not fit; None if it may go."""

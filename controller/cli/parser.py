@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from controller.cli import admin, bulk, hosts, migrate, power, vms
+from controller.cli import admin, bulk, hosts, migrate, power, rolling, vms
 from controller.cli.client import DEFAULT_URL, EXIT_FAILED, ApiClient, CliError
 
 OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audit", "plan", "power")
@@ -241,6 +241,9 @@ def _add_host_commands(sub: _SubParsers) -> None:
     _common(p)
     _waiting(p)
     p.set_defaults(handler=migrate.cmd_host_evacuate, timeout=3600.0)
+    p = rolling.add_arguments(host)
+    _common(p)
+    p.set_defaults(handler=rolling.cmd_host_rolling)
     p = host.add_parser(
         "confirm-down",
         help="tell the controller you made sure a host is off (admin): HA restarts its HA VMs elsewhere",
@@ -323,7 +326,21 @@ def _add_admin_commands(sub: _SubParsers) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
     _common(p)
     p.set_defaults(handler=admin.cmd_op_wait)
-    p = op.add_parser("cancel", help="cancel a running live migration (pre-copy) or evacuation")
+    p = op.add_parser(
+        "continue", help="a rolling maintenance host's step is done (or, with --failed, failed)"
+    )
+    p.add_argument("op_id")
+    p.add_argument("host")
+    p.add_argument(
+        "--failed", metavar="WHY", help="the step failed: the host stays in maintenance, the roll stops"
+    )
+    p.add_argument("--message", default="", help="what the step did (kept in the roll's progress)")
+    _common(p)
+    p.set_defaults(handler=rolling.cmd_op_continue)
+    p = op.add_parser(
+        "cancel",
+        help="cancel a running live migration (pre-copy), evacuation, bulk action or rolling maintenance",
+    )
     p.add_argument("op_id")
     _waiting(p)
     _common(p)

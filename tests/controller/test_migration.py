@@ -294,22 +294,32 @@ async def test_a_cancel_while_the_destination_prepares_stops_the_migration_befor
         )
 
 
-async def test_concurrent_migrations_share_a_hosts_link_budget(mosquitto, tmp_path):
-    """Two sends off h1 at once with a 400 MiB/s link budget: the first gets 400, the second its share, 200."""
+async def test_concurrent_migrations_never_take_more_than_a_hosts_link_budget(mosquitto, tmp_path):
+    """A 400 MiB/s link budget on h1. Two sends that each want the whole link go one after the other,
+    both at 400 (sharing would slow both). Three sends that want 150 each run at once: 150, 150, and
+    the 100 left.
+    """
     settings = FleetSettings(migration=MigrationSettings(host_link_mib_s=400.0))
     async with Fleet(mosquitto.url, tmp_path, fleet_settings=settings) as fleet:
-        for host in ("h1", "h2", "h3"):
+        for host in ("h1", "h2", "h3", "h4"):
             await fleet.add_agent(host)
-        await _make(fleet, "a", "h1", memory=1024, dirty=1)
-        await _make(fleet, "b", "h1", memory=1024, dirty=1)
+        for name in ("a", "b", "c", "d", "e"):
+            await _make(fleet, name, "h1", memory=512, dirty=1)
         first = fleet.ctl.migrations.start("a", "h2", MigrationPolicy())
         await eventually(lambda: first.op_id in fleet.ctl.migrations.progress, 10, "a sending")
         second = fleet.ctl.migrations.start("b", "h3", MigrationPolicy())
         done = [await fleet.ctl.operations.wait(op.op_id, 30) for op in (first, second)]
         assert [op.state for op in done] == ["succeeded", "succeeded"], [op.error for op in done]
-        assert [op.params["bandwidth_mib_s"] for op in done] == [400.0, 200.0]
-        # The sim moves 1024 MiB at the granted rate: the second took about twice as long.
-        assert done[1].params["result"]["total_ms"] > 1.8 * done[0].params["result"]["total_ms"]
+        assert [op.params["bandwidth_mib_s"] for op in done] == [400.0, 400.0]
+        first_end = done[0].params["send_started"] + done[0].params["result"]["total_ms"] / 1000
+        assert done[1].params["send_started"] >= first_end - 0.05, "the second waited for the link"
+
+        slow = MigrationPolicy(bandwidth_mib_s=150)
+        ops = [fleet.ctl.migrations.start(n, t, slow) for n, t in (("c", "h2"), ("d", "h3"), ("e", "h4"))]
+        done = [await fleet.ctl.operations.wait(op.op_id, 30) for op in ops]
+        assert [op.state for op in done] == ["succeeded"] * 3, [op.error for op in done]
+        assert sorted(op.params["bandwidth_mib_s"] for op in done) == [100.0, 150.0, 150.0]
+        assert fleet.ctl.migrations.links.granted["h1"] == 0.0  # every grant given back
 
 
 async def test_a_send_reported_failed_after_the_whole_guest_arrived_finishes_on_the_destination(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from controller.scheduler import Decision, FleetState, PlacementRequest, Schedul
 from controller.services import placement
 from controller.services.agent_rpc import AgentRpc
 from controller.services.hosts import HostService
+from controller.services.migration.link_budget import LinkBudget
 from controller.services.operations import Operations
 from controller.services.vms import VmService, busy_error, refusal_error
 from controller.state.events import EventHub
@@ -124,8 +124,8 @@ class MigrationService:
         #: Latest progress by operation id (kept in memory; the events carry the history).
         self.progress: dict[str, MigrationProgress] = {}
         self._fleet_slots = asyncio.Semaphore(self.settings.fleet_wide)
-        #: Migrations sending from or to each host right now: they share its link.
-        self._sending: Counter[str] = Counter()
+        #: The bandwidth granted to sends under way, per host: never more than its link.
+        self.links = LinkBudget(self.settings.host_link_mib_s)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -408,19 +408,22 @@ class MigrationService:
             return self._phase(op, "rollback", error="cancelled by the operator before the stream started")
         async with self._fleet_slots:
             if "send_started" not in op.params:
-                # The bandwidth budget is fixed when the stream starts; a resumed send re-uses it, so
-                # the re-sent command is the same command.
-                share = self.settings.host_link_mib_s / (
-                    1 + max(self._sending[source], self._sending[target])
-                )
+                # The bandwidth is granted when the stream starts; a resumed send re-uses it, so the
+                # re-sent command is the same command.
+                granted = await self.links.grant(
+                    source, target, policy.bandwidth_mib_s, f"migration {op.op_id} of {op.vm}",
+                    cancelled=lambda: bool(self._current(op).params.get("cancel")),
+                )  # fmt: skip
+                if granted is None:
+                    return self._phase(
+                        op, "rollback", error="cancelled by the operator before the stream started"
+                    )
                 op = self.store.update_operation(
                     op.op_id,
-                    {
-                        **op.params,
-                        "send_started": time.time(),
-                        "bandwidth_mib_s": min(policy.bandwidth_mib_s, share),
-                    },
+                    {**self._current(op).params, "send_started": time.time(), "bandwidth_mib_s": granted},
                 )
+            else:
+                self.links.take(source, target, op.params["bandwidth_mib_s"])
             command = MigrateVm(
                 op_id=f"{op.op_id}:send",
                 deadline=op.params["send_started"] + self.settings.send_timeout_s,
@@ -429,13 +432,10 @@ class MigrationService:
                 dest_host=target,
                 policy=msgspec.structs.replace(policy, bandwidth_mib_s=op.params["bandwidth_mib_s"]),
             )
-            self._sending[source] += 1
-            self._sending[target] += 1
             try:
                 reply = await self.rpc.exchange(source, command)
             finally:
-                self._sending[source] -= 1
-                self._sending[target] -= 1
+                await self.links.give_back(source, target, op.params["bandwidth_mib_s"])
         if reply is not None and reply.ok:
             result = msgspec.to_builtins(reply.migration) if reply.migration else {}
             return self._phase(op, "finish", result=result)

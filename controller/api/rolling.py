@@ -37,6 +37,7 @@ def router(rolling: RollingMaintenance, ops: OperationResponses) -> APIRouter:
             return_vms=asked.return_vms,
             step=asked.step,
             agent_timeout_s=asked.agent_timeout_s,
+            policy=asked.policy,
         )
         return await ops.respond(op.op_id, wait)
 

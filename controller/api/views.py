@@ -242,6 +242,9 @@ class RollingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     step: Literal["continue", "none"] = "continue"
     #: How long a host's agent may take to come back healthy after the step.
     agent_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 900.0
+    #: The evacuations' policy; None: the defaults, at the whole link budget of a host
+    #: (``host_link_mib_s``), since the roll's sends are what the link is for.
+    policy: MigrationPolicy | None = None
     #: Only say which hosts, in which waves; start nothing.
     dry_run: bool = False
 

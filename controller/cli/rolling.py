@@ -41,6 +41,8 @@ def add_arguments(host: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument(
         "--agent-timeout", type=float, default=900.0, help="seconds an agent may take to come back"
     )
+    p.add_argument("--bandwidth", type=float, default=None, metavar="MIB_S",
+                   help="each migration's bandwidth (default: a host's whole migration link)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="show the hosts, wave by wave; change nothing")
     return p
 
@@ -63,6 +65,8 @@ def cmd_host_rolling(client: ApiClient, args: argparse.Namespace) -> int:
             "agent_timeout_s": args.agent_timeout,
             "dry_run": args.dry_run,
         }
+        if args.bandwidth is not None:
+            body["policy"] = {"bandwidth_mib_s": args.bandwidth}
         answer = client.request("POST", "/rolling-maintenance", json=body)
         if args.dry_run:
             for n, wave in enumerate(answer["waves"], 1):

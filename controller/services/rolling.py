@@ -46,7 +46,7 @@ from controller.services.selection import select_hosts
 from controller.state.events import EventHub
 from controller.state.live import LiveState
 from controller.state.store import OperationRecord, Store
-from protocols.migration import MigrationPolicy
+from protocols.migration import MigrationPolicy, check_policy, policy_problems
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,15 @@ class RollingMaintenance:
         """Begin the roll over what ``selector`` picks. Returns the operation.
 
         Raises:
-            Invalid: a bad selector, limit or step. Conflict: a selected host is offline or already in
+            Invalid: a bad selector, limit, step or policy. Conflict: a selected host is offline or already in
                 another roll, or the roll would leave no host for the rest.
         """
         if step not in ("continue", "none"):
             raise Invalid("invalid_step", f"step must be 'continue' or 'none', got {step!r}")
         if not 1 <= max_parallel <= 64:
             raise Invalid("invalid_limit", f"max_parallel must be 1 to 64, got {max_parallel}")
+        if policy is not None and (problems := check_policy(policy)):
+            raise Invalid("invalid_policy", policy_problems("rolling maintenance", problems))
         hosts = self.targets(selector)
         self._check_hosts(hosts, max_parallel)
         params = {
@@ -131,7 +133,9 @@ class RollingMaintenance:
             "return_vms": return_vms,
             "step": step,
             "agent_timeout_s": agent_timeout_s,
-            "policy": msgspec.to_builtins(policy or MigrationPolicy()),
+            "policy": msgspec.to_builtins(
+                policy or MigrationPolicy(bandwidth_mib_s=self.settings.host_link_mib_s)
+            ),
             "progress": {h: {"phase": "pending"} for h in hosts},
         }
         with self.store.transaction():

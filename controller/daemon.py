@@ -287,6 +287,7 @@ class Controller:
             capacity=fleet.scheduler.capacity,
             settings=fleet.power,
         )
+        self.bulk.power_action = self.power.host_action
         self.intake = Intake(
             self.bus, self.telemetry_bus, self.live, self.rpc, self.hosts, self.vms, self.migrations, self.ha
         )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from controller.api import views
 from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
 from controller.api.operations import OperationResponses
+from controller.common.errors import Invalid
 from controller.services.bulk import VM_ACTIONS, BulkActions
 
 
@@ -34,8 +36,19 @@ def router(bulk: BulkActions, ops: OperationResponses) -> APIRouter:
         args: dict[str, Any]
         if asked.action == "maintenance":
             args = {"on": asked.on, "force": asked.force}
+        elif asked.action == "power":
+            args = {"on": asked.on}
+        elif asked.action == "label":
+            if not asked.labels:
+                raise Invalid(
+                    "invalid_labels",
+                    'action label needs "labels": {"KEY": "VALUE"} sets one, {"KEY": null} removes it',
+                )
+            args = {"labels": dict(asked.labels)}
         elif asked.action in VM_ACTIONS:
             args = {"force": asked.force, "timeout_s": asked.timeout_s, "to": asked.to}
+            if asked.policy is not None:
+                args["policy"] = msgspec.to_builtins(asked.policy)
         else:
             args = {}
         op = bulk.start(

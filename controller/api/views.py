@@ -204,7 +204,7 @@ class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class BulkRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /actions``: one action on every VM or host the selector picks (docs/operations.md)."""
 
-    #: VMs: start, stop, pause, resume, reboot, delete, migrate; hosts: maintenance.
+    #: VMs: start, stop, pause, resume, reboot, delete, migrate; hosts: maintenance, label, power.
     action: Annotated[str, msgspec.Meta(max_length=32)]
     #: The grammar of docs/selectors.md; "" picks every VM (or host).
     selector: Annotated[str, msgspec.Meta(max_length=4096)] = ""
@@ -214,11 +214,16 @@ class BulkRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     #: Only say what the selector picks; start nothing.
     dry_run: bool = False
     #: stop: power off at once, or the graceful timeout; maintenance: on or off, and force (past the
-    #: HA room check); migrate: the target host (None: the scheduler's choice per VM).
+    #: HA room check); power: on, or off (standby); migrate: the target host (None: the scheduler's
+    #: choice per VM).
     force: bool = False
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     on: bool = True
     to: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    #: migrate: the policy (None: the defaults).
+    policy: MigrationPolicy | None = None
+    #: label: the operator labels to set (a null value removes one).
+    labels: dict[Label, str | None] | None = None
 
 
 class BulkPlan(msgspec.Struct, frozen=True, kw_only=True):

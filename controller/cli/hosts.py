@@ -123,8 +123,11 @@ def cmd_host_join_token(client: ApiClient, args: argparse.Namespace) -> int:
 
 def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
     """``host label``: set (KEY=VALUE) or remove (KEY-) labels; raises ``CliError`` on a malformed one."""
+    words = args.words if args.selector else args.words[1:]
+    if not words or (not args.selector and len(args.words) < 2):
+        raise CliError("host label takes a host (or -l SELECTOR) and KEY=VALUE or KEY- items")
     labels: dict[str, str | None] = {}
-    for item in args.labels:
+    for item in words:
         if item.endswith("-") and "=" not in item:
             labels[item[:-1]] = None
             continue
@@ -132,6 +135,15 @@ def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
         if not sep or not key:
             raise CliError(f"label {item!r}: write KEY=VALUE to set it, or KEY- to remove it")
         labels[key] = value
+    if args.selector:
+        body = {
+            "action": "label",
+            "selector": args.selector,
+            "labels": labels,
+            "max_parallel": args.max_parallel,
+        }
+        return bulk.run_bulk(client, args, body)
+    args.host = args.words[0]
     host = client.request("PATCH", f"/hosts/{args.host}", json={"labels": labels})
     shown = ", ".join(f"{k}={v}" for k, v in sorted(host["labels"].items())) or "none"
     print(f"host {args.host}: labels {shown}")
@@ -150,7 +162,8 @@ def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
         if words[0] == "on" and not args.no_evacuate:
             raise CliError(
                 "host maintenance -l SELECTOR on only flags the hosts, it does not evacuate many hosts at "
-                "once; add --no-evacuate to flag them, then evacuate them one by one with `host evacuate H`"
+                "once; add --no-evacuate to flag them, or drain them in turn with "
+                "`fleetvisor host rolling-maintenance -l SELECTOR`"
             )
         body = {"action": "maintenance", "selector": args.selector, "on": words[0] == "on",
                 "force": bool(args.force), "max_parallel": args.max_parallel}  # fmt: skip

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from controller.cli.client import EXIT_FAILED, ApiClient
+from controller.cli import bulk
+from controller.cli.client import EXIT_FAILED, ApiClient, CliError
 from controller.cli.render import finish_op, render_explanation
 from protocols.text import printable
 
@@ -78,7 +79,19 @@ def _migration_line(op: dict[str, Any]) -> str:
 
 
 def cmd_vm_migrate(client: ApiClient, args: argparse.Namespace) -> int:
-    """``vm migrate``: live-migrate a VM, or predict how it would go (``--dry-run``)."""
+    """``vm migrate``: live-migrate a VM, or predict how it would go (``--dry-run``); with
+    ``-l SELECTOR``, every VM that matches, as one bulk action.
+    """
+    if bool(args.name) == bool(args.selector):
+        raise CliError("vm migrate: give a VM name or -l SELECTOR (one of them)")
+    if args.selector:
+        if args.force:
+            raise CliError(
+                "vm migrate -l: --force overrides one VM's rules, with a reason; migrate those one by one"
+            )
+        many = {"action": "migrate", "selector": args.selector, "to": args.to, "policy": _policy(args),
+                "max_parallel": args.max_parallel, "stop_after": args.stop_after, "dry_run": args.dry_run}  # fmt: skip
+        return bulk.run_bulk(client, args, many)
     body = {"to": args.to, "policy": _policy(args), "force": args.force, "reason": args.reason}
     if args.dry_run:
         plan = client.request("POST", f"/vms/{args.name}/migrate", params={"dry_run": "true"}, json=body)

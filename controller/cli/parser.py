@@ -166,8 +166,16 @@ def _add_vm_migrate(vm: _SubParsers) -> None:
         "the VM stays on its source. WARNING: post-copy cannot be rolled back; if the network or "
         "either host fails during post-copy, the VM is lost.",
     )
-    p.add_argument("name")
+    p.add_argument("name", nargs="?", default="")
     p.add_argument("--to", default=None, metavar="HOST", help="target host (default: the scheduler chooses)")
+    g = p.add_argument_group("many VMs at once (instead of NAME)")
+    g.add_argument(
+        "-l", "--selector", default="", help="migrate every VM that matches, e.g. host=h1,tier=web"
+    )
+    g.add_argument("--max-parallel", type=int, default=2, help="migrations started at once (default 2)")
+    g.add_argument(
+        "--stop-after", type=int, default=0, metavar="N", help="stop after N failures (default: never)"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="predict time, downtime and convergence; move nothing"
     )
@@ -212,11 +220,6 @@ def _add_host_commands(sub: _SubParsers) -> None:
     p.add_argument("host")
     _common(p)
     p.set_defaults(handler=hosts.cmd_host_show)
-    p = host.add_parser("label", help="set (KEY=VALUE) or remove (KEY-) operator labels of a host")
-    p.add_argument("host")
-    p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
-    _common(p)
-    p.set_defaults(handler=hosts.cmd_host_label)
     p = host.add_parser(
         "maintenance",
         help="put a host in maintenance (no new placements) or take it out; -l SELECTOR for many",
@@ -268,15 +271,32 @@ def _add_host_commands(sub: _SubParsers) -> None:
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds it stays valid (default 3600)")
     _common(p)
     p.set_defaults(handler=hosts.cmd_host_join_token)
+    _add_host_selector_commands(host)
 
+
+def _add_host_selector_commands(host: _SubParsers) -> None:
+    """``host label`` and ``host power``: one host, or every host a selector picks (a bulk action)."""
+    p = host.add_parser(
+        "label",
+        help="set (KEY=VALUE) or remove (KEY-) operator labels of a host; -l SELECTOR for many",
+        usage="fleetvisor host label (HOST | -l SELECTOR) KEY=VALUE|KEY- ... [options]",
+    )
+    p.add_argument("words", nargs="+", metavar="HOST KEY=VALUE|KEY-")
+    p.add_argument("-l", "--selector", default="", help="every host that matches, e.g. rack=3")
+    p.add_argument("--max-parallel", type=int, default=5, help="with -l: hosts changed at once (default 5)")
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=hosts.cmd_host_label, timeout=600.0, stop_after=0, dry_run=False)
     p = host.add_parser(
         "power",
         help="a host's power: status (and whether its wake path verifies), on, or off (standby; it must be empty)",
     )
-    p.add_argument("host")
-    p.add_argument("action_name", metavar="on|off|status", choices=("on", "off", "status"))
+    p.add_argument("words", nargs="+", metavar="HOST on|off|status")
+    p.add_argument("-l", "--selector", default="", help="every host that matches, e.g. rack=3 (on or off)")
+    p.add_argument("--max-parallel", type=int, default=2, help="with -l: hosts powered at once (default 2)")
     _common(p)
-    p.set_defaults(handler=power.cmd_host_power)
+    _waiting(p)
+    p.set_defaults(handler=power.cmd_host_power, timeout=1800.0, stop_after=0, dry_run=False)
 
 
 def _add_power_commands(sub: _SubParsers) -> None:

@@ -9,7 +9,8 @@ import argparse
 import json
 from typing import Any
 
-from controller.cli.client import EXIT_FAILED, ApiClient
+from controller.cli import bulk
+from controller.cli.client import EXIT_FAILED, ApiClient, CliError
 from controller.cli.render import emit, energy_since, table
 
 
@@ -32,7 +33,23 @@ def _render_host_power(r: dict[str, Any]) -> str:
 
 
 def cmd_host_power(client: ApiClient, args: argparse.Namespace) -> int:
-    """``host power on|off|status``; exits non-zero when the host's wake path does not verify."""
+    """``host power HOST on|off|status``; exits non-zero when the host's wake path does not verify.
+    ``host power -l SELECTOR on|off``: every host that matches, as one bulk action.
+    """
+    words = args.words
+    if args.selector:
+        if len(words) != 1 or words[0] not in ("on", "off"):
+            raise CliError("host power -l SELECTOR takes on or off, and no host name")
+        body = {
+            "action": "power",
+            "selector": args.selector,
+            "on": words[0] == "on",
+            "max_parallel": args.max_parallel,
+        }
+        return bulk.run_bulk(client, args, body)
+    if len(words) != 2 or words[1] not in ("on", "off", "status"):
+        raise CliError("host power takes a host and on, off or status: host power HOST on|off|status")
+    args.host, args.action_name = words
     if args.action_name == "status":
         report = client.request("GET", f"/hosts/{args.host}/power")
     else:

@@ -12,7 +12,9 @@ names the parent (``GET /operations?parent=ID``). At most ``max_parallel`` child
   migrations still in pre-copy, which are cancelled (the VM stays on its source).
 - **Restart:** a running parent resumes: settled targets are not touched again, a child under way is
   waited for (found by its parent id, so none is started twice), the rest start.
-- **Host actions** (maintenance on or off) change the host record at once; they have no child.
+- **Host actions** have no child: ``maintenance`` (on or off) and ``label`` (set or remove operator
+  labels) change the host record at once; ``power`` (on, or off into standby: an empty host only)
+  goes through the power service's drivers and checks, as ``host power`` does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, get_args
+
+import msgspec
 
 from controller.common import selectors
 from controller.common.errors import Conflict, DomainError, Invalid
@@ -33,7 +38,9 @@ from controller.state.events import EventHub
 from controller.state.store import OperationRecord, Store
 from protocols.migration import MigrationPolicy
 
-Action = Literal["start", "stop", "pause", "resume", "reboot", "delete", "migrate", "maintenance"]
+Action = Literal[
+    "start", "stop", "pause", "resume", "reboot", "delete", "migrate", "maintenance", "label", "power"
+]
 VM_ACTIONS = frozenset({"start", "stop", "pause", "resume", "reboot", "delete", "migrate"})
 #: How long one child may take before the parent records it as failed (it may still end later).
 CHILD_TIMEOUT_S = 3600.0
@@ -57,6 +64,8 @@ class BulkActions:
         self.hosts = hosts
         self.vms = vms
         self.migrations = migrations
+        #: The power service's operator action (host, "on" | "off"), set once that service exists.
+        self.power_action: Callable[[str, Literal["on", "off"]], Awaitable[object]] | None = None
         operations.register(("bulk",), self.run, self._crashed)
 
     def targets(self, action: str, selector: str) -> list[str]:
@@ -168,7 +177,11 @@ class BulkActions:
                         await record(target, f"skipped: {why}")
                         return
                     try:
-                        begun = self._begin(op, target)
+                        begun = (
+                            await self._power(op, target)
+                            if params["action"] == "power"
+                            else self._begin(op, target)
+                        )
                     except DomainError as exc:
                         await record(target, f"failed: {exc.message}")
                         return
@@ -209,6 +222,17 @@ class BulkActions:
         with contextlib.suppress(DomainError):  # past the switch-over, or over: it ends on its own
             await self.migrations.cancel(child.vm)
 
+    async def _power(self, op: OperationRecord, target: str) -> str:
+        """Power ``target`` on, or off into standby.
+
+        Raises:
+            DomainError: the host refuses (no power method, not empty, its wake path unverified).
+        """
+        assert self.power_action is not None, "the controller sets the power action at start"
+        on = bool(op.params["args"].get("on", True))
+        await self.power_action(target, "on" if on else "off")
+        return "done: powered on" if on else "done: in standby"
+
     def _begin(self, op: OperationRecord, target: str) -> OperationRecord | str:
         """Start ``target``'s part: its child operation, or the result of a part that needs none (a
         host change made at once, a VM already where the action would take it).
@@ -221,6 +245,9 @@ class BulkActions:
             on = bool(args.get("on", True))
             self.hosts.update(target, maintenance=on, force=bool(args.get("force")))
             return "done: in maintenance" if on else "done: out of maintenance"
+        if action == "label":
+            self.hosts.update(target, labels=args["labels"])
+            return "done: labelled"
         already = {"start": "running", "stop": "stopped", "pause": "paused"}.get(action)
         vm = self.vms.require(target)
         if already is not None and vm.state == already and vm.op_id is None:
@@ -242,7 +269,8 @@ class BulkActions:
                 case "delete":
                     return self.vms.delete(target)
                 case "migrate":
-                    return self.migrations.start(target, args.get("to"), MigrationPolicy())
+                    policy = msgspec.convert(args.get("policy") or {}, MigrationPolicy)
+                    return self.migrations.start(target, args.get("to"), policy)
         raise AssertionError(action)
 
     def _report(self, op_id: str, results: dict[str, str]) -> None:

@@ -5,9 +5,13 @@ cancel half-way) are in tests/e2e/test_bulk_actions.py.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 import httpx
 
 from tests.support.fleet import Fleet, create_vm
+from tests.support.processes import ROOT
 
 
 async def test_bad_bulk_requests_are_refused_and_start_nothing(mosquitto, tmp_path) -> None:
@@ -90,3 +94,50 @@ async def test_bulk_maintenance_flags_the_selected_hosts_only(mosquitto, tmp_pat
             assert op["state"] == "succeeded", op
             hosts = {h["host_id"]: h["maintenance"] for h in (await client.get("/api/v1/hosts")).json()}
             assert hosts == {"h1": False, "h2": False, "h3": False}
+
+
+async def _cli(url: str, *args: str) -> tuple[int, str, str]:
+    """The real CLI in a child process (asynchronously: the controller under test runs in this loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleetvisor", *args, "--url", url, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_bulk_label_power_and_migrate_from_the_cli(mosquitto, tmp_path) -> None:
+    """Host label -l sets labels on the selected hosts only; host power -l off on hosts without a power
+    method fails for each with the fix (configure a BMC); vm migrate -l moves the selected VMs with
+    the given policy.
+    """
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        for h in ("h1", "h2", "h3"):
+            await fleet.add_agent(h)
+        url = fleet.api_url
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for name in ("web-1", "web-2", "db-1"):
+                await create_vm(client, name, "h1", {"tier": name.split("-")[0]})
+            code, out, err = await _cli(url, "host", "label", "-l", "name in (h1,h2)", "rack=3", "old-")
+            assert code == 0, err
+            labels = {h["host_id"]: h["labels"] for h in (await client.get("/api/v1/hosts")).json()}
+            assert labels["h1"].get("rack") == labels["h2"].get("rack") == "3" and "rack" not in labels["h3"]
+            code, out, err = await _cli(url, "host", "label", "-l", "rack=3", "bad")
+            assert code == 1 and "KEY=VALUE" in err, (code, err)
+
+            code, out, err = await _cli(url, "host", "power", "-l", "rack=3", "off")
+            assert code == 1, (out, err)
+            assert "h1:" in out and "h2:" in out and "--bmc-config" in out, out
+            hosts = {h["host_id"]: h for h in (await client.get("/api/v1/hosts")).json()}
+            assert all(hosts[h]["online"] and hosts[h]["power_state"] == "on" for h in hosts), hosts
+
+            code, out, err = await _cli(
+                url, "vm", "migrate", "-l", "tier=web", "--to", "h2", "--bandwidth", "300"
+            )
+            assert code == 0, err
+            assert "all 2 done" in out, out
+            vms = {v["name"]: v["host_id"] for v in (await client.get("/api/v1/vms")).json()}
+            assert vms == {"web-1": "h2", "web-2": "h2", "db-1": "h1"}, vms
+            moves = (await client.get("/api/v1/operations", params={"kind": "migrate"})).json()["operations"]
+            assert sorted(m["params"]["policy"]["bandwidth_mib_s"] for m in moves) == [300.0, 300.0]

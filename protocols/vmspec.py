@@ -139,7 +139,7 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: CPU model for cpu_mode=custom (a QEMU/libvirt model name such as "Skylake-Server").
     cpu_model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}\Z")] = ""
     #: Guest memory at boot when lower than ``memory_mib`` (the balloon target); None means all of it.
-    current_memory_mib: Annotated[int, msgspec.Meta(ge=16)] | None = None
+    current_memory_mib: Annotated[int, msgspec.Meta(ge=16, le=16 * 1024 * 1024)] | None = None
     boot: BootSpec = BootSpec()
     disks: list[DiskSpec] = []
     nics: list[NicSpec] = []

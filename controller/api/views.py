@@ -210,7 +210,7 @@ class BulkRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     selector: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     max_parallel: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     #: End the action once this many targets failed (0: try every target).
-    stop_after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    stop_after: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
     #: Only say what the selector picks; start nothing.
     dry_run: bool = False
     #: stop: power off at once, or the graceful timeout; maintenance: on or off, and force (past the

@@ -129,5 +129,19 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     try:
         msgspec.convert(spec_only, VmSpecInput)
     except msgspec.ValidationError as exc:
-        raise CliError(f"vm spec: {explain_validation_error(exc)}") from None
+        raise CliError(f"vm spec: {_in_flags(explain_validation_error(exc), args)}") from None
     return body
+
+
+def _in_flags(text: str, args: argparse.Namespace) -> str:
+    """``text`` naming the flag the user typed (``--memory``) where it names the field (``$.memory_mib``)."""
+    given = [
+        (f"--{flag.replace('_', '-')}", key) for flag, key in _SPEC_FLAGS if getattr(args, flag) is not None
+    ]
+    if args.label:
+        given.append(("--label", "labels"))
+    if args.name:
+        given.append(("NAME", "name"))
+    for flag, key in given:
+        text = text.replace(f"`$.{key}`", flag).replace(f"`$.{key}.", f"{flag} `")
+    return text

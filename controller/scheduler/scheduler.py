@@ -224,15 +224,55 @@ class Scheduler:
                 message=f"{head}: no hosts have joined; start an agent with `fleetvisor agent`",
                 rejected=rejected,
             )
+        unknown = [h for h in request.hosts if h not in self.state.index]
+        if unknown and len(unknown) == len(request.hosts):
+            known = ", ".join(sorted(self.state.index)[:10])
+            return NoValidHost(
+                vm=request.vm,
+                message=f"{head}: host{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"{'are' if len(unknown) > 1 else 'is'} not known; the fleet's hosts are {known}"
+                f"{', ...' if len(self.state.index) > 10 else ''}: check --host",
+                rejected=rejected,
+            )
         owners = {r.reason: r.owner for r in ev.rejected}
         ordered = sorted(rejected.items(), key=lambda item: -item[1])
         parts = [*extra, *(owners[reason].phrase(reason, n, request) for reason, n in ordered)]
-        hint = ""
-        if rejected.get("memory") and ev.before_capacity is not None:
-            free = self.state.free(self.settings.capacity)[1]
-            best = int(free.max(where=ev.before_capacity, initial=0))
-            hint = f"; the most free memory on any host is {format_mib(max(best, 0))}"
-        return NoValidHost(vm=request.vm, message=f"{head}: {'; '.join(parts)}{hint}", rejected=rejected)
+        if unknown:
+            parts.insert(
+                0,
+                f"{', '.join(map(repr, unknown))} in its host list {'are' if len(unknown) > 1 else 'is'} not known",
+            )
+        # The filter that removed the last candidates decides the numbers shown and the fix offered.
+        # The VM's own host lists count last: with --host h3, why h3 refused is what to fix.
+        deciding = [r for r in ev.rejected if r.owner.name != "host_affinity"] or ev.rejected
+        last = deciding[-1] if deciding else None
+        hint = self._numbers(ev, last.owner.name if last else "", rejected)
+        fix = last.owner.fix(last.reason, request) if last else ""
+        message = f"{head}: {'; '.join(parts)}{hint}" + (f". To fix: {fix}" if fix else "")
+        return NoValidHost(vm=request.vm, message=message, rejected=rejected)
+
+    def _numbers(self, ev: Evaluation, last: str, rejected: dict[str, int]) -> str:
+        """The capacity figures behind a refusal the capacity filter ended: the most free of what lacked."""
+        if last != "capacity" or ev.before_capacity is None:
+            return ""
+        vcpus, memory, disk = self.state.free(self.settings.capacity)
+        shown = []
+        for reason, free, unit in (
+            ("memory", memory, "memory"),
+            ("vcpus", vcpus, "vCPUs"),
+            ("disk", disk, "disk"),
+        ):
+            if rejected.get(reason):
+                best = max(int(free.max(where=ev.before_capacity, initial=0)), 0)
+                text = (
+                    format_mib(best)
+                    if reason == "memory"
+                    else f"{best} GiB"
+                    if reason == "disk"
+                    else str(best)
+                )
+                shown.append(f"the most free {unit} on any host is {text}")
+        return "; " + "; ".join(shown) if shown else ""
 
     # -- batches ---------------------------------------------------------------------------------
 

@@ -253,6 +253,7 @@ class RollingMaintenance:
 
     async def _wave(self, op_id: str, wave: list[str]) -> None:
         fresh = [h for h in wave if self._phase(op_id, h) == "pending"]
+        already = {h for h in fresh if self.hosts.require(h).maintenance}
         for host in fresh:
             try:
                 self.hosts.update(host, maintenance=True)
@@ -265,7 +266,11 @@ class RollingMaintenance:
                 plans, why = self._plan(op_id, fresh, held)
                 for host in fresh:
                     if why:
-                        self._fail(op_id, host, why)
+                        # Nothing moved: the host goes back as it was, so the refusal changes nothing.
+                        if host not in already:
+                            self.hosts.update(host, maintenance=False)
+                        self._set(op_id, host, phase="failed", error=why)
+                        self._emit(op_id, host, f"failed: {why}; nothing moved, and it is back as it was")
                     else:
                         self._set(op_id, host, phase="evacuating", plan=plans[host], moved={},
                                   agent_version=self.hosts.require(host).agent_version)  # fmt: skip

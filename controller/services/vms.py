@@ -509,7 +509,7 @@ def refusal_error(decision: Decision) -> Conflict:
     message = refusal.message if refusal is not None else f"no host for vm {decision.vm!r}"
     return Conflict(
         "no_valid_host",
-        message + "; try a smaller VM or add hosts",
+        message,
         {
             "rejected": dict(decision.explanation.rejected),
             "explanation": msgspec.to_builtins(decision.explanation),

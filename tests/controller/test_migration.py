@@ -404,3 +404,18 @@ async def test_a_copy_that_crashes_after_the_switch_over_is_recorded_crashed_whe
         record = fleet.ctl.store.vm("late")
         assert record is not None and (record.host_id, record.state, record.op_id) == ("h2", "crashed", None)
         assert any(e.type == "vm.state" and e.vm == "late" for e in fleet.ctl.store.events_since(0))
+
+
+async def test_an_evacuation_with_no_possible_target_says_why_once_not_once_per_vm(mosquitto, tmp_path):
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        for name in ("a", "b", "c"):
+            await _make(fleet, name, "h1", memory=256)
+        fleet.ctl.hosts.update("h2", maintenance=True, force=True)
+        op = fleet.ctl.evacuations.start("h1", MigrationPolicy())
+        done = await fleet.ctl.operations.wait(op.op_id, 30)
+        assert done.state == "failed", done.error
+        assert "not moved: a, b, c (" in done.error, done.error
+        assert done.error.count("no host can take") == 1, done.error
+        assert "1 in maintenance" in done.error and "host maintenance HOST off" in done.error, done.error

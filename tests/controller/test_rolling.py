@@ -169,3 +169,31 @@ async def test_the_roll_waits_for_an_agent_restarted_in_its_step_and_reports_its
             ]
             assert upgrade.endswith("-> 99.0.0"), upgrade
             assert done["params"]["progress"]["h1"]["agent_version_after"] == "99.0.0"
+
+
+async def test_a_wave_whose_vms_cannot_all_be_placed_moves_nothing_and_says_why_once(
+    mosquitto, tmp_path
+) -> None:
+    """Two hosts, an anti-affinity pair on them: h1's member has nowhere to go. The roll fails before
+    any move, names the group once, and h1 is back out of maintenance: the refusal changed nothing.
+    """
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        await fleet.add_agent("h2")
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=60) as client:
+            for host in ("h1", "h2"):
+                body = {"name": f"db-{host}", "memory_mib": 256,
+                        "scheduling": {"start_on": host, "group": "db", "group_policy": "anti-affinity"}}  # fmt: skip
+                assert (await client.post("/api/v1/vms", json=body, params={"wait": 10})).status_code == 200
+            await create_vm(client, "web", "h1", {})
+            r = await client.post(
+                "/api/v1/rolling-maintenance", json={"selector": "name=h1"}, params={"wait": 30}
+            )
+            op = r.json()
+            assert op["state"] == "failed", op
+            assert "cannot all be placed" in op["error"] and "anti-affinity" in op["error"], op["error"]
+            assert op["error"].count("db-h1") <= 1, op["error"]
+            assert not fleet.ctl.store.host("h1").maintenance  # type: ignore[union-attr]
+            assert {v.name for v in await fleet.drivers["h1"].list()} == {"db-h1", "web"}  # nothing moved
+            children = (await client.get("/api/v1/operations", params={"parent": op["op_id"]})).json()
+            assert children["operations"] == []

@@ -725,7 +725,7 @@ def valid_specs(draw: st.DrawFn) -> VmSpec:
         machine=draw(st.sampled_from(typing.get_args(vmspec.Machine))),
         cpu_mode=cpu_mode,
         cpu_model="" if cpu_mode == "default" else draw(_regex(r"[A-Za-z0-9_.-]{0,64}")),
-        current_memory_mib=draw(st.none() | st.integers(16, 2**40)),
+        current_memory_mib=draw(st.none() | st.integers(16, 16 * 1024 * 1024)),
         boot=draw(st.builds(BootSpec, kernel=st.none() | _paths, initrd=st.none() | _paths, cmdline=_text)),
         disks=draw(st.lists(_disks, max_size=4, unique_by=lambda disk: disk.target)),
         nics=draw(st.lists(_nics, max_size=4)),

@@ -16,7 +16,7 @@ import msgspec
 
 from protocols import messages
 
-FINGERPRINT = "sha256:14d9195e9a13cd7275ea09983e1130b38d237b97f43c4499078ac23e4b6f4d29"
+FINGERPRINT = "sha256:afc742cb659741b4cfabb24cb4acbe18ba82318bc0101ae219e1a91ba1775ff1"
 
 _DOC_KEYS = frozenset({"title", "description"})
 

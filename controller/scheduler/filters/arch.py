@@ -32,3 +32,6 @@ class ArchFilter(HostFilter):
 
     def phrase(self, reason: str, count: int, request: PlacementRequest) -> str:
         return hosts_phrase(count, f"cannot run {request.arch} guests", f"cannot run {request.arch} guests")
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        return f"ask for an arch the fleet runs, or add a {request.arch} host"

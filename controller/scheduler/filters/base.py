@@ -70,3 +70,7 @@ class HostFilter(abc.ABC):
     def phrase(self, reason: str, count: int, request: PlacementRequest) -> str:
         """Words for ``count`` hosts rejected for ``reason``, e.g. ``2 hosts lack memory``."""
         return hosts_phrase(count, f"rejected by {self.name}", f"rejected by {self.name}")
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        """What the user can do when this filter removed the last candidates for ``reason``."""
+        return ""

@@ -72,3 +72,10 @@ class CapacityFilter(HostFilter):
     def phrase(self, reason: str, count: int, request: PlacementRequest) -> str:
         what = {"memory": "memory", "vcpus": "vCPUs", "disk": "disk"}[reason]
         return hosts_phrase(count, f"lacks {what}", f"lack {what}")
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        return {
+            "memory": "ask for less memory, free some (stop or move VMs), or add a host",
+            "vcpus": "ask for fewer vCPUs, free some (stop or move VMs), or add a host",
+            "disk": "ask for a smaller disk, free some, or add a host",
+        }[reason]

@@ -42,3 +42,6 @@ class CpuFeaturesFilter(HostFilter):
         wanted = ", ".join(sorted(request.required_features))
         noun = "feature" if len(request.required_features) == 1 else "features"
         return hosts_phrase(count, f"lacks CPU {noun} {wanted}", f"lack CPU {noun} {wanted}")
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        return "drop the CPU feature rule, or add a host whose CPU has them"

@@ -38,3 +38,6 @@ class GroupAffinityFilter(HostFilter):
     def phrase(self, reason: str, count: int, request: PlacementRequest) -> str:
         group = f"group {request.group!r} (affinity)"
         return hosts_phrase(count, f"does not run {group}", f"do not run {group}")
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        return f"free room where group {request.group!r} runs, or relax it to soft-affinity"

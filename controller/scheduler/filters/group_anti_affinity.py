@@ -32,3 +32,6 @@ class GroupAntiAffinityFilter(HostFilter):
     def phrase(self, reason: str, count: int, request: PlacementRequest) -> str:
         group = f"group {request.group!r} (anti-affinity)"
         return hosts_phrase(count, f"already runs a member of {group}", f"already run a member of {group}")
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        return f"add a host, or relax group {request.group!r} to soft-anti-affinity"

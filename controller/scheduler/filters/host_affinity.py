@@ -72,6 +72,13 @@ class HostAffinityFilter(HostFilter):
             return hosts_phrase(count, "is not in its host list", "are not in its host list")
         return hosts_phrase(count, "is on its avoid list", "are on its avoid list")
 
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        if reason == "not_requested":
+            return f"name hosts that can take it in --host (now {', '.join(request.hosts)}), or drop --host"
+        if reason == "source_host":
+            return "it already runs on the only host left; choose another host"
+        return f"shorten its avoid list (now {', '.join(request.avoid_hosts)})"
+
     @staticmethod
     def _slots(hosts: HostArrays, host_ids: tuple[str, ...]) -> list[int]:
         return [i for i in (hosts.index.get(h) for h in host_ids) if i is not None]

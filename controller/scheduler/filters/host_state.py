@@ -57,5 +57,12 @@ class HostStateFilter(HostFilter):
     def phrase(self, reason: str, count: int, request: PlacementRequest) -> str:
         return f"{count} {_WORDS.get(reason, reason)}"
 
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        return {
+            "maintenance": "take a host out of maintenance (`fleetvisor host maintenance HOST off`)",
+            "offline": "start the agent of an offline host",
+            "powered_off": "power a host on (`fleetvisor host power HOST on`)",
+        }.get(reason, "")
+
 
 _WORDS = {"powered_off": "powered off", "offline": "offline", "maintenance": "in maintenance"}

@@ -64,3 +64,8 @@ class HypervisorFilter(HostFilter):
         return hosts_phrase(
             count, f"lacks {request.accel} acceleration", f"lack {request.accel} acceleration"
         )
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        if reason == "engine":
+            return f"add a host running engine {request.engine}"
+        return f"ask for another accelerator (auto or tcg), or add a host with {request.accel}"

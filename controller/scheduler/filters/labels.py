@@ -43,3 +43,7 @@ class LabelsFilter(HostFilter):
         wanted = ", ".join(f"{k}={v}" for k, v in sorted(request.require_labels.items()))
         noun = "label" if len(request.require_labels) == 1 else "labels"
         return hosts_phrase(count, f"lacks {noun} {wanted}", f"lack {noun} {wanted}")
+
+    def fix(self, reason: str, request: PlacementRequest) -> str:
+        first = next(iter(sorted(request.require_labels.items())), ("KEY", "VALUE"))
+        return f"label a host (`fleetvisor host label HOST {first[0]}={first[1]}`), or drop the label rule"

@@ -196,9 +196,7 @@ class Evacuations:
         if skipped:
             report = f"cancelled by the operator ({len(skipped)} not started); {report}"
         if failed:
-            report += "; not moved: " + "; ".join(
-                f"{n} ({r.removeprefix('failed: ')[:200]})" for n, r in failed.items()
-            )
+            report += "; not moved: " + _grouped(failed)
         ok = not failed and not skipped
         self.store.finish_operation(op.op_id, "succeeded" if ok else "failed", report)
         self.events.emit(
@@ -207,3 +205,14 @@ class Evacuations:
             host_id=host_id,
             op_id=op.op_id,
         )
+
+
+def _grouped(failed: dict[str, str]) -> str:
+    """The failures, each reason said once with the VMs it stopped (an evacuation with no possible
+    target says so once, not once per VM).
+    """
+    by_reason: dict[str, list[str]] = {}
+    for name, result in failed.items():
+        reason = result.removeprefix("failed: ").replace(f"vm {name!r}", "it")
+        by_reason.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(names)} ({reason[:300]})" for reason, names in by_reason.items())

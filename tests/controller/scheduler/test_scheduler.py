@@ -61,7 +61,10 @@ def test_refusal_message_counts_reasons_and_names_the_vm():
     assert text.startswith("no host can take vm 'web-1' (1 vCPU, 8.0 GiB RAM): 2 hosts lack memory")
     for part in ("1 offline", "1 in maintenance", "1 host cannot run x86_64 guests", "1 powered off"):
         assert part in text
-    assert text.endswith("the most free memory on any host is 1.5 GiB")
+    assert text.endswith(
+        "the most free memory on any host is 1.5 GiB. To fix: ask for less memory, free some (stop or move "
+        "VMs), or add a host"
+    )
     assert refused.refusal.rejected == {
         "powered_off": 1,
         "offline": 1,
@@ -69,6 +72,37 @@ def test_refusal_message_counts_reasons_and_names_the_vm():
         "arch": 1,
         "memory": 2,
     }
+
+
+def test_each_refusal_names_the_filter_that_removed_the_last_candidates_its_numbers_and_its_fix():
+    """The numbers and the fix follow the filter that emptied the list, not a fixed 'try a smaller VM'."""
+    state = fleet(
+        record("h1", memory_mib=65536, cores=4),
+        record("h2", memory_mib=65536, cores=4),
+        record("h3", maintenance=True),
+        labels={"h1": {"zone": "a"}, "h2": {"zone": "a"}},
+    )
+    scheduler = Scheduler(state)
+
+    def refused(**asked: object) -> str:
+        decision = scheduler.select(request("web-1", **asked))  # type: ignore[arg-type]
+        assert not decision.ok and decision.refusal is not None
+        return decision.refusal.message
+
+    vcpus = refused(vcpus=64)
+    assert "lack vCPUs" in vcpus and "the most free vCPUs on any host is" in vcpus, vcpus
+    assert "memory" not in vcpus.split(":", 1)[1].split("To fix")[0], "a vCPU refusal quotes no memory"
+    assert vcpus.endswith("To fix: ask for fewer vCPUs, free some (stop or move VMs), or add a host"), vcpus
+    labels = refused(require_labels={"zone": "b"})
+    assert "2 hosts lack label zone=b" in labels and "`fleetvisor host label HOST zone=b`" in labels, labels
+    assert "most free" not in labels
+    unknown = refused(hosts=("host-9",))
+    assert "'host-9' is not known" in unknown and "h1, h2, h3" in unknown and "check --host" in unknown, (
+        unknown
+    )
+    assert "not in its host list" not in unknown
+    only_maint = refused(hosts=("h3",))
+    assert "host maintenance HOST off" in only_maint, only_maint
 
 
 def test_an_empty_fleet_says_to_start_an_agent():

@@ -21,24 +21,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-from agent import cli as agent_cli
-from agent.daemon import Agent, AgentSettings, default_state_dir
 from controller import cli as operator_cli
-from controller.broker import acl_config as broker_config
-from controller.broker.embedded import EmbeddedBroker
-from controller.common.errors import DomainError
-from controller.daemon import Controller, ControllerSettings, controller_settings, default_db_path
-from controller.daemon import add_arguments as add_controller_arguments
-from controller.security import pki
-from controller.state import files as store_files
-from controller.state.files import EXIT_BAD_STORE, StoreError
-from hv.driver import HvError
-from hv.engines import ENGINES, create_driver
-from protocols.bus import BrokerAddress, BusError, read_secret
-from protocols.tasks import cancel_and_wait
-from protocols.vmspec import BootSpec, VmSpec, VmWorkload
+from controller.cli import completion
+
+if TYPE_CHECKING:  # the daemons' modules are imported by the commands that run them, so that
+    # an operator command (`fleetvisor vm list`) starts without loading the server
+    from controller.broker import acl_config as broker_config
+    from controller.daemon import Controller
+
 
 log = logging.getLogger("fleetvisor")
 
@@ -75,11 +67,15 @@ def _run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 
 def _password(args: argparse.Namespace) -> str | None:
+    from protocols.bus import read_secret
+
     return read_secret(args.password_file) if args.password_file else None
 
 
 def _bus_tls(args: argparse.Namespace) -> dict[str, object]:
     """Bus settings for mqtts:// verified against --ca-file (the system CAs without it)."""
+    from protocols.bus import BusError
+
     if not args.ca_file:
         return {}
     try:
@@ -89,6 +85,8 @@ def _bus_tls(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
+    from controller.daemon import Controller, controller_settings
+
     settings = controller_settings(args, password=_password(args), bus_overrides=_bus_tls(args))
 
     async def main(stop: asyncio.Event) -> int:
@@ -104,6 +102,11 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from agent import cli as agent_cli
+    from agent.daemon import Agent, default_state_dir
+    from hv.driver import HvError
+    from protocols.tasks import cancel_and_wait
+
     state_dir = pathlib.Path(args.state_dir) if args.state_dir else default_state_dir(args.host_id)
     try:
         settings, driver = agent_cli.build(
@@ -140,6 +143,11 @@ Say = Callable[[str], None]
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """The demo: an embedded broker, a controller, agents and VMs in this process, until stopped."""
+    from agent.daemon import Agent, AgentSettings
+    from controller.broker.embedded import EmbeddedBroker
+    from controller.daemon import Controller, ControllerSettings
+    from hv.engines import create_driver
+
     state_root = (
         pathlib.Path(args.state_dir)
         if args.state_dir
@@ -202,6 +210,9 @@ async def _demo_vms(
     controller: Controller, args: argparse.Namespace, kernel: pathlib.Path | None, say: Say
 ) -> None:
     """Wait for the demo's agents, then create its VMs and wait for the creates."""
+    from controller.common.errors import DomainError
+    from protocols.vmspec import BootSpec, VmSpec, VmWorkload
+
     deadline = time.monotonic() + 15
     while controller.hosts.online_count() < args.hosts and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)  # hosts join through the store; a short poll is simplest here
@@ -312,6 +323,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _broker_certificate(args: argparse.Namespace) -> broker_config.TlsFiles:
     """The broker's certificate from the CA in --pki: issued on the first run, reused after."""
+    from controller.broker import acl_config as broker_config
+    from controller.security import pki
+
     pki_dir = pathlib.Path(args.pki)
     cert, key = pki_dir / "broker.crt", pki_dir / "broker.key"
     if not (cert.exists() and key.exists()):
@@ -321,6 +335,9 @@ def _broker_certificate(args: argparse.Namespace) -> broker_config.TlsFiles:
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
+    from controller.broker import acl_config as broker_config
+    from controller.security import pki
+
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     try:
         tls = None if args.no_tls else _broker_certificate(args)
@@ -355,6 +372,8 @@ def _add_credentials(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
+    from controller.security import pki
+
     directory = pathlib.Path(args.dir)
     try:
         if args.action == "init":
@@ -372,6 +391,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def _broker_url(value: str) -> str:
+    from protocols.bus import BrokerAddress, BusError
+
     try:
         BrokerAddress.parse(value)
     except BusError as exc:
@@ -379,10 +400,15 @@ def _broker_url(value: str) -> str:
     return value
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(completion.script(build_parser(), args.shell), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``fleetvisor`` command line: daemons, tools and the operator commands."""
     parser = argparse.ArgumentParser(prog="fleetvisor", description="Fleet manager for virtual machines.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    operator_cli.add_global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_controller_parser(sub)
     _add_agent_parser(sub)
@@ -397,6 +423,8 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def _add_controller_parser(sub: Subparsers) -> None:
     """``fleetvisor controller``; the controller knows its own flags (controller.daemon.add_arguments)."""
+    from controller.daemon import add_arguments as add_controller_arguments
+
     p = sub.add_parser("controller", help="run the controller (store, scheduler, API)")
     add_controller_arguments(p, broker_url=_broker_url)
     _add_credentials(p)
@@ -405,6 +433,9 @@ def _add_controller_parser(sub: Subparsers) -> None:
 
 def _add_agent_parser(sub: Subparsers) -> None:
     """``fleetvisor agent``; the agent knows its own flags (agent.cli.add_arguments)."""
+    from agent import cli as agent_cli
+    from controller.daemon import ControllerSettings
+
     p = sub.add_parser("agent", help="run a host agent")
     agent_cli.add_arguments(p, broker_url=_broker_url, default_broker=ControllerSettings().broker_url)
     _add_credentials(p)
@@ -413,6 +444,8 @@ def _add_agent_parser(sub: Subparsers) -> None:
 
 def cmd_store(args: argparse.Namespace) -> int:
     """``store backup FILE`` (online, consistent) and ``store restore FILE`` (controller stopped)."""
+    from controller.state import files as store_files
+
     if args.action == "backup":
         counts = store_files.backup(args.db, args.file)
         print(f"backed up {args.db} to {args.file} (mode 0600): {_counted(counts)}")
@@ -430,6 +463,8 @@ def _counted(counts: dict[str, int]) -> str:
 
 def _add_store_parser(sub: Subparsers) -> None:
     """``fleetvisor store backup|restore``."""
+    from controller.daemon import default_db_path
+
     store = sub.add_parser("store", help="back up or restore the controller's state store").add_subparsers(
         dest="action", required=True
     )
@@ -448,7 +483,16 @@ def _add_store_parser(sub: Subparsers) -> None:
 
 
 def _add_tool_parsers(sub: Subparsers) -> None:
-    """``simulate``, ``ca``, ``broker-config`` and ``demo``."""
+    """``simulate``, ``ca``, ``broker-config``, ``completion`` and ``demo``."""
+    from controller.broker import acl_config as broker_config
+    from controller.daemon import ControllerSettings
+    from hv.engines import ENGINES
+
+    p = sub.add_parser(
+        "completion", help="print a bash or zsh completion script: source <(fleetvisor completion bash)"
+    )
+    p.add_argument("shell", choices=("bash", "zsh"))
+    p.set_defaults(func=cmd_completion)
     p = sub.add_parser(
         "simulate", help="replay a PlanetLab trace day through a consolidation policy (800 sim hosts)"
     )
@@ -501,13 +545,20 @@ def _add_tool_parsers(sub: Subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if operator_cli.is_operator_command(argv):
+        # The fast path: an operator command is a REST client and loads no server code.
+        args = operator_cli.operator_parser().parse_args(argv)
+        _setup_logging(args.verbose)
+        logging.getLogger().setLevel(logging.WARNING)
+        return operator_cli.run_operator_command(args)
+    from controller.state.files import EXIT_BAD_STORE, StoreError
+    from protocols.bus import BusError
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if args.command == "demo" and not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # the demo narrates; logs only for trouble
-    if args.command in operator_cli.OPERATOR_COMMANDS:
-        logging.getLogger().setLevel(logging.WARNING)
-        return operator_cli.run_operator_command(args)
     try:
         return int(args.func(args))
     except StoreError as exc:

@@ -33,6 +33,7 @@ FV_PACKAGES_TEST=(
     "openipmi:ipmi_sim"
     "ipmitool:ipmitool"
     "iproute2:ip"
+    "zsh:zsh"
 )
 # shellcheck disable=SC2034
 FV_PACKAGES_BENCH=("${FV_PACKAGES_TEST[@]}")

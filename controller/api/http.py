@@ -65,6 +65,7 @@ SCHEMA_TYPES: dict[str, Any] = {
     "migration_plan": MigrationPlan,
     "spec": views.CreateVmRequest,
     "plan": views.PlanResponse,
+    "batch_plan": views.BatchPlanResponse,
     "batch": views.CreateBatchResponse,
     "hosts": list[views.HostView],
     "vms": list[views.VmView],

@@ -163,6 +163,12 @@ class PlanResponse(msgspec.Struct, frozen=True, kw_only=True):
     explanation: Explanation
 
 
+class BatchPlanResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """A dry run of ``count`` VMs: where each would go, planned as a whole; nothing was claimed."""
+
+    vms: list[PlanResponse]
+
+
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
     code: str
     message: str

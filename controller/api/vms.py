@@ -134,7 +134,15 @@ def _create_route(
         spec = asked.to_spec()
         if dry_run:
             if asked.count > 1:
-                raise ApiError(400, "invalid_request", "dry_run plans one VM; drop count or dry_run")
+                decisions = vms.plan_batch(spec, asked.count, asked.scheduling)
+                return json_response(
+                    views.BatchPlanResponse(
+                        vms=[
+                            views.PlanResponse(vm=d.vm, host_id=d.host_id or "", explanation=d.explanation)
+                            for d in decisions
+                        ]
+                    )
+                )
             decision = vms.plan(spec, asked.scheduling)
             if decision.host_id is None:
                 raise refusal_error(decision)
@@ -143,7 +151,10 @@ def _create_route(
             )
         if asked.count > 1:
             created = vms.create_batch(spec, asked.count, start=start, hints=asked.scheduling)
-            results = [await _created(record, op, wait) for record, op in created]
+            results = [
+                await _created(record, op, wait, decision.explanation if explain else None)
+                for record, op, decision in created
+            ]
             running = any(r.operation.state == "running" for r in results)
             return json_response(views.CreateBatchResponse(vms=results), 202 if running else 200)
         record, op, decision = vms.create(spec, start=start, hints=asked.scheduling)

@@ -7,14 +7,23 @@ phrased for people; the CLI prints them as they are and exits non-zero.
 The package is a REST client and imports NOTHING else of ``controller``: only ``protocols`` and
 third-party packages. Modules: ``client`` (``ApiClient``, ``CliError``), ``render`` (tables and
 shared output), one per command group (``hosts``, ``vms``, ``migrate``, ``power``, ``admin``),
-``spec`` (the ``vm create`` body) and ``parser`` (argparse registration and running a command).
+``bulk`` (``-l SELECTOR`` on the lifecycle and host commands), ``rolling`` (``host
+rolling-maintenance``, ``op continue``), ``spec`` (the ``vm create`` body) and ``parser`` (argparse
+registration and running a command: Ctrl-C and a broken pipe end without a traceback).
 This module re-exports what ``fleetvisor.py`` and the tests use.
 """
 
 from __future__ import annotations
 
 from controller.cli.client import DEFAULT_URL, EXIT_FAILED, EXIT_UNREACHABLE, ApiClient, CliError
-from controller.cli.parser import OPERATOR_COMMANDS, add_operator_commands, run_operator_command
+from controller.cli.parser import (
+    OPERATOR_COMMANDS,
+    add_global_flags,
+    add_operator_commands,
+    is_operator_command,
+    operator_parser,
+    run_operator_command,
+)
 from controller.cli.spec import build_spec
 
 __all__ = [
@@ -24,7 +33,10 @@ __all__ = [
     "OPERATOR_COMMANDS",
     "ApiClient",
     "CliError",
+    "add_global_flags",
     "add_operator_commands",
     "build_spec",
+    "is_operator_command",
+    "operator_parser",
     "run_operator_command",
 ]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
-from controller.cli.client import ApiClient
+from controller.cli.client import EXIT_UNREACHABLE, ApiClient, CliError
 from controller.cli.render import emit, finish_op, table
 from protocols.text import printable
 
@@ -86,18 +87,45 @@ def cmd_op_cancel(client: ApiClient, args: argparse.Namespace) -> int:
 def cmd_events(client: ApiClient, args: argparse.Namespace) -> int:
     """``events [-f]``: print fleet events after ``--since``, and with ``--follow`` keep polling."""
     since = args.since
-    while True:
-        events = client.request("GET", "/events", params={"since": since, "limit": 1000})
-        for e in events:
-            if args.json:
-                print(json.dumps(e, sort_keys=True))
-            else:
-                stamp = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
-                print(printable(f"{stamp} #{e['seq']:<5} {e['type']:<20} {e['message']}"))
-            since = e["seq"]
-        if not args.follow:
-            return 0
-        time.sleep(0.5)
+    lost = False
+    try:
+        while True:
+            try:
+                events = client.request("GET", "/events", params={"since": since, "limit": 1000})
+            except CliError as exc:
+                if not args.follow or exc.exit_code != EXIT_UNREACHABLE:
+                    raise
+                if not lost:  # a controller restart: keep asking, from the last event seen
+                    print(f"fleetvisor: {exc}; retrying from event #{since}", file=sys.stderr, flush=True)
+                lost = True
+                time.sleep(1.0)
+                continue
+            if lost:
+                print(
+                    f"fleetvisor: the controller answers again; resuming after event #{since}",
+                    file=sys.stderr,
+                )
+                lost = False
+            since = _print_events(events, args.json, since)
+            if not args.follow:
+                return 0
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print(f"\nstopped following after event #{since}; resume with `fleetvisor events -f --since {since}`",
+              file=sys.stderr)  # fmt: skip
+        return 0
+
+
+def _print_events(events: list[dict[str, Any]], as_json: bool, since: int) -> int:
+    """Print ``events``; returns the last sequence number printed (``since`` if none)."""
+    for e in events:
+        if as_json:
+            print(json.dumps(e, sort_keys=True), flush=True)
+        else:
+            stamp = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+            print(printable(f"{stamp} #{e['seq']:<5} {e['type']:<20} {e['message']}"), flush=True)
+        since = e["seq"]
+    return since
 
 
 def cmd_token_create(client: ApiClient, args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ the terminal. It imports only third-party packages (httpx); nothing of ``control
 from __future__ import annotations
 
 import ssl
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,6 +18,8 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3
+#: After Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):
@@ -29,13 +34,25 @@ class ApiClient:
     """A thin synchronous client of ``/api/v1``."""
 
     def __init__(
-        self, base_url: str, timeout: float = 30.0, token: str | None = None, ca_file: str | None = None
+        self,
+        base_url: str,
+        timeout: float = 30.0,
+        token: str | None = None,
+        ca_file: str | None = None,
+        verbose: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        hooks: dict[str, list[Callable[..., Any]]] = (
+            {"request": [_show_request], "response": [_show_response]} if verbose else {}
+        )
         self._http = httpx.Client(
-            base_url=f"{self.base_url}/api/v1", timeout=timeout, headers=headers, verify=verify
+            base_url=f"{self.base_url}/api/v1",
+            timeout=timeout,
+            headers=headers,
+            verify=verify,
+            event_hooks=hooks,
         )
 
     def close(self) -> None:
@@ -76,3 +93,15 @@ class ApiClient:
             message = body.get("error", {}).get("message") if isinstance(body, dict) else None
             raise CliError(message or f"{method} {path}: HTTP {response.status_code}")
         return body
+
+
+def _show_request(request: httpx.Request) -> None:
+    """``-v``: each request on stderr as it leaves (never the token)."""
+    request.extensions["fv_sent"] = time.monotonic()
+    print(f"> {request.method} {request.url}", file=sys.stderr, flush=True)
+
+
+def _show_response(response: httpx.Response) -> None:
+    sent = response.request.extensions.get("fv_sent", time.monotonic())
+    took = (time.monotonic() - sent) * 1000
+    print(f"< {response.status_code} {response.reason_phrase} ({took:.0f} ms)", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from controller.cli import bulk
-from controller.cli.client import EXIT_FAILED, ApiClient, CliError
+from controller.cli.client import EXIT_FAILED, EXIT_INTERRUPTED, ApiClient, CliError
 from controller.cli.render import finish_op, render_explanation
 from protocols.text import printable
 
@@ -47,16 +47,26 @@ def _follow(
     tty = sys.stderr.isatty() and not args.json
     deadline = time.monotonic() + args.timeout
     last = ""
-    while op["state"] == "running" and time.monotonic() < deadline:
-        text = printable(line(op))
-        if text != last:
-            if tty:
-                print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
-            elif not args.json:
-                print(text, file=sys.stderr, flush=True)
-            last = text
-        time.sleep(0.3)
-        op = client.request("GET", f"/operations/{op['op_id']}")
+    try:
+        while op["state"] == "running" and time.monotonic() < deadline:
+            text = printable(line(op))
+            if text != last:
+                if tty:
+                    print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+                elif not args.json:
+                    print(text, file=sys.stderr, flush=True)
+                last = text
+            time.sleep(0.3)
+            op = client.request("GET", f"/operations/{op['op_id']}")
+    except KeyboardInterrupt:
+        what = f"the {op['kind']} of {op['vm'] or op['host_id']}"
+        if tty and last:
+            print(file=sys.stderr)
+        raise CliError(
+            f"{what} goes on (operation {op['op_id']}); follow it with "
+            f"`fleetvisor op wait {op['op_id']}`, cancel it with `fleetvisor op cancel {op['op_id']}`",
+            EXIT_INTERRUPTED,
+        ) from None
     if tty and last:
         print(file=sys.stderr)
     return op

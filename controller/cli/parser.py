@@ -9,6 +9,7 @@ message and an exit code. It imports only ``controller.cli`` modules of ours.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import ssl
 import sys
@@ -16,7 +17,10 @@ from collections.abc import Sequence
 from typing import TypeAlias
 
 from controller.cli import admin, bulk, hosts, migrate, power, rolling, vms
-from controller.cli.client import DEFAULT_URL, EXIT_FAILED, ApiClient, CliError
+from controller.cli.client import DEFAULT_URL, EXIT_FAILED, EXIT_INTERRUPTED, ApiClient, CliError
+
+#: After the reader of stdout went away (128 + SIGPIPE), as shells report a tool killed by it.
+EXIT_BROKEN_PIPE = 141
 
 OPERATOR_COMMANDS: Sequence[str] = ("vm", "host", "op", "events", "token", "audit", "plan", "power")
 
@@ -394,6 +398,37 @@ def _add_admin_commands(sub: _SubParsers) -> None:
     p.set_defaults(handler=admin.cmd_events)
 
 
+def add_global_flags(parser: argparse.ArgumentParser) -> None:
+    """``-v`` and ``--version``, on the whole command line and on the operator commands' own."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; operator commands show each API request"
+    )
+    parser.add_argument("--version", action="version", version=f"fleetvisor {_version()}")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fleetvisor")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: ./scripts/test or pip install -e .)"
+
+
+def is_operator_command(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` runs an operator command (or only asks for the version): those need only
+    :func:`operator_parser`, which loads no server code.
+    """
+    word = next((w for w in argv if not w.startswith("-")), None)
+    return word in OPERATOR_COMMANDS or (word is None and "--version" in argv)
+
+
+def operator_parser() -> argparse.ArgumentParser:
+    """Only the operator commands, under the global flags: what ``fleetvisor vm list`` needs."""
+    parser = argparse.ArgumentParser(prog="fleetvisor", description="Fleet manager for virtual machines.")
+    add_global_flags(parser)
+    add_operator_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
+
+
 def add_operator_commands(sub: _SubParsers) -> None:
     """Register ``vm``, ``host``, ``op``, ``events``, ``plan`` and ``power`` under the top-level parser."""
     _add_vm_commands(sub)
@@ -407,7 +442,12 @@ def run_operator_command(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("FLEETVISOR_URL") or DEFAULT_URL
     ca_file = args.ca_file or os.environ.get("FLEETVISOR_CA")
     try:
-        client = ApiClient(url, token=args.token or os.environ.get("FLEETVISOR_TOKEN"), ca_file=ca_file)
+        client = ApiClient(
+            url,
+            token=args.token or os.environ.get("FLEETVISOR_TOKEN"),
+            ca_file=ca_file,
+            verbose=bool(getattr(args, "verbose", False)),
+        )
     except (OSError, ssl.SSLError) as exc:
         print(f"fleetvisor: cannot load the CA certificate {ca_file!r}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -417,5 +457,17 @@ def run_operator_command(args: argparse.Namespace) -> int:
     except CliError as exc:
         print(f"fleetvisor: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(
+            "\nfleetvisor: interrupted; what the controller started goes on: see `fleetvisor op list --state "
+            "running`, cancel with `fleetvisor op cancel ID`",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader (`| head`) went away: stop quietly, as Unix tools do, without a traceback at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     finally:
         client.close()

@@ -17,11 +17,8 @@ import sys
 import time
 from typing import Any
 
-from controller.cli.client import EXIT_FAILED, ApiClient, CliError
+from controller.cli.client import EXIT_FAILED, EXIT_INTERRUPTED, ApiClient, CliError
 from protocols.text import printable
-
-#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
 
 
 def add_arguments(host: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:

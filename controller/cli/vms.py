@@ -82,9 +82,11 @@ def cmd_vm_create(client: ApiClient, args: argparse.Namespace) -> int:
             raise CliError(f"dry run: {exc}") from None
         if args.json:
             print(json.dumps(plan, indent=2, sort_keys=True))
-        else:
-            print(f"vm {plan['vm']} would go to {plan['host_id']} (nothing was claimed)")
-            print(render_explanation(plan["explanation"]))
+            return 0
+        for one in plan.get("vms", [plan]):
+            print(f"vm {one['vm']} would go to {one['host_id']} (nothing was claimed)")
+            if args.explain or "vms" not in plan:
+                print(render_explanation(one["explanation"]))
         return 0
     if args.explain:
         params["explain"] = "true"
@@ -111,6 +113,10 @@ def _finish_batch(args: argparse.Namespace, result: dict[str, Any]) -> int:
     else:
         rows = [[r["vm"]["name"], r["vm"]["host_id"] or "-", r["operation"]["state"]] for r in result["vms"]]
         print(table(rows, ["vm", "host", "operation"]))
+        for r in result["vms"]:
+            if r.get("explanation"):
+                print(f"\n{r['vm']['name']}:")
+                print(render_explanation(r["explanation"]))
     return EXIT_FAILED if any(r["operation"]["state"] == "failed" for r in result["vms"]) else 0
 
 

@@ -173,6 +173,25 @@ class VmService:
         except UnknownPolicyError as exc:
             raise Invalid("unknown_policy", str(exc)) from None
 
+    def plan_batch(
+        self, template: VmSpec, count: int, hints: SchedulingHints | None = None
+    ) -> list[Decision]:
+        """Where ``count`` VMs ``<name>-1..N`` would go, planned as a whole; claims nothing.
+
+        Raises:
+            Conflict: the batch cannot be placed, with the reason. Invalid: an unknown policy.
+        """
+        hints, _ = placement.resolve_group(self.store, hints)
+        specs = [_with_group(msgspec.structs.replace(template, name=f"{template.name}-{i}"), hints)
+                 for i in range(1, count + 1)]  # fmt: skip
+        try:
+            batch = self.scheduler.select_batch([PlacementRequest.from_spec(s, hints) for s in specs])
+        except UnknownPolicyError as exc:
+            raise Invalid("unknown_policy", str(exc)) from None
+        if not batch.ok:
+            raise Conflict("no_valid_host", f"batch {template.name!r} of {count}: {batch.message}")
+        return batch.decisions
+
     def create(
         self, spec: VmSpec, start: bool = True, hints: SchedulingHints | None = None
     ) -> tuple[VmRecord, OperationRecord, Decision]:
@@ -211,7 +230,7 @@ class VmService:
 
     def create_batch(
         self, template: VmSpec, count: int, start: bool = True, hints: SchedulingHints | None = None
-    ) -> list[tuple[VmRecord, OperationRecord]]:
+    ) -> list[tuple[VmRecord, OperationRecord, Decision]]:
         """Create ``count`` VMs named ``<name>-1..N``, planned as a whole (an anti-affinity group is
         spread before anything is claimed) and claimed all or nothing.
 
@@ -236,7 +255,8 @@ class VmService:
         placed = [
             (s, d.host_id) for s, d, c in zip(specs, batch.decisions, claims, strict=True) if c and d.host_id
         ]
-        created = []
+        decided = {d.vm: d for d in batch.decisions}
+        created: list[tuple[VmRecord, OperationRecord]] = []
         try:
             with self.store.transaction():
                 if new_group and hints is not None and hints.group is not None and placed:
@@ -249,7 +269,7 @@ class VmService:
             raise
         for record, op in created:
             self._created(record, op)
-        return created
+        return [(record, op, decided[record.name]) for record, op in created]
 
     def _created(self, record: VmRecord, op: OperationRecord) -> None:
         self.events.emit(

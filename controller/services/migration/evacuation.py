@@ -131,7 +131,11 @@ class Evacuations:
                         return
                 done = await self.operations.wait(busy.op_id, 10 * self.settings.send_timeout_s)
                 after = self.store.vm(name)
-                if done.state == "succeeded" and after is not None:
+                if done.state == "succeeded" and after is not None and after.host_id == host_id:
+                    # Not evacuated: the operation waited for put it here (it was one moving it in),
+                    # or another move brought it back meanwhile. Say so; never "moved to" this host.
+                    await record(name, f"failed: it is on {host_id} again (after {done.kind} {done.op_id})")
+                elif done.state == "succeeded" and after is not None:
                     how = {"restart": "restarted on", "move": "moved (stopped) to"}.get(done.kind, "moved to")
                     await record(name, f"{how} {after.host_id}")
                 else:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -90,30 +91,44 @@ def test_events_follow_outlives_a_controller_restart_and_ctrl_c_stops_it_in_one_
     out = tmp_path / "events.txt"
     with out.open("w") as sink:
         follow = _cli("events", "-f", "--url", fleet.url, stdout=sink)
-        wait_for(lambda: "host.joined" in out.read_text(), 30, "the follow prints events", fleet.all)
-        controller = fleet.controller.popen
-        os.kill(controller.pid, signal.SIGKILL)
-        controller.wait(10)
-        again = procs(
-            "controller-2", "controller", "--enrolment", "open", "--broker", mosquitto.url,
-            "--db", str(tmp_path / "c.sqlite"), "--port", fleet.url.rsplit(":", 1)[1],
-        )  # fmt: skip
-        wait_for(
-            lambda: httpx.get(f"{fleet.url}/api/v1/health", timeout=2).status_code == 200, 30, "back", [again]
-        )
-        body = {"name": "after", "memory_mib": 64}
-        assert (
-            httpx.post(f"{fleet.url}/api/v1/vms", json=body, params={"wait": 30}, timeout=60).status_code
-            == 200
-        )
-        wait_for(lambda: "vm after" in out.read_text(), 30, "events after the restart are printed", [again])
-        follow.send_signal(signal.SIGINT)
-        _, err = follow.communicate(timeout=30)
+        try:
+            _follow_across_a_restart(follow, fleet, out, mosquitto, procs, tmp_path)
+        finally:
+            if follow.poll() is None:  # the test failed before Ctrl-C: never leave the follow running
+                follow.kill()
+                follow.wait(10)
+    assert follow.stderr is not None
+    with follow.stderr:
+        err = follow.stderr.read()
     assert follow.returncode == 0, (follow.returncode, err)
     assert "Traceback" not in err and "stopped following after event #" in err, err
     assert "retrying from event #" in err and "answers again" in err, err
     seqs = [int(line.split("#")[1].split()[0]) for line in out.read_text().splitlines() if "#" in line]
     assert seqs == sorted(set(seqs)), "no event printed twice, none out of order"
+
+
+def _follow_across_a_restart(
+    follow: subprocess.Popen[str], fleet: Any, out: Path, mosquitto: Any, procs: Any, tmp_path: Path
+) -> None:
+    """Kill -9 the controller under a running follow, restart it, make an event, then Ctrl-C."""
+    wait_for(lambda: "host.joined" in out.read_text(), 30, "the follow prints events", fleet.all)
+    controller = fleet.controller.popen
+    os.kill(controller.pid, signal.SIGKILL)
+    controller.wait(10)
+    again = procs(
+        "controller-2", "controller", "--enrolment", "open", "--broker", mosquitto.url,
+        "--db", str(tmp_path / "c.sqlite"), "--port", fleet.url.rsplit(":", 1)[1],
+    )  # fmt: skip
+    wait_for(
+        lambda: httpx.get(f"{fleet.url}/api/v1/health", timeout=2).status_code == 200, 30, "back", [again]
+    )
+    body = {"name": "after", "memory_mib": 64}
+    assert (
+        httpx.post(f"{fleet.url}/api/v1/vms", json=body, params={"wait": 30}, timeout=60).status_code == 200
+    )
+    wait_for(lambda: "vm after" in out.read_text(), 30, "events after the restart are printed", [again])
+    follow.send_signal(signal.SIGINT)
+    follow.wait(30)
 
 
 def test_dry_run_and_explain_work_with_count(mosquitto, procs, tmp_path) -> None:

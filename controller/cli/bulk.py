@@ -19,17 +19,25 @@ from protocols.text import printable
 Handler = Callable[[ApiClient, argparse.Namespace], int]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``-l`` and the limits of a bulk action."""
+def add_arguments(parser: argparse.ArgumentParser, *, max_parallel: int = 5, dry_run: bool = True) -> None:
+    """``-l`` and the limits of a bulk action (``dry_run``: also ``--dry-run``, for commands that
+    have none of their own).
+    """
     g = parser.add_argument_group("many VMs at once (instead of NAME)")
     g.add_argument(
         "-l", "--selector", default="", help="act on every VM that matches, e.g. tier=web,state=running"
     )
-    g.add_argument("--max-parallel", type=int, default=5, help="targets acted on at once (default 5)")
+    g.add_argument(
+        "--max-parallel",
+        type=int,
+        default=max_parallel,
+        help=f"targets acted on at once (default {max_parallel})",
+    )
     g.add_argument(
         "--stop-after", type=int, default=0, metavar="N", help="stop after N failures (default: never)"
     )
-    g.add_argument("--dry-run", action="store_true", help="list what the selector picks; change nothing")
+    if dry_run:
+        g.add_argument("--dry-run", action="store_true", help="list what the selector picks; change nothing")
 
 
 def single_or_bulk(action: str, single: Handler) -> Handler:

@@ -172,14 +172,7 @@ def _add_vm_migrate(vm: _SubParsers) -> None:
     )
     p.add_argument("name", nargs="?", default="")
     p.add_argument("--to", default=None, metavar="HOST", help="target host (default: the scheduler chooses)")
-    g = p.add_argument_group("many VMs at once (instead of NAME)")
-    g.add_argument(
-        "-l", "--selector", default="", help="migrate every VM that matches, e.g. host=h1,tier=web"
-    )
-    g.add_argument("--max-parallel", type=int, default=2, help="migrations started at once (default 2)")
-    g.add_argument(
-        "--stop-after", type=int, default=0, metavar="N", help="stop after N failures (default: never)"
-    )
+    bulk.add_arguments(p, max_parallel=2, dry_run=False)  # --dry-run is its own, below
     p.add_argument(
         "--dry-run", action="store_true", help="predict time, downtime and convergence; move nothing"
     )

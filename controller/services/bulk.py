@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 import msgspec
 
 from controller.common import selectors
-from controller.common.errors import Conflict, DomainError, Invalid
+from controller.common.errors import DomainError, Invalid
 from controller.services.hosts import HostService
 from controller.services.migration.migrate import MigrationService
 from controller.services.operations import Operations
@@ -130,12 +130,9 @@ class BulkActions:
         Raises:
             NotFound: no such operation. Conflict: not a running bulk action.
         """
-        op = self.operations.require(op_id)
-        if op.kind != "bulk" or op.state != "running":
-            raise Conflict("invalid_state", f"operation {op_id} is not a running bulk action")
-        if not op.params.get("cancelled"):
-            # The flag first: a child started after this loop sees it and cancels itself.
-            op = self.store.update_operation(op_id, {**op.params, "cancelled": True})
+        # The flag first: a child started after the loop below sees it and cancels itself.
+        op, newly = self.operations.flag_cancelled(op_id, "bulk", "bulk action")
+        if newly:
             self.events.emit(
                 "bulk.cancelled",
                 f"bulk {op.params['action']} cancelled: targets not started are skipped",
@@ -189,7 +186,11 @@ class BulkActions:
                         await record(target, begun)
                         return
                     child = begun
-                if self._cancelled(op.op_id) and child.kind == "migrate" and child.state == "running":
+                if (
+                    self.operations.cancelled(op.op_id)
+                    and child.kind == "migrate"
+                    and child.state == "running"
+                ):
                     await self._cancel_child(child)
                 done = await self.operations.wait(child.op_id, CHILD_TIMEOUT_S)
                 if done.state == "running":
@@ -213,10 +214,6 @@ class BulkActions:
         if stop_after and failed >= stop_after:
             return f"the action stopped after {failed} failure(s) (stop_after {stop_after})"
         return ""
-
-    def _cancelled(self, op_id: str) -> bool:
-        current = self.store.operation(op_id)
-        return current is not None and bool(current.params.get("cancelled"))
 
     async def _cancel_child(self, child: OperationRecord) -> None:
         with contextlib.suppress(DomainError):  # past the switch-over, or over: it ends on its own

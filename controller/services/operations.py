@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from controller.common.errors import NotFound
+from controller.common.errors import Conflict, NotFound
 from controller.common.tasks import TaskSet
 from controller.state.events import EventHub
 from controller.state.store import OperationRecord, OpKind, Store
@@ -65,6 +65,26 @@ class Operations:
         if record is None:
             raise NotFound("unknown_operation", f"operation {op_id!r} does not exist")
         return record
+
+    def flag_cancelled(self, op_id: str, kind: OpKind, what: str) -> tuple[OperationRecord, bool]:
+        """Mark the running ``kind`` operation ``op_id`` cancelled, in its params, so that its runner
+        (and the runner resumed after a restart) stops at its next step. Returns the operation, and
+        whether this call set the flag (False: it was cancelled already).
+
+        Raises:
+            NotFound: no such operation. Conflict: not a running ``kind`` (``what`` names it).
+        """
+        op = self.require(op_id)
+        if op.kind != kind or op.state != "running":
+            raise Conflict("invalid_state", f"operation {op_id} is not a running {what}")
+        if op.params.get("cancelled"):
+            return op, False
+        return self.store.update_operation(op_id, {**op.params, "cancelled": True}), True
+
+    def cancelled(self, op_id: str) -> bool:
+        """Whether operation ``op_id`` was flagged cancelled (:meth:`flag_cancelled`)."""
+        op = self.store.operation(op_id)
+        return op is not None and bool(op.params.get("cancelled"))
 
     def start(self, op: OperationRecord) -> None:
         """Run ``op`` in the background; :meth:`wait` waits for it."""

@@ -218,11 +218,8 @@ class RollingMaintenance:
         Raises:
             NotFound: no such operation. Conflict: not a running roll.
         """
-        op = self.operations.require(op_id)
-        if op.kind != "rolling" or op.state != "running":
-            raise Conflict("invalid_state", f"operation {op_id} is not a running rolling maintenance")
-        if not op.params.get("cancelled"):
-            op = self.store.update_operation(op_id, {**op.params, "cancelled": True})
+        op, newly = self.operations.flag_cancelled(op_id, "rolling", "rolling maintenance")
+        if newly:
             self.events.emit(
                 "rolling.cancelled",
                 "rolling maintenance cancelled by the operator: migrations under way finish, the rest stop",
@@ -286,7 +283,7 @@ class RollingMaintenance:
     async def _host(self, op_id: str, host: str, held: list[Claim]) -> None:
         """Take ``host`` from its current phase to its end."""
         while (phase := self._phase(op_id, host)) not in ENDED:
-            if self._cancelled(op_id):
+            if self.operations.cancelled(op_id):
                 self._set(op_id, host, phase="cancelled", error=f"cancelled while {phase}; "
                           + ("it is in maintenance" if phase != "returning" else "it left maintenance"))  # fmt: skip
                 return
@@ -350,7 +347,7 @@ class RollingMaintenance:
         await asyncio.gather(
             *(one(v, t) for v, t in progress["plan"].items() if v not in progress.get("moved", {}))
         )
-        if self._cancelled(op_id):
+        if self.operations.cancelled(op_id):
             return
         left = [v.name for v in self.store.vms(host) if v.state in ("running", "paused", "migrating")]
         if left:
@@ -386,7 +383,7 @@ class RollingMaintenance:
                 return "deleted meanwhile"
             if record.host_id != source:
                 return f"moved to {record.host_id} meanwhile"
-            if self._cancelled(op_id):
+            if self.operations.cancelled(op_id):
                 return ""
             for claim in [c for c in held if c.vm == vm]:  # the plan's claim becomes the migration's
                 held.remove(claim)
@@ -418,7 +415,7 @@ class RollingMaintenance:
                 return self.migrations.start(vm, None, policy, avoid=avoid)
 
     async def _step(self, op_id: str, host: str) -> None:
-        while self._phase(op_id, host) == "step" and not self._cancelled(op_id):
+        while self._phase(op_id, host) == "step" and not self.operations.cancelled(op_id):
             await self._sleep(op_id, 5.0)
 
     async def _agent(self, op_id: str, host: str) -> None:
@@ -431,7 +428,7 @@ class RollingMaintenance:
             fresh = self.live.telemetry_seen.get(host, 0.0) > since
             if record.online and health == "up" and fresh:
                 break
-            if self._cancelled(op_id):
+            if self.operations.cancelled(op_id):
                 return
             if time.monotonic() > deadline:
                 self._fail(op_id, host, f"its agent did not come back healthy within "
@@ -473,7 +470,7 @@ class RollingMaintenance:
             v for v, r in moved.items() if r.startswith("moved to") and v not in progress.get("returned", {})
         ]
         await asyncio.gather(*(one(v) for v in gone))
-        if not self._cancelled(op_id):
+        if not self.operations.cancelled(op_id):
             self._set(op_id, host, phase="done")
 
     async def _back(self, op_id: str, vm: str, host: str, child: OperationRecord | None) -> str:
@@ -527,11 +524,8 @@ class RollingMaintenance:
         """
         return [c for c in self.store.children(op_id) if c.kind == "migrate" and c.state == "running"]
 
-    def _cancelled(self, op_id: str) -> bool:
-        return bool(self._params(op_id).get("cancelled"))
-
     def _stop_reason(self, op_id: str) -> str:
-        if self._cancelled(op_id):
+        if self.operations.cancelled(op_id):
             return "cancelled before its wave"
         failed = [h for h, p in self._params(op_id)["progress"].items() if p["phase"] == "failed"]
         return f"the roll stopped: {', '.join(failed)} failed" if failed else ""

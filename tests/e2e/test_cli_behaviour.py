@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.support.processes import ROOT, start_process_fleet, wait_for
+from tests.support.processes import ROOT, run_cli, start_process_fleet, wait_for
 
 BIG_HOST = ("--memory-mib", "262144", "--cores", "64")
 
@@ -57,9 +58,10 @@ def test_version_and_a_broken_pipe_end_without_a_traceback(mosquitto, procs, tmp
     assert lister.returncode == 141, (lister.returncode, err)
 
 
+@pytest.mark.timeout(150)
 def test_ctrl_c_during_a_migration_says_it_goes_on_and_it_does(mosquitto, procs, tmp_path) -> None:
     fleet = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1", "h2"), agent_args=BIG_HOST)
-    body = {"name": "big", "memory_mib": 65536, "scheduling": {"start_on": "h1"}}
+    body = {"name": "big", "memory_mib": 16384, "scheduling": {"start_on": "h1"}}  # about 14 s to send
     assert (
         httpx.post(f"{fleet.url}/api/v1/vms", json=body, params={"wait": 30}, timeout=60).status_code == 200
     )
@@ -134,19 +136,26 @@ def _follow_across_a_restart(
 def test_dry_run_and_explain_work_with_count(mosquitto, procs, tmp_path) -> None:
     fleet = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1", "h2", "h3"), agent_args=BIG_HOST)
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "fleetvisor", "vm", "create", *args, "--url", fleet.url],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-
-    dry = cli("db", "--memory", "256", "--count", "3", "--group", "db", "--anti-affinity", "--dry-run")
+    dry = run_cli(
+        fleet.url,
+        "vm",
+        "create",
+        "db",
+        "--memory",
+        "256",
+        "--count",
+        "3",
+        "--group",
+        "db",
+        "--anti-affinity",
+        "--dry-run",
+    )
     assert dry.returncode == 0, dry.stderr
     lines = [line for line in dry.stdout.splitlines() if "would go to" in line]
     assert [line.split()[1] for line in lines] == ["db-1", "db-2", "db-3"], dry.stdout
     assert len({line.split()[-4] for line in lines}) == 3, "an anti-affinity batch plans three hosts"
     assert httpx.get(f"{fleet.url}/api/v1/vms", timeout=5).json() == [], "a dry run creates nothing"
-    made = cli("web", "--memory", "256", "--count", "2", "--explain")
+    made = run_cli(fleet.url, "vm", "create", "web", "--memory", "256", "--count", "2", "--explain")
     assert made.returncode == 0, made.stderr
     assert "web-1:" in made.stdout and "web-2:" in made.stdout and "hosts qualify" in made.stdout, made.stdout
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ import pytest
 
 from tests.support import free_port
 from tests.support.ipmi import IpmiSim, pid_alive, require_ipmi
-from tests.support.processes import ROOT, Proc, wait_for
+from tests.support.processes import Proc, run_cli, wait_for
 
 HOSTS = ("h1", "h2", "h3")
 AGENT_ARGS = ("--telemetry-interval", "0.25", "--cores", "4", "--memory-mib", "8192")
@@ -110,14 +109,7 @@ def _settled(url: str) -> bool:
 
 
 def _cli(url: str, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "fleetvisor", *args, "--url", url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli(url, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

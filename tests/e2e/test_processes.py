@@ -14,17 +14,7 @@ import sys
 import httpx
 
 from tests.support import free_port
-from tests.support.processes import ROOT, start_process_fleet, wait_for
-
-
-def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fleetvisor", *args, "--url", url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.support.processes import ROOT, run_cli, start_process_fleet, wait_for
 
 
 def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill_9(
@@ -39,24 +29,24 @@ def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill
     def hosts() -> dict[str, bool]:
         return {h["host_id"]: h["online"] for h in fleet.hosts()}
 
-    created = _cli(url, "vm", "create", "web-1", "--vcpus", "2", "--memory", "1024", "--json")
+    created = run_cli(url, "vm", "create", "web-1", "--vcpus", "2", "--memory", "1024", "--json")
     assert created.returncode == 0, created.stderr
     result = json.loads(created.stdout)
     assert result["operation"]["state"] == "succeeded"
     host = result["vm"]["host_id"]
-    listed = json.loads(_cli(url, "vm", "list", "--json").stdout)
+    listed = json.loads(run_cli(url, "vm", "list", "--json").stdout)
     assert [(v["name"], v["state"], v["host_id"]) for v in listed] == [("web-1", "running", host)]
-    table = _cli(url, "host", "list").stdout
+    table = run_cli(url, "host", "list").stdout
     assert "h1" in table and "online" in table
     assert (
-        json.loads(_cli(url, "vm", "list", "-l", f"host={host},state=running", "--json").stdout)[0]["name"]
+        json.loads(run_cli(url, "vm", "list", "-l", f"host={host},state=running", "--json").stdout)[0]["name"]
         == "web-1"
     )
-    assert json.loads(_cli(url, "vm", "list", "--selector", "state=stopped", "--json").stdout) == []
+    assert json.loads(run_cli(url, "vm", "list", "--selector", "state=stopped", "--json").stdout) == []
     assert [
-        h["host_id"] for h in json.loads(_cli(url, "host", "list", "-l", f"name={host}", "--json").stdout)
+        h["host_id"] for h in json.loads(run_cli(url, "host", "list", "-l", f"name={host}", "--json").stdout)
     ] == [host]
-    bad = _cli(url, "vm", "list", "-l", "state=")
+    bad = run_cli(url, "vm", "list", "-l", "state=")
     assert bad.returncode != 0 and "at character 7" in bad.stderr and "^" in bad.stderr, bad.stderr
 
     victim = agents[host].popen
@@ -76,14 +66,14 @@ def test_controller_and_two_agent_processes_create_a_vm_then_lose_a_host_to_kill
 def test_cli_errors_are_clear_and_exit_non_zero(tmp_path):
     """The CLI explains an unreachable controller and invalid specs, with distinct exit codes."""
     url = f"http://127.0.0.1:{free_port()}"
-    unreachable = _cli(url, "vm", "list")
+    unreachable = run_cli(url, "vm", "list")
     assert unreachable.returncode == 3
     assert "cannot reach the controller" in unreachable.stderr and "FLEETVISOR_URL" in unreachable.stderr
-    bad = _cli(url, "vm", "create", "ok-name", "--vcpus", "0")
+    bad = run_cli(url, "vm", "create", "ok-name", "--vcpus", "0")
     assert bad.returncode == 1 and "vcpus" in bad.stderr
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: from-file\nvcpus: 2\nmemroy_mib: 512\n")
-    typo = _cli(url, "vm", "create", "-f", str(spec))
+    typo = run_cli(url, "vm", "create", "-f", str(spec))
     assert typo.returncode == 1 and "memroy_mib" in typo.stderr
 
 
@@ -119,32 +109,34 @@ def test_vm_create_from_libvirt_xml_and_dumpxml_round_trip(mosquitto, procs, tmp
 
     url = start_process_fleet(procs, mosquitto.url, tmp_path).url
     sample = ROOT / "tests/protocols/domxml_samples/good_direct_kernel_boot.xml"
-    created = _cli(url, "vm", "create", "--xml", str(sample), "--json")
+    created = run_cli(url, "vm", "create", "--xml", str(sample), "--json")
     assert created.returncode == 0, created.stderr
     name = json.loads(created.stdout)["vm"]["name"]
-    exported = _cli(url, "vm", "dumpxml", name)
+    exported = run_cli(url, "vm", "dumpxml", name)
     assert exported.returncode == 0, exported.stderr
     assert domxml.spec_from_xml(exported.stdout) == domxml.spec_from_xml(sample.read_text())
-    refused = _cli(url, "vm", "create", "--xml", str(ROOT / "tests/protocols/domxml_samples/bad_hostdev.xml"))
+    refused = run_cli(
+        url, "vm", "create", "--xml", str(ROOT / "tests/protocols/domxml_samples/bad_hostdev.xml")
+    )
     assert refused.returncode == 1 and "/domain/devices/hostdev" in refused.stderr
 
 
 def test_cli_batch_with_anti_affinity_explain_and_dry_run(mosquitto, procs, tmp_path):
     """`vm create --count 3 --group web --anti-affinity` spreads; --dry-run and --explain print the why."""
     url = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1", "h2", "h3")).url
-    batch = _cli(
+    batch = run_cli(
         url, "vm", "create", "web", "--count", "3", "--group", "web", "--anti-affinity", "--memory", "256"
     )
     assert batch.returncode == 0, batch.stderr
     assert sorted(line.split()[1] for line in batch.stdout.splitlines()[1:]) == ["h1", "h2", "h3"]
-    dry = _cli(url, "vm", "create", "db", "--memory", "1024", "--dry-run")
+    dry = run_cli(url, "vm", "create", "db", "--memory", "1024", "--dry-run")
     assert dry.returncode == 0 and "would go to" in dry.stdout and "3 of 3 hosts qualify" in dry.stdout
-    assert "db" not in _cli(url, "vm", "list").stdout
-    explained = _cli(url, "vm", "create", "db", "--memory", "1024", "--explain", "--avoid-host", "h1")
+    assert "db" not in run_cli(url, "vm", "list").stdout
+    explained = run_cli(url, "vm", "create", "db", "--memory", "1024", "--explain", "--avoid-host", "h1")
     assert explained.returncode == 0, explained.stderr
     assert "best candidates" in explained.stdout and "1." in explained.stdout
     assert "on h1" not in explained.stdout
-    refused = _cli(url, "vm", "create", "big", "--memory", "999999", "--dry-run")
+    refused = run_cli(url, "vm", "create", "big", "--memory", "999999", "--dry-run")
     assert refused.returncode == 1 and "no host can take vm 'big'" in refused.stderr
 
 
@@ -172,44 +164,44 @@ def test_demo_with_real_qemu_guests_prints_its_summary_and_cleans_up(tmp_path):
 def test_cli_migrate_shows_progress_predicts_with_dry_run_and_evacuate_reports(mosquitto, procs, tmp_path):
     """`vm migrate --dry-run` predicts; `vm migrate` draws progress and reports; `host evacuate` lists each VM."""
     url = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1", "h2")).url
-    created = _cli(url, "vm", "create", "mover", "--memory", "1024", "--start-on", "h1")
+    created = run_cli(url, "vm", "create", "mover", "--memory", "1024", "--start-on", "h1")
     assert created.returncode == 0, created.stderr
-    dry = _cli(url, "vm", "migrate", "mover", "--to", "h2", "--dry-run", "--bandwidth", "200")
+    dry = run_cli(url, "vm", "migrate", "mover", "--to", "h2", "--dry-run", "--bandwidth", "200")
     assert dry.returncode == 0, dry.stderr
     assert "h1 -> h2" in dry.stdout and "pre-copy converges" in dry.stdout and "predicted:" in dry.stdout
-    moved = _cli(url, "vm", "migrate", "mover", "--to", "h2", "--bandwidth", "200")
+    moved = run_cli(url, "vm", "migrate", "mover", "--to", "h2", "--bandwidth", "200")
     assert moved.returncode == 0, moved.stderr
     assert "mover: h1 -> h2 in" in moved.stdout and "migrate vm mover: done" in moved.stdout
     bars = [line for line in moved.stderr.splitlines() if "MiB left" in line]
     assert bars and "[" in bars[-1] and "#" in bars[-1], moved.stderr  # the progress bar, line by line
-    assert json.loads(_cli(url, "vm", "show", "mover", "--json").stdout)["host_id"] == "h2"
-    nothing = _cli(url, "vm", "migrate-cancel", "mover")
+    assert json.loads(run_cli(url, "vm", "show", "mover", "--json").stdout)["host_id"] == "h2"
+    nothing = run_cli(url, "vm", "migrate-cancel", "mover")
     assert nothing.returncode == 1 and "is not migrating; nothing to cancel" in nothing.stderr
-    evacuated = _cli(url, "host", "evacuate", "h2")
+    evacuated = run_cli(url, "host", "evacuate", "h2")
     assert evacuated.returncode == 0, evacuated.stderr
     assert "mover: moved to h1" in evacuated.stdout and "evacuate host h2: done" in evacuated.stdout
 
 
-def test_op_commands_list_show_wait_and_cancel_through_the_cli(mosquitto, procs, tmp_path):
+def test_op_commands_list_show_wait_and_cancel_through_therun_cli(mosquitto, procs, tmp_path):
     """`op list` filters, `op show` reads as times, `op wait` ends, `op cancel` refuses what ended."""
     fleet = start_process_fleet(procs, mosquitto.url, tmp_path, hosts=("h1",))
     url = fleet.url
     for name in ("a", "b"):
-        assert _cli(url, "vm", "create", name, "--memory", "128").returncode == 0
-    listed = _cli(url, "op", "list", "--vm", "a")
+        assert run_cli(url, "vm", "create", name, "--memory", "128").returncode == 0
+    listed = run_cli(url, "op", "list", "--vm", "a")
     assert listed.returncode == 0, listed.stderr
     rows = [
         line.split() for line in listed.stdout.splitlines()[1:] if line.strip() and not line.startswith("-")
     ]
     assert [(r[1], r[2], r[4]) for r in rows] == [("create", "a", "succeeded")], listed.stdout
-    every = json.loads(_cli(url, "op", "list", "--limit", "1", "--all", "--json").stdout)
+    every = json.loads(run_cli(url, "op", "list", "--limit", "1", "--all", "--json").stdout)
     assert sorted(o["vm"] for o in every) == ["a", "b"]
     op_id = rows[0][0]
-    shown = _cli(url, "op", "show", op_id)
+    shown = run_cli(url, "op", "show", op_id)
     assert "created_at: 20" in shown.stdout and " ago)" in shown.stdout, shown.stdout
-    waited = _cli(url, "op", "wait", op_id)
+    waited = run_cli(url, "op", "wait", op_id)
     assert waited.returncode == 0 and "done" in waited.stdout, waited.stdout + waited.stderr
-    cancelled = _cli(url, "op", "cancel", op_id)
+    cancelled = run_cli(url, "op", "cancel", op_id)
     assert cancelled.returncode == 1 and "already succeeded; there is nothing to cancel" in cancelled.stderr
-    bad = _cli(url, "op", "list", "--kind", "explode")
+    bad = run_cli(url, "op", "list", "--kind", "explode")
     assert bad.returncode == 1 and "kind 'explode' is not one of" in bad.stderr

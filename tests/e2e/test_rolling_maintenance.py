@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import httpx
 
 from tests.support.brokers import MosquittoBroker
-from tests.support.processes import ROOT, ProcessFleet, reported_vms, start_process_fleet, wait_for
+from tests.support.processes import ProcessFleet, reported_vms, run_cli, start_process_fleet, wait_for
 
 HOSTS = ("h1", "h2", "h3", "h4")
 GROUPS = ("g1", "g2", "g3", "g4")
@@ -94,26 +92,15 @@ def _at_home(broker: MosquittoBroker, fleet: ProcessFleet, homes: dict[str, str]
     return wrong
 
 
-def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fleetvisor", *args, "--url", url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_the_cli_rolls_four_hosts_with_exec_and_return_vms_keeping_groups_apart(
     mosquitto, procs, tmp_path
 ) -> None:
     fleet, homes = _grouped(procs, mosquitto, tmp_path)
     steps = tmp_path / "steps.txt"
     with GroupWatch(fleet.url) as watch:
-        done = _cli(
+        done = run_cli(
             fleet.url, "host", "rolling-maintenance", "-l", "", "--return-vms",
-            "--exec", f'echo "$FLEETVISOR_HOST $FLEETVISOR_OPERATION" >> {steps}'
+            "--exec", f'echo "$FLEETVISOR_HOST $FLEETVISOR_OPERATION" >> {steps}', timeout=300,
         )  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
     assert "every host done" in done.stdout and "h4: done" in done.stderr, done.stderr
@@ -177,7 +164,16 @@ def test_an_exec_step_that_fails_stops_the_roll_and_leaves_that_host_in_maintena
             httpx.post(f"{fleet.url}/api/v1/vms", json=body, params={"wait": 30}, timeout=60).status_code
             == 200
         )
-    done = _cli(fleet.url, "host", "rolling-maintenance", "-l", "", "--exec", 'test "$FLEETVISOR_HOST" != h2')
+    done = run_cli(
+        fleet.url,
+        "host",
+        "rolling-maintenance",
+        "-l",
+        "",
+        "--exec",
+        'test "$FLEETVISOR_HOST" != h2',
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr + done.stdout
     assert "h2: failed: its step failed: `test" in done.stderr and "exited 1" in done.stderr, done.stderr
     assert "h3: skipped" in done.stderr, done.stderr

@@ -151,3 +151,11 @@ def reported_vms(broker_host: str, broker_port: int, host: str) -> dict[str, str
     if not isinstance(inventory, HostInventory):
         return None
     return {vm.name: vm.state for vm in inventory.vms}
+
+
+def run_cli(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real ``fleetvisor`` CLI as a child process against the controller at ``url``."""
+    return subprocess.run(
+        [sys.executable, "-m", "fleetvisor", *args, "--url", url],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip

@@ -120,7 +120,7 @@ class Evacuations:
                 if vm is None or vm.host_id != host_id:
                     await record(name, f"moved to {vm.host_id}" if vm is not None else "deleted meanwhile")
                     return
-                if busy is None and self._cancelled(op.op_id):
+                if busy is None and self.operations.cancelled(op.op_id):
                     await record(name, "cancelled: not started")
                     return
                 if busy is None:  # else: a move already under way (resumed after a restart)
@@ -151,11 +151,8 @@ class Evacuations:
         Raises:
             NotFound: no such operation. Conflict: not a running evacuation.
         """
-        op = self.operations.require(op_id)
-        if op.kind != "evacuate" or op.state != "running":
-            raise Conflict("invalid_state", f"operation {op_id} is not a running evacuation")
-        if not op.params.get("cancelled"):
-            op = self.store.update_operation(op_id, {**op.params, "cancelled": True})
+        op, newly = self.operations.flag_cancelled(op_id, "evacuate", "evacuation")
+        if newly:
             self.events.emit(
                 "host.evacuate.cancelled",
                 f"evacuation of {op.host_id} cancelled by the operator: moves under way finish, the rest stay",
@@ -163,10 +160,6 @@ class Evacuations:
                 op_id=op_id,
             )
         return op
-
-    def _cancelled(self, op_id: str) -> bool:
-        op = self.store.operation(op_id)
-        return op is not None and bool(op.params.get("cancelled"))
 
     def _start_move(self, vm: VmRecord, host_id: str, policy: MigrationPolicy) -> OperationRecord:
         """The move that takes ``vm`` off ``host_id``: a live migration, a cold move of a stopped VM, or,

@@ -8,11 +8,11 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from controller.api import views
 from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
 from controller.api.operations import OperationResponses
 from controller.common.errors import Invalid
 from controller.services.bulk import VM_ACTIONS, BulkActions
+from protocols import rest
 
 
 def router(bulk: BulkActions, ops: OperationResponses) -> APIRouter:
@@ -27,12 +27,10 @@ def router(bulk: BulkActions, ops: OperationResponses) -> APIRouter:
         openapi_extra=body("bulk_request"),
     )
     async def start_action(request: Request, wait: float = WAIT) -> Response:
-        asked: views.BulkRequest = await read_body(request, views.BulkRequest, "bulk action")
+        asked: rest.BulkRequest = await read_body(request, rest.BulkRequest, "bulk action")
         if asked.dry_run:
             targets = bulk.targets(asked.action, asked.selector)
-            return json_response(
-                views.BulkPlan(action=asked.action, selector=asked.selector, targets=targets)
-            )
+            return json_response(rest.BulkPlan(action=asked.action, selector=asked.selector, targets=targets))
         args: dict[str, Any]
         if asked.action == "maintenance":
             args = {"on": asked.on, "force": asked.force}

@@ -21,6 +21,7 @@ from controller.services.hosts import HostService
 from controller.services.migration.evacuation import Evacuations
 from controller.services.selection import select_hosts
 from controller.state.store import Store, Usage
+from protocols import rest
 
 _ZERO = Usage()
 
@@ -67,7 +68,7 @@ def router(
         openapi_extra=body("host_update"),
     )
     async def update_host(request: Request, host_id: str) -> Response:
-        update: views.HostUpdate = await read_body(request, views.HostUpdate, "host update")
+        update: rest.HostUpdate = await read_body(request, rest.HostUpdate, "host update")
         host = hosts.update(host_id, labels=update.labels, maintenance=update.maintenance, force=update.force)
         return json_response(view.host(host, store.usage().get(host_id, _ZERO)))
 
@@ -80,7 +81,7 @@ def router(
         restarts = confirm(host_id)
         host = hosts.require(host_id)
         return json_response(
-            views.ConfirmDownResponse(
+            rest.ConfirmDownResponse(
                 host=view.host(host, store.usage().get(host_id, _ZERO)), restarts=restarts
             )
         )
@@ -91,7 +92,7 @@ def router(
         responses=responses(200, "forgotten", 404, 409),
     )
     async def forget_host(host_id: str) -> Response:
-        return json_response(views.ForgetResponse(host_id=host_id, vms_removed=hosts.forget(host_id)))
+        return json_response(rest.ForgetResponse(host_id=host_id, vms_removed=hosts.forget(host_id)))
 
     @api.post(
         f"{PREFIX}/hosts/{{host_id}}/evacuate",
@@ -101,8 +102,8 @@ def router(
         openapi_extra=body("evacuate", required=False),
     )
     async def evacuate_host(request: Request, host_id: str, wait: float = WAIT) -> Response:
-        asked: views.EvacuateRequest = await read_body(
-            request, views.EvacuateRequest, "evacuate request", required=False
+        asked: rest.EvacuateRequest = await read_body(
+            request, rest.EvacuateRequest, "evacuate request", required=False
         )
         return await ops.respond(evacuations.start(host_id, asked.policy).op_id, wait)
 

@@ -13,12 +13,12 @@ import msgspec
 from fastapi import Query, Request
 from fastapi.responses import Response
 
-from controller.api import views
 from controller.common.errors import Conflict, DomainError, HardwareFailed, Invalid, NotFound
 from controller.security import auth
 from controller.services import power
 from controller.services.migration.migrate import MigrationPlan
 from controller.state.store import EventRecord
+from protocols import rest
 from protocols.vmspec import explain_validation_error
 
 PREFIX = "/api/v1"
@@ -50,25 +50,25 @@ def status_of(exc: DomainError) -> int:
 
 #: Every type the API document describes, by the short name routes refer to.
 SCHEMA_TYPES: dict[str, Any] = {
-    "host": views.HostView,
-    "vm": views.VmView,
-    "operation": views.OperationView,
-    "operations": views.OperationPage,
-    "created": views.CreateVmResponse,
-    "error": views.ErrorBody,
-    "stop": views.StopRequest,
-    "host_update": views.HostUpdate,
-    "confirmed_down": views.ConfirmDownResponse,
-    "forgotten": views.ForgetResponse,
-    "migrate": views.MigrateRequest,
-    "evacuate": views.EvacuateRequest,
+    "host": rest.HostView,
+    "vm": rest.VmView,
+    "operation": rest.OperationView,
+    "operations": rest.OperationPage,
+    "created": rest.CreateVmResponse,
+    "error": rest.ErrorBody,
+    "stop": rest.StopRequest,
+    "host_update": rest.HostUpdate,
+    "confirmed_down": rest.ConfirmDownResponse,
+    "forgotten": rest.ForgetResponse,
+    "migrate": rest.MigrateRequest,
+    "evacuate": rest.EvacuateRequest,
     "migration_plan": MigrationPlan,
-    "spec": views.CreateVmRequest,
-    "plan": views.PlanResponse,
-    "batch_plan": views.BatchPlanResponse,
-    "batch": views.CreateBatchResponse,
-    "hosts": list[views.HostView],
-    "vms": list[views.VmView],
+    "spec": rest.CreateVmRequest,
+    "plan": rest.PlanResponse,
+    "batch_plan": rest.BatchPlanResponse,
+    "batch": rest.CreateBatchResponse,
+    "hosts": list[rest.HostView],
+    "vms": list[rest.VmView],
     "events": list[EventRecord],
     "token_request": auth.TokenRequest,
     "new_token": auth.NewToken,
@@ -80,11 +80,11 @@ SCHEMA_TYPES: dict[str, Any] = {
     "power_mode": power.ModeRequest,
     "host_power_request": power.HostPowerRequest,
     "host_power": power.HostPowerReport,
-    "bulk_request": views.BulkRequest,
-    "bulk_plan": views.BulkPlan,
-    "rolling_request": views.RollingRequest,
-    "rolling_plan": views.RollingPlan,
-    "continue_request": views.ContinueRequest,
+    "bulk_request": rest.BulkRequest,
+    "bulk_plan": rest.BulkPlan,
+    "rolling_request": rest.RollingRequest,
+    "rolling_plan": rest.RollingPlan,
+    "continue_request": rest.ContinueRequest,
 }
 _schemas, COMPONENTS = msgspec.json.schema_components(
     tuple(SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"
@@ -104,7 +104,7 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 def error_response(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> Response:
     """The JSON error body every refusal has."""
-    body = views.ErrorBody(error=views.ErrorDetail(code=code, message=message, detail=detail or {}))
+    body = rest.ErrorBody(error=rest.ErrorDetail(code=code, message=message, detail=detail or {}))
     return json_response(body, status)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from controller.api import views
 from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
 from controller.api.operations import OperationResponses
 from controller.services.migration.migrate import MigrationService
+from protocols import rest
 
 
 def router(migrations: MigrationService, ops: OperationResponses) -> APIRouter:
@@ -28,8 +28,8 @@ def router(migrations: MigrationService, ops: OperationResponses) -> APIRouter:
         wait: float = WAIT,
         dry_run: bool = Query(False, description="only choose the target and predict; change nothing"),
     ) -> Response:
-        asked: views.MigrateRequest = await read_body(
-            request, views.MigrateRequest, "migrate request", required=False
+        asked: rest.MigrateRequest = await read_body(
+            request, rest.MigrateRequest, "migrate request", required=False
         )
         if dry_run:
             return json_response(migrations.plan(name, asked.to, asked.policy))

@@ -18,6 +18,7 @@ from controller.services.migration.migrate import MigrationService
 from controller.services.operations import Operations
 from controller.services.rolling import RollingMaintenance
 from controller.state.records import OpKind, OpState
+from protocols import rest
 
 
 class OperationResponses:
@@ -73,7 +74,7 @@ def router(
         more = len(rows) > limit
         rows = rows[:limit]
         following = f"{rows[-1].created_at!r}:{rows[-1].op_id}" if more and rows else None
-        page_view = views.OperationPage(
+        page_view = rest.OperationPage(
             operations=[views.operation_view(op, ops.migrations.progress.get(op.op_id)) for op in rows],
             next=following,
         )

@@ -7,10 +7,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from controller.api import views
 from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
 from controller.api.operations import OperationResponses
 from controller.services.rolling import RollingMaintenance
+from protocols import rest
 
 
 def router(rolling: RollingMaintenance, ops: OperationResponses) -> APIRouter:
@@ -25,12 +25,12 @@ def router(rolling: RollingMaintenance, ops: OperationResponses) -> APIRouter:
         openapi_extra=body("rolling_request"),
     )
     async def start_rolling(request: Request, wait: float = WAIT) -> Response:
-        asked: views.RollingRequest = await read_body(request, views.RollingRequest, "rolling maintenance")
+        asked: rest.RollingRequest = await read_body(request, rest.RollingRequest, "rolling maintenance")
         if asked.dry_run:
             hosts = rolling.targets(asked.selector)
             size = asked.max_parallel
             waves = [hosts[i : i + size] for i in range(0, len(hosts), size)]
-            return json_response(views.RollingPlan(selector=asked.selector, waves=waves))
+            return json_response(rest.RollingPlan(selector=asked.selector, waves=waves))
         op = rolling.start(
             asked.selector,
             max_parallel=asked.max_parallel,
@@ -48,7 +48,7 @@ def router(rolling: RollingMaintenance, ops: OperationResponses) -> APIRouter:
         openapi_extra=body("continue_request"),
     )
     async def continue_rolling(op_id: str, request: Request) -> Response:
-        asked: views.ContinueRequest = await read_body(request, views.ContinueRequest, "continue")
+        asked: rest.ContinueRequest = await read_body(request, rest.ContinueRequest, "continue")
         rolling.proceed(op_id, asked.host, asked.ok, asked.message)
         return await ops.respond(op_id, 0.0)
 

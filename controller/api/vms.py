@@ -17,6 +17,7 @@ from controller.services.operations import Operations
 from controller.services.selection import select_vms
 from controller.services.vms import VmService, refusal_error
 from controller.state.store import OperationRecord, Store, VmRecord
+from protocols import rest
 from protocols.messages import MAX_STOP_TIMEOUT_S
 
 
@@ -51,7 +52,7 @@ def router(
         openapi_extra=body("stop", required=False),
     )
     async def stop_vm(request: Request, name: str, wait: float = WAIT) -> Response:
-        asked: views.StopRequest = await read_body(request, views.StopRequest, "stop request", required=False)
+        asked: rest.StopRequest = await read_body(request, rest.StopRequest, "stop request", required=False)
         _check_stop_timeout(asked.timeout_s)
         return await ops.respond(vms.stop(name, force=asked.force, timeout_s=asked.timeout_s).op_id, wait)
 
@@ -130,15 +131,15 @@ def _create_route(
         dry_run: bool = Query(False, description="only say where it would go, and why; claim nothing"),
         explain: bool = Query(False, description="include the scheduler's explanation"),
     ) -> Response:
-        asked: views.CreateVmRequest = await read_body(request, views.CreateVmRequest, "vm spec")
+        asked: rest.CreateVmRequest = await read_body(request, rest.CreateVmRequest, "vm spec")
         spec = asked.to_spec()
         if dry_run:
             if asked.count > 1:
                 decisions = vms.plan_batch(spec, asked.count, asked.scheduling)
                 return json_response(
-                    views.BatchPlanResponse(
+                    rest.BatchPlanResponse(
                         vms=[
-                            views.PlanResponse(vm=d.vm, host_id=d.host_id or "", explanation=d.explanation)
+                            rest.PlanResponse(vm=d.vm, host_id=d.host_id or "", explanation=d.explanation)
                             for d in decisions
                         ]
                     )
@@ -147,7 +148,7 @@ def _create_route(
             if decision.host_id is None:
                 raise refusal_error(decision)
             return json_response(
-                views.PlanResponse(vm=spec.name, host_id=decision.host_id, explanation=decision.explanation)
+                rest.PlanResponse(vm=spec.name, host_id=decision.host_id, explanation=decision.explanation)
             )
         if asked.count > 1:
             created = vms.create_batch(spec, asked.count, start=start, hints=asked.scheduling)
@@ -156,17 +157,17 @@ def _create_route(
                 for record, op, decision in created
             ]
             running = any(r.operation.state == "running" for r in results)
-            return json_response(views.CreateBatchResponse(vms=results), 202 if running else 200)
+            return json_response(rest.CreateBatchResponse(vms=results), 202 if running else 200)
         record, op, decision = vms.create(spec, start=start, hints=asked.scheduling)
         result = await _created(record, op, wait, decision.explanation if explain else None)
         return json_response(result, 202 if result.operation.state == "running" else 200)
 
     async def _created(
         record: VmRecord, op: OperationRecord, wait: float, explanation: Explanation | None = None
-    ) -> views.CreateVmResponse:
+    ) -> rest.CreateVmResponse:
         if wait:
             op = await operations.wait(op.op_id, wait)
             record = store.vm(record.name) or record
-        return views.CreateVmResponse(
+        return rest.CreateVmResponse(
             vm=view.vm(record), operation=views.operation_view(op), explanation=explanation
         )

@@ -22,7 +22,7 @@ The package re-exports its modules' public names; no module of it imports one th
 from __future__ import annotations
 
 from controller.scheduler.evaluation import Evaluation
-from controller.scheduler.explanation import BatchDecision, Decision, Explanation, NoValidHost, ScoredHost
+from controller.scheduler.explanation import BatchDecision, Decision, NoValidHost
 from controller.scheduler.fleet_state import (
     GROUP_LABEL,
     Claim,
@@ -32,7 +32,7 @@ from controller.scheduler.fleet_state import (
     OverbookError,
 )
 from controller.scheduler.host_view import HostView, free_capacity
-from controller.scheduler.request import GroupPolicy, PlacementRequest, SchedulingHints
+from controller.scheduler.request import PlacementRequest
 from controller.scheduler.scheduler import Scheduler
 from controller.scheduler.settings import (
     POLICIES,
@@ -42,6 +42,7 @@ from controller.scheduler.settings import (
     SchedulerSettings,
     UnknownPolicyError,
 )
+from protocols.rest import Explanation, GroupPolicy, SchedulingHints, ScoredHost
 
 __all__ = [
     "GROUP_LABEL",

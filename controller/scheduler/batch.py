@@ -36,10 +36,11 @@ from typing import Protocol
 import msgspec
 
 from controller.scheduler.evaluation import Evaluation
-from controller.scheduler.explanation import BatchDecision, Decision, Explanation, NoValidHost
+from controller.scheduler.explanation import BatchDecision, Decision, NoValidHost
 from controller.scheduler.fleet_state import Claim, FleetState
 from controller.scheduler.request import PlacementRequest
 from controller.scheduler.settings import SchedulerSettings
+from protocols.rest import Explanation
 
 __all__ = ["MAX_REORDERED", "ORDERS", "RequestScheduler", "match", "plan"]
 

@@ -12,31 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
-
-class ScoredHost(msgspec.Struct, frozen=True, kw_only=True):
-    """One candidate: its total score and each weigher's share (normalised weight times multiplier)."""
-
-    host_id: str
-    score: float
-    weights: dict[str, float]
-    free_vcpus: int
-    free_memory_mib: int
-
-
-class Explanation(msgspec.Struct, frozen=True, kw_only=True):
-    """Why a decision came out as it did."""
-
-    policy: str
-    #: Hosts in the fleet when the decision was made.
-    hosts: int
-    #: Hosts each applied filter removed, in the order the filters ran.
-    filtered: dict[str, int]
-    #: The rejected hosts by reason code (``memory``, ``offline``, ``arch``...); sums to hosts - candidates.
-    rejected: dict[str, int]
-    #: Hosts that passed every filter.
-    candidates: int
-    #: The best candidates, best first.
-    top: list[ScoredHost] = []
+from protocols.rest import Explanation
 
 
 class NoValidHost(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,62 +9,13 @@ the API and as MessagePack anywhere else.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import msgspec
 
-from protocols.vmspec import HostId, Label, VmSpec
+from protocols.rest import GroupPolicy, SchedulingHints
+from protocols.vmspec import VmSpec
 
-GroupPolicy = Literal["affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity"]
 #: Hard policies are filters (a host that breaks them is never chosen); soft ones are weighers.
 HARD_GROUP_POLICIES: frozenset[str] = frozenset({"affinity", "anti-affinity"})
-
-GroupName = Annotated[
-    str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,63}\Z", description="letters, digits, '.', '_', '-'")
-]
-CpuFeature = Annotated[
-    str, msgspec.Meta(pattern=r"^[a-z0-9_.-]{1,32}\Z", description="a CPU flag as /proc/cpuinfo names it")
-]
-LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
-PolicyName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9-]{1,32}\Z", description="e.g. pack, spread")]
-
-
-class SchedulingHints(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Where a VM may and should go, as an operator says it on create (``--group``, ``--require``...).
-
-    ``group_policy`` defaults to ``anti-affinity`` when a group is named: the usual reason to name a
-    group is to keep replicas apart.
-    """
-
-    group: GroupName | None = None
-    group_policy: GroupPolicy | None = None
-    #: Host labels that must match exactly, e.g. ``{"zone": "a"}``.
-    require: dict[Label, LabelValue] = {}
-    #: Only these hosts may take the VM, now and at every later move (empty: any host).
-    hosts: list[HostId] = []
-    #: Place the VM on this host now. Unlike ``hosts`` it is not kept: later moves may take the VM
-    #: wherever its other rules allow (like Nova's forced host at boot).
-    start_on: HostId | None = None
-    avoid_hosts: list[HostId] = []
-    required_features: list[CpuFeature] = []
-    accel: Literal["sim", "kvm", "tcg"] | None = None
-    engine: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,32}\Z")] | None = None
-    policy: PolicyName | None = None
-    #: In a batch (``--count``), place what fits instead of failing the whole batch.
-    best_effort: bool = False
-
-    def __post_init__(self) -> None:
-        if self.group_policy is not None and self.group is None:
-            raise ValueError("group_policy needs a group; name one with group=...")
-        overlap = set(self.hosts) & set(self.avoid_hosts)
-        if overlap:
-            raise ValueError(f"hosts {sorted(overlap)} are both required and avoided; keep them in one list")
-        if self.start_on is not None and (
-            self.start_on in self.avoid_hosts or (self.hosts and self.start_on not in self.hosts)
-        ):
-            raise ValueError(
-                f"start_on {self.start_on!r} is avoided or not among the allowed hosts; start it on one of those"
-            )
 
 
 class PlacementRequest(msgspec.Struct, frozen=True, kw_only=True):

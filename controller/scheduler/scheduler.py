@@ -22,7 +22,7 @@ import numpy as np
 
 from controller.scheduler import batch as batch_planner
 from controller.scheduler.evaluation import Evaluation, Rejection, sum_reasons
-from controller.scheduler.explanation import BatchDecision, Decision, Explanation, NoValidHost, ScoredHost
+from controller.scheduler.explanation import BatchDecision, Decision, NoValidHost
 from controller.scheduler.filters import HostFilter, default_filters
 from controller.scheduler.fleet_state import (
     BoolArray,
@@ -36,6 +36,7 @@ from controller.scheduler.fleet_state import (
 from controller.scheduler.request import PlacementRequest, format_mib
 from controller.scheduler.settings import SchedulerSettings
 from controller.scheduler.weighers import HostWeigher, default_weighers, normalise
+from protocols.rest import Explanation, ScoredHost
 
 #: Cache-key entry of a static filter the request does not use.
 _OFF = "-"

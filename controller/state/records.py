@@ -101,16 +101,6 @@ class OperationRecord(msgspec.Struct, frozen=True, kw_only=True):
     parent: str = ""
 
 
-class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
-    seq: int
-    ts: float
-    type: str
-    host_id: str
-    vm: str
-    op_id: str
-    message: str
-
-
 class HostEnergyRecord(msgspec.Struct, frozen=True, kw_only=True):
     """A host's energy counters: joules by source (``measured``, ``model``, ``standby``)."""
 

@@ -24,7 +24,6 @@ from typing import Any
 from controller.state import files
 from controller.state.files import StoreError
 from controller.state.records import (
-    EventRecord,
     HostEnergyRecord,
     HostRecord,
     OperationRecord,
@@ -41,6 +40,7 @@ from controller.state.records import (
 )
 from controller.state.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 from protocols.messages import Capabilities
+from protocols.rest import Event as EventRecord
 from protocols.vmspec import VmSpec
 
 __all__ = [

@@ -16,7 +16,6 @@ import pytest
 from controller.hardware import EnergyMeter
 from controller.intake.guards import GuardSettings, SequenceGuard
 from controller.intake.rate_limit import InboundLimiter, RateLimits
-from controller.scheduler.request import SchedulingHints
 from controller.services.power.energy import EnergyCounter
 from controller.services.power.settings import PowerSettings
 from controller.state.events import EventHub
@@ -26,6 +25,7 @@ from controller.state.store import Store
 from protocols import codec, messages, topics
 from protocols.bus import Bus, BusSettings
 from protocols.migration import MigrationSample
+from protocols.rest import SchedulingHints
 from protocols.vmspec import VmSpec
 from tests.support.fleet import FAST_BUS, Fleet, eventually
 from tests.support.samples import BOOT_ID, capabilities, vm_spec

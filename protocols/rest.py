@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from protocols.messages import Capabilities, LabelValue, MigrationProgress
-from protocols.migration import MigrationPolicy
+from protocols.migration import MigrationPolicy, MigrationPrediction
 from protocols.vmspec import HostId, Label, VmSpec, VmSpecInput
 
 GroupPolicy = Literal["affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity"]
@@ -352,3 +352,216 @@ class ContinueRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     ok: bool = True
     #: What the step did, or why it failed (kept in the roll's progress and its events).
     message: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+# -- enrolment ---------------------------------------------------------------------------------------
+
+#: The longest a join token may live: a week.
+MAX_JOIN_TOKEN_TTL_S = 7 * 86400.0
+
+
+class PendingHost(msgspec.Struct, frozen=True, kw_only=True):
+    """A host that asked to join and waits for ``host accept``."""
+
+    host_id: str
+    boot_id: str
+    address: str
+    cores: int
+    memory_mib: int
+    #: Why it waits (no join token, an unknown token...).
+    reason: str
+    first_seen: float
+    updated_at: float
+
+
+class AcceptedHost(msgspec.Struct, frozen=True, kw_only=True):
+    host_id: str
+    accepted: bool = True
+
+
+class JoinTokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    #: The host id the token enrols; empty: any new host id.
+    host_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_JOIN_TOKEN_TTL_S)] = 3600.0
+
+
+class JoinToken(msgspec.Struct, frozen=True, kw_only=True):
+    """A one-time join token: shown once, for ``fleetvisor agent --join-token``."""
+
+    token: str
+    host_id: str
+    expires_at: float
+
+
+# -- live migration ----------------------------------------------------------------------------------
+
+
+class MigrationPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``--dry-run`` answer: where the VM would go and what the migration would take."""
+
+    vm: str
+    source: str
+    target: str | None
+    policy: MigrationPolicy
+    dirty_mib_s: float
+    prediction: MigrationPrediction | None
+    #: Why that target (or why none): the scheduler's explanation.
+    explanation: Any = None
+
+
+# -- power ---------------------------------------------------------------------------------------------
+
+AutomationLevel = Literal["manual", "recommend", "auto"]
+
+
+class PlannedMove(msgspec.Struct, frozen=True, kw_only=True):
+    """One migration of a plan, and why."""
+
+    vm: str
+    source: str
+    target: str
+    #: ``relieve``: the source is (about to be) overloaded; ``consolidate``: the source is emptied.
+    kind: Literal["relieve", "consolidate"]
+    memory_mib: int
+    reason: str
+
+
+class PlannedPowerAction(msgspec.Struct, frozen=True, kw_only=True):
+    """One power action of a plan, and why."""
+
+    host_id: str
+    action: Literal["power_on", "standby"]
+    reason: str
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """A recommendation: the moves and power actions of one round, each with its reason."""
+
+    round: int
+    computed_at: float
+    mode: str
+    #: Fleet CPU demand now and its forecast for the next round, and the CPU powered on, in cores.
+    demand_cores: float
+    forecast_cores: float
+    powered_on_cores: float
+    moves: list[PlannedMove] = []
+    power: list[PlannedPowerAction] = []
+    #: What the plan leaves alone and why (cooldown, budget, a host nobody could wake...).
+    notes: list[str] = []
+    summary: str = ""
+
+
+class StepResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What became of one step of an executed plan."""
+
+    kind: Literal["move", "power_on", "standby"]
+    subject: str
+    ok: bool
+    detail: str
+    op_id: str | None = None
+    #: Why a step failed, for callers to branch on (empty when it succeeded): ``no_power_method`` (no
+    #: method can do it), ``power_failed`` (every method failed), ``wake_path_unverified`` (a standby
+    #: refused because nobody could wake the host), ``standby_skipped`` (the host is no longer fit for
+    #: standby: it holds VMs, is in maintenance...), ``move_deferred``, ``move_skipped`` (refused or
+    #: put off), ``move_failed``, ``move_timeout`` (still migrating).
+    code: str = ""
+
+
+class PlanOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    plan: Plan
+    results: list[StepResult]
+    finished_at: float
+
+
+class HostPower(msgspec.Struct, frozen=True, kw_only=True):
+    """A host's power as the manager sees it."""
+
+    host_id: str
+    #: ``on``; ``standby`` (switched off by the manager); ``powering-on`` (waiting for its agent).
+    state: Literal["on", "standby", "powering-on"]
+    #: The host's power methods in order (``ipmi+wol``, ``sim``...), or None when it has none.
+    method: str | None
+    standby_since: float | None
+    #: Energy counted since ``energy_since`` (kept across controller restarts, which are not counted),
+    #: and where its latest sample came from.
+    energy_kwh: float
+    energy_source: str | None
+    energy_since: float | None = None
+
+
+class WakeCheckView(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    method: str
+    detail: str
+
+
+class HostPowerReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to an operator's power request."""
+
+    host_id: str
+    action: str
+    #: The power state the host's methods read now (``on``, ``off``, ``unknown``).
+    status: str
+    power: HostPower
+    detail: str
+    wake_check: WakeCheckView | None = None
+
+
+class PowerStatus(msgspec.Struct, frozen=True, kw_only=True):
+    mode: str
+    interval_s: float
+    spare_hosts: int
+    headroom: float
+    idle_rounds: int
+    cooldown_s: float
+    max_migrations_per_round: int
+    round: int
+    hosts: list[HostPower]
+    #: What became of the latest executed plan (at auto, or after ``POST /plan/apply``).
+    last_outcome: PlanOutcome | None = None
+
+
+class ModeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Switch the automation level."""
+
+    mode: AutomationLevel
+
+
+class HostPowerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Power a host on, or put it in standby (``off``: it must be empty and its wake path verified)."""
+
+    action: Literal["on", "off"]
+
+
+# -- tokens and the audit log ---------------------------------------------------------------------------
+
+Role = Literal["viewer", "operator", "admin"]
+
+
+class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    role: Role
+    created_at: float
+
+
+class NewToken(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    role: Role
+    #: Shown once; only its hash is kept.
+    token: str
+
+
+class TokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str = msgspec.field(name="name")
+    role: Role = "viewer"
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    ts: float
+    actor: str
+    role: str
+    method: str
+    path: str
+    status: int
+    detail: str

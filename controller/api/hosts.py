@@ -6,9 +6,7 @@ enrolment (pending hosts, accept) and one-time join tokens (``/tokens/join``, ad
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
 
-import msgspec
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
@@ -24,15 +22,6 @@ from controller.state.store import Store, Usage
 from protocols import rest
 
 _ZERO = Usage()
-
-#: The longest a join token may live: a week.
-MAX_JOIN_TOKEN_TTL_S = 7 * 86400.0
-
-
-class JoinTokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    #: The host id the token enrols; empty: any new host id.
-    host_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
-    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_JOIN_TOKEN_TTL_S)] = 3600.0
 
 
 def router(
@@ -113,28 +102,42 @@ def router(
 def _enrolment_routes(api: APIRouter, hosts: HostService) -> None:
     """Pending hosts, accepting one, and one-time join tokens."""
 
-    @api.get(f"{PREFIX}/hosts/pending", summary="List hosts waiting to be accepted")
+    @api.get(
+        f"{PREFIX}/hosts/pending",
+        summary="List hosts waiting to be accepted",
+        responses=responses(200, "pending_hosts"),
+    )
     async def list_pending() -> Response:
         return json_response(
             [
-                {
-                    "host_id": r.host_id, "boot_id": r.boot_id, "address": r.address, "cores": r.cores,
-                    "memory_mib": r.memory_mib, "reason": r.reason, "first_seen": r.first_seen,
-                    "updated_at": r.updated_at,
-                }
+                rest.PendingHost(
+                    host_id=r.host_id, boot_id=r.boot_id, address=r.address, cores=r.cores,
+                    memory_mib=r.memory_mib, reason=r.reason, first_seen=r.first_seen, updated_at=r.updated_at,
+                )
                 for r in hosts.enrolment.pending()
             ]
         )  # fmt: skip
 
-    @api.post(f"{PREFIX}/hosts/{{host_id}}/accept", summary="Accept a pending host into the fleet (admin)")
+    @api.post(
+        f"{PREFIX}/hosts/{{host_id}}/accept",
+        summary="Accept a pending host into the fleet (admin)",
+        responses=responses(200, "accepted", 404),
+    )
     async def accept_host(host_id: str) -> Response:
         await hosts.accept(host_id)
-        return json_response({"host_id": host_id, "accepted": True})
+        return json_response(rest.AcceptedHost(host_id=host_id))
 
-    @api.post(f"{PREFIX}/tokens/join", summary="Create a one-time join token for a new host (admin)")
+    @api.post(
+        f"{PREFIX}/tokens/join",
+        summary="Create a one-time join token for a new host (admin)",
+        responses=responses(200, "join_token", 400),
+        openapi_extra=body("join_token_request", required=False),
+    )
     async def create_join_token(request: Request) -> Response:
-        asked: JoinTokenRequest = await read_body(
-            request, JoinTokenRequest, "join token request", required=False
+        asked: rest.JoinTokenRequest = await read_body(
+            request, rest.JoinTokenRequest, "join token request", required=False
         )
         made = hosts.enrolment.create_token(asked.host_id, asked.ttl_s)
-        return json_response({"token": made.token, "host_id": made.host_id, "expires_at": made.expires_at})
+        return json_response(
+            rest.JoinToken(token=made.token, host_id=made.host_id, expires_at=made.expires_at)
+        )

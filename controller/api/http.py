@@ -14,11 +14,9 @@ from fastapi import Query, Request
 from fastapi.responses import Response
 
 from controller.common.errors import Conflict, DomainError, HardwareFailed, Invalid, NotFound
-from controller.security import auth
-from controller.services import power
-from controller.services.migration.migrate import MigrationPlan
 from controller.state.store import EventRecord
 from protocols import rest
+from protocols.rest import MigrationPlan
 from protocols.vmspec import explain_validation_error
 
 PREFIX = "/api/v1"
@@ -70,21 +68,25 @@ SCHEMA_TYPES: dict[str, Any] = {
     "hosts": list[rest.HostView],
     "vms": list[rest.VmView],
     "events": list[EventRecord],
-    "token_request": auth.TokenRequest,
-    "new_token": auth.NewToken,
-    "tokens": list[auth.TokenInfo],
-    "audit": list[auth.AuditRecord],
-    "power_plan": power.Plan,
-    "plan_outcome": power.PlanOutcome,
-    "power_status": power.PowerStatus,
-    "power_mode": power.ModeRequest,
-    "host_power_request": power.HostPowerRequest,
-    "host_power": power.HostPowerReport,
+    "token_request": rest.TokenRequest,
+    "new_token": rest.NewToken,
+    "tokens": list[rest.TokenInfo],
+    "audit": list[rest.AuditRecord],
+    "power_plan": rest.Plan,
+    "plan_outcome": rest.PlanOutcome,
+    "power_status": rest.PowerStatus,
+    "power_mode": rest.ModeRequest,
+    "host_power_request": rest.HostPowerRequest,
+    "host_power": rest.HostPowerReport,
     "bulk_request": rest.BulkRequest,
     "bulk_plan": rest.BulkPlan,
     "rolling_request": rest.RollingRequest,
     "rolling_plan": rest.RollingPlan,
     "continue_request": rest.ContinueRequest,
+    "pending_hosts": list[rest.PendingHost],
+    "accepted": rest.AcceptedHost,
+    "join_token_request": rest.JoinTokenRequest,
+    "join_token": rest.JoinToken,
 }
 _schemas, COMPONENTS = msgspec.json.schema_components(
     tuple(SCHEMA_TYPES.values()), ref_template="#/components/schemas/{name}"

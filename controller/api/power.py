@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from controller.api.http import PREFIX, body, json_response, read_body, responses
 from controller.services import power
+from protocols import rest
 
 
 def router(service: power.PowerService) -> APIRouter:
@@ -44,7 +45,7 @@ def router(service: power.PowerService) -> APIRouter:
         openapi_extra=body("power_mode"),
     )
     async def set_power_mode(request: Request) -> Response:
-        asked: power.ModeRequest = await read_body(request, power.ModeRequest, "power mode")
+        asked: rest.ModeRequest = await read_body(request, rest.ModeRequest, "power mode")
         service.set_mode(asked.mode)
         return json_response(service.status())
 
@@ -63,7 +64,7 @@ def router(service: power.PowerService) -> APIRouter:
         openapi_extra=body("host_power_request"),
     )
     async def host_power_action(request: Request, host_id: str) -> Response:
-        asked: power.HostPowerRequest = await read_body(request, power.HostPowerRequest, "host power request")
+        asked: rest.HostPowerRequest = await read_body(request, rest.HostPowerRequest, "host power request")
         return json_response(await service.host_action(host_id, asked.action))
 
     return api

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from controller.api.http import MAX_SEQ, PREFIX, ApiError, body, json_response, read_body, responses
 from controller.security import auth
+from protocols import rest
 
 
 def router(authority: auth.Authority) -> APIRouter:
@@ -21,7 +22,7 @@ def router(authority: auth.Authority) -> APIRouter:
         openapi_extra=body("token_request"),
     )
     async def create_token(request: Request) -> Response:
-        asked: auth.TokenRequest = await read_body(request, auth.TokenRequest, "token request")
+        asked: rest.TokenRequest = await read_body(request, rest.TokenRequest, "token request")
         try:
             return json_response(authority.create_token(asked.name, asked.role), 201)
         except auth.AuthError as exc:

@@ -12,11 +12,10 @@ from collections.abc import Callable
 import msgspec
 
 from controller.scheduler import SchedulerSettings, free_capacity
-from controller.services.power import HostPower
 from controller.state.live import LiveState
 from controller.state.store import HostRecord, OperationRecord, Store, Usage, VmRecord
 from protocols.messages import MigrationProgress
-from protocols.rest import HostLoad, HostView, OperationView, ReportedVm, VmLoad, VmView
+from protocols.rest import HostLoad, HostPower, HostView, OperationView, ReportedVm, VmLoad, VmView
 
 #: The ``selector`` parameter of the list routes (grammar: controller.common.selectors).
 SELECTOR_HELP = (

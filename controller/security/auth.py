@@ -23,9 +23,10 @@ import pathlib
 import secrets
 import sqlite3
 import time
-from typing import Literal
 
 import msgspec
+
+from protocols.rest import AuditRecord, NewToken, Role, TokenInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ AUDIT_FIELD_MAX = 256
 #: Refused unauthenticated requests recorded one by one per minute; the rest are only counted.
 UNAUTHENTICATED_PER_MINUTE = 60
 
-Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
 _RANK = {role: i for i, role in enumerate(ROLES)}
 
@@ -69,35 +69,6 @@ class AuthError(Exception):
 class Caller(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     role: Role
-
-
-class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    role: Role
-    created_at: float
-
-
-class NewToken(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    role: Role
-    #: Shown once; only its hash is kept.
-    token: str
-
-
-class TokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: str = msgspec.field(name="name")
-    role: Role = "viewer"
-
-
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
-    seq: int
-    ts: float
-    actor: str
-    role: str
-    method: str
-    path: str
-    status: int
-    detail: str
 
 
 ANONYMOUS = Caller(name="anonymous", role="admin")

@@ -54,11 +54,11 @@ from protocols.messages import (
 from protocols.migration import (
     MIB,
     MigrationPolicy,
-    MigrationPrediction,
     check_policy,
     policy_problems,
     predict,
 )
+from protocols.rest import MigrationPlan
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,6 @@ class MigrationSettings:
     #: while others send from or to its hosts gets an equal share: its policy's bandwidth is capped at
     #: ``host_link_mib_s / (1 + migrations already using the busier of its two hosts)``.
     host_link_mib_s: float = 1170.0
-
-
-class MigrationPlan(msgspec.Struct, frozen=True, kw_only=True):
-    """The ``--dry-run`` answer: where the VM would go and what the migration would take."""
-
-    vm: str
-    source: str
-    target: str | None
-    policy: MigrationPolicy
-    dirty_mib_s: float
-    prediction: MigrationPrediction | None
-    #: Why that target (or why none): the scheduler's explanation.
-    explanation: Any = None
 
 
 class MigrationService:

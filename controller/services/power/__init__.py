@@ -68,8 +68,8 @@ The modules, each importing only those above it and never ``controller.services.
 from __future__ import annotations
 
 from controller.services.power.manager import PowerService
-from controller.services.power.settings import (
-    AUTOMATION_LEVELS,
+from controller.services.power.settings import AUTOMATION_LEVELS, PowerSettings
+from protocols.rest import (
     AutomationLevel,
     HostPower,
     HostPowerReport,
@@ -79,7 +79,6 @@ from controller.services.power.settings import (
     PlannedMove,
     PlannedPowerAction,
     PlanOutcome,
-    PowerSettings,
     PowerStatus,
     StepResult,
     WakeCheckView,

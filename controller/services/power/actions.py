@@ -21,12 +21,13 @@ from controller.common.errors import DomainError
 from controller.hardware import FallbackExhausted, FallbackPower, PowerError
 from controller.services.migration.migrate import MigrationService
 from controller.services.operations import Operations
-from controller.services.power.settings import Plan, PlannedMove, PlanOutcome, PowerSettings, StepResult
+from controller.services.power.settings import PowerSettings
 from controller.services.power.standby import StandbyMarks
 from controller.services.power.tracking import PowerTracking
 from controller.services.power.view import DEFAULT_MAX_W
 from controller.state.events import EventHub
 from controller.state.store import HostRecord, OperationRecord, Store
+from protocols.rest import Plan, PlannedMove, PlanOutcome, StepResult
 
 
 class PowerActions:

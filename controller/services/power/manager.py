@@ -31,24 +31,22 @@ from controller.services.power.actions import PowerActions
 from controller.services.power.energy import EnergyCounter
 from controller.services.power.operator import OperatorPower
 from controller.services.power.planning import Planner
-from controller.services.power.settings import (
-    AUTOMATION_LEVELS,
-    MODE_SETTING,
-    AutomationLevel,
-    HostPower,
-    HostPowerReport,
-    Plan,
-    PlannedMove,
-    PlanOutcome,
-    PowerSettings,
-    PowerStatus,
-)
+from controller.services.power.settings import AUTOMATION_LEVELS, MODE_SETTING, PowerSettings
 from controller.services.power.standby import StandbyMarks
 from controller.services.power.tracking import PowerTracking
 from controller.services.power.view import build_view
 from controller.state.events import EventHub
 from controller.state.live import LiveState, StandbyHosts
 from controller.state.store import HostRecord, Store, Usage
+from protocols.rest import (
+    AutomationLevel,
+    HostPower,
+    HostPowerReport,
+    Plan,
+    PlannedMove,
+    PlanOutcome,
+    PowerStatus,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,10 @@ from controller.hardware import PowerDriver, PowerError
 from controller.services.hosts import HostService
 from controller.services.power.actions import PowerActions
 from controller.services.power.energy import EnergyCounter
-from controller.services.power.settings import (
-    HostPower,
-    HostPowerReport,
-    PowerSettings,
-    StepResult,
-    WakeCheckView,
-)
+from controller.services.power.settings import PowerSettings
 from controller.services.power.tracking import PowerTracking
 from controller.state.store import HostRecord, Store
+from protocols.rest import HostPower, HostPowerReport, StepResult, WakeCheckView
 
 
 class OperatorPower:

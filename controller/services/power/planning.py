@@ -18,10 +18,11 @@ import numpy as np
 
 from controller.balancer.overload import PredictiveDetector
 from controller.balancer.planner import FleetvisorPolicy, FleetvisorSettings, MigrationCostModel
-from controller.services.power.settings import Plan, PlannedMove, PlannedPowerAction, PowerSettings
+from controller.services.power.settings import PowerSettings
 from controller.services.power.tracking import PowerTracking
 from controller.services.power.view import FleetView, ViewHost
 from controller.state.store import VmRecord
+from protocols.rest import Plan, PlannedMove, PlannedPowerAction
 
 MoveKind = Literal["relieve", "consolidate"]
 

@@ -1,23 +1,20 @@
-"""The power service's settings, and the requests and answers the API exchanges with it.
+"""The power service's settings.
 
-Plain data only: :class:`PowerSettings` (one frozen dataclass, passed explicitly) and the frozen,
-keyword-only msgspec Structs the API serves and reads. A new field gets a default, and none is retyped.
-It may import ``controller.hardware`` (the drivers' settings) and ``protocols``; nothing else of the
-controller.
+Plain data only: :class:`PowerSettings`, one frozen dataclass passed explicitly. The requests and
+answers the API exchanges with the service (plans, outcomes, power reports) are the REST contract
+and live in :mod:`protocols.rest`. It may import ``controller.hardware`` (the drivers' settings)
+and ``protocols``; nothing else of the controller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
-import msgspec
 
 from controller.hardware import BmcConfig, EnergySettings, PowerDriver, WolConfig
 from protocols.migration import MigrationPolicy
+from protocols.rest import AutomationLevel
 
-AutomationLevel = Literal["manual", "recommend", "auto"]
 AUTOMATION_LEVELS: tuple[AutomationLevel, ...] = ("manual", "recommend", "auto")
 #: The store's setting that keeps the level set at run time.
 MODE_SETTING = "power.mode"
@@ -101,125 +98,3 @@ class PowerSettings:
         if self.max_migrations_per_round < 1 or self.per_host < 1:
             out.append("max_migrations_per_round and per_host must be at least 1")
         return out
-
-
-# -- what the API shows -------------------------------------------------------------------------------
-
-
-class PlannedMove(msgspec.Struct, frozen=True, kw_only=True):
-    """One migration of a plan, and why."""
-
-    vm: str
-    source: str
-    target: str
-    #: ``relieve``: the source is (about to be) overloaded; ``consolidate``: the source is emptied.
-    kind: Literal["relieve", "consolidate"]
-    memory_mib: int
-    reason: str
-
-
-class PlannedPowerAction(msgspec.Struct, frozen=True, kw_only=True):
-    """One power action of a plan, and why."""
-
-    host_id: str
-    action: Literal["power_on", "standby"]
-    reason: str
-
-
-class Plan(msgspec.Struct, frozen=True, kw_only=True):
-    """A recommendation: the moves and power actions of one round, each with its reason."""
-
-    round: int
-    computed_at: float
-    mode: str
-    #: Fleet CPU demand now and its forecast for the next round, and the CPU powered on, in cores.
-    demand_cores: float
-    forecast_cores: float
-    powered_on_cores: float
-    moves: list[PlannedMove] = []
-    power: list[PlannedPowerAction] = []
-    #: What the plan leaves alone and why (cooldown, budget, a host nobody could wake...).
-    notes: list[str] = []
-    summary: str = ""
-
-
-class StepResult(msgspec.Struct, frozen=True, kw_only=True):
-    """What became of one step of an executed plan."""
-
-    kind: Literal["move", "power_on", "standby"]
-    subject: str
-    ok: bool
-    detail: str
-    op_id: str | None = None
-    #: Why a step failed, for callers to branch on (empty when it succeeded): ``no_power_method`` (no
-    #: method can do it), ``power_failed`` (every method failed), ``wake_path_unverified`` (a standby
-    #: refused because nobody could wake the host), ``standby_skipped`` (the host is no longer fit for
-    #: standby: it holds VMs, is in maintenance...), ``move_deferred``, ``move_skipped`` (refused or
-    #: put off), ``move_failed``, ``move_timeout`` (still migrating).
-    code: str = ""
-
-
-class PlanOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    plan: Plan
-    results: list[StepResult]
-    finished_at: float
-
-
-class HostPower(msgspec.Struct, frozen=True, kw_only=True):
-    """A host's power as the manager sees it."""
-
-    host_id: str
-    #: ``on``; ``standby`` (switched off by the manager); ``powering-on`` (waiting for its agent).
-    state: Literal["on", "standby", "powering-on"]
-    #: The host's power methods in order (``ipmi+wol``, ``sim``...), or None when it has none.
-    method: str | None
-    standby_since: float | None
-    #: Energy counted since ``energy_since`` (kept across controller restarts, which are not counted),
-    #: and where its latest sample came from.
-    energy_kwh: float
-    energy_source: str | None
-    energy_since: float | None = None
-
-
-class WakeCheckView(msgspec.Struct, frozen=True, kw_only=True):
-    ok: bool
-    method: str
-    detail: str
-
-
-class HostPowerReport(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer to an operator's power request."""
-
-    host_id: str
-    action: str
-    #: The power state the host's methods read now (``on``, ``off``, ``unknown``).
-    status: str
-    power: HostPower
-    detail: str
-    wake_check: WakeCheckView | None = None
-
-
-class PowerStatus(msgspec.Struct, frozen=True, kw_only=True):
-    mode: str
-    interval_s: float
-    spare_hosts: int
-    headroom: float
-    idle_rounds: int
-    cooldown_s: float
-    max_migrations_per_round: int
-    round: int
-    hosts: list[HostPower]
-    #: What became of the latest executed plan (at auto, or after ``POST /plan/apply``).
-    last_outcome: PlanOutcome | None = None
-
-
-class ModeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Switch the automation level."""
-
-    mode: AutomationLevel
-
-
-class HostPowerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Power a host on, or put it in standby (``off``: it must be empty and its wake path verified)."""
-
-    action: Literal["on", "off"]

@@ -4,8 +4,9 @@ It finds the controller with ``--url``, then ``FLEETVISOR_URL``, then ``http://1
 Output is a table for people and ``--json`` for scripts. Errors come from the controller already
 phrased for people; the CLI prints them as they are and exits non-zero.
 
-The package is a REST client and imports NOTHING else of ``controller``: only ``protocols`` and
-third-party packages. Modules: ``client`` (``ApiClient``, ``CliError``), ``render`` (tables and
+The package calls the controller only through the client library (:mod:`controller.client`): it
+has no HTTP code of its own, and imports nothing else of ``controller`` (import-linter contracts).
+Modules: ``exits`` (exit statuses, ``CliError``), ``render`` (tables and
 shared output), one per command group (``hosts``, ``vms``, ``migrate``, ``power``, ``admin``),
 ``bulk`` (``-l SELECTOR`` on the lifecycle and host commands), ``rolling`` (``host
 rolling-maintenance``, ``op continue``), ``spec`` (the ``vm create`` body) and ``parser`` (argparse
@@ -15,7 +16,7 @@ This module re-exports what ``fleetvisor.py`` and the tests use.
 
 from __future__ import annotations
 
-from controller.cli.client import DEFAULT_URL, EXIT_FAILED, EXIT_UNREACHABLE, ApiClient, CliError
+from controller.cli.exits import EXIT_FAILED, EXIT_UNREACHABLE, CliError
 from controller.cli.parser import (
     OPERATOR_COMMANDS,
     add_global_flags,
@@ -27,11 +28,9 @@ from controller.cli.parser import (
 from controller.cli.spec import build_spec
 
 __all__ = [
-    "DEFAULT_URL",
     "EXIT_FAILED",
     "EXIT_UNREACHABLE",
     "OPERATOR_COMMANDS",
-    "ApiClient",
     "CliError",
     "add_global_flags",
     "add_operator_commands",

@@ -9,10 +9,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from controller.cli.client import EXIT_UNREACHABLE, ApiClient, CliError
+import msgspec
+
 from controller.cli.render import emit, finish_op, table
+from controller.client import Client, NoAnswer
+from protocols import rest
 from protocols.text import printable
 
 
@@ -34,25 +38,19 @@ def _show(op: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_op_show(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_op_show(client: Client, args: argparse.Namespace) -> int:
     """``op show``: every field of one operation, with readable times."""
-    emit(args, client.request("GET", f"/operations/{args.op_id}"), _show)
+    emit(args, client.operations.get(args.op_id), _show)
     return 0
 
 
-def cmd_op_list(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_op_list(client: Client, args: argparse.Namespace) -> int:
     """``op list``: operations newest first, filtered; ``--all`` follows every page."""
-    params: dict[str, Any] = {"limit": args.limit}
-    for name in ("kind", "state", "host", "vm"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    found: list[dict[str, Any]] = []
-    while True:
-        body = client.request("GET", "/operations", params=params)
-        found += body["operations"]
-        if not args.all or body["next"] is None:
-            break
-        params["page"] = body["next"]
+    filters = {"kind": args.kind, "state": args.state, "host": args.host, "vm": args.vm}
+    if args.all:
+        found = list(client.operations.iterate(**filters, page_size=args.limit))
+    else:
+        found = client.operations.list(**filters, limit=args.limit).operations
     emit(args, found, _op_table)
     return 0
 
@@ -66,83 +64,70 @@ def _op_table(ops: list[dict[str, Any]]) -> str:
     return table(rows, ["operation", "kind", "vm", "host", "state", "created", "error"])
 
 
-def cmd_op_wait(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_op_wait(client: Client, args: argparse.Namespace) -> int:
     """``op wait``: wait until an operation ends; exit 1 when it failed or is still running."""
-    deadline = time.monotonic() + args.timeout
-    while True:
-        left = max(0.0, deadline - time.monotonic())
-        op = client.request("GET", f"/operations/{args.op_id}", params={"wait": min(left, 60.0)})
-        if op["state"] != "running" or left <= 0:
-            break
-    return finish_op(args, op, f"operation {args.op_id} ({op['kind']} {op['vm']})")
-
-
-def cmd_op_cancel(client: ApiClient, args: argparse.Namespace) -> int:
-    """``op cancel``: cancel a running migration or evacuation, and wait for it to end."""
-    params = {} if args.no_wait else {"wait": args.timeout}
-    op = client.request("POST", f"/operations/{args.op_id}/cancel", params=params)
-    return finish_op(args, op, f"operation {args.op_id} ({op['kind']} {op['vm']}) cancelled; it")
-
-
-def cmd_events(client: ApiClient, args: argparse.Namespace) -> int:
-    """``events [-f]``: print fleet events after ``--since``, and with ``--follow`` keep polling."""
-    since = args.since
-    lost = False
     try:
-        while True:
-            try:
-                events = client.request("GET", "/events", params={"since": since, "limit": 1000})
-            except CliError as exc:
-                if not args.follow or exc.exit_code != EXIT_UNREACHABLE:
-                    raise
-                if not lost:  # a controller restart: keep asking, from the last event seen
-                    print(f"fleetvisor: {exc}; retrying from event #{since}", file=sys.stderr, flush=True)
-                lost = True
-                time.sleep(1.0)
-                continue
-            if lost:
-                print(
-                    f"fleetvisor: the controller answers again; resuming after event #{since}",
-                    file=sys.stderr,
-                )
-                lost = False
-            since = _print_events(events, args.json, since)
-            if not args.follow:
-                return 0
-            time.sleep(0.5)
+        op = client.operations.wait(args.op_id, timeout=args.timeout)
+    except NoAnswer as exc:
+        if exc.code != "still_running":
+            raise
+        op = client.operations.get(args.op_id)
+    return finish_op(args, op, f"operation {args.op_id} ({op.kind} {op.vm})")
+
+
+def cmd_op_cancel(client: Client, args: argparse.Namespace) -> int:
+    """``op cancel``: cancel a running operation, and wait for it to end."""
+    op = client.operations.cancel(args.op_id, wait=0.0 if args.no_wait else args.timeout)
+    return finish_op(args, op, f"operation {args.op_id} ({op.kind} {op.vm}) cancelled; it")
+
+
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    """``events [-f]``: print fleet events after ``--since``; with ``--follow``, the live stream, which
+    resumes (Last-Event-ID) across a controller restart.
+    """
+    since = args.since
+    try:
+        if args.follow:
+            stream: Iterable[rest.Event] = client.events.follow(since, notice=_notice)
+        else:
+            stream = client.events.history(since)
+        for event in stream:
+            _print_event(event, args.json)
+            since = event.seq
     except KeyboardInterrupt:
         print(f"\nstopped following after event #{since}; resume with `fleetvisor events -f --since {since}`",
               file=sys.stderr)  # fmt: skip
-        return 0
-
-
-def _print_events(events: list[dict[str, Any]], as_json: bool, since: int) -> int:
-    """Print ``events``; returns the last sequence number printed (``since`` if none)."""
-    for e in events:
-        if as_json:
-            print(json.dumps(e, sort_keys=True), flush=True)
-        else:
-            stamp = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
-            print(printable(f"{stamp} #{e['seq']:<5} {e['type']:<20} {e['message']}"), flush=True)
-        since = e["seq"]
-    return since
-
-
-def cmd_token_create(client: ApiClient, args: argparse.Namespace) -> int:
-    """``token create``: create a token and print its secret, the only time it is shown."""
-    new = client.request("POST", "/tokens", json={"name": args.name, "role": args.role})
-    if args.json:
-        print(json.dumps(new, indent=2, sort_keys=True))
-    else:
-        print(f"token {new['name']} ({new['role']}); it is shown only this once:\n{new['token']}")
     return 0
 
 
-def cmd_token_list(client: ApiClient, args: argparse.Namespace) -> int:
+def _notice(text: str) -> None:
+    print(f"fleetvisor: {text}", file=sys.stderr, flush=True)
+
+
+def _print_event(e: rest.Event, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(msgspec.to_builtins(e), sort_keys=True), flush=True)
+    else:
+        stamp = time.strftime("%H:%M:%S", time.localtime(e.ts))
+        print(printable(f"{stamp} #{e.seq:<5} {e.type:<20} {e.message}"), flush=True)
+
+
+def cmd_token_create(client: Client, args: argparse.Namespace) -> int:
+    """``token create``: create a token and print its secret, the only time it is shown."""
+    new = client.tokens.create(args.name, args.role)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(new), indent=2, sort_keys=True))
+    else:
+        print(printable(f"token {new.name} ({new.role}); it is shown only this once:"))
+        print(new.token)
+    return 0
+
+
+def cmd_token_list(client: Client, args: argparse.Namespace) -> int:
     """``token list``: names, roles and creation times, never the secrets."""
     emit(
         args,
-        client.request("GET", "/tokens"),
+        client.tokens.list(),
         lambda tokens: table(
             [
                 [t["name"], t["role"], time.strftime("%Y-%m-%d %H:%M", time.localtime(t["created_at"]))]
@@ -154,16 +139,16 @@ def cmd_token_list(client: ApiClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_token_revoke(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_token_revoke(client: Client, args: argparse.Namespace) -> int:
     """``token revoke``: revoke a token by name."""
-    client.request("DELETE", f"/tokens/{args.name}")
+    client.tokens.revoke(args.name)
     print(f"token {args.name}: revoked")
     return 0
 
 
-def cmd_audit(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_audit(client: Client, args: argparse.Namespace) -> int:
     """``audit``: the audit log of mutating API requests after ``--since``."""
-    records = client.request("GET", "/audit", params={"since": args.since, "limit": 1000})
+    records = client.audit.list(args.since, limit=1000)
     emit(
         args,
         records,

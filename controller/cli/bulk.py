@@ -11,12 +11,13 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
-from controller.cli.client import EXIT_FAILED, ApiClient, CliError
+from controller.cli.exits import EXIT_FAILED, CliError
+from controller.client import Client
+from protocols import rest
 from protocols.text import printable
 
-Handler = Callable[[ApiClient, argparse.Namespace], int]
+Handler = Callable[[Client, argparse.Namespace], int]
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, max_parallel: int = 5, dry_run: bool = True) -> None:
@@ -43,36 +44,30 @@ def add_arguments(parser: argparse.ArgumentParser, *, max_parallel: int = 5, dry
 def single_or_bulk(action: str, single: Handler) -> Handler:
     """``single`` for ``vm ACTION NAME``, a bulk action for ``vm ACTION -l SELECTOR``."""
 
-    def run(client: ApiClient, args: argparse.Namespace) -> int:
+    def run(client: Client, args: argparse.Namespace) -> int:
         if bool(args.name) == bool(args.selector):
             raise CliError(f"vm {action}: give a VM name or -l SELECTOR (one of them)")
         if args.name:
             return single(client, args)
-        body: dict[str, Any] = {
-            "action": action,
-            "selector": args.selector,
-            "max_parallel": args.max_parallel,
-            "stop_after": args.stop_after,
-            "dry_run": args.dry_run,
-            "force": bool(getattr(args, "force", False)),
-        }
-        return run_bulk(client, args, body)
+        body = rest.BulkRequest(action=action, selector=args.selector, max_parallel=args.max_parallel,
+                                stop_after=args.stop_after, force=bool(getattr(args, "force", False)))  # fmt: skip
+        return run_bulk(client, args, body, dry_run=args.dry_run)
 
     return run
 
 
-def run_bulk(client: ApiClient, args: argparse.Namespace, body: dict[str, Any]) -> int:
-    """Start a bulk action, follow it to its end (unless ``--no-wait``), and report."""
-    answer = client.request("POST", "/actions", json=body)
-    if body.get("dry_run"):
-        targets = answer["targets"]
-        print(f"{body['action']} would act on {len(targets)}: {', '.join(printable(t) for t in targets)}")
+def run_bulk(
+    client: Client, args: argparse.Namespace, body: rest.BulkRequest, *, dry_run: bool = False
+) -> int:
+    """Start a bulk action (or only list its targets), follow it to its end unless ``--no-wait``, and report."""
+    if dry_run:
+        targets = client.actions.plan(body).targets
+        print(f"{body.action} would act on {len(targets)}: {', '.join(printable(t) for t in targets)}")
         return 0
-    op_id = answer["op_id"]
-    total = len(answer["params"]["targets"])
-    print(
-        f"bulk {body['action']} {op_id}: {total} target(s), {body['max_parallel']} at a time", file=sys.stderr
-    )
+    started = client.actions.start(body)
+    op_id = started.op_id
+    total = len(started.params["targets"])
+    print(f"bulk {body.action} {op_id}: {total} target(s), {body.max_parallel} at a time", file=sys.stderr)
     if args.no_wait:
         print(
             f"it goes on; follow it with `fleetvisor op wait {op_id}`, stop it with `fleetvisor op cancel {op_id}`"
@@ -81,27 +76,24 @@ def run_bulk(client: ApiClient, args: argparse.Namespace, body: dict[str, Any]) 
     deadline = time.monotonic() + args.timeout
     shown_at = 0.0
     tty = sys.stderr.isatty()
-    while True:
-        op = client.request("GET", f"/operations/{op_id}", params={"wait": 1.0})
-        results = op["params"].get("results", {})
-        line = _progress(results, total)
+    op = started
+    for op in client.operations.follow(op_id, interval=1.0, changes_only=False):
+        line = _progress(op.params.get("results", {}), total)
         if tty:
             print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        elif time.monotonic() - shown_at >= 5 or op["state"] != "running":
+        elif time.monotonic() - shown_at >= 5 or op.state != "running":
             print(line, file=sys.stderr, flush=True)
             shown_at = time.monotonic()
-        if op["state"] != "running":
-            break
-        if time.monotonic() > deadline:
+        if op.state == "running" and time.monotonic() > deadline:
             print(f"\nstill running after {args.timeout:g}s; follow it with `fleetvisor op wait {op_id}`")
             return EXIT_FAILED
     if tty:
         print(file=sys.stderr)
-    for target, result in sorted(results.items()):
+    for target, result in sorted(op.params.get("results", {}).items()):
         if not result.startswith("done"):
             print(f"  {printable(target)}: {printable(result)}")
-    print(printable(op["error"]) if op["error"] else f"bulk {body['action']}: all {total} done")
-    return 0 if op["state"] == "succeeded" else EXIT_FAILED
+    print(printable(op.error) if op.error else f"bulk {body.action}: all {total} done")
+    return 0 if op.state == "succeeded" else EXIT_FAILED
 
 
 def _progress(results: dict[str, str], total: int) -> str:

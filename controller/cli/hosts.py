@@ -13,8 +13,11 @@ import time
 from typing import Any
 
 from controller.cli import bulk, migrate
-from controller.cli.client import ApiClient, CliError
+from controller.cli.exits import CliError
 from controller.cli.render import emit, energy_since, gib, pct, table
+from controller.client import Client
+from protocols import rest
+from protocols.text import printable
 
 
 def _render_hosts(hosts: list[dict[str, Any]]) -> str:
@@ -94,34 +97,33 @@ def _render_pending(pending: list[dict[str, Any]]) -> str:
     return table(rows, ["host", "address", "cores", "memory", "why pending"]) + hint
 
 
-def cmd_host_list(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_list(client: Client, args: argparse.Namespace) -> int:
     """``host list``: every host with its capacity and load; ``--pending``: hosts waiting to be accepted."""
     if getattr(args, "pending", False):
-        emit(args, client.request("GET", "/hosts/pending"), _render_pending)
+        emit(args, client.hosts.pending(), _render_pending)
     else:
-        params = {"selector": args.selector} if args.selector else {}
-        emit(args, client.request("GET", "/hosts", params=params), _render_hosts)
+        emit(args, client.hosts.list(args.selector or ""), _render_hosts)
     return 0
 
 
-def cmd_host_accept(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_accept(client: Client, args: argparse.Namespace) -> int:
     """``host accept``: a pending host joins the fleet (admin)."""
-    client.request("POST", f"/hosts/{args.host}/accept")
-    print(f"host {args.host} accepted: its VMs and capacity are now part of the fleet")
+    client.hosts.accept(args.host)
+    print(printable(f"host {args.host} accepted: its VMs and capacity are now part of the fleet"))
     return 0
 
 
-def cmd_host_join_token(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_join_token(client: Client, args: argparse.Namespace) -> int:
     """``host join-token``: a one-time token a new agent presents (``agent --join-token``) to enrol."""
-    made = client.request("POST", "/tokens/join", json={"host_id": args.host or "", "ttl_s": args.ttl})
-    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(made["expires_at"]))
-    scope = f"host {made['host_id']}" if made["host_id"] else "any new host id"
-    print(made["token"])
+    made = client.hosts.join_token(args.host or "", ttl_s=args.ttl)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(made.expires_at))
+    scope = f"host {made.host_id}" if made.host_id else "any new host id"
+    print(made.token)
     print(f"one-time join token for {scope}, valid until {expires}; it is shown only now", file=sys.stderr)
     return 0
 
 
-def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_label(client: Client, args: argparse.Namespace) -> int:
     """``host label``: set (KEY=VALUE) or remove (KEY-) labels; raises ``CliError`` on a malformed one."""
     words = args.words if args.selector else args.words[1:]
     if not words or (not args.selector and len(args.words) < 2):
@@ -136,21 +138,18 @@ def cmd_host_label(client: ApiClient, args: argparse.Namespace) -> int:
             raise CliError(f"label {item!r}: write KEY=VALUE to set it, or KEY- to remove it")
         labels[key] = value
     if args.selector:
-        body = {
-            "action": "label",
-            "selector": args.selector,
-            "labels": labels,
-            "max_parallel": args.max_parallel,
-        }
+        body = rest.BulkRequest(
+            action="label", selector=args.selector, labels=labels, max_parallel=args.max_parallel
+        )
         return bulk.run_bulk(client, args, body)
     args.host = args.words[0]
-    host = client.request("PATCH", f"/hosts/{args.host}", json={"labels": labels})
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(host["labels"].items())) or "none"
-    print(f"host {args.host}: labels {shown}")
+    host = client.hosts.update(args.host, labels=labels)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(host.labels.items())) or "none"
+    print(printable(f"host {args.host}: labels {shown}"))
     return 0
 
 
-def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_maintenance(client: Client, args: argparse.Namespace) -> int:
     """``host maintenance HOST on|off``: with on, also evacuate its VMs unless ``--no-evacuate``.
     ``host maintenance -l SELECTOR on|off``: the same flag on every host that matches, as one bulk
     action (evacuating many hosts at once is not offered: it needs ``--no-evacuate``).
@@ -165,37 +164,41 @@ def cmd_host_maintenance(client: ApiClient, args: argparse.Namespace) -> int:
                 "once; add --no-evacuate to flag them, or drain them in turn with "
                 "`fleetvisor host rolling-maintenance -l SELECTOR`"
             )
-        body = {"action": "maintenance", "selector": args.selector, "on": words[0] == "on",
-                "force": bool(args.force), "max_parallel": args.max_parallel}  # fmt: skip
+        body = rest.BulkRequest(action="maintenance", selector=args.selector, on=words[0] == "on",
+                                force=bool(args.force), max_parallel=args.max_parallel)  # fmt: skip
         return bulk.run_bulk(client, args, body)
     if len(words) != 2 or words[1] not in ("on", "off"):
         raise CliError("host maintenance takes a host and on or off: host maintenance HOST on|off")
     args.host, args.mode = words
-    body = {"maintenance": args.mode == "on", "force": bool(getattr(args, "force", False))}
-    host = client.request("PATCH", f"/hosts/{args.host}", json=body)
-    state = "in maintenance: no new VMs go there" if host["maintenance"] else "out of maintenance"
-    print(f"host {args.host}: {state}")
-    if args.mode == "on" and not args.no_evacuate and host.get("vms", 0):
+    host = client.hosts.update(
+        args.host, maintenance=args.mode == "on", force=bool(getattr(args, "force", False))
+    )
+    state = "in maintenance: no new VMs go there" if host.maintenance else "out of maintenance"
+    print(printable(f"host {args.host}: {state}"))
+    if args.mode == "on" and not args.no_evacuate and host.vms:
         return migrate.evacuate(client, args)
     return 0
 
 
-def cmd_host_confirm_down(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_confirm_down(client: Client, args: argparse.Namespace) -> int:
     """``host confirm-down``: the operator's fence acknowledgement; HA restarts the host's HA VMs."""
-    result = client.request("POST", f"/hosts/{args.host}/confirm-down")
-    print(f"host {args.host}: confirmed down (fenced); {result['restarts']} HA restart(s) begun")
+    result = client.hosts.confirm_down(args.host)
+    print(printable(f"host {args.host}: confirmed down (fenced); {result.restarts} HA restart(s) begun"))
     return 0
 
 
-def cmd_host_forget(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_forget(client: Client, args: argparse.Namespace) -> int:
     """``host forget``: remove a host that is gone for good, with its VMs' records."""
-    result = client.request("DELETE", f"/hosts/{args.host}")
-    removed = result["vms_removed"]
-    print(f"host {args.host} forgotten" + (f"; VM records removed: {', '.join(removed)}" if removed else ""))
+    removed = client.hosts.forget(args.host).vms_removed
+    print(
+        printable(
+            f"host {args.host} forgotten" + (f"; VM records removed: {', '.join(removed)}" if removed else "")
+        )
+    )
     return 0
 
 
-def cmd_host_show(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_show(client: Client, args: argparse.Namespace) -> int:
     """``host show``: one host's capabilities, load, power and energy."""
-    emit(args, client.request("GET", f"/hosts/{args.host}"), _render_host)
+    emit(args, client.hosts.get(args.host), _render_host)
     return 0

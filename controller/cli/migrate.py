@@ -7,19 +7,31 @@ progress bar on a terminal. It imports only ``controller.cli`` modules of ours.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from controller.cli import bulk
-from controller.cli.client import EXIT_FAILED, EXIT_INTERRUPTED, ApiClient, CliError
-from controller.cli.render import finish_op, render_explanation
+from controller.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, CliError
+from controller.cli.render import finish_op, print_json, render_explanation
+from controller.client import Client
+from protocols import rest
+from protocols.migration import MigrationPolicy
 from protocols.text import printable
 
 
-def _policy(args: argparse.Namespace) -> dict[str, Any]:
+def _policy(args: argparse.Namespace) -> MigrationPolicy:
+    """The policy the flags give; raises ``CliError`` naming the flag when a value is out of range."""
+    try:
+        return msgspec.convert(_policy_fields(args), MigrationPolicy)
+    except msgspec.ValidationError as exc:
+        raise CliError(f"migration policy: {exc}; see `fleetvisor vm migrate --help`") from None
+
+
+def _policy_fields(args: argparse.Namespace) -> dict[str, Any]:
     policy: dict[str, Any] = {
         "bandwidth_mib_s": args.bandwidth,
         "max_downtime_ms": args.max_downtime,
@@ -41,30 +53,29 @@ def _bar(fraction: float, width: int = 30) -> str:
 
 
 def _follow(
-    client: ApiClient, args: argparse.Namespace, op: dict[str, Any], line: Callable[[dict[str, Any]], str]
-) -> dict[str, Any]:
-    """Poll ``op`` until it ends (or ``--timeout``), redrawing one progress line on a terminal."""
+    client: Client, args: argparse.Namespace, op: rest.OperationView, line: Callable[[dict[str, Any]], str]
+) -> rest.OperationView:
+    """Follow ``op`` until it ends (or ``--timeout``), redrawing one progress line on a terminal."""
     tty = sys.stderr.isatty() and not args.json
     deadline = time.monotonic() + args.timeout
     last = ""
     try:
-        while op["state"] == "running" and time.monotonic() < deadline:
-            text = printable(line(op))
+        for op in client.operations.follow(op.op_id, interval=0.5, changes_only=False):  # noqa: B020 (the latest view is kept)
+            if op.state != "running" or time.monotonic() >= deadline:
+                break
+            text = printable(line(msgspec.to_builtins(op)))
             if text != last:
                 if tty:
                     print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
                 elif not args.json:
                     print(text, file=sys.stderr, flush=True)
                 last = text
-            time.sleep(0.3)
-            op = client.request("GET", f"/operations/{op['op_id']}")
     except KeyboardInterrupt:
-        what = f"the {op['kind']} of {op['vm'] or op['host_id']}"
         if tty and last:
             print(file=sys.stderr)
         raise CliError(
-            f"{what} goes on (operation {op['op_id']}); follow it with "
-            f"`fleetvisor op wait {op['op_id']}`, cancel it with `fleetvisor op cancel {op['op_id']}`",
+            f"the {op.kind} of {op.vm or op.host_id} goes on (operation {op.op_id}); follow it with "
+            f"`fleetvisor op wait {op.op_id}`, cancel it with `fleetvisor op cancel {op.op_id}`",
             EXIT_INTERRUPTED,
         ) from None
     if tty and last:
@@ -88,7 +99,7 @@ def _migration_line(op: dict[str, Any]) -> str:
     )
 
 
-def cmd_vm_migrate(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_vm_migrate(client: Client, args: argparse.Namespace) -> int:
     """``vm migrate``: live-migrate a VM, or predict how it would go (``--dry-run``); with
     ``-l SELECTOR``, every VM that matches, as one bulk action.
     """
@@ -99,49 +110,55 @@ def cmd_vm_migrate(client: ApiClient, args: argparse.Namespace) -> int:
             raise CliError(
                 "vm migrate -l: --force overrides one VM's rules, with a reason; migrate those one by one"
             )
-        many = {"action": "migrate", "selector": args.selector, "to": args.to, "policy": _policy(args),
-                "max_parallel": args.max_parallel, "stop_after": args.stop_after, "dry_run": args.dry_run}  # fmt: skip
-        return bulk.run_bulk(client, args, many)
-    body = {"to": args.to, "policy": _policy(args), "force": args.force, "reason": args.reason}
+        many = rest.BulkRequest(action="migrate", selector=args.selector, to=args.to, policy=_policy(args),
+                                max_parallel=args.max_parallel, stop_after=args.stop_after)  # fmt: skip
+        return bulk.run_bulk(client, args, many, dry_run=args.dry_run)
     if args.dry_run:
-        plan = client.request("POST", f"/vms/{args.name}/migrate", params={"dry_run": "true"}, json=body)
-        if args.json:
-            print(json.dumps(plan, indent=2, sort_keys=True))
-            return 0
-        if plan["target"] is None:
-            print(f"vm {args.name}: no host can take it", file=sys.stderr)
-            print(render_explanation(plan.get("explanation") or {}), file=sys.stderr)
-            return EXIT_FAILED
-        pred = plan["prediction"]
-        print(
-            f"vm {args.name}: {plan['source']} -> {plan['target']} (dirtying {plan['dirty_mib_s']:.1f} MiB/s now)"
-        )
-        print(f"  {printable(pred['summary'])}")
-        print(
-            f"  predicted: {pred['total_s']:.1f}s in total, {pred['downtime_ms']:.0f} ms of downtime, "
-            f"{pred['rounds']} rounds, {pred['transferred_mib']:.0f} MiB sent; "
-            + ("converges" if pred["converges"] else "does NOT converge")
-        )
-        return 0 if pred["converges"] else EXIT_FAILED
-    op = client.request("POST", f"/vms/{args.name}/migrate", json=body)
+        return _plan(client, args)
+    op = client.vms.migrate(args.name, to=args.to, policy=_policy(args), force=args.force, reason=args.reason)
     if not args.no_wait:
         op = _follow(client, args, op, _migration_line)
-    if op["state"] == "succeeded" and not args.json:
-        result = op["params"].get("result") or {}
-        print(
-            f"vm {args.name}: {op['params']['from_host']} -> {op['params']['to_host']} in "
+    if op.state == "succeeded" and not args.json:
+        result = op.params.get("result") or {}
+        print(printable(
+            f"vm {args.name}: {op.params['from_host']} -> {op.params['to_host']} in "
             f"{result.get('total_ms', 0):.0f} ms, downtime {result.get('downtime_ms', 0):.0f} ms"
-        )
+        ))  # fmt: skip
     return finish_op(args, op, f"migrate vm {args.name}")
 
 
-def cmd_vm_migrate_cancel(client: ApiClient, args: argparse.Namespace) -> int:
+def _plan(client: Client, args: argparse.Namespace) -> int:
+    """``vm migrate --dry-run``: the target and the link model's prediction; exit 1 if it cannot go."""
+    plan = client.vms.plan_migration(args.name, to=args.to, policy=_policy(args))
+    if args.json:
+        print_json(plan)
+        return 0
+    if plan.target is None or plan.prediction is None:
+        print(f"vm {args.name}: no host can take it", file=sys.stderr)
+        print(render_explanation(plan.explanation), file=sys.stderr)
+        return EXIT_FAILED
+    pred = plan.prediction
+    print(
+        printable(
+            f"vm {args.name}: {plan.source} -> {plan.target} (dirtying {plan.dirty_mib_s:.1f} MiB/s now)"
+        )
+    )
+    print(f"  {printable(pred.summary)}")
+    print(
+        f"  predicted: {pred.total_s:.1f}s in total, {pred.downtime_ms:.0f} ms of downtime, "
+        f"{pred.rounds} rounds, {pred.transferred_mib:.0f} MiB sent; "
+        + ("converges" if pred.converges else "does NOT converge")
+    )
+    return 0 if pred.converges else EXIT_FAILED
+
+
+def cmd_vm_migrate_cancel(client: Client, args: argparse.Namespace) -> int:
     """``vm migrate-cancel``: cancel a VM's migration before the switch-over."""
-    op = client.request("POST", f"/vms/{args.name}/migrate/cancel")
+    op = client.vms.cancel_migration(args.name)
     if not args.no_wait:
         op = _follow(client, args, op, _migration_line)
-    if op["state"] == "failed" and "cancel" in op["error"]:
-        print(f"vm {args.name}: migration cancelled; it stays on {op['params']['from_host']}")
+    if op.state == "failed" and "cancel" in op.error:
+        print(printable(f"vm {args.name}: migration cancelled; it stays on {op.params['from_host']}"))
         return 0
     return finish_op(args, op, f"cancel migration of vm {args.name}")
 
@@ -152,17 +169,17 @@ def _evacuation_line(op: dict[str, Any]) -> str:
     return f"evacuating {op['host_id']} {_bar(done / (len(vms) or 1))} {done}/{len(vms)} VMs"
 
 
-def evacuate(client: ApiClient, args: argparse.Namespace) -> int:
+def evacuate(client: Client, args: argparse.Namespace) -> int:
     """Live-migrate every running VM off ``args.host`` and print each VM's outcome."""
-    op = client.request("POST", f"/hosts/{args.host}/evacuate", json={"policy": _policy(args)})
+    op = client.hosts.evacuate(args.host, policy=_policy(args))
     if not args.no_wait:
         op = _follow(client, args, op, _evacuation_line)
-    if not args.json and op["state"] != "running":
-        for vm, outcome in sorted(op["params"].get("results", {}).items()):
-            print(f"  {vm}: {outcome}")
+    if not args.json and op.state != "running":
+        for vm, outcome in sorted(op.params.get("results", {}).items()):
+            print(printable(f"  {vm}: {outcome}"))
     return finish_op(args, op, f"evacuate host {args.host}")
 
 
-def cmd_host_evacuate(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_evacuate(client: Client, args: argparse.Namespace) -> int:
     """``host evacuate``: live-migrate every running VM off a host, in waves."""
     return evacuate(client, args)

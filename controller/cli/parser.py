@@ -2,8 +2,9 @@
 
 ``add_operator_commands`` adds ``vm``, ``host``, ``plan``, ``power``, ``op``, ``token``, ``audit`` and
 ``events`` to the top-level parser of ``fleetvisor.py``; each command sets ``handler`` to its
-``cmd_*`` function. ``run_operator_command`` builds the ``ApiClient`` and turns a ``CliError`` into a
-message and an exit code. It imports only ``controller.cli`` modules of ours.
+``cmd_*`` function. ``run_operator_command`` builds the :class:`controller.client.Client` and turns
+an ``ApiError`` (the controller's refusal, as a script gets it) or a ``CliError`` into a message and
+an exit code. It imports only ``controller.cli``, ``controller.client`` and ``protocols`` of ours.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 from typing import TypeAlias
 
 from controller.cli import admin, bulk, hosts, migrate, power, rolling, vms
-from controller.cli.client import DEFAULT_URL, EXIT_FAILED, EXIT_INTERRUPTED, ApiClient, CliError
+from controller.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNREACHABLE, CliError
+from controller.client import DEFAULT_URL, ApiError, Client, Unreachable
 
 #: After the reader of stdout went away (128 + SIGPIPE), as shells report a tool killed by it.
 EXIT_BROKEN_PIPE = 141
@@ -435,7 +437,7 @@ def run_operator_command(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("FLEETVISOR_URL") or DEFAULT_URL
     ca_file = args.ca_file or os.environ.get("FLEETVISOR_CA")
     try:
-        client = ApiClient(
+        client = Client(
             url,
             token=args.token or os.environ.get("FLEETVISOR_TOKEN"),
             ca_file=ca_file,
@@ -450,6 +452,9 @@ def run_operator_command(args: argparse.Namespace) -> int:
     except CliError as exc:
         print(f"fleetvisor: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ApiError as exc:
+        print(f"fleetvisor: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if isinstance(exc, Unreachable) else EXIT_FAILED
     except KeyboardInterrupt:
         print(
             "\nfleetvisor: interrupted; what the controller started goes on: see `fleetvisor op list --state "

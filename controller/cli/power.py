@@ -6,12 +6,13 @@ It imports only ``controller.cli`` modules of ours.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from controller.cli import bulk
-from controller.cli.client import EXIT_FAILED, ApiClient, CliError
-from controller.cli.render import emit, energy_since, table
+from controller.cli.exits import EXIT_FAILED, CliError
+from controller.cli.render import emit, energy_since, print_json, table
+from controller.client import Client
+from protocols import rest
 
 
 def _render_host_power(r: dict[str, Any]) -> str:
@@ -32,7 +33,7 @@ def _render_host_power(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_host_power(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_power(client: Client, args: argparse.Namespace) -> int:
     """``host power HOST on|off|status``; exits non-zero when the host's wake path does not verify.
     ``host power -l SELECTOR on|off``: every host that matches, as one bulk action.
     """
@@ -40,23 +41,20 @@ def cmd_host_power(client: ApiClient, args: argparse.Namespace) -> int:
     if args.selector:
         if len(words) != 1 or words[0] not in ("on", "off"):
             raise CliError("host power -l SELECTOR takes on or off, and no host name")
-        body = {
-            "action": "power",
-            "selector": args.selector,
-            "on": words[0] == "on",
-            "max_parallel": args.max_parallel,
-        }
+        body = rest.BulkRequest(
+            action="power", selector=args.selector, on=words[0] == "on", max_parallel=args.max_parallel
+        )
         return bulk.run_bulk(client, args, body)
     if len(words) != 2 or words[1] not in ("on", "off", "status"):
         raise CliError("host power takes a host and on, off or status: host power HOST on|off|status")
     args.host, args.action_name = words
     if args.action_name == "status":
-        report = client.request("GET", f"/hosts/{args.host}/power")
+        report = client.hosts.power(args.host)
     else:
-        report = client.request("POST", f"/hosts/{args.host}/power", json={"action": args.action_name})
+        report = client.hosts.set_power(args.host, args.action_name)
     emit(args, report, _render_host_power)
-    check = report.get("wake_check")
-    return EXIT_FAILED if check is not None and not check["ok"] else 0
+    check = report.wake_check
+    return EXIT_FAILED if check is not None and not check.ok else 0
 
 
 def _render_plan(plan: dict[str, Any]) -> str:
@@ -89,16 +87,14 @@ def _render_outcome(outcome: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_plan(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_plan(client: Client, args: argparse.Namespace) -> int:
     """``plan [--apply]``: show the power manager's plan, or execute it once and show the results."""
     if not args.apply:
-        emit(args, client.request("GET", "/plan"), _render_plan)
+        emit(args, client.power.plan(), _render_plan)
         return 0
-    outcome = client.request("POST", "/plan/apply", timeout=args.timeout)
+    outcome = client.power.apply(timeout=args.timeout)
     emit(args, outcome, _render_outcome)
-    failed = [
-        r for r in outcome["results"] if not r["ok"] and not r["detail"].startswith(("deferred", "skipped"))
-    ]
+    failed = [r for r in outcome.results if not r.ok and not r.detail.startswith(("deferred", "skipped"))]
     return EXIT_FAILED if failed else 0
 
 
@@ -117,17 +113,17 @@ def _render_power(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_power_mode(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_power_mode(client: Client, args: argparse.Namespace) -> int:
     """``power mode``: switch the automation level (manual, recommend or auto)."""
-    status = client.request("PUT", "/power/mode", json={"mode": args.mode})
+    status = client.power.set_mode(args.mode)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print_json(status)
     else:
-        print(f"power manager: automation level {status['mode']}")
+        print(f"power manager: automation level {status.mode}")
     return 0
 
 
-def cmd_power_status(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_power_status(client: Client, args: argparse.Namespace) -> int:
     """``power status``: the automation level, its settings, and each host's power and energy."""
-    emit(args, client.request("GET", "/power"), _render_power)
+    emit(args, client.power.status(), _render_power)
     return 0

@@ -1,7 +1,9 @@
 """Output shared by the command modules: tables, sizes, percentages, and operation outcomes.
 
 A command prints a table or lines for people, or JSON with ``--json`` for scripts; ``emit`` makes
-that choice. It imports only ``controller.cli.client`` and ``protocols.text`` of ours.
+that choice. The client's answers are typed Structs; what is printed is their JSON form (``--json``
+shows exactly what the API answered), so the renderers read plain dicts. It imports only
+``controller.cli.exits`` and ``protocols`` of ours.
 
 Much of what the CLI shows was written by a host (capabilities, reasons, errors) or a user (names,
 labels). Text for people goes through :func:`protocols.text.printable` here: every table cell,
@@ -19,7 +21,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from controller.cli.client import EXIT_FAILED
+import msgspec
+
+from controller.cli.exits import EXIT_FAILED
+from protocols.rest import OperationView
 from protocols.text import printable
 
 
@@ -43,11 +48,19 @@ def pct(value: float | None) -> str:
 
 
 def emit(args: argparse.Namespace, data: Any, render: Callable[[Any], str]) -> None:
-    """Print ``data`` as JSON with ``--json``, else as ``render`` shows it, every string escaped."""
+    """Print an answer (Structs, or plain data) as JSON with ``--json``, else as ``render`` shows its
+    JSON form, every string escaped.
+    """
+    plain = msgspec.to_builtins(data)
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps(plain, indent=2, sort_keys=True))
     else:
-        print(render(shown(data)))
+        print(render(shown(plain)))
+
+
+def print_json(data: Any) -> None:
+    """An answer as ``--json`` prints it."""
+    print(json.dumps(msgspec.to_builtins(data), indent=2, sort_keys=True))
 
 
 def shown(data: Any) -> Any:
@@ -68,9 +81,9 @@ def energy_since(since: float | None) -> str:
     return " since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
 
 
-def render_explanation(explanation: dict[str, Any]) -> str:
+def render_explanation(explanation: Any) -> str:
     """The scheduler's reasons for a placement: filters, rejections and the best candidates."""
-    explanation = shown(explanation)
+    explanation = shown(msgspec.to_builtins(explanation) or {})
     lines = [
         f"policy {explanation['policy']}: {explanation['candidates']} of {explanation['hosts']} hosts qualify"
     ]
@@ -87,18 +100,17 @@ def render_explanation(explanation: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def finish_op(args: argparse.Namespace, op: dict[str, Any], what: str) -> int:
+def finish_op(args: argparse.Namespace, op: OperationView, what: str) -> int:
     """Print how operation ``op`` ended (or that it goes on) and return the exit code."""
+    failed = EXIT_FAILED if op.state == "failed" else 0
     if args.json:
-        print(json.dumps(op, indent=2, sort_keys=True))
-        return EXIT_FAILED if op["state"] == "failed" else 0
-    op, what = shown(op), printable(what)
-    if op["state"] == "succeeded":
+        print_json(op)
+        return failed
+    what = printable(what)
+    if op.state == "succeeded":
         print(f"{what}: done")
-    elif op["state"] == "running":
-        print(
-            f"{what}: in progress (operation {op['op_id']}); follow it with `fleetvisor op show {op['op_id']}`"
-        )
+    elif op.state == "running":
+        print(f"{what}: in progress (operation {op.op_id}); follow it with `fleetvisor op show {op.op_id}`")
     else:
-        print(f"{what}: failed: {op['error']}", file=sys.stderr)
-    return EXIT_FAILED if op["state"] == "failed" else 0
+        print(f"{what}: failed: {printable(op.error)}", file=sys.stderr)
+    return failed

@@ -17,7 +17,10 @@ import sys
 import time
 from typing import Any
 
-from controller.cli.client import EXIT_FAILED, EXIT_INTERRUPTED, ApiClient, CliError
+from controller.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, CliError
+from controller.client import Client
+from protocols import rest
+from protocols.migration import MigrationPolicy
 from protocols.text import printable
 
 
@@ -44,7 +47,7 @@ def add_arguments(host: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     return p
 
 
-def cmd_host_rolling(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_host_rolling(client: Client, args: argparse.Namespace) -> int:
     if (args.selector is None) == (args.attach is None):
         raise CliError(
             "host rolling-maintenance: give -l SELECTOR (a new roll) or --attach OP (one under way)"
@@ -54,23 +57,23 @@ def cmd_host_rolling(client: ApiClient, args: argparse.Namespace) -> int:
     if args.attach:
         op_id = args.attach
     else:
-        body = {
-            "selector": args.selector,
-            "max_parallel": args.max_parallel,
-            "return_vms": args.return_vms,
-            "step": "none" if args.no_step else "continue",
-            "agent_timeout_s": args.agent_timeout,
-            "dry_run": args.dry_run,
-        }
-        if args.bandwidth is not None:
-            body["policy"] = {"bandwidth_mib_s": args.bandwidth}
-        answer = client.request("POST", "/rolling-maintenance", json=body)
+        body = rest.RollingRequest(
+            selector=args.selector,
+            max_parallel=args.max_parallel,
+            return_vms=args.return_vms,
+            step="none" if args.no_step else "continue",
+            agent_timeout_s=args.agent_timeout,
+            policy=None if args.bandwidth is None else MigrationPolicy(bandwidth_mib_s=args.bandwidth),
+        )
         if args.dry_run:
-            for n, wave in enumerate(answer["waves"], 1):
+            for n, wave in enumerate(client.rolling.plan(body).waves, 1):
                 print(f"wave {n}: {', '.join(printable(h) for h in wave)}")
             return 0
-        op_id = answer["op_id"]
-        print(f"rolling maintenance {op_id}: {', '.join(answer['params']['hosts'])}", file=sys.stderr)
+        started = client.rolling.start(body)
+        op_id = started.op_id
+        print(
+            printable(f"rolling maintenance {op_id}: {', '.join(started.params['hosts'])}"), file=sys.stderr
+        )
     try:
         return _follow(client, op_id, args.exec_cmd)
     except KeyboardInterrupt:
@@ -82,29 +85,27 @@ def cmd_host_rolling(client: ApiClient, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
-def _follow(client: ApiClient, op_id: str, exec_cmd: str | None) -> int:
+def _follow(client: Client, op_id: str, exec_cmd: str | None) -> int:
     shown: dict[str, tuple[str, int]] = {}
     told: set[str] = set()
-    while True:
-        op = client.request("GET", f"/operations/{op_id}", params={"wait": 1.0})
-        if op["kind"] != "rolling":
-            raise CliError(f"operation {op_id} is a {op['kind']}, not a rolling maintenance")
-        for host, p in op["params"]["progress"].items():
+    op = client.operations.get(op_id)
+    for op in client.operations.follow(op_id, interval=1.0):
+        if op.kind != "rolling":
+            raise CliError(f"operation {op_id} is a {op.kind}, not a rolling maintenance")
+        for host, p in op.params["progress"].items():
             moved = len(p.get("moved", {})) + len(p.get("returned", {}))
             if shown.get(host) != (p["phase"], moved):
                 shown[host] = (p["phase"], moved)
                 print(_line(host, p), file=sys.stderr, flush=True)
-            if p["phase"] == "step" and op["state"] == "running" and host not in told:
+            if p["phase"] == "step" and op.state == "running" and host not in told:
                 told.add(host)
                 if exec_cmd:
                     _run_step(client, op_id, host, exec_cmd)
                 else:
                     print(f"  {host} waits for your step; when it is done: `fleetvisor op continue {op_id} "
                           f"{host}` (or `--failed WHY`)", file=sys.stderr, flush=True)  # fmt: skip
-        if op["state"] != "running":
-            break
-    print(printable(op["error"]) if op["error"] else f"rolling maintenance {op_id}: every host done")
-    return 0 if op["state"] == "succeeded" else EXIT_FAILED
+    print(printable(op.error) if op.error else f"rolling maintenance {op_id}: every host done")
+    return 0 if op.state == "succeeded" else EXIT_FAILED
 
 
 def _line(host: str, p: dict[str, Any]) -> str:
@@ -119,7 +120,7 @@ def _line(host: str, p: dict[str, Any]) -> str:
     return f"{host}: {phase}"
 
 
-def _run_step(client: ApiClient, op_id: str, host: str, command: str) -> None:
+def _run_step(client: Client, op_id: str, host: str, command: str) -> None:
     print(f"  {host}: running the step: {command}", file=sys.stderr, flush=True)
     env = {**os.environ, "FLEETVISOR_HOST": host, "FLEETVISOR_OPERATION": op_id}
     started = time.monotonic()
@@ -127,12 +128,12 @@ def _run_step(client: ApiClient, op_id: str, host: str, command: str) -> None:
     took = time.monotonic() - started
     ok = done.returncode == 0
     message = f"`{command}` exited {done.returncode} after {took:.0f}s"
-    client.request("POST", f"/operations/{op_id}/continue", json={"host": host, "ok": ok, "message": message})
+    client.operations.continue_host(op_id, host, ok=ok, message=message)
 
 
-def cmd_op_continue(client: ApiClient, args: argparse.Namespace) -> int:
-    body = {"host": args.host, "ok": args.failed is None, "message": args.failed or args.message}
-    op = client.request("POST", f"/operations/{args.op_id}/continue", json=body)
-    phase = op["params"]["progress"][args.host]["phase"]
+def cmd_op_continue(client: Client, args: argparse.Namespace) -> int:
+    message = args.failed or args.message
+    op = client.operations.continue_host(args.op_id, args.host, ok=args.failed is None, message=message)
+    phase = op.params["progress"][args.host]["phase"]
     print(f"{args.host}: {phase}" + ("; the roll stops here" if args.failed is not None else ""))
     return 0

@@ -1,7 +1,7 @@
 """The body of ``vm create``: a spec file (YAML or JSON) or libvirt domain XML, then flags over it.
 
 ``build_spec`` validates the spec part locally, against ``protocols.vmspec``, so a typo fails before
-any request. It imports ``protocols`` and ``controller.cli.client``, nothing else of ours.
+any request. It imports ``protocols`` and ``controller.cli.exits``, nothing else of ours.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from controller.cli.client import CliError
+from controller.cli.exits import CliError
 from protocols import domxml
 from protocols.vmspec import VmSpecInput, explain_validation_error
 

@@ -7,19 +7,16 @@ imports ``protocols`` and ``controller.cli`` modules, nothing else of ours.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
-from controller.cli.client import EXIT_FAILED, ApiClient, CliError
-from controller.cli.render import emit, finish_op, gib, pct, render_explanation, table
+from controller.cli.exits import EXIT_FAILED, CliError
+from controller.cli.render import emit, finish_op, gib, pct, print_json, render_explanation, table
 from controller.cli.spec import build_spec
-from protocols import domxml
+from controller.client import ApiError, Client
+from protocols import domxml, rest
 from protocols.text import printable
-from protocols.vmspec import VmSpec
 
 
 def _render_vms(vms: list[dict[str, Any]]) -> str:
@@ -66,110 +63,100 @@ def _render_vm(v: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _wait_args(args: argparse.Namespace) -> dict[str, float]:
-    return {} if args.no_wait else {"wait": args.timeout}
+def _wait(args: argparse.Namespace) -> float:
+    return 0.0 if args.no_wait else float(args.timeout)
 
 
-def cmd_vm_create(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_vm_create(client: Client, args: argparse.Namespace) -> int:
     """``vm create``: place and create one VM or ``--count`` of them, or only show where (``--dry-run``)."""
     body = build_spec(args)
-    params: dict[str, Any] = {"start": str(not args.no_start).lower(), **_wait_args(args)}
     if args.dry_run:
-        params = {"dry_run": "true"}
         try:
-            plan = client.request("POST", "/vms", json=body, params=params)
-        except CliError as exc:
+            plan = client.vms.plan(body)
+        except ApiError as exc:
             raise CliError(f"dry run: {exc}") from None
         if args.json:
-            print(json.dumps(plan, indent=2, sort_keys=True))
+            print_json(plan)
             return 0
-        for one in plan.get("vms", [plan]):
-            print(f"vm {one['vm']} would go to {one['host_id']} (nothing was claimed)")
-            if args.explain or "vms" not in plan:
-                print(render_explanation(one["explanation"]))
+        batch = isinstance(plan, rest.BatchPlanResponse)
+        for one in plan.vms if isinstance(plan, rest.BatchPlanResponse) else [plan]:
+            print(printable(f"vm {one.vm} would go to {one.host_id} (nothing was claimed)"))
+            if args.explain or not batch:
+                print(render_explanation(one.explanation))
         return 0
-    if args.explain:
-        params["explain"] = "true"
-    result = client.request("POST", "/vms", json=body, params=params)
-    if "vms" in result:
+    result = client.vms.create(body, start=not args.no_start, explain=args.explain, wait=_wait(args))
+    if isinstance(result, rest.CreateBatchResponse):
         return _finish_batch(args, result)
-    op, vm = result["operation"], result["vm"]
+    op, vm = result.operation, result.vm
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-        return EXIT_FAILED if op["state"] == "failed" else 0
-    if op["state"] == "failed":
-        print(printable(f"vm {body['name']}: create failed: {op['error']}"), file=sys.stderr)
+        print_json(result)
+        return EXIT_FAILED if op.state == "failed" else 0
+    if op.state == "failed":
+        print(printable(f"vm {body['name']}: create failed: {op.error}"), file=sys.stderr)
         return EXIT_FAILED
-    state = "created" if op["state"] == "succeeded" else "creating"
-    print(f"vm {vm['name']}: {state} on {vm['host_id']} (state {vm['state']}, operation {op['op_id']})")
-    if result.get("explanation"):
-        print(render_explanation(result["explanation"]))
+    state = "created" if op.state == "succeeded" else "creating"
+    print(printable(f"vm {vm.name}: {state} on {vm.host_id} (state {vm.state}, operation {op.op_id})"))
+    if result.explanation is not None:
+        print(render_explanation(result.explanation))
     return 0
 
 
-def _finish_batch(args: argparse.Namespace, result: dict[str, Any]) -> int:
+def _finish_batch(args: argparse.Namespace, result: rest.CreateBatchResponse) -> int:
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print_json(result)
     else:
-        rows = [[r["vm"]["name"], r["vm"]["host_id"] or "-", r["operation"]["state"]] for r in result["vms"]]
+        rows = [[r.vm.name, r.vm.host_id or "-", r.operation.state] for r in result.vms]
         print(table(rows, ["vm", "host", "operation"]))
-        for r in result["vms"]:
-            if r.get("explanation"):
-                print(f"\n{r['vm']['name']}:")
-                print(render_explanation(r["explanation"]))
-    return EXIT_FAILED if any(r["operation"]["state"] == "failed" for r in result["vms"]) else 0
+        for r in result.vms:
+            if r.explanation is not None:
+                print(printable(f"\n{r.vm.name}:"))
+                print(render_explanation(r.explanation))
+    return EXIT_FAILED if any(r.operation.state == "failed" for r in result.vms) else 0
 
 
-def cmd_vm_list(client: ApiClient, args: argparse.Namespace) -> int:
-    """``vm list``: every VM, or those on ``--host``."""
-    params = {"host": args.host} if args.host else {}
-    if args.selector:
-        params["selector"] = args.selector
-    emit(args, client.request("GET", "/vms", params=params), _render_vms)
+def cmd_vm_list(client: Client, args: argparse.Namespace) -> int:
+    """``vm list``: every VM, or those ``-l`` picks, or those on ``--host``."""
+    emit(args, client.vms.list(args.selector or "", host=args.host or None), _render_vms)
     return 0
 
 
-def cmd_vm_show(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_vm_show(client: Client, args: argparse.Namespace) -> int:
     """``vm show``: one VM's spec, state, host and load."""
-    emit(args, client.request("GET", f"/vms/{args.name}"), _render_vm)
+    emit(args, client.vms.get(args.name), _render_vm)
     return 0
 
 
-def cmd_vm_dumpxml(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_vm_dumpxml(client: Client, args: argparse.Namespace) -> int:
     """``vm dumpxml``: a VM's spec as libvirt domain XML; raises ``CliError`` if it has no XML form."""
-    vm = client.request("GET", f"/vms/{args.name}")
+    vm = client.vms.get(args.name)
     try:
-        print(domxml.spec_to_xml(msgspec.convert(vm["spec"], VmSpec)), end="")
+        print(domxml.spec_to_xml(vm.spec), end="")
     except domxml.DomainXmlError as exc:
         raise CliError(f"vm {args.name!r} cannot be written as libvirt XML: {exc}") from None
     return 0
 
 
-def cmd_vm_start(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_vm_start(client: Client, args: argparse.Namespace) -> int:
     """``vm start``: start a stopped VM."""
-    return finish_op(
-        args, client.request("POST", f"/vms/{args.name}/start", params=_wait_args(args)), f"start {args.name}"
-    )
+    return finish_op(args, client.vms.start(args.name, wait=_wait(args)), f"start {args.name}")
 
 
-def cmd_vm_action(action: str) -> Callable[[ApiClient, argparse.Namespace], int]:
+def cmd_vm_action(action: str) -> Callable[[Client, argparse.Namespace], int]:
     """The handler of ``vm <action>`` for a plain operation (pause, resume, reboot)."""
 
-    def run(client: ApiClient, args: argparse.Namespace) -> int:
-        op = client.request("POST", f"/vms/{args.name}/{action}", params=_wait_args(args))
-        return finish_op(args, op, f"{action} {args.name}")
+    def run(client: Client, args: argparse.Namespace) -> int:
+        act = {"pause": client.vms.pause, "resume": client.vms.resume, "reboot": client.vms.reboot}[action]
+        return finish_op(args, act(args.name, wait=_wait(args)), f"{action} {args.name}")
 
     return run
 
 
-def cmd_vm_stop(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_vm_stop(client: Client, args: argparse.Namespace) -> int:
     """``vm stop [--force]``: ACPI shutdown, or power off at once."""
-    op = client.request("POST", f"/vms/{args.name}/stop", params=_wait_args(args), json={"force": args.force})
+    op = client.vms.stop(args.name, force=args.force, wait=_wait(args))
     return finish_op(args, op, f"stop {args.name}")
 
 
-def cmd_vm_delete(client: ApiClient, args: argparse.Namespace) -> int:
+def cmd_vm_delete(client: Client, args: argparse.Namespace) -> int:
     """``vm delete``: stop and delete a VM."""
-    return finish_op(
-        args, client.request("DELETE", f"/vms/{args.name}", params=_wait_args(args)), f"delete {args.name}"
-    )
+    return finish_op(args, client.vms.delete(args.name, wait=_wait(args)), f"delete {args.name}")

@@ -279,6 +279,14 @@ class ForgetResponse(msgspec.Struct, frozen=True, kw_only=True):
     vms_removed: list[str]
 
 
+class VmUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``PATCH /vms/{name}``: the operator's labels (a null value removes one; ``fleetvisor.io/`` keys
+    are the controller's own).
+    """
+
+    labels: dict[Label, Annotated[str, msgspec.Meta(max_length=256)] | None] = {}
+
+
 class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     force: bool = False
     timeout_s: float = 30.0  # bounded in the route, with an error that says what to do
@@ -287,8 +295,11 @@ class StopRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class BulkRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /actions``: one action on every VM or host the selector picks (docs/operations.md)."""
 
-    #: VMs: start, stop, pause, resume, reboot, delete, migrate; hosts: maintenance, label, power.
+    #: VMs: start, stop, pause, resume, reboot, delete, migrate, label; hosts: maintenance, label, power.
     action: Annotated[str, msgspec.Meta(max_length=32)]
+    #: What the selector picks: "vm" or "host"; None: the action's own (label: hosts, for
+    #: compatibility; give "vm" to label VMs).
+    kind: Literal["vm", "host"] | None = None
     #: The grammar of docs/selectors.md; "" picks every VM (or host).
     selector: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     max_parallel: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from controller.api.http import PREFIX, WAIT, body, json_response, read_body, responses
 from controller.api.operations import OperationResponses
 from controller.common.errors import Invalid
-from controller.services.bulk import VM_ACTIONS, BulkActions
+from controller.services.bulk import VM_ACTIONS, BulkActions, target_kind
 from protocols import rest
 
 
@@ -29,7 +29,7 @@ def router(bulk: BulkActions, ops: OperationResponses) -> APIRouter:
     async def start_action(request: Request, wait: float = WAIT) -> Response:
         asked: rest.BulkRequest = await read_body(request, rest.BulkRequest, "bulk action")
         if asked.dry_run:
-            targets = bulk.targets(asked.action, asked.selector)
+            targets = bulk.targets(asked.action, asked.selector, asked.kind)
             return json_response(rest.BulkPlan(action=asked.action, selector=asked.selector, targets=targets))
         args: dict[str, Any]
         if asked.action == "maintenance":
@@ -42,13 +42,14 @@ def router(bulk: BulkActions, ops: OperationResponses) -> APIRouter:
                     "invalid_labels",
                     'action label needs "labels": {"KEY": "VALUE"} sets one, {"KEY": null} removes it',
                 )
-            args = {"labels": dict(asked.labels)}
+            args = {"labels": dict(asked.labels), "kind": target_kind("label", asked.kind)}
         elif asked.action in VM_ACTIONS:
             args = {"force": asked.force, "timeout_s": asked.timeout_s, "to": asked.to}
             if asked.policy is not None:
                 args["policy"] = msgspec.to_builtins(asked.policy)
         else:
             args = {}
+        target_kind(asked.action, asked.kind)  # a kind that does not fit the action is a 400
         op = bulk.start(
             asked.action,
             asked.selector,

@@ -84,6 +84,7 @@ SCHEMA_TYPES: dict[str, Any] = {
     "rolling_plan": rest.RollingPlan,
     "continue_request": rest.ContinueRequest,
     "pending_hosts": list[rest.PendingHost],
+    "vm_update": rest.VmUpdate,
     "accepted": rest.AcceptedHost,
     "join_token_request": rest.JoinTokenRequest,
     "join_token": rest.JoinToken,

@@ -42,6 +42,16 @@ def router(
     async def show_vm(name: str) -> Response:
         return json_response(view.vm(vms.require(name)))
 
+    @api.patch(
+        f"{PREFIX}/vms/{{name}}",
+        summary="Set or remove a VM's labels (metadata: no operation, allowed in any state)",
+        responses=responses(200, "vm", 400, 404),
+        openapi_extra=body("vm_update"),
+    )
+    async def update_vm(request: Request, name: str) -> Response:
+        asked: rest.VmUpdate = await read_body(request, rest.VmUpdate, "vm update")
+        return json_response(view.vm(vms.labels.update(name, dict(asked.labels))))
+
     _lifecycle_routes(api, vms, ops)
 
     @api.post(

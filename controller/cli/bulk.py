@@ -41,6 +41,25 @@ def add_arguments(parser: argparse.ArgumentParser, *, max_parallel: int = 5, dry
         g.add_argument("--dry-run", action="store_true", help="list what the selector picks; change nothing")
 
 
+def label_changes(what: str, args: argparse.Namespace) -> dict[str, str | None]:
+    """The KEY=VALUE (set) and KEY- (remove) items of ``vm label`` or ``host label``, after the name
+    unless ``-l``; raises ``CliError`` on a malformed item.
+    """
+    words = args.words if args.selector else args.words[1:]
+    if not words or (not args.selector and len(args.words) < 2):
+        raise CliError(f"{what} label takes a {what} (or -l SELECTOR) and KEY=VALUE or KEY- items")
+    labels: dict[str, str | None] = {}
+    for item in words:
+        if item.endswith("-") and "=" not in item:
+            labels[item[:-1]] = None
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"label {item!r}: write KEY=VALUE to set it, or KEY- to remove it")
+        labels[key] = value
+    return labels
+
+
 def single_or_bulk(action: str, single: Handler) -> Handler:
     """``single`` for ``vm ACTION NAME``, a bulk action for ``vm ACTION -l SELECTOR``."""
 

@@ -125,18 +125,7 @@ def cmd_host_join_token(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_host_label(client: Client, args: argparse.Namespace) -> int:
     """``host label``: set (KEY=VALUE) or remove (KEY-) labels; raises ``CliError`` on a malformed one."""
-    words = args.words if args.selector else args.words[1:]
-    if not words or (not args.selector and len(args.words) < 2):
-        raise CliError("host label takes a host (or -l SELECTOR) and KEY=VALUE or KEY- items")
-    labels: dict[str, str | None] = {}
-    for item in words:
-        if item.endswith("-") and "=" not in item:
-            labels[item[:-1]] = None
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"label {item!r}: write KEY=VALUE to set it, or KEY- to remove it")
-        labels[key] = value
+    labels = bulk.label_changes("host", args)
     if args.selector:
         body = rest.BulkRequest(
             action="label", selector=args.selector, labels=labels, max_parallel=args.max_parallel

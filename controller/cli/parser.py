@@ -202,6 +202,18 @@ def _add_vm_commands(sub: _SubParsers) -> None:
     _add_vm_create(vm)
     _add_vm_lifecycle(vm)
     _add_vm_migrate(vm)
+    p = vm.add_parser(
+        "label",
+        help="set (KEY=VALUE) or remove (KEY-) labels of a VM; -l SELECTOR for many",
+        usage="fleetvisor vm label (NAME | -l SELECTOR) KEY=VALUE|KEY- ... [options]",
+    )
+    p.add_argument("words", nargs="+", metavar="NAME KEY=VALUE|KEY-")
+    p.add_argument("-l", "--selector", default="", help="every VM that matches, e.g. tier=web")
+    p.add_argument("--max-parallel", type=int, default=10, help="with -l: VMs changed at once (default 10)")
+    p.add_argument("--dry-run", action="store_true", help="with -l: list the VMs it picks; change nothing")
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=vms.cmd_vm_label, timeout=600.0, stop_after=0)
     p = vm.add_parser("dumpxml", help="print a VM's spec as libvirt domain XML")
     p.add_argument("name")
     _common(p)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from controller.cli import bulk
 from controller.cli.exits import EXIT_FAILED, CliError
 from controller.cli.render import emit, finish_op, gib, pct, print_json, render_explanation, table
 from controller.cli.spec import build_spec
@@ -133,6 +134,26 @@ def cmd_vm_dumpxml(client: Client, args: argparse.Namespace) -> int:
         print(domxml.spec_to_xml(vm.spec), end="")
     except domxml.DomainXmlError as exc:
         raise CliError(f"vm {args.name!r} cannot be written as libvirt XML: {exc}") from None
+    return 0
+
+
+def cmd_vm_label(client: Client, args: argparse.Namespace) -> int:
+    """``vm label (NAME | -l SELECTOR) KEY=VALUE|KEY- ...``: set or remove a VM's labels, or those of
+    every VM that matches (one bulk action).
+    """
+    labels = bulk.label_changes("vm", args)
+    if args.selector:
+        body = rest.BulkRequest(
+            action="label", kind="vm", selector=args.selector, labels=labels, max_parallel=args.max_parallel
+        )
+        return bulk.run_bulk(client, args, body, dry_run=args.dry_run)
+    name = args.words[0]
+    vm = client.vms.update(name, labels=labels)
+    if args.json:
+        print_json(vm)
+    else:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(vm.spec.labels.items())) or "none"
+        print(printable(f"vm {name}: labels {shown}"))
     return 0
 
 

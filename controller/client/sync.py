@@ -112,6 +112,7 @@ class SyncVms(_Resource):
     list = _Blocking(Vms.list)
     get = _Blocking(Vms.get)
     create = _Blocking(Vms.create)
+    update = _Blocking(Vms.update)
     plan = _Blocking(Vms.plan)
     start = _Blocking(Vms.start)
     stop = _Blocking(Vms.stop)

@@ -53,6 +53,14 @@ class Vms:
             return msgspec.convert(answer, rest.BatchPlanResponse)
         return msgspec.convert(answer, rest.PlanResponse)
 
+    async def update(self, name: str, *, labels: Mapping[str, str | None]) -> rest.VmView:
+        """Set the VM's labels (a None value removes one); metadata only, so in any state.
+
+        Raises ``InvalidRequest`` for a ``fleetvisor.io/`` key (the controller's own).
+        """
+        body = rest.VmUpdate(labels=dict(labels))
+        return await self._t.call("PATCH", f"/vms/{quote(name, safe='')}", rest.VmView, body=body)
+
     async def start(self, name: str, *, wait: float = 0.0) -> rest.OperationView:
         return await self._action(name, "start", wait)
 

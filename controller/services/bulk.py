@@ -15,6 +15,8 @@ names the parent (``GET /operations?parent=ID``). At most ``max_parallel`` child
 - **Host actions** have no child: ``maintenance`` (on or off) and ``label`` (set or remove operator
   labels) change the host record at once; ``power`` (on, or off into standby: an empty host only)
   goes through the power service's drivers and checks, as ``host power`` does.
+- **Labels on VMs** (``label`` with kind ``vm``) have no child either: a VM's labels are metadata in
+  the store (:mod:`controller.services.labels`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,24 @@ Action = Literal[
     "start", "stop", "pause", "resume", "reboot", "delete", "migrate", "maintenance", "label", "power"
 ]
 VM_ACTIONS = frozenset({"start", "stop", "pause", "resume", "reboot", "delete", "migrate"})
+Kind = Literal["vm", "host"]
+
+
+def target_kind(action: str, kind: str | None) -> Kind:
+    """What ``action`` acts on: the lifecycle actions on VMs, maintenance and power on hosts, label on
+    either (hosts unless ``kind`` says "vm").
+
+    Raises:
+        Invalid: ``kind`` does not fit the action.
+    """
+    own: Kind = "vm" if action in VM_ACTIONS else "host"
+    if kind is None or kind == own or (action == "label" and kind in ("vm", "host")):
+        return "vm" if kind == "vm" else own
+    raise Invalid(
+        "invalid_kind", f"action {action!r} acts on {own}s, not {kind}s; leave kind out or give {own!r}"
+    )
+
+
 #: How long one child may take before the parent records it as failed (it may still end later).
 CHILD_TIMEOUT_S = 3600.0
 
@@ -68,15 +88,16 @@ class BulkActions:
         self.power_action: Callable[[str, Literal["on", "off"]], Awaitable[object]] | None = None
         operations.register(("bulk",), self.run, self._crashed)
 
-    def targets(self, action: str, selector: str) -> list[str]:
-        """What ``selector`` picks for ``action``, in name order.
+    def targets(self, action: str, selector: str, kind: str | None = None) -> list[str]:
+        """What ``selector`` picks for ``action`` (on ``kind``), in name order.
 
         Raises:
-            Invalid: an unknown action, or a bad selector (pointing at the character).
+            Invalid: an unknown action, a kind that does not fit it, or a bad selector (pointing at
+            the character).
         """
         if action not in get_args(Action):
             raise Invalid("invalid_action", f"action {action!r} is not one of: {', '.join(get_args(Action))}")
-        if action in VM_ACTIONS:
+        if target_kind(action, kind) == "vm":
             chosen = select_vms(selectors.parse(selector, "vm"), self.store.vms())
             return sorted(v.name for v in chosen)
         return sorted(h.host_id for h in select_hosts(selectors.parse(selector, "host"), self.store.hosts()))
@@ -93,9 +114,9 @@ class BulkActions:
             raise Invalid("invalid_limit", f"max_parallel must be 1 to 100, got {max_parallel}")
         if stop_after < 0:
             raise Invalid("invalid_limit", f"stop_after must be 0 (never stop) or more, got {stop_after}")
-        targets = self.targets(action, selector)
+        targets = self.targets(action, selector, args.get("kind"))
         if not targets:
-            kind = "VMs" if action in VM_ACTIONS else "hosts"
+            kind = "VMs" if target_kind(action, args.get("kind")) == "vm" else "hosts"
             raise Invalid(
                 "nothing_selected",
                 f"selector {selector!r} picks no {kind}; list them with the same selector to check it",
@@ -147,6 +168,7 @@ class BulkActions:
         params = op.params
         results: dict[str, str] = dict(params.get("results", {}))
         children = {c.vm or c.host_id or "": c for c in self.store.children(op.op_id)}
+        on_vms = target_kind(params["action"], params["args"].get("kind")) == "vm"
         gate = asyncio.Semaphore(params["max_parallel"])
         lock = asyncio.Lock()
 
@@ -158,8 +180,8 @@ class BulkActions:
             self.events.emit(
                 "bulk.progress",
                 f"bulk {params['action']}: {len(results)}/{len(params['targets'])} settled; {target}: {outcome}",
-                vm=target if params["action"] in VM_ACTIONS else "",
-                host_id="" if params["action"] in VM_ACTIONS else target,
+                vm=target if on_vms else "",
+                host_id="" if on_vms else target,
                 op_id=op.op_id,
             )
 
@@ -243,7 +265,10 @@ class BulkActions:
             self.hosts.update(target, maintenance=on, force=bool(args.get("force")))
             return "done: in maintenance" if on else "done: out of maintenance"
         if action == "label":
-            self.hosts.update(target, labels=args["labels"])
+            if args.get("kind") == "vm":
+                self.vms.labels.update(target, args["labels"])
+            else:
+                self.hosts.update(target, labels=args["labels"])
             return "done: labelled"
         already = {"start": "running", "stop": "stopped", "pause": "paused"}.get(action)
         vm = self.vms.require(target)

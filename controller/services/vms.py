@@ -31,6 +31,7 @@ from controller.scheduler import (
 )
 from controller.services import admission, placement
 from controller.services.agent_rpc import AgentRpc
+from controller.services.labels import VmLabels
 from controller.services.operations import Operations
 from controller.state.events import EventHub
 from controller.state.reconcile import POWER_TO_VM_STATE
@@ -98,6 +99,8 @@ class VmService:
         self.settings = settings
         #: A host's health as HA judges it ("up", "suspect", "failed", "offline").
         self.health = health
+        #: The operator's labels on VMs (metadata: no operation, no agent).
+        self.labels = VmLabels(store, events)
         operations.register(VM_KINDS, self._run, self.crashed)
 
     # -- queries ----------------------------------------------------------------------------------

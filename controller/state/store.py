@@ -309,6 +309,12 @@ class Store:
         args.append(name)
         self._db.execute(f"UPDATE vms SET {', '.join(sets)} WHERE name=?", args)
 
+    def set_vm_spec(self, name: str, spec: VmSpec) -> None:
+        """Replace a VM's spec (its labels change; its resources never do)."""
+        self._db.execute(
+            "UPDATE vms SET spec=?, updated_at=? WHERE name=?", (encoder.encode(spec), time.time(), name)
+        )
+
     def delete_vm(self, name: str) -> None:
         self._db.execute("DELETE FROM vms WHERE name=?", (name,))
 

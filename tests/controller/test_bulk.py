@@ -141,3 +141,49 @@ async def test_bulk_label_power_and_migrate_from_the_cli(mosquitto, tmp_path) ->
             assert vms == {"web-1": "h2", "web-2": "h2", "db-1": "h1"}, vms
             moves = (await client.get("/api/v1/operations", params={"kind": "migrate"})).json()["operations"]
             assert sorted(m["params"]["policy"]["bandwidth_mib_s"] for m in moves) == [300.0, 300.0]
+
+
+async def test_vm_labels_one_by_one_and_by_selector_and_the_reserved_ones_stay(mosquitto, tmp_path) -> None:
+    """Vm label NAME sets and removes labels; vm label -l labels every VM that matches (a bulk action
+    with kind vm) and no other; a fleetvisor.io/ key (the placement group) is refused and nothing
+    changes; a kind that does not fit the action is a 400.
+    """
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        await fleet.add_agent("h1")
+        url = fleet.api_url
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for name in ("web-1", "web-2", "db-1"):
+                await create_vm(client, name, "h1", {"tier": name.split("-")[0], "old": "x"})
+            grouped = {"name": "g-1", "memory_mib": 64, "scheduling": {"group": "g"}}
+            assert (await client.post("/api/v1/vms", json=grouped, params={"wait": 10})).status_code == 200
+
+            code, out, err = await _cli(url, "vm", "label", "db-1", "owner=ann", "old-")
+            assert code == 0 and "vm db-1: labels owner=ann, tier=db" in out, (out, err)
+            code, out, err = await _cli(url, "vm", "label", "-l", "tier=web", "owner=bob", "old-")
+            assert code == 0 and "all 2 done" in out, (out, err)
+            labels = {v["name"]: v["spec"]["labels"] for v in (await client.get("/api/v1/vms")).json()}
+            assert labels["web-1"] == labels["web-2"] == {"tier": "web", "owner": "bob"}, labels
+            assert labels["db-1"] == {"tier": "db", "owner": "ann"}, labels
+            states = {v["name"]: v["state"] for v in (await client.get("/api/v1/vms")).json()}
+            assert set(states.values()) == {"running"}, "labels are metadata: no VM was touched"
+            events = (await client.get("/api/v1/events", params={"limit": 1000})).json()
+            assert sum(e["type"] == "vm.labels" for e in events) == 3
+
+            before = (await client.get("/api/v1/vms/g-1")).json()["spec"]["labels"]
+            r = await client.patch("/api/v1/vms/g-1", json={"labels": {"fleetvisor.io/group": None}})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "reserved_label", r.text
+            assert "choose a key without that prefix" in r.json()["error"]["message"]
+            assert (await client.get("/api/v1/vms/g-1")).json()["spec"]["labels"] == before
+            assert before.get("fleetvisor.io/group") == "g"
+
+            r = await client.post("/api/v1/actions", json={"action": "stop", "kind": "host", "selector": ""})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_kind", r.text
+            dry = {
+                "action": "label",
+                "kind": "vm",
+                "selector": "tier=web",
+                "labels": {"x": "1"},
+                "dry_run": True,
+            }
+            r = await client.post("/api/v1/actions", json=dry)
+            assert r.json()["targets"] == ["web-1", "web-2"], r.text

@@ -13,7 +13,6 @@ from typing import Any
 import msgspec
 
 from controller.cli.exits import CliError
-from protocols import domxml
 from protocols.vmspec import VmSpecInput, explain_validation_error
 
 #: ``vm create`` flag (argparse dest) -> spec field it sets.
@@ -48,6 +47,8 @@ def _load_spec_file(path: str) -> dict[str, Any]:
 
 
 def _load_domain_xml(path: str) -> dict[str, Any]:
+    from protocols import domxml  # only --xml needs it (40 ms of imports every command would pay)
+
     try:
         text = pathlib.Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:

@@ -17,8 +17,11 @@ import msgspec
 # matches before a final newline, so ``^[a-z]+$`` accepts "vm-a\n" (a directory name with a newline,
 # a topic with one). In Python code, match these with ``fullmatch``.
 
-#: VM names end up in file names, topics and QEMU arguments, so they are deliberately narrow.
-VM_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z"
+#: VM names end up in URLs, file names and QEMU arguments: letters (either case), digits, '.', '_'
+#: and '-', 1-63 characters, starting and ending with a letter or digit. That takes the names libvirt
+#: users have (``QEMUGuest1``, ``fedora-38``, ``win10_x64``, ``rhel9.2``) as they are, and keeps out
+#: what is unsafe there: '/', spaces, a leading '.', control and non-ASCII characters.
+VM_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z"
 VM_NAME_RE = re.compile(VM_NAME_PATTERN)
 HOST_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?\Z"
 HOST_ID_RE = re.compile(HOST_ID_PATTERN)
@@ -31,7 +34,7 @@ VmName = Annotated[
     str,
     msgspec.Meta(
         pattern=VM_NAME_PATTERN,
-        description="lower-case letters, digits and '-', 1-63 characters, not starting or ending with '-'",
+        description="letters, digits, '.', '_' and '-', 1-63 characters, starting and ending with a letter or digit",
     ),
 ]
 HostId = Annotated[
@@ -163,7 +166,7 @@ class VmSpecInput(VmSpec, frozen=True, kw_only=True, forbid_unknown_fields=True)
 
 
 _PATTERN_HINTS = {
-    VM_NAME_PATTERN: "a VM name: 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit",
+    VM_NAME_PATTERN: "a VM name: 1-63 letters, digits, '.', '_' and '-', starting and ending with a letter or digit",
     HOST_ID_PATTERN: "a host id: letters, digits, '.', '_' and '-', up to 64 characters",
     HOST_PATH_PATTERN: "an absolute path on the host, e.g. /var/lib/fleetvisor/images/base.qcow2",
     DISK_TARGET_PATTERN: "a guest disk name such as vda or sdb",
@@ -184,6 +187,6 @@ def vm_name_problem(name: str) -> str | None:
     if VM_NAME_RE.fullmatch(name):
         return None
     return (
-        f"vm name {name!r} is invalid: use 1-63 lower-case letters, digits and '-', "
+        f"vm name {name!r} is invalid: use 1-63 letters, digits, '.', '_' and '-', "
         "starting and ending with a letter or digit"
     )

@@ -57,9 +57,13 @@ async def _sse(
 ) -> AsyncIterator[bytes]:
     sub = events.subscribe()
     try:
-        if since is not None:
-            for event in store.events_since(since, limit=10_000):
+        replayed = since
+        while replayed is not None:  # every stored event after ``since``, a page at a time
+            page = store.events_since(replayed, limit=1000)
+            for event in page:
                 yield _sse_frame(event)
+            replayed = page[-1].seq if len(page) == 1000 else None
+            since = page[-1].seq if page else since
         yield b": connected\n\n"
         while True:
             try:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from controller.cli import admin, bulk, hosts, migrate, power, rolling, vms
+from controller.cli import admin, bulk, hosts, importcheck, migrate, power, rolling, vms
 from controller.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNREACHABLE, CliError
 from controller.client import DEFAULT_URL, ApiError, Client, Unreachable
 
@@ -85,7 +85,7 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_vm_create(vm: _SubParsers) -> None:
     p = vm.add_parser("create", help="create a VM: the controller places it, then it starts")
-    p.add_argument("name", nargs="?", help="VM name (lower-case letters, digits, '-')")
+    p.add_argument("name", nargs="?", help="VM name (letters, digits, '.', '_', '-'; e.g. fedora-38)")
     p.add_argument("-f", "--file", help="spec file, YAML or JSON; flags override its fields")
     p.add_argument("--xml", metavar="FILE", help="libvirt domain XML to import; flags override its fields")
     p.add_argument("--vcpus", type=int)
@@ -213,6 +213,13 @@ def _add_vm_commands(sub: _SubParsers) -> None:
     _common(p)
     _waiting(p)
     p.set_defaults(handler=vms.cmd_vm_label, timeout=600.0, stop_after=0)
+    p = vm.add_parser(
+        "import-check",
+        help="would these libvirt domain XML files import? (no controller needed; changes nothing)",
+    )
+    p.add_argument("paths", nargs="+", metavar="DIR|FILE", help="XML files, or folders searched for *.xml")
+    p.add_argument("-q", "--quiet", action="store_true", help="one line per file, without each problem")
+    p.set_defaults(handler=importcheck.cmd_vm_import_check, url=None, token=None, ca_file=None)
     p = vm.add_parser("dumpxml", help="print a VM's spec as libvirt domain XML")
     p.add_argument("name")
     _common(p)

@@ -91,7 +91,7 @@ async def test_bad_api_input_gets_4xx_that_says_what_to_fix_and_changes_nothing(
             cases = [
                 ({"name": "a", "vcpus": "two"}, "Expected `int`, got `str` - at `$.vcpus`"),
                 ({"name": "a", "memory_mb": 512}, "unknown field `memory_mb`"),
-                ({"name": "Bad_Name"}, "Expected a VM name: 1-63 lower-case letters"),
+                ({"name": "bad name"}, "Expected a VM name: 1-63 letters, digits"),
                 ({"name": "a", "vcpus": 0}, ">= 1"),
                 ([1, 2], "Expected `object`"),
             ]
@@ -362,6 +362,27 @@ async def test_event_stream_delivers_live_events_and_replays_after_last_event_id
                     if line.startswith(": connected"):
                         break
             assert "vm.creating" in replay and "operation.succeeded" in replay
+
+
+async def test_a_resumed_event_stream_replays_every_missed_event_past_one_page(mosquitto, tmp_path):
+    """2,500 events missed: the stream replays all of them, in order and once each, before it says
+    it is connected (it replays a page at a time, not only the first page).
+    """
+    async with Fleet(mosquitto.url, tmp_path) as fleet:
+        start = fleet.ctl.store.last_event_seq()
+        for n in range(2500):
+            fleet.ctl.events.emit("test.filler", f"event {n}")
+        async with httpx.AsyncClient(base_url=fleet.api_url, timeout=30) as client:
+            seqs: list[int] = []
+            async with client.stream(
+                "GET", "/api/v1/events/stream", headers={"Last-Event-ID": str(start)}
+            ) as s:
+                async for line in s.aiter_lines():
+                    if line.startswith("id: "):
+                        seqs.append(int(line[4:]))
+                    if line.startswith(": connected"):
+                        break
+        assert seqs == list(range(start + 1, start + 2501)), (len(seqs), seqs[:3], seqs[-3:])
 
 
 async def test_openapi_document_is_served_with_the_vm_spec_schema(mosquitto, tmp_path):

@@ -14,7 +14,7 @@ import os
 import ssl
 import sys
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from controller.cli import admin, bulk, hosts, importcheck, migrate, power, rolling, vms
 from controller.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNREACHABLE, CliError
@@ -201,18 +201,7 @@ def _add_vm_commands(sub: _SubParsers) -> None:
     _add_vm_create(vm)
     _add_vm_lifecycle(vm)
     _add_vm_migrate(vm)
-    p = vm.add_parser(
-        "label",
-        help="set (KEY=VALUE) or remove (KEY-) labels of a VM; -l SELECTOR for many",
-        usage="fleetvisor vm label (NAME | -l SELECTOR) KEY=VALUE|KEY- ... [options]",
-    )
-    p.add_argument("words", nargs="+", metavar="NAME KEY=VALUE|KEY-")
-    p.add_argument("-l", "--selector", default="", help="every VM that matches, e.g. tier=web")
-    p.add_argument("--max-parallel", type=int, default=10, help="with -l: VMs changed at once (default 10)")
-    p.add_argument("--dry-run", action="store_true", help="with -l: list the VMs it picks; change nothing")
-    _common(p)
-    _waiting(p)
-    p.set_defaults(handler=vms.cmd_vm_label, timeout=600.0, stop_after=0)
+    _add_label(vm, "vm", vms.cmd_vm_label, example="tier=web", max_parallel=10, dry_run=True)
     p = vm.add_parser(
         "import-check",
         help="would these libvirt domain XML files import? (no controller needed; changes nothing)",
@@ -224,6 +213,31 @@ def _add_vm_commands(sub: _SubParsers) -> None:
     p.add_argument("name")
     _common(p)
     p.set_defaults(handler=vms.cmd_vm_dumpxml)
+
+
+def _add_label(
+    sub: _SubParsers, what: str, handler: Any, *, example: str, max_parallel: int, dry_run: bool
+) -> None:
+    """``vm label`` or ``host label``: one by name, or every match of ``-l`` as one bulk action."""
+    name = "NAME" if what == "vm" else "HOST"
+    p = sub.add_parser(
+        "label",
+        help=f"set (KEY=VALUE) or remove (KEY-) labels of a {what}; -l SELECTOR for many",
+        usage=f"fleetvisor {what} label ({name} | -l SELECTOR) KEY=VALUE|KEY- ... [options]",
+    )
+    p.add_argument("words", nargs="+", metavar=f"{name} KEY=VALUE|KEY-")
+    p.add_argument("-l", "--selector", default="", help=f"every {what} that matches, e.g. {example}")
+    p.add_argument(
+        "--max-parallel", type=int, default=max_parallel,
+        help=f"with -l: {what}s changed at once (default {max_parallel})",
+    )  # fmt: skip
+    if dry_run:
+        p.add_argument(
+            "--dry-run", action="store_true", help=f"with -l: list the {what}s it picks; change nothing"
+        )
+    _common(p)
+    _waiting(p)
+    p.set_defaults(handler=handler, timeout=600.0, stop_after=0, **({} if dry_run else {"dry_run": False}))
 
 
 def _add_host_commands(sub: _SubParsers) -> None:
@@ -293,17 +307,7 @@ def _add_host_commands(sub: _SubParsers) -> None:
 
 def _add_host_selector_commands(host: _SubParsers) -> None:
     """``host label`` and ``host power``: one host, or every host a selector picks (a bulk action)."""
-    p = host.add_parser(
-        "label",
-        help="set (KEY=VALUE) or remove (KEY-) operator labels of a host; -l SELECTOR for many",
-        usage="fleetvisor host label (HOST | -l SELECTOR) KEY=VALUE|KEY- ... [options]",
-    )
-    p.add_argument("words", nargs="+", metavar="HOST KEY=VALUE|KEY-")
-    p.add_argument("-l", "--selector", default="", help="every host that matches, e.g. rack=3")
-    p.add_argument("--max-parallel", type=int, default=5, help="with -l: hosts changed at once (default 5)")
-    _common(p)
-    _waiting(p)
-    p.set_defaults(handler=hosts.cmd_host_label, timeout=600.0, stop_after=0, dry_run=False)
+    _add_label(host, "host", hosts.cmd_host_label, example="rack=3", max_parallel=5, dry_run=False)
     p = host.add_parser(
         "power",
         help="a host's power: status (and whether its wake path verifies), on, or off (standby; it must be empty)",
